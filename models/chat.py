@@ -1,0 +1,477 @@
+"""The chat realm backend: llama.cpp (llama-cpp-python) over a GGUF file.
+
+`parse_chat_payload` validates a request from an untrusted peer or websocket
+client; `ChatBackend` loads the model and streams a chat completion.
+
+Threading model. llama.cpp calls block, so they run in a worker thread
+(`trio.to_thread.run_sync`, never abandoned: the Llama instance is not
+thread-safe, so a generation must be over before the lock is released). The
+worker hands each piece of text to the trio side with `trio.from_thread.run`,
+which blocks the worker until the sink has taken it: a slow sink slows the
+generation down instead of letting a queue grow.
+
+Per-token control. llama-cpp-python streams *text chunks*, not tokens: it
+holds text back while a multi-byte UTF-8 character or a possible stop string
+is incomplete, so chunks and tokens do not line up. The backend therefore
+installs its own logits processor, which llama.cpp calls exactly once per
+sampled token. It counts tokens, applies `ignore_eos` (a -inf logit bias on
+every end-of-generation token), polls trio for cancellation, and enforces
+max_tokens exactly. To stop a generation from inside llama.cpp (where Python
+exceptions cannot propagate: the processor runs as a ctypes callback) it
+forces the next token to be an end-of-generation token.
+
+User stop strings are matched here rather than in llama-cpp-python, so that
+the only way llama.cpp ends a generation with finish_reason "stop" is an
+end-of-generation token (which is not part of the output): that keeps the
+token count exact.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import secrets
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import trio
+
+from .base import BackendError, BadPayload, EventSink, ModelLoadError, ResultEvent, TokenEvent
+from .tiny import SMOKE_TEST_MODEL_NAME
+
+MAX_PROMPT_CHARS = 100_000
+MAX_MESSAGES = 256
+MAX_STOP_STRINGS = 4
+MAX_STOP_CHARS = 64
+MAX_SEED = 2**31 - 1
+ROLES = ("system", "user", "assistant")
+DEFAULT_TEMPERATURE = 0.7
+_ALLOWED_KEYS = frozenset(
+    {"prompt", "messages", "max_tokens", "temperature", "seed", "ignore_eos", "stop"}
+)
+_GGUF_MAGIC = b"GGUF"
+
+
+# --------------------------------------------------------------------------
+# payload validation
+
+
+@dataclass(frozen=True)
+class ChatParams:
+    messages: tuple[tuple[str, str], ...]  # (role, content)
+    max_tokens: int
+    temperature: float
+    seed: int | None
+    ignore_eos: bool
+    stop: tuple[str, ...]
+
+
+def _show(value: object) -> str:
+    """A short repr of a hostile value for an error message."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_text(field: str, value: str) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadPayload(f"{field}: not valid Unicode (contains a lone surrogate)") from None
+
+
+def parse_chat_payload(payload: Mapping[str, object], *, max_tokens_cap: int) -> ChatParams:
+    """Validate a chat request payload; raise BadPayload naming the bad field."""
+    if not _is_int(max_tokens_cap) or max_tokens_cap < 1:
+        raise ValueError(f"max_tokens_cap must be a positive integer, got {max_tokens_cap!r}")
+    if not isinstance(payload, Mapping):
+        raise BadPayload(f"payload: expected an object, got {type(payload).__name__}")
+
+    unknown = [k for k in payload if k not in _ALLOWED_KEYS]
+    if unknown:
+        names = ", ".join(sorted(_show(k) for k in unknown))
+        raise BadPayload(f"payload: unknown field(s) {names}")
+
+    has_prompt, has_messages = "prompt" in payload, "messages" in payload
+    if has_prompt and has_messages:
+        raise BadPayload("payload.prompt: give either 'prompt' or 'messages', not both")
+    if not has_prompt and not has_messages:
+        raise BadPayload("payload.prompt: required (or 'messages')")
+
+    messages: tuple[tuple[str, str], ...]
+    if has_prompt:
+        prompt = payload["prompt"]
+        if not isinstance(prompt, str):
+            raise BadPayload(f"payload.prompt: expected a string, got {type(prompt).__name__}")
+        if not 1 <= len(prompt) <= MAX_PROMPT_CHARS:
+            raise BadPayload(
+                f"payload.prompt: expected 1..{MAX_PROMPT_CHARS} characters, got {len(prompt)}"
+            )
+        _check_text("payload.prompt", prompt)
+        messages = (("user", prompt),)
+    else:
+        messages = _parse_messages(payload["messages"])
+
+    cap = max_tokens_cap
+    max_tokens = payload.get("max_tokens", min(256, cap))
+    if not (_is_int(max_tokens) and 1 <= max_tokens <= cap):  # type: ignore[operator]
+        raise BadPayload(
+            f"payload.max_tokens: expected an integer 1..{cap}, got {_show(max_tokens)}"
+        )
+
+    temperature = payload.get("temperature", DEFAULT_TEMPERATURE)
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, (int, float))
+        or not math.isfinite(temperature)
+        or not 0 <= temperature <= 2
+    ):
+        raise BadPayload(f"payload.temperature: expected a number 0..2, got {_show(temperature)}")
+
+    # JSON clients often send "seed": null for "no seed"; treat it as absent.
+    seed = payload.get("seed")
+    if seed is not None and not (_is_int(seed) and 0 <= seed <= MAX_SEED):  # type: ignore
+        raise BadPayload(f"payload.seed: expected an integer 0..{MAX_SEED}, got {_show(seed)}")
+
+    ignore_eos = payload.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise BadPayload(f"payload.ignore_eos: expected true or false, got {_show(ignore_eos)}")
+
+    stop = payload.get("stop", ())
+    if not isinstance(stop, (list, tuple)):
+        raise BadPayload(f"payload.stop: expected a list of strings, got {type(stop).__name__}")
+    if len(stop) > MAX_STOP_STRINGS:
+        raise BadPayload(f"payload.stop: at most {MAX_STOP_STRINGS} strings, got {len(stop)}")
+    for i, s in enumerate(stop):
+        if not isinstance(s, str) or not 1 <= len(s) <= MAX_STOP_CHARS:
+            raise BadPayload(
+                f"payload.stop[{i}]: expected a string of 1..{MAX_STOP_CHARS} characters,"
+                f" got {_show(s)}"
+            )
+        _check_text(f"payload.stop[{i}]", s)
+
+    return ChatParams(
+        messages=messages,
+        max_tokens=int(max_tokens),  # type: ignore[arg-type]
+        temperature=float(temperature),
+        seed=seed,  # type: ignore[arg-type]
+        ignore_eos=ignore_eos,
+        stop=tuple(stop),
+    )
+
+
+def _parse_messages(raw: object) -> tuple[tuple[str, str], ...]:
+    if not isinstance(raw, (list, tuple)):
+        raise BadPayload(f"payload.messages: expected a list, got {type(raw).__name__}")
+    if not 1 <= len(raw) <= MAX_MESSAGES:
+        raise BadPayload(f"payload.messages: expected 1..{MAX_MESSAGES} messages, got {len(raw)}")
+    out: list[tuple[str, str]] = []
+    total = 0
+    for i, msg in enumerate(raw):
+        where = f"payload.messages[{i}]"
+        if not isinstance(msg, Mapping):
+            raise BadPayload(f"{where}: expected an object, got {type(msg).__name__}")
+        extra = [k for k in msg if k not in ("role", "content")]
+        if extra:
+            names = ", ".join(sorted(_show(k) for k in extra))
+            raise BadPayload(f"{where}: unknown field(s) {names}")
+        role, content = msg.get("role"), msg.get("content")
+        if role not in ROLES:  # also rejects non-strings
+            raise BadPayload(
+                f"{where}.role: expected one of {', '.join(ROLES)}; got {_show(role)}"
+            )
+        if not isinstance(content, str):
+            raise BadPayload(f"{where}.content: expected a string, got {type(content).__name__}")
+        _check_text(f"{where}.content", content)
+        total += len(content)
+        if total > MAX_PROMPT_CHARS:
+            raise BadPayload(
+                f"payload.messages: total content exceeds {MAX_PROMPT_CHARS} characters"
+            )
+        out.append((str(role), content))
+    if total == 0:
+        raise BadPayload("payload.messages: all message contents are empty")
+    return tuple(out)
+
+
+# --------------------------------------------------------------------------
+# the backend
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    text = str(exc).strip().splitlines()
+    line = text[0] if text else ""
+    line = f"{type(exc).__name__}: {line}" if line else type(exc).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+_CTX_OVERFLOW = re.compile(r"Requested tokens \((\d+)\) exceed context window of (\d+)")
+
+
+class _Run:
+    """State of one generation, touched only by its worker thread."""
+
+    def __init__(self, max_tokens: int) -> None:
+        self.max_tokens = max_tokens
+        self.limit = max_tokens  # lowered to what fits in the context on 1st sample
+        self.samples = 0  # tokens sampled by llama.cpp (one processor call each)
+        self.prompt_tokens = 0
+        self.forced: str | None = None  # "cancel" | "length" once we force an EOG
+        self.cancelled: trio.Cancelled | None = None
+
+
+class ChatBackend:
+    """A GGUF chat model served by llama.cpp. One generation at a time."""
+
+    realm = "chat"
+
+    def __init__(
+        self,
+        model_path: Path,
+        *,
+        n_ctx: int = 2048,
+        n_gpu_layers: int = 0,
+        threads: int = 0,
+        max_tokens_cap: int = 512,
+    ) -> None:
+        if max_tokens_cap < 1:
+            raise ValueError("max_tokens_cap must be >= 1")
+        self.model_path = Path(model_path)
+        self.n_ctx = n_ctx
+        self.n_gpu_layers = n_gpu_layers
+        self.threads = threads if threads > 0 else (os.cpu_count() or 1)
+        self.max_tokens_cap = max_tokens_cap
+        # Provisional until load() reads the GGUF metadata.
+        self.model_name: str = self.model_path.stem
+        self.is_smoke_test: bool = False
+        self._llm: Any = None  # llama_cpp.Llama once loaded
+        self._eog_ids: np.ndarray = np.zeros(0, dtype=np.intc)
+        self._stop_token: int | None = None  # an EOG token we can force
+        self._lock = trio.Lock()
+
+    # ---------------------------------------------------------------- load
+
+    def _fail(self, why: str) -> ModelLoadError:
+        return ModelLoadError(f"chat model {self.model_path}: {why}")
+
+    def _check_file(self) -> None:
+        path = self.model_path
+        try:
+            if not path.exists():
+                raise self._fail("file not found")
+            if not path.is_file():
+                raise self._fail("not a regular file")
+            with open(path, "rb") as f:
+                magic = f.read(4)
+        except OSError as exc:
+            raise self._fail(f"cannot read file ({exc.strerror or exc})") from None
+        if magic != _GGUF_MAGIC:
+            raise self._fail("not a GGUF file or corrupt (no GGUF header)")
+
+    def _load_sync(self) -> tuple[Any, np.ndarray, int | None]:
+        self._check_file()
+        try:
+            import llama_cpp  # heavy import: keep it off module import
+        except ImportError as exc:
+            raise self._fail(f"llama-cpp-python is not usable ({_one_line(exc)})") from None
+        try:
+            llm = llama_cpp.Llama(
+                model_path=str(self.model_path),
+                n_ctx=self.n_ctx,
+                n_gpu_layers=self.n_gpu_layers,
+                n_threads=self.threads,
+                n_threads_batch=self.threads,
+                verbose=False,
+            )
+        except Exception:
+            raise self._fail("not a GGUF file or corrupt (llama.cpp could not load it)") from None
+        try:
+            vocab = llama_cpp.llama_model_get_vocab(llm.model)
+            n_vocab = llm.n_vocab()
+            eog = np.array(
+                [t for t in range(n_vocab) if llama_cpp.llama_vocab_is_eog(vocab, t)],
+                dtype=np.intc,
+            )
+        except Exception as exc:
+            llm.close()
+            raise self._fail(f"cannot read the vocabulary ({_one_line(exc)})") from None
+        eos = llm.token_eos()
+        stop_token = eos if eos in eog else (int(eog[0]) if len(eog) else None)
+        return llm, eog, stop_token
+
+    async def load(self) -> None:
+        """Load the model (in a worker thread). Raises ModelLoadError."""
+        async with self._lock:
+            if self._llm is not None:
+                return
+            llm, eog, stop_token = await trio.to_thread.run_sync(
+                self._load_sync, abandon_on_cancel=False
+            )
+            self._llm, self._eog_ids, self._stop_token = llm, eog, stop_token
+            name = llm.metadata.get("general.name", "").strip()
+            self.model_name = name or self.model_path.stem
+            self.is_smoke_test = name == SMOKE_TEST_MODEL_NAME
+
+    async def aclose(self) -> None:
+        """Free the model. Waits for a running generation to finish first."""
+        async with self._lock:
+            llm, self._llm = self._llm, None
+            if llm is not None:
+                await trio.to_thread.run_sync(llm.close, abandon_on_cancel=False)
+
+    # ------------------------------------------------------------ generate
+
+    async def generate(self, payload: Mapping[str, object], send: EventSink) -> ResultEvent:
+        """Stream a chat completion to `send`; return the final ResultEvent.
+
+        Raises BadPayload for an invalid payload, BackendError("backend_failed")
+        if llama.cpp fails, and trio.Cancelled (after the worker has stopped,
+        within a token) if the calling task is cancelled.
+        """
+        params = parse_chat_payload(payload, max_tokens_cap=self.max_tokens_cap)
+        field = "prompt" if "prompt" in payload else "messages"
+        async with self._lock:
+            if self._llm is None:
+                raise BackendError("chat model is not loaded", code="backend_failed")
+            start = time.perf_counter()
+            text, run, finish = await trio.to_thread.run_sync(
+                self._generate_sync, self._llm, params, field, send, abandon_on_cancel=False
+            )
+            elapsed = time.perf_counter() - start
+        # Every sampled token is in the output except a final end-of-generation
+        # token: one llama.cpp sampled ("stop") or one we forced (max_tokens).
+        ended_by_eog = finish == "stop" or run.forced is not None
+        tokens = max(run.samples - (1 if ended_by_eog else 0), 0)
+        if run.forced == "length" and finish != "stop_string":
+            finish = "length"
+        stats: dict[str, int | float | str] = {
+            "tokens": tokens,
+            "prompt_tokens": run.prompt_tokens,
+            "ms": round(elapsed * 1000, 1),
+            "tokens_per_s": round(tokens / elapsed, 1) if elapsed > 0 else 0.0,
+            "finish_reason": "length" if finish == "length" else "stop",
+        }
+        return ResultEvent(output={"text": text, "model": self.model_name}, stats=stats)
+
+    def _generate_sync(
+        self, llm: Any, params: ChatParams, field: str, send: EventSink
+    ) -> tuple[str, _Run, str]:
+        """Worker thread body. Returns (text, run, finish) where finish is
+        "length", "stop" (an EOG token ended it) or "stop_string"."""
+        import llama_cpp
+
+        run = _Run(params.max_tokens)
+        eog_ids, stop_token, n_ctx = self._eog_ids, self._stop_token, llm.n_ctx()
+        ignore_eos = params.ignore_eos and len(eog_ids) > 0
+
+        def processor(input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+            # Called by llama.cpp (ctypes callback) once per sampled token.
+            # Exceptions raised here would be printed and swallowed by ctypes.
+            run.samples += 1
+            if run.samples == 1:
+                run.prompt_tokens = len(input_ids)
+                run.limit = max(1, min(run.max_tokens, n_ctx - run.prompt_tokens))
+            if run.forced is None:
+                try:
+                    trio.from_thread.check_cancelled()
+                except trio.Cancelled as exc:
+                    run.cancelled, run.forced = exc, "cancel"
+                else:
+                    if run.samples > run.limit:
+                        run.forced = "length"  # llama-cpp-python can overshoot
+            if run.forced is not None and stop_token is not None:
+                scores[:] = -np.inf
+                scores[stop_token] = 0.0
+            elif ignore_eos:
+                scores[eog_ids] = -np.inf
+            return scores
+
+        seed = params.seed if params.seed is not None else secrets.randbelow(MAX_SEED + 1)
+        stops = params.stop
+        pieces: list[str] = []
+        pending = ""  # text received but held back: it may start a stop string
+        finish = "stop"
+        stream = None
+        try:
+            try:
+                stream = llm.create_chat_completion(
+                    messages=[{"role": r, "content": c} for r, c in params.messages],
+                    max_tokens=params.max_tokens,
+                    temperature=params.temperature,
+                    seed=seed,
+                    stop=[],
+                    stream=True,
+                    logits_processor=llama_cpp.LogitsProcessorList([processor]),
+                )
+            except Exception as exc:
+                raise BackendError(
+                    f"chat generation failed: {_one_line(exc)}", code="backend_failed"
+                ) from None
+            while True:
+                trio.from_thread.check_cancelled()  # raises Cancelled into this thread
+                if run.cancelled is not None:
+                    raise run.cancelled
+                try:
+                    chunk = next(stream)
+                except StopIteration:
+                    break
+                except Exception as exc:
+                    m = _CTX_OVERFLOW.search(str(exc))
+                    if m:
+                        raise BadPayload(
+                            f"payload.{field}: the prompt is {m[1]} tokens; this model's "
+                            f"context holds {m[2]}"
+                        ) from None
+                    raise BackendError(
+                        f"chat generation failed: {_one_line(exc)}", code="backend_failed"
+                    ) from None
+                choice = chunk["choices"][0]
+                if choice.get("finish_reason"):
+                    finish = "length" if choice["finish_reason"] == "length" else "stop"
+                delta = choice.get("delta", {}).get("content")
+                if not delta:
+                    continue
+                if run.cancelled is not None:
+                    raise run.cancelled
+                emit, pending, hit = _split_on_stop(pending + delta, stops)
+                if emit:
+                    pieces.append(emit)
+                    trio.from_thread.run(send, TokenEvent(emit, len(pieces) - 1))
+                if hit:
+                    finish = "stop_string"
+                    break
+            if run.cancelled is not None:
+                raise run.cancelled
+            if finish != "stop_string" and pending:
+                pieces.append(pending)
+                trio.from_thread.run(send, TokenEvent(pending, len(pieces) - 1))
+            return "".join(pieces), run, finish
+        finally:
+            if stream is not None:
+                stream.close()  # ends llama.cpp's generator if we stopped early
+
+
+def _split_on_stop(text: str, stops: tuple[str, ...]) -> tuple[str, str, bool]:
+    """Split streamed text into (emit now, hold back, stop string found)."""
+    if not stops:
+        return text, "", False
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+    if cut >= 0:
+        return text[:cut], "", True
+    # Hold back the longest tail that could still grow into a stop string.
+    keep = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), keep, -1):
+            if text.endswith(s[:k]):
+                keep = k
+                break
+    return text[: len(text) - keep], text[len(text) - keep :], False

@@ -1,0 +1,381 @@
+"""The Node: one nursery that owns the libp2p host, the services around it and the local UI.
+
+Start-up order matters and is expressed with ``nursery.start``: listen, then serve the query
+protocol and gossip, then dial the bootstrap list, then advertise realms once models are loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from .. import __version__
+from ..p2p.health import HEALTH_TOPIC, HealthRecord, HealthRecordError, sign_record, verify_record
+from ..p2p.host import DialError, FederationHost, open_federation_host
+from ..p2p.identity import Identity
+from ..p2p.peers import FailureKind, PeerState, PeerTable
+from ..p2p.query import IncomingQuery, PeerQueryError, QueryClient, QueryService, ServiceRefusal
+from ..p2p.wire import PROTOCOL_ID
+from ..realms.router import Emit, Event, ExecutorError, Query, QueryFailed, RealmRouter
+from .config import REALMS, Config
+from .executor import LocalRealms
+
+log = logging.getLogger("rentahal.node")
+
+RUN_FILE = "node.run.json"
+PING_INTERVAL = 5.0
+
+
+class Node:
+    def __init__(self, config: Config, data_dir: Path, identity: Identity) -> None:
+        self.config = config
+        self.data_dir = data_dir
+        self.identity = identity
+        self.peer_id = identity.peer_id
+        self.local = LocalRealms(config, data_dir)
+        self.started_at = time.time()
+        self.ui_url = ""
+        self.fh: FederationHost
+        self.table: PeerTable
+        self.router: RealmRouter
+        self._records_changed = trio.Event()
+        self._queries_served = 0
+
+    # --- lifecycle ---------------------------------------------------------------------------
+    async def run(self, *, task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED) -> None:
+        cfg = self.config
+        async with open_federation_host(self.identity, cfg.p2p.listen) as fh:
+            self.fh = fh
+            self.table = PeerTable(
+                self.peer_id,
+                stale_after=cfg.p2p.stale_after,
+                breaker_failures=cfg.router.breaker_failures,
+                breaker_backoff=cfg.router.breaker_backoff,
+                breaker_backoff_max=cfg.router.breaker_backoff_max,
+                half_life=cfg.router.score_half_life,
+                clock=trio.current_time,
+            )
+            self.client = QueryClient(fh.host, self.peer_id, dial_timeout=cfg.p2p.dial_timeout)
+            self.router = RealmRouter(
+                self.table,
+                self.local,
+                self,
+                local_queue_limit=cfg.router.local_queue_limit,
+                max_attempts=cfg.router.max_attempts,
+                hang_timeout=cfg.router.hang_timeout,
+                discover=self.discover,
+            )
+            service = QueryService(self._serve_peer_query, on_violation=self._on_violation)
+            fh.set_stream_handler(PROTOCOL_ID, service.handle_stream)
+            for addr in fh.addrs():
+                log.info("listening on %s", addr)
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._load_and_advertise)
+                    nursery.start_soon(self._watch_connections)
+                    nursery.start_soon(self._publish_health)
+                    await nursery.start(self._listen_health)
+                    nursery.start_soon(self._watch_peer_states)
+                    nursery.start_soon(self._ping_peers)
+                    for addr in cfg.p2p.bootstrap:
+                        nursery.start_soon(self._keep_bootstrap, addr)
+                    from .control import serve_control
+
+                    self.ui_url = await nursery.start(serve_control, self)
+                    self._write_run_file()
+                    log.info("ready peer=%s ui=%s", self.peer_id, self.ui_url)
+                    task_status.started(self)
+            finally:
+                self._remove_run_file()
+                with trio.CancelScope(shield=True):
+                    await self.local.aclose()
+
+    def _write_run_file(self) -> None:
+        info = {"pid": os.getpid(), "peer_id": self.peer_id, "ui": self.ui_url, "addrs": self.fh.addrs()}
+        tmp = self.data_dir / (RUN_FILE + ".tmp")
+        tmp.write_text(json.dumps(info))
+        os.replace(tmp, self.data_dir / RUN_FILE)
+
+    def _remove_run_file(self) -> None:
+        try:
+            info = json.loads((self.data_dir / RUN_FILE).read_text())
+            if info.get("pid") == os.getpid():
+                (self.data_dir / RUN_FILE).unlink()
+        except (OSError, ValueError):
+            pass
+
+    # --- models and advertisement ------------------------------------------------------------
+    async def _load_and_advertise(self) -> None:
+        await self.local.load_all()
+        served = [r for r in REALMS if self.local.serves(r)]
+        if not served:
+            log.info("serving no realm: this node routes and asks only")
+            return
+        while True:
+            for realm in served:
+                try:
+                    with trio.fail_after(30):
+                        ok = await self.fh.provide_realm(realm)
+                    log.debug("dht: provided %s (%s)", realm, "stored" if ok else "no peer took it")
+                except Exception as exc:  # the DHT may have no peers yet; try again next round
+                    log.debug("dht: provide %s failed: %s", realm, exc)
+            await trio.sleep(self.config.p2p.dht_refresh)
+
+    async def discover(self, realm: str) -> None:
+        """Fill the peer table from the DHT when the router has no candidate for ``realm``."""
+        try:
+            with trio.fail_after(10):
+                found = await self.fh.find_realm_providers(realm)
+        except Exception as exc:
+            log.info("dht: lookup for %s failed: %s", realm, exc)
+            return
+        fresh = [p for p in found if self.table.get(p) is None or self.table.get(p).record is None]
+        log.info("dht: %d provider(s) of %s, %d new", len(found), realm, len(fresh))
+        async with trio.open_nursery() as nursery:
+            for pid in fresh:
+                self.table.hear_of(pid, found[pid], source="dht")
+                nursery.start_soon(self._dial_quietly, pid, found[pid])
+        # A DHT record is only a hint: wait for the live ones to gossip a health record.
+        while self.table.live_count(realm) == 0:
+            await self._records_changed.wait()
+
+    async def _dial_quietly(self, peer_id: str, addrs: tuple[str, ...]) -> None:
+        try:
+            await self.fh.dial_peer(peer_id, addrs, timeout=self.config.p2p.dial_timeout)
+        except DialError as exc:
+            log.info("dial %s failed: %s", peer_id, exc)
+
+    # --- connections -------------------------------------------------------------------------
+    async def _keep_bootstrap(self, addr: str) -> None:
+        backoff = 1.0
+        peer_id = addr.rsplit("/p2p/", 1)[-1]
+        while True:
+            if not self.fh.is_connected(peer_id):
+                try:
+                    await self.fh.dial(addr, timeout=self.config.p2p.dial_timeout)
+                    log.info("connected to bootstrap %s", addr)
+                    backoff = 1.0
+                except DialError as exc:
+                    log.warning("bootstrap unreachable: %s (retry in %.0fs)", exc, backoff)
+                    await trio.sleep(backoff)
+                    backoff = min(backoff * 2, 60.0)
+                    continue
+            await trio.sleep(2.0)
+
+    async def _watch_connections(self) -> None:
+        async with trio.open_nursery() as nursery:
+            async for ev in self.fh.connection_events:
+                if ev.connected:
+                    self.table.hear_of(ev.peer_id, source="connection")
+                    nursery.start_soon(self.fh.add_dht_peer, ev.peer_id)
+                    log.debug("connection up: %s", ev.peer_id)
+                else:
+                    log.debug("connection down: %s", ev.peer_id)
+
+    async def _ping_peers(self) -> None:
+        from libp2p.host.ping import PingService
+        from libp2p.peer.id import ID
+
+        pinger = PingService(self.fh.host)
+        while True:
+            await trio.sleep(PING_INTERVAL)
+            for pid in self.fh.connected_peers():
+                with trio.move_on_after(2):
+                    try:
+                        # The library rounds RTTs to whole milliseconds; time it ourselves.
+                        t0 = trio.current_time()
+                        if await pinger.ping(ID.from_base58(pid)):
+                            self.table.record_rtt(pid, (trio.current_time() - t0) * 1000.0)
+                    except Exception:
+                        pass
+
+    # --- health gossip -----------------------------------------------------------------------
+    def health_record(self, seq: int) -> HealthRecord:
+        return HealthRecord(
+            peer_id=self.peer_id,
+            seq=seq,
+            timestamp=time.time(),
+            realms=self.local.realm_statuses(),
+            success_ratio=self.local.success_ratio(),
+            version=__version__,
+            addrs=tuple(self.fh.addrs())[:16],
+            node_name=self.config.node.name,
+        )
+
+    async def _publish_health(self) -> None:
+        seq = int(time.time() * 1000)  # increases across restarts, so peers accept the new run
+        while True:
+            seq += 1
+            try:
+                await self.fh.pubsub.publish(HEALTH_TOPIC, sign_record(self.health_record(seq), self.identity))
+            except Exception as exc:
+                log.debug("health publish failed: %s", exc)
+            await trio.sleep(self.config.p2p.health_interval)
+
+    async def _listen_health(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        from libp2p.peer.id import ID
+
+        sub = await self.fh.pubsub.subscribe(HEALTH_TOPIC)
+        task_status.started()
+        warned: set[tuple[str, str]] = set()
+        while True:
+            msg = await sub.get()
+            try:
+                author = ID(msg.from_id).to_base58()
+            except Exception:
+                continue
+            if author == self.peer_id:
+                continue  # our own record, delivered back to us
+            try:
+                record = verify_record(msg.data, author=author)
+            except HealthRecordError as exc:
+                if (author, str(exc)) not in warned and len(warned) < 1000:
+                    warned.add((author, str(exc)))
+                    log.warning("ignored health record from %s: %s", author, exc)
+                continue
+            if self.table.apply_record(record):
+                self._records_changed.set()
+                self._records_changed = trio.Event()
+
+    async def _watch_peer_states(self) -> None:
+        """One log line per change of a peer's state or served realms: joins, stalls, recoveries."""
+        last: dict[str, tuple[PeerState, str]] = {}
+        while True:
+            for e in self.table:
+                state = self.table.state(e)
+                realms = ",".join(r.name for r in e.record.realms) if e.record else ""
+                if last.get(e.peer_id) != (state, realms):
+                    if state is PeerState.LIVE:
+                        log.info("peer %s is live (serves: %s)", e.peer_id, realms or "none")
+                    elif state is not PeerState.UNKNOWN:
+                        log.warning("peer %s is %s", e.peer_id, state.value)
+                    last[e.peer_id] = (state, realms)
+            await trio.sleep(self.config.p2p.health_interval / 2)
+
+    # --- queries -----------------------------------------------------------------------------
+    async def submit(self, realm: str, payload: dict[str, Any], emit: Emit) -> Event:
+        """A query from this node's own user (websocket/CLI)."""
+        query = Query(
+            query_id=uuid.uuid4().hex,
+            realm=realm,
+            payload=payload,
+            deadline_s=self.config.router.query_deadline,
+            origin=self.peer_id,
+        )
+        await emit({"type": "queued", "query_id": query.query_id, "realm": realm})
+        result = await self.router.run(query, emit)
+        log.info(
+            "query %s (%s) answered by %s%s",
+            query.query_id, realm, result["executor"],
+            f" after failover from {', '.join(result['failovers'])}" if result["failovers"] else "",
+        )
+        return result
+
+    async def execute(self, peer_id: str, query: Query, emit: Emit, *, hang_timeout: float) -> Event:
+        """RemoteExecutor for the router: run ``query`` on ``peer_id`` over the query protocol."""
+        if not self.fh.is_connected(peer_id):
+            entry = self.table.get(peer_id)
+            try:
+                await self.fh.dial_peer(peer_id, entry.addrs if entry else (), timeout=self.config.p2p.dial_timeout)
+            except DialError as exc:
+                raise ExecutorError(FailureKind.DEAD, "busy", str(exc)) from None
+        try:
+            return await self.client.execute(
+                peer_id,
+                query_id=query.query_id,
+                realm=query.realm,
+                payload=query.payload,
+                deadline_s=query.deadline_s,
+                emit=emit,
+                hang_timeout=hang_timeout,
+            )
+        except PeerQueryError as exc:
+            raise ExecutorError(FailureKind(exc.kind), exc.code, exc.message) from None
+
+    async def _serve_peer_query(self, incoming: IncomingQuery, emit: Emit) -> Event:
+        req = incoming.request
+        entry = self.table.get(incoming.peer_id)
+        if entry is not None and entry.blocked:
+            raise ServiceRefusal("busy", "this node does not serve you")
+        query = Query(req.query_id, req.realm, dict(req.payload), req.deadline_ms / 1000.0, incoming.peer_id)
+        log.info("query %s (%s) from peer %s", req.query_id, req.realm, incoming.peer_id)
+        try:
+            result = await self.local.execute(query, emit)
+        except ExecutorError as exc:
+            raise ServiceRefusal(exc.code, exc.message) from None
+        except Exception as exc:
+            log.error("query %s failed inside this node: %s: %s", req.query_id, type(exc).__name__, exc)
+            raise ServiceRefusal("internal", f"{type(exc).__name__}") from None
+        self._queries_served += 1
+        return result
+
+    def _on_violation(self, peer_id: str, reason: str) -> None:
+        self.table.record_failure(peer_id, FailureKind.PROTOCOL, reason)
+
+    # --- reports for the CLI and UI ----------------------------------------------------------
+    def peers_report(self) -> list[dict[str, Any]]:
+        out = []
+        connected = self.fh.connected_peers()
+        for e in self.table:
+            realms = [r.name for r in e.record.realms] if e.record else []
+            age = self.table.record_age(e)
+            out.append(
+                {
+                    "peer_id": e.peer_id,
+                    "addrs": list(e.addrs),
+                    "realms": realms,
+                    "models": {r.name: r.model for r in e.record.realms} if e.record else {},
+                    "scores": {r: self.table.score(e, r) for r in realms},
+                    "score": max((self.table.score(e, r) for r in realms), default=0.0),
+                    "state": self.table.state(e).value,
+                    "record_age_s": None if age is None else round(age, 3),
+                    "rtt_ms": None if e.rtt_ms is None else round(e.rtt_ms, 3),
+                    "latency_ms": None if e.latency_ms is None else round(e.latency_ms, 3),
+                    "connected": e.peer_id in connected,
+                    "failures": e.consecutive_failures,
+                    "last_failure": e.last_failure,
+                    "violations": e.violations,
+                    "sources": sorted(e.sources),
+                }
+            )
+        return sorted(out, key=lambda p: p["peer_id"])
+
+    def realms_report(self) -> list[dict[str, Any]]:
+        out = []
+        for realm in REALMS:
+            slot = self.local.slots[realm]
+            peers, _ = self.table.candidates(realm)
+            out.append(
+                {
+                    "realm": realm,
+                    "local": {
+                        "status": slot.status,
+                        "model": slot.model,
+                        "smoke_test": slot.smoke_test,
+                        "queue_depth": slot.queue.depth,
+                    },
+                    "live_peers": len(peers),
+                    "peers": [c.peer_id for c in peers],
+                }
+            )
+        return out
+
+    def status_report(self) -> dict[str, Any]:
+        return {
+            "peer_id": self.peer_id,
+            "version": __version__,
+            "addrs": self.fh.addrs(),
+            "ui": self.ui_url,
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "queries_served_for_peers": self._queries_served,
+        }
+
+
+__all__ = ["Node", "QueryFailed", "RUN_FILE"]

@@ -1,0 +1,234 @@
+"""The peer table: every peer this node has heard of, how it says it is, and how it behaved.
+
+Two sources feed a peer's score: its own signed health record (queue depth, service time,
+success ratio: useful, but self-reported) and this node's observations (successes, failures,
+latency), which decay exponentially so that old history fades. A peer with no fresh record is
+stale; repeated failures open a circuit breaker whose open period doubles on each re-open.
+Pure logic: the clock is injected (``trio.current_time`` in the node, a MockClock in tests).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .health import HealthRecord
+
+
+class PeerState(str, enum.Enum):
+    LIVE = "live"
+    STALE = "stale"
+    CIRCUIT_OPEN = "circuit-open"
+    UNKNOWN = "unknown"  # heard of (bootstrap, DHT) but no health record yet
+    BLOCKED = "blocked"
+
+
+class FailureKind(str, enum.Enum):
+    DEAD = "dead"  # connection or stream died
+    HUNG = "hung"  # nothing received within the hang timeout
+    REFUSED = "refused"  # answered with an error frame (queue full, realm not served, ...)
+    PROTOCOL = "protocol"  # sent something malformed
+
+
+@dataclass
+class PeerEntry:
+    peer_id: str
+    first_seen: float
+    addrs: tuple[str, ...] = ()
+    record: HealthRecord | None = None
+    record_at: float | None = None  # local clock when the last record arrived
+    successes: float = 0.0  # exponentially decayed counts
+    failures: float = 0.0
+    decayed_at: float = 0.0
+    latency_ms: float | None = None  # EWMA of time to first answer event
+    rtt_ms: float | None = None
+    consecutive_failures: int = 0
+    breaker_until: float = 0.0
+    breaker_backoff: float = 0.0
+    violations: int = 0
+    blocked: bool = False
+    last_failure: str = ""
+    sources: set[str] = field(default_factory=set)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    peer_id: str
+    score: float
+
+
+@dataclass(frozen=True)
+class Exclusion:
+    peer_id: str
+    reason: str
+
+
+class PeerTable:
+    def __init__(
+        self,
+        self_id: str,
+        *,
+        stale_after: float,
+        breaker_failures: int,
+        breaker_backoff: float,
+        breaker_backoff_max: float,
+        half_life: float,
+        clock: Callable[[], float],
+    ) -> None:
+        self.self_id = self_id
+        self.stale_after = stale_after
+        self.breaker_failures = breaker_failures
+        self.breaker_backoff = breaker_backoff
+        self.breaker_backoff_max = breaker_backoff_max
+        self.half_life = half_life
+        self.clock = clock
+        self._peers: dict[str, PeerEntry] = {}
+
+    # --- what we hear ------------------------------------------------------------------------
+    def entry(self, peer_id: str, source: str = "") -> PeerEntry:
+        e = self._peers.get(peer_id)
+        if e is None:
+            now = self.clock()
+            e = self._peers[peer_id] = PeerEntry(peer_id, first_seen=now, decayed_at=now)
+        if source:
+            e.sources.add(source)
+        return e
+
+    def get(self, peer_id: str) -> PeerEntry | None:
+        return self._peers.get(peer_id)
+
+    def __iter__(self):
+        return iter(list(self._peers.values()))
+
+    def __len__(self) -> int:
+        return len(self._peers)
+
+    def hear_of(self, peer_id: str, addrs: tuple[str, ...] = (), source: str = "") -> PeerEntry:
+        e = self.entry(peer_id, source)
+        if addrs:
+            e.addrs = tuple(dict.fromkeys(e.addrs + addrs))[-8:]
+        return e
+
+    def apply_record(self, record: HealthRecord) -> bool:
+        """Take a verified record; False if it is ours or older than one already seen."""
+        if record.peer_id == self.self_id:
+            return False
+        e = self.entry(record.peer_id, "gossip")
+        if e.record is not None and record.seq <= e.record.seq:
+            return False
+        e.record = record
+        e.record_at = self.clock()
+        if record.addrs:
+            e.addrs = record.addrs[:8]
+        return True
+
+    # --- what we observe ---------------------------------------------------------------------
+    def record_success(self, peer_id: str, latency_ms: float | None = None) -> None:
+        e = self.entry(peer_id)
+        self._decay(e)
+        e.successes += 1.0
+        e.consecutive_failures = 0
+        e.breaker_until = 0.0
+        e.breaker_backoff = 0.0
+        if latency_ms is not None:
+            e.latency_ms = latency_ms if e.latency_ms is None else 0.7 * e.latency_ms + 0.3 * latency_ms
+
+    def record_failure(self, peer_id: str, kind: FailureKind, detail: str = "") -> bool:
+        """Count a failure; return True if it opened (or re-opened) the circuit breaker."""
+        e = self.entry(peer_id)
+        self._decay(e)
+        e.failures += 1.0
+        e.consecutive_failures += 1
+        e.last_failure = f"{kind.value}: {detail}" if detail else kind.value
+        if kind is FailureKind.PROTOCOL:
+            e.violations += 1
+        if e.consecutive_failures >= self.breaker_failures:
+            e.breaker_backoff = (
+                self.breaker_backoff
+                if e.breaker_backoff == 0.0
+                else min(e.breaker_backoff * 2, self.breaker_backoff_max)
+            )
+            e.breaker_until = self.clock() + e.breaker_backoff
+            return True
+        return False
+
+    def record_rtt(self, peer_id: str, rtt_ms: float) -> None:
+        e = self.entry(peer_id)
+        e.rtt_ms = rtt_ms if e.rtt_ms is None else 0.7 * e.rtt_ms + 0.3 * rtt_ms
+
+    def set_blocked(self, peer_id: str, blocked: bool) -> None:
+        self.entry(peer_id).blocked = blocked
+
+    def _decay(self, e: PeerEntry) -> None:
+        now = self.clock()
+        factor = 0.5 ** ((now - e.decayed_at) / self.half_life)
+        e.successes *= factor
+        e.failures *= factor
+        e.decayed_at = now
+
+    # --- what we conclude --------------------------------------------------------------------
+    def state(self, e: PeerEntry) -> PeerState:
+        now = self.clock()
+        if e.blocked:
+            return PeerState.BLOCKED
+        if e.record_at is None:
+            return PeerState.UNKNOWN
+        if now - e.record_at > self.stale_after:
+            return PeerState.STALE
+        if e.breaker_until > now:
+            return PeerState.CIRCUIT_OPEN
+        return PeerState.LIVE
+
+    def record_age(self, e: PeerEntry) -> float | None:
+        return None if e.record_at is None else self.clock() - e.record_at
+
+    def observed_success(self, e: PeerEntry) -> float:
+        """Decayed success rate with a uniform prior: 0.5 for a peer never tried."""
+        self._decay(e)
+        return (e.successes + 1.0) / (e.successes + e.failures + 2.0)
+
+    def score(self, e: PeerEntry, realm: str) -> float:
+        """Higher is better; 0..100. Explained field by field in the README."""
+        status = e.record.realm(realm) if e.record else None
+        if status is None:
+            return 0.0
+        reliability = 0.7 * self.observed_success(e) + 0.3 * e.record.success_ratio
+        load = status.queue_depth / max(status.slots, 1)
+        latency_s = (e.latency_ms if e.latency_ms is not None else status.service_ms) / 1000.0
+        score = 100.0 * reliability / (1.0 + load) / (1.0 + latency_s / 10.0)
+        if status.smoke_test:
+            score *= 0.5  # a real model beats a smoke-test model at equal health
+        if status.gpu:
+            score *= 1.2
+        return round(min(score, 100.0), 3) if math.isfinite(score) else 0.0
+
+    def candidates(self, realm: str) -> tuple[list[Candidate], list[Exclusion]]:
+        """Live peers serving ``realm``, best first, and why every other known peer is out."""
+        ranked: list[Candidate] = []
+        excluded: list[Exclusion] = []
+        for e in self:
+            state = self.state(e)
+            serves = e.record is not None and e.record.realm(realm) is not None
+            if state is PeerState.UNKNOWN:
+                excluded.append(Exclusion(e.peer_id, "no health record yet"))
+            elif not serves:
+                excluded.append(Exclusion(e.peer_id, f"does not serve {realm}"))
+            elif state is PeerState.BLOCKED:
+                excluded.append(Exclusion(e.peer_id, "blocked by the sysop"))
+            elif state is PeerState.STALE:
+                age = self.record_age(e) or 0.0
+                excluded.append(Exclusion(e.peer_id, f"stale: no health record for {age:.1f}s"))
+            elif state is PeerState.CIRCUIT_OPEN:
+                left = e.breaker_until - self.clock()
+                excluded.append(
+                    Exclusion(e.peer_id, f"circuit open for {left:.1f}s more ({e.last_failure})")
+                )
+            else:
+                ranked.append(Candidate(e.peer_id, self.score(e, realm)))
+        ranked.sort(key=lambda c: (-c.score, c.peer_id))
+        return ranked, excluded
+
+    def live_count(self, realm: str) -> int:
+        return len(self.candidates(realm)[0])
