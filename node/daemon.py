@@ -235,7 +235,7 @@ class Node:
                 continue  # our own record, delivered back to us
             try:
                 record = verify_record(msg.data, author=author)
-            except HealthRecordError as exc:
+            except Exception as exc:  # HealthRecordError, or a bug: never let gossip kill the node
                 if (author, str(exc)) not in warned and len(warned) < 1000:
                     warned.add((author, str(exc)))
                     log.warning("ignored health record from %s: %s", author, exc)

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import msgpack
 
@@ -50,7 +49,6 @@ class HealthRecord:
     version: str = ""
     addrs: tuple[str, ...] = ()
     node_name: str = ""
-    extra: Mapping[str, object] = field(default_factory=dict)
 
     def realm(self, name: str) -> RealmStatus | None:
         return next((r for r in self.realms if r.name == name), None)
@@ -95,7 +93,12 @@ def verify_record(data: bytes, *, author: str | None = None) -> HealthRecord:
         raise HealthRecordError("key or signature has the wrong length for Ed25519")
     if not verify_signature(key, sig, body):
         raise HealthRecordError("bad signature")
-    record = _parse_body(_unpack(body))
+    try:
+        record = _parse_body(_unpack(body))
+    except HealthRecordError:
+        raise
+    except Exception as exc:  # hostile input must only ever be "ignored", never a crash
+        raise HealthRecordError(f"unparseable body: {type(exc).__name__}") from None
     if peer_id_from_public_key(key) != record.peer_id:
         raise HealthRecordError(f"signed by a key that is not {record.peer_id}'s")
     if author is not None and author != record.peer_id:
@@ -112,12 +115,12 @@ def _unpack(data: bytes) -> object:
 
 
 def _parse_body(body: object) -> HealthRecord:
-    if not isinstance(body, dict):
-        raise HealthRecordError("body is not a map")
+    if not isinstance(body, dict) or not all(isinstance(k, str) for k in body):
+        raise HealthRecordError("body is not a map with string keys")
     expected = {"v", "peer", "seq", "ts", "realms", "ok", "ver", "addrs", "name"}
     if set(body) != expected:
         raise HealthRecordError(f"body keys {sorted(body)} are not {sorted(expected)}")
-    if body["v"] != RECORD_VERSION:
+    if type(body["v"]) is not int or body["v"] != RECORD_VERSION:
         raise HealthRecordError(f"unsupported record version {body['v']!r}")
     peer = _text(body["peer"], "peer", 128)
     seq = _int(body["seq"], "seq", 0, 2**63 - 1)

@@ -211,12 +211,12 @@ class PeerTable:
         for e in self:
             state = self.state(e)
             serves = e.record is not None and e.record.realm(realm) is not None
-            if state is PeerState.UNKNOWN:
+            if state is PeerState.BLOCKED:
+                excluded.append(Exclusion(e.peer_id, "blocked by the sysop"))
+            elif state is PeerState.UNKNOWN:
                 excluded.append(Exclusion(e.peer_id, "no health record yet"))
             elif not serves:
                 excluded.append(Exclusion(e.peer_id, f"does not serve {realm}"))
-            elif state is PeerState.BLOCKED:
-                excluded.append(Exclusion(e.peer_id, "blocked by the sysop"))
             elif state is PeerState.STALE:
                 age = self.record_age(e) or 0.0
                 excluded.append(Exclusion(e.peer_id, f"stale: no health record for {age:.1f}s"))

@@ -56,8 +56,12 @@ class RealmQueue:
         position = self.waiting
         self.waiting += 1
         try:
-            await on_accepted(position, self.eta_ms(position))
-            await self._slots.acquire()
+            async with trio.open_nursery() as nursery:
+                # Report the position while already in line: trio's semaphore is FIFO, and a
+                # slow client must not let later arrivals overtake it. The body starts only
+                # after the report went out.
+                nursery.start_soon(on_accepted, position, self.eta_ms(position))
+                await self._slots.acquire()
         finally:
             self.waiting -= 1
         self.running += 1

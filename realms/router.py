@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import trio
@@ -134,9 +134,10 @@ class RealmRouter:
 
     async def run(self, query: Query, emit: Emit) -> Event:
         """Run ``query`` on the best executor, failing over; return the result event."""
+        deadline_at = trio.current_time() + query.deadline_s
         plan = self.plan(query.realm)
         if not plan.candidates and self.discover is not None:
-            with trio.move_on_after(min(5.0, query.deadline_s / 2)):
+            with trio.move_on_at(min(deadline_at, trio.current_time() + 5.0)):
                 await self.discover(query.realm)
             plan = self.plan(query.realm)
         if not plan.candidates:
@@ -145,9 +146,11 @@ class RealmRouter:
         tried: list[str] = []
         last_error = ""
         last_code = "internal"
-        with trio.move_on_after(query.deadline_s) as deadline:
+        with trio.move_on_at(deadline_at) as deadline:
             for entry in plan.candidates[: self.max_attempts]:
                 attempt = len(tried) + 1
+                # Each executor gets the time that is left, not the whole budget again.
+                attempt_query = replace(query, deadline_s=max(deadline_at - trio.current_time(), 0.001))
                 await emit({"type": "executor", "executor": entry.executor, "attempt": attempt})
                 started = trio.current_time()
                 first_event_at: list[float] = []
@@ -159,10 +162,10 @@ class RealmRouter:
 
                 try:
                     if entry.executor == LOCAL:
-                        result = await self.local.execute(query, relay)
+                        result = await self.local.execute(attempt_query, relay)
                     else:
                         result = await self.remote.execute(
-                            entry.executor, query, relay, hang_timeout=self.hang_timeout
+                            entry.executor, attempt_query, relay, hang_timeout=self.hang_timeout
                         )
                 except ExecutorError as exc:
                     tried.append(entry.executor)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from .federation import Federation
+from rentahal.scripts.federation import Federation
 
 
 @pytest.fixture

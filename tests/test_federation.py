@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from .federation import Federation, NodeProcess
+from rentahal.scripts.federation import Federation, NodeProcess
 
 CHAT = {"realms.chat.max_tokens": "4000", "realms.chat.n_ctx": "4096"}
 LONG = ("--ignore-eos", "--max-tokens", "4000")  # ~1 s of streaming: time to kill the executor
@@ -141,7 +141,7 @@ def test_restart_keeps_peer_id_and_stops_cleanly(federation: Federation) -> None
 
 
 def test_client_commands_without_a_running_node_say_so(tmp_path) -> None:
-    from .federation import BIN
+    from rentahal.scripts.federation import BIN
 
     res = subprocess.run([BIN, "peers", "--data-dir", str(tmp_path)], capture_output=True, text=True)
     assert res.returncode == 2
@@ -150,7 +150,7 @@ def test_client_commands_without_a_running_node_say_so(tmp_path) -> None:
 
 
 def test_bad_config_stops_the_node_with_one_line(tmp_path) -> None:
-    from .federation import BIN
+    from rentahal.scripts.federation import BIN
 
     res = subprocess.run(
         [BIN, "run", "--data-dir", str(tmp_path), "--set", "router.hang_timeout=-1"],

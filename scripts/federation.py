@@ -1,4 +1,4 @@
-"""The one way tests and benchmarks start real nodes: `rentahal-node run` processes on loopback.
+"""The one way tests and benchmarks start a local federation: `rentahal-node run` processes on loopback.
 
 Readiness and state changes are read from each node's log as they happen (a reader thread
 feeds the lines to waiters), so nothing sleeps hoping the other side is ready.

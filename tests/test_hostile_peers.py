@@ -1,0 +1,219 @@
+"""A real node process faced with peers that misbehave, played by an in-process libp2p host.
+
+The test's host is built with the node's own p2p code (Noise, Yamux, GossipSub, DHT) unless the
+test needs something the node would never do, such as offering plaintext.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import msgpack
+import pytest
+import trio
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from rentahal.p2p import wire
+from rentahal.p2p.health import HEALTH_TOPIC, HealthRecord, RealmStatus, sign_record
+from rentahal.p2p.host import FederationHost, open_federation_host
+from rentahal.p2p.identity import Identity
+
+from rentahal.scripts.federation import Federation, NodeProcess
+
+
+@pytest.fixture
+def node(federation: Federation) -> NodeProcess:
+    return federation.start("B", serve="chat")
+
+
+@asynccontextmanager
+async def probe_host() -> AsyncIterator[tuple[FederationHost, Identity]]:
+    me = Identity(Ed25519PrivateKey.generate())
+    async with open_federation_host(me, ["/ip4/127.0.0.1/tcp/0"]) as fh:
+        yield fh, me
+
+
+async def eventually(check: Callable[[], Any], timeout: float = 20.0, every: Callable[[], Any] | None = None) -> Any:
+    """Re-run a blocking ``check`` (a CLI call) in a thread until it returns something truthy."""
+    with trio.fail_after(timeout):
+        while True:
+            if every is not None:
+                await every()
+            value = await trio.to_thread.run_sync(check)
+            if value:
+                return value
+            await trio.sleep(0.3)  # pacing between CLI polls, not synchronisation
+
+
+async def test_plaintext_dialer_is_refused_and_noise_dialer_accepted(node: NodeProcess) -> None:
+    import multiaddr
+    from libp2p import create_yamux_muxer_option, new_host
+    from libp2p.crypto.ed25519 import create_new_key_pair
+    from libp2p.peer.peerinfo import info_from_p2p_addr
+    from libp2p.security.insecure.transport import PLAINTEXT_PROTOCOL_ID, InsecureTransport
+
+    key_pair = create_new_key_pair()
+    plaintext_only = {PLAINTEXT_PROTOCOL_ID: InsecureTransport(key_pair)}
+    host = new_host(key_pair=key_pair, sec_opt=plaintext_only, muxer_opt=create_yamux_muxer_option())
+    async with host.run([multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
+        with pytest.raises(Exception) as refused:
+            with trio.fail_after(15):
+                await host.connect(info_from_p2p_addr(multiaddr.Multiaddr(node.addr)))
+        assert not isinstance(refused.value, trio.TooSlowError)
+        assert not host.get_network().get_connections()
+
+    async with probe_host() as (fh, _):
+        assert await fh.dial(node.addr, timeout=15) == node.peer_id
+        assert fh.is_connected(node.peer_id)
+
+
+def _record(me: Identity, seq: int, *, peer_id: str | None = None) -> HealthRecord:
+    return HealthRecord(
+        peer_id=peer_id or me.peer_id,
+        seq=seq,
+        timestamp=time.time(),
+        realms=(RealmStatus("chat", model="forged-model", queue_depth=0, slots=1),),
+        version="test",
+    )
+
+
+def _forged_envelope(me: Identity, victim: str, seq: int) -> bytes:
+    """A record about ``victim``, validly signed, but by *my* key."""
+    body = msgpack.packb(_record(me, seq, peer_id=victim).to_body(), use_bin_type=True)
+    return msgpack.packb({"body": body, "key": me.public_bytes, "sig": me.sign(body)}, use_bin_type=True)
+
+
+async def test_health_record_not_signed_by_its_subject_is_ignored(node: NodeProcess) -> None:
+    victim = Identity(Ed25519PrivateKey.generate()).peer_id
+    async with probe_host() as (fh, me):
+        await fh.dial(node.addr, timeout=15)
+        await fh.pubsub.subscribe(HEALTH_TOPIC)
+        seq = [0]
+
+        async def publish_forged() -> None:
+            seq[0] += 1
+            await fh.pubsub.publish(HEALTH_TOPIC, _forged_envelope(me, victim, seq[0]))
+
+        mark = node.mark()
+        await eventually(lambda: any("ignored health record" in line for line in node.lines[mark:]), every=publish_forged)
+        line = next(line for line in node.lines[mark:] if "ignored health record" in line)
+        assert me.peer_id in line and "signed by a key that is not" in line
+        peers = await trio.to_thread.run_sync(node.cli_json, "peers")
+        assert victim not in {p["peer_id"] for p in peers}
+        mine = next((p for p in peers if p["peer_id"] == me.peer_id), None)
+        assert mine is None or mine["state"] != "live"
+
+        # The same host's own, honestly signed record is accepted: the refusal above was the forgery.
+        async def publish_genuine() -> None:
+            seq[0] += 1
+            await fh.pubsub.publish(HEALTH_TOPIC, sign_record(_record(me, seq[0]), me))
+
+        peer = await eventually(
+            lambda: (p := node.peer(me.peer_id)) and p["state"] == "live" and p, every=publish_genuine
+        )
+        assert peer["realms"] == ["chat"] and peer["models"] == {"chat": "forged-model"}
+
+
+async def _raw_query_stream(fh: FederationHost, node: NodeProcess) -> Any:
+    from libp2p.peer.id import ID
+
+    return await fh.host.new_stream(ID.from_base58(node.peer_id), [wire.PROTOCOL_ID])
+
+
+async def _read_all(stream: Any) -> tuple[list[wire.Message], str]:
+    """Messages until the stream ends, and how it ended."""
+    from libp2p.network.stream.exceptions import StreamEOF, StreamReset
+
+    decoder = wire.FrameDecoder()
+    with trio.fail_after(15):
+        while True:
+            try:
+                data = await stream.read(65536)
+            except StreamReset:
+                return list(decoder.messages()), "reset"
+            except StreamEOF:
+                return list(decoder.messages()), "eof"
+            if not data:
+                return list(decoder.messages()), "eof"
+            decoder.feed(data)
+
+
+@pytest.mark.parametrize(
+    "garbage, code",
+    [
+        (b"\x00\x00\x00\x05hello", "bad_request"),  # not msgpack
+        (wire.encode(wire.Cancel(query_id="q1")), "bad_request"),  # a frame, but not a request
+        ((64 * 1024 * 1024).to_bytes(4, "big") + b"\x81", None),  # oversized: reset, no answer
+    ],
+)
+async def test_malformed_frames_reset_the_stream_and_count_against_the_sender(
+    node: NodeProcess, garbage: bytes, code: str | None
+) -> None:
+    async with probe_host() as (fh, me):
+        await fh.dial(node.addr, timeout=15)
+        stream = await _raw_query_stream(fh, node)
+        await stream.write(garbage)
+        messages, ending = await _read_all(stream)
+        # py-libp2p's yamux reports a reset that follows buffered data as either reset or EOF.
+        assert ending in ("reset", "eof")
+        if code is None:
+            assert messages == []
+        else:
+            assert [type(m) for m in messages] == [wire.Error] and messages[0].code.value == code
+        peer = await trio.to_thread.run_sync(node.peer, me.peer_id)
+        assert peer is not None and peer["violations"] == 1
+        # The node is unharmed: a well-formed request on a new stream is answered.
+        stream = await _raw_query_stream(fh, node)
+        request = wire.QueryRequest(
+            version=1, query_id="q2", realm="chat", payload={"prompt": "hi", "max_tokens": 8},
+            deadline_ms=30_000, origin=me.peer_id,
+        )
+        await stream.write(wire.encode(request))
+        messages, ending = await _read_all(stream)
+        assert ending == "eof"
+        assert isinstance(messages[0], wire.Accepted)
+        assert isinstance(messages[-1], wire.Result) and messages[-1].stats["tokens"] >= 1
+
+
+async def test_bad_payload_is_refused_with_a_code_not_a_crash(node: NodeProcess) -> None:
+    async with probe_host() as (fh, me):
+        await fh.dial(node.addr, timeout=15)
+        stream = await _raw_query_stream(fh, node)
+        request = wire.QueryRequest(
+            version=1, query_id="q3", realm="chat", payload={"prompt": "hi", "max_tokens": -5},
+            deadline_ms=30_000, origin=me.peer_id,
+        )
+        await stream.write(wire.encode(request))
+        messages, _ = await _read_all(stream)
+        err = messages[-1]
+        assert isinstance(err, wire.Error) and err.code is wire.ErrorCode.BAD_REQUEST
+        assert "max_tokens" in err.message
+        stream = await _raw_query_stream(fh, node)
+        request = wire.QueryRequest(
+            version=1, query_id="q4", realm="imagine", payload={"prompt": "a cat"},
+            deadline_ms=30_000, origin=me.peer_id,
+        )
+        await stream.write(wire.encode(request))
+        messages, _ = await _read_all(stream)
+        assert isinstance(messages[-1], wire.Error)
+        assert messages[-1].code is wire.ErrorCode.REALM_NOT_SERVED
+
+
+async def test_node_advertises_its_realm_in_the_dht(node: NodeProcess) -> None:
+    async with probe_host() as (fh, _):
+        await fh.dial(node.addr, timeout=15)
+
+        async def lookup() -> dict[str, tuple[str, ...]]:
+            return await fh.find_realm_providers("chat")
+
+        found: dict[str, tuple[str, ...]] = {}
+        with trio.fail_after(20):
+            while node.peer_id not in found:
+                found = await lookup()
+                if node.peer_id not in found:
+                    await trio.sleep(0.3)  # the node provides once its model is loaded
+        assert list(found).count(node.peer_id) == 1
+        assert await fh.find_realm_providers("imagine") == {}
