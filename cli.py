@@ -169,23 +169,53 @@ def _node_url(data_dir: Path) -> str:
     return str(info["ui"])
 
 
-def _request(data_dir: Optional[Path], message: dict[str, Any]) -> dict[str, Any]:
-    import trio
-    from trio_websocket import HandshakeError, open_websocket_url
+def _cli_guid(data_dir: Path) -> str:
+    """This data dir's CLI user: one GUID, kept in ``cli.guid``."""
+    import uuid
 
-    url = _node_url(resolve_data_dir(data_dir))
+    from .p2p.identity import write_private_file
+
+    path = data_dir / "cli.guid"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        guid = uuid.uuid4().hex
+        write_private_file(path, (guid + "\n").encode())
+        return guid
+
+
+def _hello(data_dir: Path, *, sysop: bool) -> dict[str, Any]:
+    hello: dict[str, Any] = {"op": "hello", "rid": 0, "guid": _cli_guid(data_dir)}
+    if sysop:
+        try:
+            hello["sysop_token"] = (data_dir / SYSOP_TOKEN_FILE).read_text().strip()
+        except OSError as exc:
+            fail(f"this command needs the sysop token in {data_dir / SYSOP_TOKEN_FILE}: {exc.strerror}")
+    return hello
+
+
+def _request(data_dir: Optional[Path], message: dict[str, Any], *, sysop: bool = False) -> dict[str, Any]:
+    import trio
+    from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
+
+    path = resolve_data_dir(data_dir)
+    url = _node_url(path)
 
     async def go() -> dict[str, Any]:
         async with open_websocket_url(url) as ws:
+            await ws.send_message(json.dumps(_hello(path, sysop=sysop)))
+            welcome = json.loads(await ws.get_message())
+            if welcome.get("op") == "error":
+                return welcome
             await ws.send_message(json.dumps({**message, "rid": 1}))
             return json.loads(await ws.get_message())
 
     try:
         reply = trio.run(go)
-    except (OSError, HandshakeError) as exc:
+    except (OSError, HandshakeError, ConnectionClosed) as exc:
         fail(f"cannot reach the node at {url}: {exc}")
     if reply.get("op") == "error":
-        fail(f"{reply.get('code')}: {reply.get('message')}")
+        fail(f"{reply.get('code')}: {reply.get('message')}", 1)
     return reply
 
 
@@ -258,6 +288,7 @@ def query(
         None, "--stream/--no-stream", help="Print tokens as they come [default: when stdout is a terminal]"
     ),
     as_json: bool = typer.Option(False, "--json", help="Print every event as a JSON line"),
+    detach: bool = typer.Option(False, "--detach", help="Print the query ID once it is stored, and exit"),
 ) -> None:
     """Ask the federation through the local node; the answer goes to stdout, routing to stderr."""
     import trio
@@ -270,7 +301,8 @@ def query(
     if ignore_eos:
         payload["ignore_eos"] = True
     live = sys.stdout.isatty() if stream is None else stream
-    url = _node_url(resolve_data_dir(data_dir))
+    path = resolve_data_dir(data_dir)
+    url = _node_url(path)
     printed = [0]
 
     def on_event(ev: dict[str, Any]) -> None:
@@ -289,9 +321,17 @@ def query(
 
     async def go() -> dict[str, Any]:
         async with open_websocket_url(url) as ws:
-            await ws.send_message(json.dumps({"op": "submit_query", "rid": 1, "realm": realm, "payload": payload}))
+            await ws.send_message(json.dumps(_hello(path, sysop=False)))
+            welcome = json.loads(await ws.get_message())
+            if welcome.get("op") == "error":
+                return welcome
+            await ws.send_message(json.dumps(
+                {"op": "submit_query", "rid": 1, "realm": realm, "payload": payload, "stream": live or as_json}
+            ))
             while True:
                 msg = json.loads(await ws.get_message())
+                if detach and msg.get("op") == "event" and msg["event"]["type"] == "queued":
+                    return {"op": "detached", "query_id": msg["event"]["query_id"]}
                 if as_json:
                     typer.echo(json.dumps(msg))
                 if msg["op"] == "event":
@@ -308,6 +348,9 @@ def query(
         fail("interrupted", 130)
     if reply["op"] == "error":
         fail(f"{reply['code']}: {reply['message']}", 1)
+    if reply["op"] == "detached":
+        typer.echo(reply["query_id"])
+        return
     result = reply["result"]
     if not as_json:
         if live:
@@ -320,6 +363,146 @@ def query(
             + (f", after failover from {', '.join(result['failovers'])}" if result["failovers"] else ""),
             err=True,
         )
+
+
+@app.command()
+def stats(data_dir: Optional[Path] = DataDir, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Per-realm statistics of this node (they survive restarts)."""
+    rows = _request(data_dir, {"op": "stats"})["stats"]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    typer.echo(f"{'REALM':<9} {'LOCAL':>6} {'PEERS':>6} {'FAILED':>6} {'CANCEL':>6} {'AVG MS':>8} {'P95 MS':>8} {'COST':>9} {'QUEUE':>5}")
+    for realm, r in rows.items():
+        typer.echo(
+            f"{realm:<9} {r.get('served_local', 0):>6} {r.get('served_for_peers', 0):>6} {r.get('failures', 0):>6} "
+            f"{r.get('cancelled', 0):>6} {r.get('avg_ms') or 0:>8.1f} {r.get('p95_ms') or 0:>8.1f} "
+            f"{r.get('total_cost', 0):>9.3f} {r['queue_depth']:>5}"
+        )
+
+
+@app.command()
+def history(
+    data_dir: Optional[Path] = DataDir,
+    user: Optional[str] = typer.Option(None, "--user", help="A user's GUID (sysop); default: this CLI's own"),
+    all_users: bool = typer.Option(False, "--all", help="Every user's queries (sysop)"),
+    limit: int = typer.Option(50, "--limit"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Queries and their outcome, newest first."""
+    message: dict[str, Any] = {"op": "history", "limit": limit}
+    if user:
+        message["user"] = user
+    if all_users:
+        message["all"] = True
+    rows = _request(data_dir, message, sysop=bool(user or all_users))["history"]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        typer.echo(f"{r['id']}  {r['status']:<9} {r['realm']:<7} {(r.get('executor') or '-')[:20]:<20}  {(r.get('prompt') or '')[:40]!r}")
+
+
+@app.command()
+def cancel(query_id: str, data_dir: Optional[Path] = DataDir) -> None:
+    """Cancel a running or queued query (yours, or any with the sysop token)."""
+    _request(data_dir, {"op": "cancel", "query_id": query_id}, sysop=True)
+    typer.echo(f"cancelled {query_id}")
+
+
+@app.command()
+def users(data_dir: Optional[Path] = DataDir, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Users of this node (sysop)."""
+    rows = _request(data_dir, {"op": "users"}, sysop=True)["users"]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    typer.echo(f"{'GUID':<32}  {'NICKNAME':<20} {'QUERIES':>7} {'COST':>9}  BANNED")
+    for u in rows:
+        typer.echo(f"{u['guid']:<32}  {(u['nickname'] or '-'):<20} {u['queries']:>7} {u['total_cost']:>9.3f}  {'yes' if u['banned'] else ''}")
+
+
+@app.command()
+def ban(guid: str, data_dir: Optional[Path] = DataDir, reason: str = typer.Option("", "--reason")) -> None:
+    """Ban a user from this node (sysop)."""
+    _request(data_dir, {"op": "ban", "guid": guid, "reason": reason}, sysop=True)
+    typer.echo(f"banned {guid}")
+
+
+@app.command()
+def unban(guid: str, data_dir: Optional[Path] = DataDir) -> None:
+    """Lift a ban (sysop)."""
+    _request(data_dir, {"op": "unban", "guid": guid}, sysop=True)
+    typer.echo(f"unbanned {guid}")
+
+
+@app.command()
+def realm(
+    name: str,
+    action: str = typer.Argument(..., help="enable | disable"),
+    data_dir: Optional[Path] = DataDir,
+) -> None:
+    """Enable or disable serving a realm on this node (sysop)."""
+    if action not in ("enable", "disable"):
+        fail(f"action must be enable or disable, got {action!r}")
+    _request(data_dir, {"op": "set_realm", "realm": name, "enabled": action == "enable"}, sysop=True)
+    typer.echo(f"{name} {action}d")
+
+
+@app.command()
+def peer(
+    peer_id: str,
+    action: str = typer.Argument(..., help="block | unblock"),
+    data_dir: Optional[Path] = DataDir,
+) -> None:
+    """Block or unblock a peer: it gets no queries from this node and its queries are refused (sysop)."""
+    if action not in ("block", "unblock"):
+        fail(f"action must be block or unblock, got {action!r}")
+    _request(data_dir, {"op": "set_peer", "peer_id": peer_id, "blocked": action == "block"}, sysop=True)
+    typer.echo(f"{peer_id} {action}ed")
+
+
+db_app = typer.Typer(help="The node's SQLite databases (offline commands need the node stopped).")
+app.add_typer(db_app, name="db")
+
+
+@db_app.command("check")
+def db_check(data_dir: Optional[Path] = DataDir) -> None:
+    """Check the integrity of every shard and of the node database."""
+    from .node.storage import check
+
+    path = resolve_data_dir(data_dir)
+    bad = 0
+    for name, verdict in check(path):
+        typer.echo(f"{name}: {verdict}")
+        bad += verdict != "ok"
+    if bad:
+        raise typer.Exit(1)
+
+
+@db_app.command("reshard")
+def db_reshard(
+    shards: int = typer.Option(..., "--shards", min=1, max=64),
+    data_dir: Optional[Path] = DataDir,
+) -> None:
+    """Move every user's rows to a new number of shards (node stopped), and record it."""
+    from .node.config import ConfigError, load_config
+    from .node.storage import StorageError, reshard
+
+    path = resolve_data_dir(data_dir)
+    if (path / "node.run.json").exists():
+        fail(f"a node is running on {path}; stop it first")
+    try:
+        old, moved = reshard(path, shards)
+    except StorageError as exc:
+        fail(str(exc))
+    typer.echo(f"resharded {path}: {old} -> {shards} shards, {moved} rows moved")
+    try:
+        cfg = load_config(path / CONFIG_FILE)
+    except ConfigError:
+        return
+    if cfg.storage.shards != shards:
+        typer.echo(f"now set storage.shards = {shards} in {path / CONFIG_FILE}", err=True)
 
 
 def main() -> None:

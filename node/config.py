@@ -183,6 +183,12 @@ class UIConfig:
 
 
 @dataclass(frozen=True)
+class StorageConfig:
+    shards: int = _int(4, 1, 64)
+    max_payload_bytes: int = _int(16 * 1024 * 1024, 1024, 1024 * 1024 * 1024)
+
+
+@dataclass(frozen=True)
 class RealmConfig:
     serve: bool = _bool(False)
     model: str = _str("")
@@ -192,6 +198,9 @@ class RealmConfig:
     n_gpu_layers: int = _int(-1, -1, 100000)
     threads: int = _int(0, 0, 512)
     max_tokens: int = _int(512, 1, 1048576)
+    cost_per_query: float = _float(0.0, 0.0, 1e9)
+    cost_per_second: float = _float(0.0, 0.0, 1e9)
+    cost_per_token: float = _float(0.0, 0.0, 1e9)
 
 
 def _default_realms() -> Mapping[str, RealmConfig]:
@@ -204,6 +213,7 @@ class Config:
     p2p: P2PConfig = field(default_factory=P2PConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
     ui: UIConfig = field(default_factory=UIConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
     realms: Mapping[str, RealmConfig] = field(default_factory=_default_realms, hash=False)
 
     def served_realms(self) -> tuple[str, ...]:
@@ -212,7 +222,8 @@ class Config:
 
 
 _SECTIONS: dict[str, type] = {
-    "node": NodeSection, "p2p": P2PConfig, "router": RouterConfig, "ui": UIConfig
+    "node": NodeSection, "p2p": P2PConfig, "router": RouterConfig, "ui": UIConfig,
+    "storage": StorageConfig,
 }
 _LEAVES: dict[str, Any] = {  # every valid dotted key -> its built-in default
     **{f"{s}.{f.name}": f.default for s, c in _SECTIONS.items() for f in fields(c)},

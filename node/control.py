@@ -9,16 +9,19 @@ elsewhere cannot drive the node through the user's browser.
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
+import re
+import uuid
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
 
-from ..realms.router import QueryFailed
 from .config import REALMS
+from .queries import Refused, check_guid, check_nickname
 
 if TYPE_CHECKING:
     from .daemon import Node
@@ -72,6 +75,9 @@ class ControlSession:
         self.ws = ws
         self.send_lock = trio.Lock()
         self.inflight = 0
+        # Until the client says hello, it is an anonymous user of its own for this connection.
+        self.guid = uuid.uuid4().hex
+        self.sysop = False
 
     async def send(self, message: dict[str, Any]) -> None:
         async with self.send_lock:
@@ -102,36 +108,177 @@ class ControlSession:
         op = req["op"]
         self.inflight += 1
         try:
-            if op == "status":
-                await self.send({"op": "status", "rid": rid, "status": self.node.status_report()})
-            elif op == "peers":
-                await self.send({"op": "peers", "rid": rid, "peers": self.node.peers_report()})
-            elif op == "realms":
-                await self.send({"op": "realms", "rid": rid, "realms": self.node.realms_report()})
-            elif op == "route":
-                plan = self.node.router.plan(req["realm"])
-                await self.send({"op": "route", "rid": rid, "route": plan.to_json()})
-            elif op == "submit_query":
-                await self.submit(rid, req["realm"], req["payload"])
+            if op in SYSOP_OPS and not self.sysop:
+                raise Refused("forbidden", f"{op} needs the sysop token (say hello with sysop_token)")
+            answer = await getattr(self, "op_" + op)(req, rid)
+            if answer is not None:
+                await self.send({"op": op, "rid": rid, **answer})
+        except Refused as exc:
+            await self.send({"op": "error", "rid": rid, "code": exc.code, "message": exc.message})
         except ConnectionClosed:
             pass
         finally:
             self.inflight -= 1
 
-    async def submit(self, rid: Any, realm: str, payload: dict[str, Any]) -> None:
-        async def emit(event: dict[str, Any]) -> None:
-            await self.send({"op": "event", "rid": rid, "event": event})
+    # --- who is asking ---------------------------------------------------------------------------
+    async def op_hello(self, req: dict[str, Any], rid: Any) -> dict[str, Any]:
+        if "sysop_token" in req:
+            if not hmac.compare_digest(str(req["sysop_token"]).encode(), self.node.sysop_token.encode()):
+                log.warning("refused a wrong sysop token")
+                raise Refused("forbidden", "wrong sysop token")
+            self.sysop = True
+        if "guid" in req:
+            self.guid = check_guid(req["guid"])
+        user = await self.node.storage.ensure_user(self.guid)
+        if "nickname" in req:
+            await self.node.storage.set_nickname(self.guid, check_nickname(req["nickname"]))
+            user = await self.node.storage.get_user(self.guid) or user
+        if user["banned"]:
+            reason = f": {user['ban_reason']}" if user["ban_reason"] else ""
+            raise Refused("banned", f"you are banned from this node{reason}")
+        return {"guid": self.guid, "nickname": user["nickname"], "sysop": self.sysop}
 
-        try:
-            result = await self.node.submit(realm, payload, emit)
-        except QueryFailed as exc:
-            await self.send({"op": "error", "rid": rid, "code": exc.code, "message": exc.message})
-            return
-        await self.send({"op": "result", "rid": rid, "result": result})
+    async def op_set_nickname(self, req: dict[str, Any], rid: Any) -> dict[str, Any]:
+        nickname = check_nickname(req["nickname"])
+        await self.node.storage.ensure_user(self.guid)
+        await self.node.storage.set_nickname(self.guid, nickname)
+        return {"nickname": nickname}
+
+    # --- what the node knows -----------------------------------------------------------------
+    async def op_status(self, req: dict[str, Any], rid: Any) -> dict[str, Any]:
+        return {"status": self.node.status_report()}
+
+    async def op_peers(self, req: dict[str, Any], rid: Any) -> dict[str, Any]:
+        return {"peers": self.node.peers_report()}
+
+    async def op_realms(self, req: dict[str, Any], rid: Any) -> dict[str, Any]:
+        return {"realms": self.node.realms_report()}
+
+    async def op_route(self, req: dict[str, Any], rid: Any) -> dict[str, Any]:
+        return {"route": self.node.router.plan(req["realm"]).to_json()}
+
+    async def op_stats(self, req: dict[str, Any], rid: Any) -> dict[str, Any]:
+        return {"stats": await self.node.stats_report()}
+
+    # --- queries ---------------------------------------------------------------------------------
+    def _subscriber(self, rid: Any, *, tokens: bool = True) -> Any:
+        async def deliver(event: dict[str, Any]) -> None:
+            kind = event.get("type")
+            if kind == "token" and not tokens:
+                return
+            if kind == "result":
+                await self.send({"op": "result", "rid": rid, "result": event})
+            elif kind == "error":
+                await self.send({"op": "error", "rid": rid, "code": event["code"], "message": event["message"],
+                                 "query_id": event.get("query_id")})
+            else:
+                await self.send({"op": "event", "rid": rid, "event": event})
+
+        return deliver
+
+    async def op_submit_query(self, req: dict[str, Any], rid: Any) -> None:
+        stream = req.get("stream", True)
+        if not isinstance(stream, bool):
+            raise Refused("bad_request", "stream must be true or false")
+        await self.node.queries.submit(
+            self.guid, req["realm"], req["payload"], sysop=self.sysop,
+            subscriber=self._subscriber(rid, tokens=stream),
+        )
+
+    async def op_watch(self, req: dict[str, Any], rid: Any) -> dict[str, Any] | None:
+        """Follow a query (e.g. after reconnecting); a finished one answers from storage."""
+        query_id = _query_id(req)
+        row = await self.node.storage.get_query(query_id)
+        if row is None or (row["user_guid"] != self.guid and not self.sysop):
+            raise Refused("not_found", f"no query {query_id} of yours")
+        if self.node.queries.subscribe(query_id, self._subscriber(rid)):
+            return None
+        return await self.op_get_query(req, rid)
+
+    async def op_get_query(self, req: dict[str, Any], rid: Any) -> dict[str, Any]:
+        query_id = _query_id(req)
+        row = await self.node.storage.get_query(query_id)
+        if row is None or (row["user_guid"] != self.guid and not self.sysop):
+            raise Refused("not_found", f"no query {query_id} of yours")
+        result = await self.node.storage.get_result(query_id, row["user_guid"])
+        events = await self.node.storage.query_events(query_id, row["user_guid"])
+        return {"query": _row(row), "result": result, "events": events}
+
+    async def op_cancel(self, req: dict[str, Any], rid: Any) -> dict[str, Any]:
+        await self.node.cancel_query(_query_id(req), by_guid=self.guid, sysop=self.sysop)
+        return {"query_id": req["query_id"], "cancelled": True}
+
+    async def op_history(self, req: dict[str, Any], rid: Any) -> dict[str, Any]:
+        user = req.get("user")
+        if user is None:
+            user = None if self.sysop and req.get("all") else self.guid
+        else:
+            user = check_guid(user)
+            if user != self.guid and not self.sysop:
+                raise Refused("forbidden", "only the sysop may read another user's history")
+        limit = req.get("limit", 50)
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 10000:
+            raise Refused("bad_request", "limit must be an integer 1..10000")
+        rows = await self.node.storage.history(user, limit=limit)
+        return {"history": [_row(r) for r in rows]}
+
+    # --- sysop -----------------------------------------------------------------------------------
+    async def op_users(self, req: dict[str, Any], rid: Any) -> dict[str, Any]:
+        return {"users": await self.node.storage.list_users()}
+
+    async def op_ban(self, req: dict[str, Any], rid: Any) -> dict[str, Any]:
+        reason = req.get("reason", "")
+        if not isinstance(reason, str) or len(reason) > 500:
+            raise Refused("bad_request", "reason must be a string of at most 500 characters")
+        await self.node.ban(req["guid"], True, reason)
+        return {"guid": req["guid"], "banned": True}
+
+    async def op_unban(self, req: dict[str, Any], rid: Any) -> dict[str, Any]:
+        await self.node.ban(req["guid"], False)
+        return {"guid": req["guid"], "banned": False}
+
+    async def op_set_realm(self, req: dict[str, Any], rid: Any) -> dict[str, Any]:
+        if not isinstance(req["enabled"], bool):
+            raise Refused("bad_request", "enabled must be true or false")
+        await self.node.set_realm_enabled(req["realm"], req["enabled"])
+        return {"realm": req["realm"], "enabled": req["enabled"]}
+
+    async def op_set_peer(self, req: dict[str, Any], rid: Any) -> dict[str, Any]:
+        if not isinstance(req["blocked"], bool) or not isinstance(req["peer_id"], str):
+            raise Refused("bad_request", "peer_id must be a string and blocked true or false")
+        await self.node.set_peer_blocked(req["peer_id"], req["blocked"])
+        return {"peer_id": req["peer_id"], "blocked": req["blocked"]}
+
+    async def op_audit(self, req: dict[str, Any], rid: Any) -> dict[str, Any]:
+        return {"audit": await self.node.storage.audit_log()}
+
+
+# op -> (required fields, optional fields)
+OPS: dict[str, tuple[set[str], set[str]]] = {
+    "hello": (set(), {"guid", "nickname", "sysop_token"}),
+    "set_nickname": ({"nickname"}, set()),
+    "status": (set(), set()),
+    "peers": (set(), set()),
+    "realms": (set(), set()),
+    "route": ({"realm"}, set()),
+    "stats": (set(), set()),
+    "submit_query": ({"realm", "payload"}, {"stream"}),
+    "watch": ({"query_id"}, set()),
+    "get_query": ({"query_id"}, set()),
+    "cancel": ({"query_id"}, set()),
+    "history": (set(), {"user", "limit", "all"}),
+    "users": (set(), set()),
+    "ban": ({"guid"}, {"reason"}),
+    "unban": ({"guid"}, set()),
+    "set_realm": ({"realm", "enabled"}, set()),
+    "set_peer": ({"peer_id", "blocked"}, set()),
+    "audit": (set(), set()),
+}
+SYSOP_OPS = {"users", "ban", "unban", "set_realm", "set_peer", "audit"}
 
 
 def parse_request(raw: str | bytes) -> dict[str, Any]:
-    """Validate one client message; BadRequest names what is wrong."""
+    """Validate one client message's shape; BadRequest names what is wrong."""
     if isinstance(raw, bytes):
         raise BadRequest("expected a JSON text message, got binary")
     try:
@@ -141,13 +288,13 @@ def parse_request(raw: str | bytes) -> dict[str, Any]:
     if not isinstance(req, dict):
         raise BadRequest("a request is a JSON object")
     op = req.get("op")
-    known = {"status": set(), "peers": set(), "realms": set(), "route": {"realm"}, "submit_query": {"realm", "payload"}}
-    if op not in known:
-        raise BadRequest(f"unknown op {op!r}; expected one of {sorted(known)}")
-    extra = set(req) - known[op] - {"op", "rid"}
+    if op not in OPS:
+        raise BadRequest(f"unknown op {op!r}; expected one of {sorted(OPS)}")
+    required, optional = OPS[op]
+    extra = set(req) - required - optional - {"op", "rid"}
     if extra:
         raise BadRequest(f"{op}: unknown field(s) {sorted(extra)}")
-    missing = known[op] - set(req)
+    missing = required - set(req)
     if missing:
         raise BadRequest(f"{op}: missing field(s) {sorted(missing)}")
     if "realm" in req and req["realm"] not in REALMS:
@@ -155,6 +302,22 @@ def parse_request(raw: str | bytes) -> dict[str, Any]:
     if "payload" in req and not isinstance(req["payload"], dict):
         raise BadRequest(f"{op}: payload must be a JSON object")
     return req
+
+
+def _query_id(req: dict[str, Any]) -> str:
+    qid = req["query_id"]
+    if not isinstance(qid, str) or not re.fullmatch(r"[0-9a-f]{32}", qid):
+        raise Refused("bad_request", "query_id must be 32 lowercase hex digits")
+    return qid
+
+
+def _row(row: dict[str, Any]) -> dict[str, Any]:
+    """A stored query for a client: the payload can hold media, so only its shape goes out."""
+    out = dict(row)
+    payload = out.pop("payload", None)
+    if isinstance(payload, dict):
+        out["prompt"] = payload.get("prompt") if isinstance(payload.get("prompt"), str) else None
+    return out
 
 
 def _json_default(value: Any) -> Any:

@@ -26,11 +26,28 @@ from ..p2p.wire import PROTOCOL_ID
 from ..realms.router import Emit, Event, ExecutorError, Query, QueryFailed, RealmRouter
 from .config import REALMS, Config
 from .executor import LocalRealms
+from .queries import QueryManager, Refused, check_guid
+from .storage import Storage
 
 log = logging.getLogger("rentahal.node")
 
 RUN_FILE = "node.run.json"
 PING_INTERVAL = 5.0
+
+
+SYSOP_TOKEN_FILE = "sysop.token"
+
+
+def read_sysop_token(data_dir: Path) -> str:
+    """The local sysop token, created (mode 0600) if missing."""
+    import secrets
+
+    from ..p2p.identity import write_private_file
+
+    path = data_dir / SYSOP_TOKEN_FILE
+    if not path.exists():
+        write_private_file(path, (secrets.token_urlsafe(32) + "\n").encode())
+    return path.read_text().strip()
 
 
 class Node:
@@ -47,10 +64,24 @@ class Node:
         self.router: RealmRouter
         self._records_changed = trio.Event()
         self._queries_served = 0
+        self.sysop_token = read_sysop_token(data_dir)
 
     # --- lifecycle ---------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.config
+        self.storage = await Storage.open(self.data_dir, cfg.storage.shards)
+        try:
+            await self._run(task_status)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.storage.aclose()
+
+    async def _run(self, task_status: trio.TaskStatus[Node]) -> None:
+        cfg = self.config
+        self.local.storage = self.storage
+        self.local.peer_id = self.peer_id
+        overrides = await self.storage.realm_overrides()
+        self.local.disabled = {realm for realm, enabled in overrides.items() if not enabled}
         async with open_federation_host(self.identity, cfg.p2p.listen) as fh:
             self.fh = fh
             self.table = PeerTable(
@@ -72,6 +103,15 @@ class Node:
                 hang_timeout=cfg.router.hang_timeout,
                 discover=self.discover,
             )
+            for peer_id in await self.storage.blocked_peers():
+                self.table.set_blocked(peer_id, True)
+            self.queries = QueryManager(
+                self.storage,
+                self.router,
+                origin=self.peer_id,
+                query_deadline=cfg.router.query_deadline,
+                max_payload_bytes=cfg.storage.max_payload_bytes,
+            )
             service = QueryService(self._serve_peer_query, on_violation=self._on_violation)
             fh.set_stream_handler(PROTOCOL_ID, service.handle_stream)
             for addr in fh.addrs():
@@ -86,6 +126,7 @@ class Node:
                     nursery.start_soon(self._ping_peers)
                     for addr in cfg.p2p.bootstrap:
                         nursery.start_soon(self._keep_bootstrap, addr)
+                    await nursery.start(self.queries.run)
                     from .control import serve_control
 
                     self.ui_url = await nursery.start(serve_control, self)
@@ -260,24 +301,6 @@ class Node:
             await trio.sleep(self.config.p2p.health_interval / 2)
 
     # --- queries -----------------------------------------------------------------------------
-    async def submit(self, realm: str, payload: dict[str, Any], emit: Emit) -> Event:
-        """A query from this node's own user (websocket/CLI)."""
-        query = Query(
-            query_id=uuid.uuid4().hex,
-            realm=realm,
-            payload=payload,
-            deadline_s=self.config.router.query_deadline,
-            origin=self.peer_id,
-        )
-        await emit({"type": "queued", "query_id": query.query_id, "realm": realm})
-        result = await self.router.run(query, emit)
-        log.info(
-            "query %s (%s) answered by %s%s",
-            query.query_id, realm, result["executor"],
-            f" after failover from {', '.join(result['failovers'])}" if result["failovers"] else "",
-        )
-        return result
-
     async def execute(self, peer_id: str, query: Query, emit: Emit, *, hang_timeout: float) -> Event:
         """RemoteExecutor for the router: run ``query`` on ``peer_id`` over the query protocol."""
         if not self.fh.is_connected(peer_id):
@@ -315,6 +338,42 @@ class Node:
             raise ServiceRefusal("internal", f"{type(exc).__name__}") from None
         self._queries_served += 1
         return result
+
+    # --- sysop actions (the control channel checks the token) ----------------------------------
+    async def ban(self, guid: str, banned: bool, reason: str = "") -> None:
+        guid = check_guid(guid)
+        if not await self.storage.set_banned(guid, banned, reason):
+            raise Refused("not_found", f"no user {guid}")
+        await self.storage.audit("sysop", "ban" if banned else "unban", guid, reason)
+        log.info("sysop: %s user %s%s", "banned" if banned else "unbanned", guid, f" ({reason})" if reason else "")
+
+    async def set_realm_enabled(self, realm: str, enabled: bool) -> None:
+        await self.storage.set_realm_enabled(realm, enabled)
+        (self.local.disabled.discard if enabled else self.local.disabled.add)(realm)
+        await self.storage.audit("sysop", "enable_realm" if enabled else "disable_realm", realm)
+        log.info("sysop: realm %s %s", realm, "enabled" if enabled else "disabled")
+
+    async def set_peer_blocked(self, peer_id: str, blocked: bool) -> None:
+        if not peer_id or len(peer_id) > 128 or not peer_id.isalnum():
+            raise Refused("bad_request", "peer_id must be a base58 libp2p peer ID")
+        await self.storage.set_peer_blocked(peer_id, blocked)
+        self.table.set_blocked(peer_id, blocked)
+        await self.storage.audit("sysop", "block_peer" if blocked else "unblock_peer", peer_id)
+        log.info("sysop: peer %s %s", peer_id, "blocked" if blocked else "unblocked")
+
+    async def cancel_query(self, query_id: str, *, by_guid: str | None, sysop: bool) -> None:
+        await self.queries.cancel(query_id, by_guid=by_guid, sysop=sysop)
+        if sysop:
+            await self.storage.audit("sysop", "cancel_query", query_id)
+
+    async def stats_report(self) -> dict[str, Any]:
+        stored = await self.storage.stats()
+        out = {}
+        for realm in REALMS:
+            slot = self.local.slots[realm]
+            row = stored.get(realm, {})
+            out[realm] = {**row, "queue_depth": slot.queue.depth, "running": slot.queue.running}
+        return out
 
     def _on_violation(self, peer_id: str, reason: str) -> None:
         self.table.record_failure(peer_id, FailureKind.PROTOCOL, reason)

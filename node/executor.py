@@ -46,11 +46,14 @@ class LocalRealms:
                 slot.status = "disabled"
             self.slots[name] = slot
         self.loaded = trio.Event()
+        self.disabled: set[str] = set()  # by the sysop, at run time
+        self.storage: Any = None  # set by the node once storage is open
+        self.peer_id = ""
 
     # --- LocalExecutor -----------------------------------------------------------------------
     def serves(self, realm: str) -> bool:
         slot = self.slots.get(realm)
-        return slot is not None and slot.status == "ready"
+        return slot is not None and slot.status == "ready" and realm not in self.disabled
 
     def queue_depth(self, realm: str) -> int:
         slot = self.slots.get(realm)
@@ -60,6 +63,8 @@ class LocalRealms:
         slot = self.slots.get(realm)
         if slot is None:
             return f"unknown realm {realm!r}"
+        if realm in self.disabled:
+            return "disabled by the sysop"
         return {
             "disabled": "not served here (serve = false)",
             "loading": "model still loading",
@@ -67,7 +72,7 @@ class LocalRealms:
 
     async def execute(self, query: Query, emit: Emit) -> Event:
         slot = self.slots.get(query.realm)
-        if slot is None or slot.status != "ready":
+        if slot is None or not self.serves(query.realm):
             raise ExecutorError(
                 FailureKind.REFUSED, "realm_not_served", f"{query.realm}: {self.not_served_reason(query.realm)}"
             )
@@ -76,6 +81,9 @@ class LocalRealms:
         async def accepted(position: int, eta_ms: int | None) -> None:
             await emit({"type": "accepted", "position": position, "eta_ms": eta_ms})
 
+        for_peer = query.origin != self.peer_id
+        started = trio.current_time()
+
         async def send(ev: TokenEvent | ProgressEvent) -> None:
             if isinstance(ev, TokenEvent):
                 await emit({"type": "token", "text": ev.text, "index": ev.index})
@@ -83,13 +91,35 @@ class LocalRealms:
                 await emit({"type": "progress", "stage": ev.stage, "done": ev.done, "total": ev.total})
 
         try:
-            async with slot.queue.admit(accepted):
-                result = await slot.backend.generate(query.payload, send)
+            with trio.fail_after(query.deadline_s):
+                async with slot.queue.admit(query.query_id, accepted, priority=query.priority):
+                    await emit({"type": "progress", "stage": "running", "done": 0, "total": None})
+                    result = await slot.backend.generate(query.payload, send)
         except QueueFull as exc:
             raise ExecutorError(FailureKind.REFUSED, "queue_full", str(exc)) from None
         except BackendError as exc:
+            await self._record(query.realm, for_peer=for_peer, ok=False)
             raise ExecutorError(FailureKind.REFUSED, exc.code, str(exc)) from None
-        return {"type": "result", "output": result.output, "stats": result.stats}
+        except trio.TooSlowError:
+            await self._record(query.realm, for_peer=for_peer, ok=False)
+            raise ExecutorError(
+                FailureKind.REFUSED, "deadline_exceeded", f"deadline of {query.deadline_s:.1f}s passed"
+            ) from None
+        except trio.Cancelled:
+            with trio.CancelScope(shield=True):
+                await self._record(query.realm, for_peer=for_peer, ok=False, cancelled=True)
+            raise
+        ms = (trio.current_time() - started) * 1000.0
+        cost = slot.config.cost_per_query + slot.config.cost_per_second * ms / 1000.0 + (
+            slot.config.cost_per_token * float(result.stats.get("tokens", 0))
+        )
+        stats = {**result.stats, "cost": round(cost, 6)}
+        await self._record(query.realm, for_peer=for_peer, ok=True, ms=ms, cost=cost)
+        return {"type": "result", "output": result.output, "stats": stats}
+
+    async def _record(self, realm: str, **outcome: Any) -> None:
+        if self.storage is not None:
+            await self.storage.record_outcome(realm, **outcome)
 
     # --- lifecycle ---------------------------------------------------------------------------
     async def load_all(self) -> None:
@@ -153,7 +183,7 @@ class LocalRealms:
                 gpu=False,
             )
             for s in self.slots.values()
-            if s.status == "ready"
+            if self.serves(s.name)
         )
 
     def success_ratio(self) -> float:

@@ -37,6 +37,7 @@ class Query:
     payload: dict[str, Any]
     deadline_s: float
     origin: str
+    priority: int = 10  # realms.queue.Priority.NORMAL; lower runs first
 
 
 class ExecutorError(Exception):

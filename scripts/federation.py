@@ -174,3 +174,98 @@ class Federation:
     def close(self) -> None:
         for n in self.nodes:
             n.stop()
+
+
+class NodeError(Exception):
+    """An ``error`` answer from a node: ``code`` and ``message`` as the node sent them."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class NodeClient:
+    """A client of a node's local websocket, speaking the protocol the CLI and the UI speak.
+
+    A reader task hands each message to the request it answers (by ``rid``), so several
+    requests and query streams can be in flight on one connection.
+    """
+
+    def __init__(self, ws: Any) -> None:
+        import itertools
+
+        import trio
+
+        self.ws = ws
+        self._rids = itertools.count(1)
+        self._routes: dict[int, Any] = {}
+        self._trio = trio
+
+    async def _read(self) -> None:
+        from trio_websocket import ConnectionClosed
+
+        try:
+            while True:
+                msg = json.loads(await self.ws.get_message())
+                route = self._routes.get(msg.get("rid"))
+                if route is not None:
+                    route.send_nowait(msg)
+        except ConnectionClosed:  # the node went away: every open request ends
+            for route in self._routes.values():
+                route.close()
+
+    def _open(self) -> tuple[int, Any]:
+        rid = next(self._rids)
+        send, receive = self._trio.open_memory_channel[dict[str, Any]](float("inf"))
+        self._routes[rid] = send
+        return rid, receive
+
+    async def call(self, op: str, **fields: Any) -> dict[str, Any]:
+        rid, receive = self._open()
+        try:
+            await self.ws.send_message(json.dumps({"op": op, "rid": rid, **fields}))
+            msg = await receive.receive()
+        finally:
+            self._routes.pop(rid, None)
+        if msg["op"] == "error":
+            raise NodeError(msg["code"], msg["message"])
+        return msg
+
+    async def stream(self, op: str, **fields: Any) -> Any:
+        """Yield every message answering this request, up to its ``result`` or ``error``."""
+        rid, receive = self._open()
+        try:
+            await self.ws.send_message(json.dumps({"op": op, "rid": rid, **fields}))
+            while True:
+                msg = await receive.receive()
+                yield msg
+                if msg["op"] in ("result", "error"):
+                    return
+        finally:
+            self._routes.pop(rid, None)
+
+
+def connect(url: str, **hello: Any) -> Any:
+    """``async with connect(node.ui, guid=...) as client``: a NodeClient that has said hello."""
+    from contextlib import asynccontextmanager
+
+    import trio
+    from trio_websocket import open_websocket_url
+
+    @asynccontextmanager
+    async def session() -> Any:
+        async with open_websocket_url(url) as ws:
+            # Hello before the reader starts, so a refusal surfaces as a plain NodeError.
+            await ws.send_message(json.dumps({"op": "hello", "rid": 0, **hello}))
+            welcome = json.loads(await ws.get_message())
+            if welcome["op"] == "error":
+                raise NodeError(welcome["code"], welcome["message"])
+            async with trio.open_nursery() as nursery:
+                client = NodeClient(ws)
+                client.welcome = welcome
+                nursery.start_soon(client._read)
+                yield client
+                nursery.cancel_scope.cancel()
+
+    return session()
