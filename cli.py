@@ -13,6 +13,7 @@ import os
 import secrets
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any, NoReturn, Optional
 
@@ -127,6 +128,15 @@ def setup_logging(level: str) -> None:
     )
 
 
+SHUTDOWN_TIMEOUT = 20.0
+
+
+def _exit_stuck(log: logging.Logger) -> None:
+    log.error("still stopping after %.0fs (a model backend is stuck); exiting now", SHUTDOWN_TIMEOUT)
+    logging.shutdown()
+    os._exit(1)
+
+
 async def _run_node(config: Any, data_dir: Path) -> None:
     import trio
 
@@ -144,6 +154,10 @@ async def _run_node(config: Any, data_dir: Path) -> None:
                 async for sig in signals:
                     log.info("received %s, stopping", signal.Signals(sig).name)
                     nursery.cancel_scope.cancel()
+                    # A model stuck in native code cannot be interrupted: don't let it hang the stop.
+                    timer = threading.Timer(SHUTDOWN_TIMEOUT, _exit_stuck, args=(log,))
+                    timer.daemon = True
+                    timer.start()
 
             nursery.start_soon(stop_on_signal)
             try:
@@ -275,11 +289,32 @@ def route(
             typer.echo(f"-  {x['executor']}  excluded: {x['reason']}")
 
 
+def _media(path: Path) -> dict[str, str]:
+    import base64
+
+    try:
+        return {"$bytes": base64.b64encode(path.read_bytes()).decode("ascii")}
+    except OSError as exc:
+        fail(f"{path}: {exc.strerror or exc}")
+
+
+def _unmedia(value: Any) -> Any:
+    import base64
+
+    if isinstance(value, dict) and set(value) == {"$bytes"}:
+        return base64.b64decode(value["$bytes"])
+    return value
+
+
 @app.command()
 def query(
     realm: str,
-    prompt: str,
+    prompt: str = typer.Argument("", help="The prompt (chat, vision, imagine) or the text to speak (speech)"),
     data_dir: Optional[Path] = DataDir,
+    image: Optional[Path] = typer.Option(None, "--image", help="vision: the image to ask about"),
+    audio: Optional[Path] = typer.Option(None, "--audio", help="speech: audio to transcribe"),
+    out: Optional[Path] = typer.Option(None, "--out", help="imagine/speech: where to write the image or audio"),
+    param: list[str] = typer.Option([], "--param", help="Any payload field: KEY=VALUE (TOML value; repeatable)"),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens"),
     temperature: Optional[float] = typer.Option(None, "--temperature"),
     seed: Optional[int] = typer.Option(None, "--seed"),
@@ -290,16 +325,34 @@ def query(
     as_json: bool = typer.Option(False, "--json", help="Print every event as a JSON line"),
     detach: bool = typer.Option(False, "--detach", help="Print the query ID once it is stored, and exit"),
 ) -> None:
-    """Ask the federation through the local node; the answer goes to stdout, routing to stderr."""
+    """Ask the federation through the local node; the answer goes to stdout (or --out), routing to stderr."""
+    import tomllib
+
     import trio
     from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 
-    payload: dict[str, Any] = {"prompt": prompt}
+    payload: dict[str, Any] = {}
+    if realm == "speech" and audio is not None:
+        payload["audio"] = _media(audio)
+    elif realm == "speech":
+        payload["text"] = prompt
+    else:
+        payload["prompt"] = prompt
+    if image is not None:
+        payload["image"] = _media(image)
     for key, value in (("max_tokens", max_tokens), ("temperature", temperature), ("seed", seed)):
         if value is not None:
             payload[key] = value
     if ignore_eos:
         payload["ignore_eos"] = True
+    for item in param:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            fail(f"--param {item!r}: expected KEY=VALUE")
+        try:
+            payload[key.strip()] = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            payload[key.strip()] = raw
     live = sys.stdout.isatty() if stream is None else stream
     path = resolve_data_dir(data_dir)
     url = _node_url(path)
@@ -314,13 +367,15 @@ def query(
             if live and printed[0]:
                 sys.stdout.write("\n")
                 printed[0] = 0
+        elif kind == "progress" and ev["stage"] not in ("running",) and ev.get("total"):
+            typer.echo(f"{ev['stage']}: {ev['done']}/{ev['total']}", err=True)
         elif kind == "token" and live:
             sys.stdout.write(ev["text"])
             sys.stdout.flush()
             printed[0] += 1
 
     async def go() -> dict[str, Any]:
-        async with open_websocket_url(url) as ws:
+        async with open_websocket_url(url, max_message_size=256 * 1024 * 1024) as ws:
             await ws.send_message(json.dumps(_hello(path, sysop=False)))
             welcome = json.loads(await ws.get_message())
             if welcome.get("op") == "error":
@@ -352,17 +407,29 @@ def query(
         typer.echo(reply["query_id"])
         return
     result = reply["result"]
-    if not as_json:
-        if live:
-            sys.stdout.write("\n")
-        else:
-            typer.echo(result["output"].get("text", json.dumps(result["output"])))
-        stats = result.get("stats", {})
-        typer.echo(
-            f"answered by {result['executor']} in {stats.get('ms', 0):.0f} ms, {stats.get('tokens', '?')} tokens"
-            + (f", after failover from {', '.join(result['failovers'])}" if result["failovers"] else ""),
-            err=True,
-        )
+    if as_json:
+        return
+    output = {k: _unmedia(v) for k, v in result["output"].items()}
+    media = next(((k, v) for k, v in output.items() if isinstance(v, bytes)), None)
+    if media is not None:
+        key, data = media
+        target = out or Path(f"{result['query_id']}.{'png' if key == 'image' else 'wav'}")
+        try:
+            target.write_bytes(data)
+        except OSError as exc:
+            fail(f"{target}: {exc.strerror or exc}")
+        typer.echo(str(target))
+    elif live:
+        sys.stdout.write("\n")
+    else:
+        typer.echo(output.get("text", ""))
+    stats = result.get("stats", {})
+    typer.echo(
+        f"answered by {result['executor']} in {stats.get('ms', 0):.0f} ms"
+        + (f", {stats['tokens']} tokens" if "tokens" in stats else "")
+        + (f", after failover from {', '.join(result['failovers'])}" if result["failovers"] else ""),
+        err=True,
+    )
 
 
 @app.command()
@@ -461,6 +528,10 @@ def peer(
     _request(data_dir, {"op": "set_peer", "peer_id": peer_id, "blocked": action == "block"}, sysop=True)
     typer.echo(f"{peer_id} {action}ed")
 
+
+from .models.cli_models import models_app  # noqa: E402  (a sub-app, mounted below)
+
+app.add_typer(models_app, name="models")
 
 db_app = typer.Typer(help="The node's SQLite databases (offline commands need the node stopped).")
 app.add_typer(db_app, name="db")

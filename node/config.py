@@ -185,7 +185,7 @@ class UIConfig:
 @dataclass(frozen=True)
 class StorageConfig:
     shards: int = _int(4, 1, 64)
-    max_payload_bytes: int = _int(16 * 1024 * 1024, 1024, 1024 * 1024 * 1024)
+    max_payload_bytes: int = _int(8 * 1024 * 1024, 1024, 1024 * 1024 * 1024)
 
 
 @dataclass(frozen=True)
@@ -198,6 +198,9 @@ class RealmConfig:
     n_gpu_layers: int = _int(-1, -1, 100000)
     threads: int = _int(0, 0, 512)
     max_tokens: int = _int(512, 1, 1048576)
+    mmproj: str = _str("")
+    max_steps: int = _int(50, 1, 1000)
+    max_pixels: int = _int(1024 * 1024, 4096, 64 * 1024 * 1024)
     cost_per_query: float = _float(0.0, 0.0, 1e9)
     cost_per_second: float = _float(0.0, 0.0, 1e9)
     cost_per_token: float = _float(0.0, 0.0, 1e9)

@@ -9,6 +9,7 @@ elsewhere cannot drive the node through the user's browser.
 
 from __future__ import annotations
 
+import base64
 import hmac
 import json
 import logging
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("rentahal.control")
 
-MAX_MESSAGE = 4 * 1024 * 1024
+MAX_MESSAGE = 16 * 1024 * 1024  # a payload of max_payload_bytes as base64, with room
 MAX_INFLIGHT_PER_CONNECTION = 16
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
@@ -299,8 +300,10 @@ def parse_request(raw: str | bytes) -> dict[str, Any]:
         raise BadRequest(f"{op}: missing field(s) {sorted(missing)}")
     if "realm" in req and req["realm"] not in REALMS:
         raise BadRequest(f"{op}: realm must be one of {list(REALMS)}, got {req['realm']!r}")
-    if "payload" in req and not isinstance(req["payload"], dict):
-        raise BadRequest(f"{op}: payload must be a JSON object")
+    if "payload" in req:
+        if not isinstance(req["payload"], dict):
+            raise BadRequest(f"{op}: payload must be a JSON object")
+        req["payload"] = decode_media(req["payload"])
     return req
 
 
@@ -321,6 +324,24 @@ def _row(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _json_default(value: Any) -> Any:
-    if isinstance(value, bytes):
-        return {"bytes": len(value)}
+    if isinstance(value, bytes):  # media (a PNG, a WAV) travels as {"$bytes": base64}
+        return {"$bytes": base64.b64encode(value).decode("ascii")}
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def decode_media(value: Any, path: str = "payload", depth: int = 0) -> Any:
+    """Turn every {"$bytes": base64} in a client's payload into bytes; BadRequest if malformed."""
+    if depth > 8:
+        raise BadRequest(f"{path}: nested too deep")
+    if isinstance(value, dict):
+        if "$bytes" in value:
+            if len(value) != 1 or not isinstance(value["$bytes"], str):
+                raise BadRequest(f'{path}: a media value is {{"$bytes": "<base64>"}}')
+            try:
+                return base64.b64decode(value["$bytes"], validate=True)
+            except ValueError:
+                raise BadRequest(f"{path}: not valid base64") from None
+        return {k: decode_media(v, f"{path}.{k}", depth + 1) for k, v in value.items()}
+    if isinstance(value, list):
+        return [decode_media(v, f"{path}[{i}]", depth + 1) for i, v in enumerate(value)]
+    return value

@@ -118,7 +118,8 @@ class Node:
                 log.info("listening on %s", addr)
             try:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._load_and_advertise)
+                    await nursery.start(self.local.run)
+                    nursery.start_soon(self._advertise)
                     nursery.start_soon(self._watch_connections)
                     nursery.start_soon(self._publish_health)
                     await nursery.start(self._listen_health)
@@ -153,8 +154,8 @@ class Node:
             pass
 
     # --- models and advertisement ------------------------------------------------------------
-    async def _load_and_advertise(self) -> None:
-        await self.local.load_all()
+    async def _advertise(self) -> None:
+        await self.local.loaded.wait()
         served = [r for r in REALMS if self.local.serves(r)]
         if not served:
             log.info("serving no realm: this node routes and asks only")

@@ -1,12 +1,20 @@
-"""This node as an executor: its model backends behind per-realm queues.
+"""This node as an executor: a model backend per realm behind a per-realm queue.
 
 The router sees it through ``LocalExecutor`` (serves / queue_depth / execute); peers reach it
-through the query protocol, whose handler calls the same ``execute``.
+through the query protocol, whose handler calls the same ``execute``. A realm whose backend
+cannot load (a missing extra, a corrupt model) is simply not served, with the reason shown in
+``realms``; the node goes on serving the others.
+
+A watchdog guards every generation: a backend still busy ``WATCHDOG_GRACE`` seconds after its
+query's deadline or cancellation is stuck (a hung native call cannot be interrupted from
+Python); the query fails with a clear error, the stuck instance is dropped and a fresh backend
+is loaded in its place.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +29,13 @@ from .config import Config, RealmConfig
 
 log = logging.getLogger("rentahal.node")
 
-SMOKE_MODEL_FILE = "smoke-test-chat.gguf"
+WATCHDOG_GRACE = 5.0
+SMOKE_DIR = "smoke-test"
+EXTRAS = {"imagine": "image", "speech": "speech"}
+
+
+class BackendUnavailable(Exception):
+    """The realm cannot be served on this install (a missing extra, a missing tool)."""
 
 
 @dataclass
@@ -32,7 +46,8 @@ class RealmSlot:
     backend: Any = None
     model: str = ""
     smoke_test: bool = False
-    status: str = "loading"  # loading | ready | failed | disabled
+    gpu: bool = False
+    status: str = "loading"  # loading | ready | restarting | disabled | <why not served>
 
 
 class LocalRealms:
@@ -49,6 +64,16 @@ class LocalRealms:
         self.disabled: set[str] = set()  # by the sysop, at run time
         self.storage: Any = None  # set by the node once storage is open
         self.peer_id = ""
+        self.watchdog_grace = WATCHDOG_GRACE
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Own the backend tasks; load every served realm's model."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await self.load_all()
+            await trio.sleep_forever()
 
     # --- LocalExecutor -----------------------------------------------------------------------
     def serves(self, realm: str) -> bool:
@@ -68,6 +93,7 @@ class LocalRealms:
         return {
             "disabled": "not served here (serve = false)",
             "loading": "model still loading",
+            "restarting": "backend restarting after it got stuck",
         }.get(slot.status, slot.status)
 
     async def execute(self, query: Query, emit: Emit) -> Event:
@@ -81,20 +107,19 @@ class LocalRealms:
         async def accepted(position: int, eta_ms: int | None) -> None:
             await emit({"type": "accepted", "position": position, "eta_ms": eta_ms})
 
-        for_peer = query.origin != self.peer_id
-        started = trio.current_time()
-
         async def send(ev: TokenEvent | ProgressEvent) -> None:
             if isinstance(ev, TokenEvent):
                 await emit({"type": "token", "text": ev.text, "index": ev.index})
             else:
                 await emit({"type": "progress", "stage": ev.stage, "done": ev.done, "total": ev.total})
 
+        for_peer = query.origin != self.peer_id
+        started = trio.current_time()
         try:
             with trio.fail_after(query.deadline_s):
                 async with slot.queue.admit(query.query_id, accepted, priority=query.priority):
                     await emit({"type": "progress", "stage": "running", "done": 0, "total": None})
-                    result = await slot.backend.generate(query.payload, send)
+                    result = await self._guarded(slot, lambda: slot.backend.generate(query.payload, send))
         except QueueFull as exc:
             raise ExecutorError(FailureKind.REFUSED, "queue_full", str(exc)) from None
         except BackendError as exc:
@@ -110,60 +135,112 @@ class LocalRealms:
                 await self._record(query.realm, for_peer=for_peer, ok=False, cancelled=True)
             raise
         ms = (trio.current_time() - started) * 1000.0
-        cost = slot.config.cost_per_query + slot.config.cost_per_second * ms / 1000.0 + (
-            slot.config.cost_per_token * float(result.stats.get("tokens", 0))
+        rc = slot.config
+        cost = rc.cost_per_query + rc.cost_per_second * ms / 1000.0 + (
+            rc.cost_per_token * float(result.stats.get("tokens", 0))
         )
         stats = {**result.stats, "cost": round(cost, 6)}
         await self._record(query.realm, for_peer=for_peer, ok=True, ms=ms, cost=cost)
         return {"type": "result", "output": result.output, "stats": stats}
 
+    async def _guarded(self, slot: RealmSlot, call: Callable[[], Awaitable[Any]]) -> Any:
+        """Run a backend call in a task of ours; if it outlives its cancellation, it is stuck."""
+        assert self._nursery is not None, "LocalRealms.run() is not running"
+        done = trio.Event()
+        box: dict[str, Any] = {}
+        scope = trio.CancelScope()
+
+        async def runner() -> None:
+            try:
+                with scope:
+                    box["result"] = await call()
+            except Exception as exc:  # handed to the waiting query below
+                box["error"] = exc
+            finally:
+                done.set()
+
+        self._nursery.start_soon(runner)
+        try:
+            await done.wait()
+        except trio.Cancelled:
+            scope.cancel()
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(self.watchdog_grace):
+                    await done.wait()
+                if not done.is_set():
+                    self._restart(slot)
+            raise
+        if "error" in box:
+            raise box["error"]
+        return box["result"]
+
+    def _restart(self, slot: RealmSlot) -> None:
+        log.error(
+            "%s: backend still busy %.0fs after its query was stopped: stuck; restarting it",
+            slot.name, self.watchdog_grace,
+        )
+        slot.status = "restarting"
+        slot.backend = None  # the stuck instance is abandoned with its thread
+        assert self._nursery is not None
+        self._nursery.start_soon(self._load_logged, slot)
+
     async def _record(self, realm: str, **outcome: Any) -> None:
         if self.storage is not None:
             await self.storage.record_outcome(realm, **outcome)
 
-    # --- lifecycle ---------------------------------------------------------------------------
+    # --- loading -----------------------------------------------------------------------------
     async def load_all(self) -> None:
-        """Load every served realm's model; a failure disables that realm only."""
+        """Load every served realm's model; a failure leaves that realm unserved, with why."""
         for slot in self.slots.values():
-            if slot.status == "disabled":
-                continue
-            try:
-                await self._load(slot)
-            except Exception as exc:  # ModelLoadError and friends: the node keeps serving others
-                slot.status = f"failed: {exc}"
-                log.error("%s: not served: %s", slot.name, exc)
+            if slot.status != "disabled":
+                await self._load_logged(slot)
         self.loaded.set()
 
-    async def _load(self, slot: RealmSlot) -> None:
-        if slot.name != "chat":
-            slot.status = f"no {slot.name} backend in this version"
+    async def _load_logged(self, slot: RealmSlot) -> None:
+        try:
+            await self._load(slot)
+        except BackendUnavailable as exc:
+            slot.status = f"not served: {exc}"
             log.warning("%s: %s", slot.name, slot.status)
-            return
-        from ..models.chat import ChatBackend
+        except ImportError as exc:
+            extra = EXTRAS.get(slot.name, "all")
+            slot.status = f"not served: install rentahal-node[{extra}] ({exc.name or exc} is missing)"
+            log.warning("%s: %s", slot.name, slot.status)
+        except Exception as exc:  # ModelLoadError and friends: the node keeps serving others
+            slot.status = f"not served: {exc}"
+            log.error("%s: %s", slot.name, slot.status)
 
-        path = Path(slot.config.model).expanduser() if slot.config.model else await self._smoke_model()
-        backend = ChatBackend(
-            path,
-            n_ctx=slot.config.n_ctx,
-            n_gpu_layers=max(slot.config.n_gpu_layers, 0),
-            threads=slot.config.threads,
-            max_tokens_cap=slot.config.max_tokens,
-        )
+    async def _load(self, slot: RealmSlot) -> None:
+        factory = BACKENDS[slot.name]
+        backend = await factory(self, slot.config)
         await backend.load()
-        slot.backend, slot.model, slot.smoke_test = backend, backend.model_name, backend.is_smoke_test
+        slot.backend = backend
+        slot.model = backend.model_name
+        slot.smoke_test = backend.is_smoke_test
+        slot.gpu = bool(getattr(backend, "gpu", False))
         slot.status = "ready"
         label = " (SMOKE-TEST MODEL: random weights, output is gibberish)" if slot.smoke_test else ""
-        log.info("chat: serving %s from %s%s", slot.model, path, label)
+        log.info("%s: serving %s%s%s", slot.name, slot.model, " on GPU" if slot.gpu else "", label)
 
-    async def _smoke_model(self) -> Path:
-        from ..models.tiny import write_tiny_llama
-
-        path = self.data_dir / "models" / SMOKE_MODEL_FILE
+    async def smoke_model(self, name: str, write: Callable[[Path], Any]) -> Path:
+        """The path of a smoke-test model in the data dir, written on first use."""
+        path = self.data_dir / "models" / SMOKE_DIR / name
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
-            await trio.to_thread.run_sync(write_tiny_llama, path)
-            log.info("chat: no model configured; wrote the smoke-test model %s", path)
+            await trio.to_thread.run_sync(write, path)
+            log.info("wrote the smoke-test model %s", path)
         return path
+
+    def model_path(self, realm: str, ref: str) -> Path | None:
+        """node.toml's model reference: "" (smoke-test), a path, or a model in the store."""
+        if not ref:
+            return None
+        from ..models.registry import ModelError, resolve
+
+        try:
+            return resolve(self.data_dir, realm, ref)
+        except ModelError as exc:
+            raise BackendUnavailable(str(exc)) from None
 
     async def aclose(self) -> None:
         for slot in self.slots.values():
@@ -180,7 +257,7 @@ class LocalRealms:
                 queue_depth=s.queue.depth,
                 slots=s.queue.slots,
                 service_ms=round(s.queue.service_ms, 3),
-                gpu=False,
+                gpu=s.gpu,
             )
             for s in self.slots.values()
             if self.serves(s.name)
@@ -191,3 +268,87 @@ class LocalRealms:
         done = sum(q.completed for q in ready)
         failed = sum(q.failed for q in ready)
         return 1.0 if done + failed == 0 else done / (done + failed)
+
+
+# --- one factory per realm: the backend for a realm's config -----------------------------------
+def _gpu_layers(requested: int, model: Path, realm: str) -> int:
+    """GPU layers for a GGUF model: -1 = as many as fit (ModelTooLarge if a request cannot)."""
+    from ..models.gpu import detect_gpus, llama_gpu_offload_supported, plan_gpu_layers
+    from ..models.registry import gguf_layer_count
+
+    try:
+        n_layers = gguf_layer_count(model)
+    except Exception:  # not readable here: llama.cpp will say what is wrong when it loads
+        n_layers = None
+    return plan_gpu_layers(
+        requested,
+        model_bytes=model.stat().st_size if model.exists() else 0,
+        n_layers=n_layers,
+        gpus=detect_gpus(),
+        offload_supported=llama_gpu_offload_supported(),
+        model_name=model.name,
+        realm=realm,
+    )
+
+
+async def _chat(local: LocalRealms, rc: RealmConfig) -> Any:
+    from ..models.chat import ChatBackend
+    from ..models.tiny import write_tiny_llama
+
+    path = local.model_path("chat", rc.model) or await local.smoke_model("chat.gguf", write_tiny_llama)
+    layers = await trio.to_thread.run_sync(_gpu_layers, rc.n_gpu_layers, path, "chat")
+    return ChatBackend(path, n_ctx=rc.n_ctx, n_gpu_layers=layers, threads=rc.threads, max_tokens_cap=rc.max_tokens)
+
+
+async def _vision(local: LocalRealms, rc: RealmConfig) -> Any:
+    from ..models.tiny_vision import write_tiny_vision
+    from ..models.vision import VisionBackend
+
+    model = local.model_path("vision", rc.model)
+    if model is None:
+        folder = await local.smoke_model("vision", lambda p: write_tiny_vision(p))
+        model, mmproj = folder / "model.gguf", folder / "mmproj.gguf"
+    elif rc.mmproj:
+        mmproj = Path(rc.mmproj).expanduser()
+    else:
+        from ..models.registry import ModelError, get_model
+
+        try:
+            stored = get_model(local.data_dir, "vision", rc.model[6:]) if rc.model.startswith("store:") else None
+        except ModelError as exc:
+            raise BackendUnavailable(str(exc)) from None
+        if stored is None or stored.mmproj is None:
+            raise BackendUnavailable("realms.vision.mmproj must name the model's projector GGUF")
+        mmproj = stored.mmproj
+    layers = await trio.to_thread.run_sync(_gpu_layers, rc.n_gpu_layers, model, "vision")
+    return VisionBackend(
+        model, mmproj, n_ctx=rc.n_ctx, n_gpu_layers=layers, threads=rc.threads, max_tokens_cap=rc.max_tokens
+    )
+
+
+async def _imagine(local: LocalRealms, rc: RealmConfig) -> Any:
+    try:
+        from ..models.imagine import ImagineBackend
+        from ..models.tiny_diffusers import write_tiny_pipeline
+    except ImportError as exc:
+        raise BackendUnavailable(f"install rentahal-node[image] ({exc.name} is missing)") from None
+    path = local.model_path("imagine", rc.model) or await local.smoke_model("imagine", write_tiny_pipeline)
+    return ImagineBackend(path, max_steps=rc.max_steps, max_pixels=rc.max_pixels)
+
+
+async def _speech(local: LocalRealms, rc: RealmConfig) -> Any:
+    try:
+        from ..models.speech import SpeechBackend
+        from ..models.tiny_whisper import write_tiny_whisper
+    except ImportError as exc:
+        raise BackendUnavailable(f"install rentahal-node[speech] ({exc.name} is missing)") from None
+    path = local.model_path("speech", rc.model) or await local.smoke_model("whisper.bin", write_tiny_whisper)
+    return SpeechBackend(path, threads=rc.threads)
+
+
+BACKENDS: dict[str, Callable[[LocalRealms, RealmConfig], Awaitable[Any]]] = {
+    "chat": _chat,
+    "vision": _vision,
+    "imagine": _imagine,
+    "speech": _speech,
+}

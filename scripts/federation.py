@@ -67,9 +67,13 @@ class NodeProcess:
         return self
 
     def wait_ready(self) -> NodeProcess:
+        """Network up, then every realm it serves loaded (models load after the network)."""
         m = self.wait_for(r"ready peer=(\S+) ui=(\S+)", START_TIMEOUT)
         self.peer_id, self.ui = m.group(1), m.group(2)
         self.addr = self.wait_for(r"listening on (\S+)", 1).group(1)
+        for realm in self.serve.split(","):
+            if realm not in ("", "none"):
+                self.wait_for(rf"{realm}: (serving|not served)", START_TIMEOUT)
         return self
 
     def _read(self) -> None:
@@ -255,7 +259,7 @@ def connect(url: str, **hello: Any) -> Any:
 
     @asynccontextmanager
     async def session() -> Any:
-        async with open_websocket_url(url) as ws:
+        async with open_websocket_url(url, max_message_size=64 * 1024 * 1024) as ws:
             # Hello before the reader starts, so a refusal surfaces as a plain NodeError.
             await ws.send_message(json.dumps({"op": "hello", "rid": 0, **hello}))
             welcome = json.loads(await ws.get_message())
