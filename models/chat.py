@@ -214,7 +214,58 @@ def _one_line(exc: BaseException, limit: int = 300) -> str:
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
+def gguf_file_problem(path: Path) -> str | None:
+    """Why `path` cannot be a GGUF model file, or None if it looks like one
+    (it exists, is a regular readable file and starts with the GGUF magic)."""
+    try:
+        if not path.exists():
+            return "file not found"
+        if not path.is_file():
+            return "not a regular file"
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as exc:
+        return f"cannot read file ({exc.strerror or exc})"
+    if magic != _GGUF_MAGIC:
+        return "not a GGUF file or corrupt (no GGUF header)"
+    return None
+
+
+def eog_tokens(llm: Any) -> tuple[np.ndarray, int | None]:
+    """The end-of-generation token ids of a loaded `llama_cpp.Llama`, and the
+    one to force when a generation must stop (None if the vocabulary has none)."""
+    import llama_cpp
+
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    n_vocab = llm.n_vocab()
+    eog = np.array(
+        [t for t in range(n_vocab) if llama_cpp.llama_vocab_is_eog(vocab, t)],
+        dtype=np.intc,
+    )
+    eos = llm.token_eos()
+    stop_token = eos if eos in eog else (int(eog[0]) if len(eog) else None)
+    return eog, stop_token
+
+
+# llama-cpp-python's own message when a prompt does not fit, and the one its
+# multimodal chat handlers raise while evaluating text and image chunks.
 _CTX_OVERFLOW = re.compile(r"Requested tokens \((\d+)\) exceed context window of (\d+)")
+_CTX_OVERFLOW_MM = re.compile(r"Prompt exceeds n_ctx: (\d+) > (\d+)")
+
+
+def _overflow(exc: BaseException, field: str) -> BadPayload | None:
+    m = _CTX_OVERFLOW.search(str(exc))
+    if m:
+        return BadPayload(
+            f"payload.{field}: the prompt is {m[1]} tokens; this model's context holds {m[2]}"
+        )
+    m = _CTX_OVERFLOW_MM.search(str(exc))
+    if m:
+        return BadPayload(
+            f"payload.{field}: the prompt needs at least {m[1]} tokens; "
+            f"this model's context holds {m[2]}"
+        )
+    return None
 
 
 class _Run:
@@ -227,6 +278,155 @@ class _Run:
         self.prompt_tokens = 0
         self.forced: str | None = None  # "cancel" | "length" once we force an EOG
         self.cancelled: trio.Cancelled | None = None
+
+
+@dataclass(frozen=True)
+class Completion:
+    """What `stream_chat_sync` produced: the text (exactly what was streamed),
+    the generated token count (end-of-generation tokens excluded), the prompt
+    token count (image tokens included) and "stop" or "length"."""
+
+    text: str
+    tokens: int
+    prompt_tokens: int
+    finish_reason: str
+
+
+def completion_stats(done: Completion, elapsed: float) -> dict[str, int | float | str]:
+    """The ResultEvent stats of a completion that took `elapsed` seconds."""
+    return {
+        "tokens": done.tokens,
+        "prompt_tokens": done.prompt_tokens,
+        "ms": round(elapsed * 1000, 1),
+        "tokens_per_s": round(done.tokens / elapsed, 1) if elapsed > 0 else 0.0,
+        "finish_reason": done.finish_reason,
+    }
+
+
+def stream_chat_sync(
+    llm: Any,
+    messages: list[dict[str, Any]],
+    *,
+    max_tokens: int,
+    temperature: float,
+    seed: int | None,
+    send: EventSink,
+    eog_ids: np.ndarray,
+    stop_token: int | None,
+    ignore_eos: bool = False,
+    stops: tuple[str, ...] = (),
+    field: str = "prompt",
+    what: str = "chat",
+) -> Completion:
+    """Run `llm.create_chat_completion(messages, stream=True)` in the calling
+    worker thread (started with `trio.to_thread.run_sync`), sending each piece
+    of text to `send` on the trio side, and return the Completion.
+
+    This is the per-token machinery described in the module docstring; it
+    works for any chat handler of the Llama instance (the multimodal handlers
+    included). Raises BadPayload (naming `payload.<field>`) when the prompt
+    does not fit the context, BackendError("<what> generation failed: ...")
+    when llama.cpp fails, and trio.Cancelled once the worker has stopped.
+    """
+    import llama_cpp
+
+    run = _Run(max_tokens)
+    n_ctx = llm.n_ctx()
+    ignore_eos = ignore_eos and len(eog_ids) > 0
+
+    def processor(input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        # Called by llama.cpp (ctypes callback) once per sampled token.
+        # Exceptions raised here would be printed and swallowed by ctypes.
+        run.samples += 1
+        if run.samples == 1:
+            run.prompt_tokens = len(input_ids)
+            run.limit = max(1, min(run.max_tokens, n_ctx - run.prompt_tokens))
+        if run.forced is None:
+            try:
+                trio.from_thread.check_cancelled()
+            except trio.Cancelled as exc:
+                run.cancelled, run.forced = exc, "cancel"
+            else:
+                if run.samples > run.limit:
+                    run.forced = "length"  # llama-cpp-python can overshoot
+        if run.forced is not None and stop_token is not None:
+            scores[:] = -np.inf
+            scores[stop_token] = 0.0
+        elif ignore_eos:
+            scores[eog_ids] = -np.inf
+        return scores
+
+    if seed is None:
+        seed = secrets.randbelow(MAX_SEED + 1)
+    pieces: list[str] = []
+    pending = ""  # text received but held back: it may start a stop string
+    finish = "stop"  # "length", "stop" (an EOG token ended it) or "stop_string"
+    stream = None
+    try:
+        trio.from_thread.check_cancelled()
+        try:
+            # A multimodal handler evaluates the prompt (image included) here,
+            # before returning the stream.
+            stream = llm.create_chat_completion(
+                messages=messages,
+                max_tokens=max_tokens,
+                temperature=temperature,
+                seed=seed,
+                stop=[],
+                stream=True,
+                logits_processor=llama_cpp.LogitsProcessorList([processor]),
+            )
+        except Exception as exc:
+            raise _overflow(exc, field) or BackendError(
+                f"{what} generation failed: {_one_line(exc)}", code="backend_failed"
+            ) from None
+        while True:
+            trio.from_thread.check_cancelled()  # raises Cancelled into this thread
+            if run.cancelled is not None:
+                raise run.cancelled
+            try:
+                chunk = next(stream)
+            except StopIteration:
+                break
+            except Exception as exc:
+                raise _overflow(exc, field) or BackendError(
+                    f"{what} generation failed: {_one_line(exc)}", code="backend_failed"
+                ) from None
+            choice = chunk["choices"][0]
+            if choice.get("finish_reason"):
+                finish = "length" if choice["finish_reason"] == "length" else "stop"
+            delta = choice.get("delta", {}).get("content")
+            if not delta:
+                continue
+            if run.cancelled is not None:
+                raise run.cancelled
+            emit, pending, hit = _split_on_stop(pending + delta, stops)
+            if emit:
+                pieces.append(emit)
+                trio.from_thread.run(send, TokenEvent(emit, len(pieces) - 1))
+            if hit:
+                finish = "stop_string"
+                break
+        if run.cancelled is not None:
+            raise run.cancelled
+        if finish != "stop_string" and pending:
+            pieces.append(pending)
+            trio.from_thread.run(send, TokenEvent(pending, len(pieces) - 1))
+    finally:
+        if stream is not None:
+            stream.close()  # ends llama.cpp's generator if we stopped early
+    # Every sampled token is in the output except a final end-of-generation
+    # token: one llama.cpp sampled ("stop") or one we forced (max_tokens).
+    ended_by_eog = finish == "stop" or run.forced is not None
+    tokens = max(run.samples - (1 if ended_by_eog else 0), 0)
+    if run.forced == "length" and finish != "stop_string":
+        finish = "length"
+    return Completion(
+        text="".join(pieces),
+        tokens=tokens,
+        prompt_tokens=run.prompt_tokens,
+        finish_reason="length" if finish == "length" else "stop",
+    )
 
 
 class ChatBackend:
@@ -264,18 +464,9 @@ class ChatBackend:
         return ModelLoadError(f"chat model {self.model_path}: {why}")
 
     def _check_file(self) -> None:
-        path = self.model_path
-        try:
-            if not path.exists():
-                raise self._fail("file not found")
-            if not path.is_file():
-                raise self._fail("not a regular file")
-            with open(path, "rb") as f:
-                magic = f.read(4)
-        except OSError as exc:
-            raise self._fail(f"cannot read file ({exc.strerror or exc})") from None
-        if magic != _GGUF_MAGIC:
-            raise self._fail("not a GGUF file or corrupt (no GGUF header)")
+        why = gguf_file_problem(self.model_path)
+        if why is not None:
+            raise self._fail(why)
 
     def _load_sync(self) -> tuple[Any, np.ndarray, int | None]:
         self._check_file()
@@ -295,17 +486,10 @@ class ChatBackend:
         except Exception:
             raise self._fail("not a GGUF file or corrupt (llama.cpp could not load it)") from None
         try:
-            vocab = llama_cpp.llama_model_get_vocab(llm.model)
-            n_vocab = llm.n_vocab()
-            eog = np.array(
-                [t for t in range(n_vocab) if llama_cpp.llama_vocab_is_eog(vocab, t)],
-                dtype=np.intc,
-            )
+            eog, stop_token = eog_tokens(llm)
         except Exception as exc:
             llm.close()
             raise self._fail(f"cannot read the vocabulary ({_one_line(exc)})") from None
-        eos = llm.token_eos()
-        stop_token = eos if eos in eog else (int(eog[0]) if len(eog) else None)
         return llm, eog, stop_token
 
     async def load(self) -> None:
@@ -343,121 +527,32 @@ class ChatBackend:
             if self._llm is None:
                 raise BackendError("chat model is not loaded", code="backend_failed")
             start = time.perf_counter()
-            text, run, finish = await trio.to_thread.run_sync(
+            done = await trio.to_thread.run_sync(
                 self._generate_sync, self._llm, params, field, send, abandon_on_cancel=False
             )
             elapsed = time.perf_counter() - start
-        # Every sampled token is in the output except a final end-of-generation
-        # token: one llama.cpp sampled ("stop") or one we forced (max_tokens).
-        ended_by_eog = finish == "stop" or run.forced is not None
-        tokens = max(run.samples - (1 if ended_by_eog else 0), 0)
-        if run.forced == "length" and finish != "stop_string":
-            finish = "length"
-        stats: dict[str, int | float | str] = {
-            "tokens": tokens,
-            "prompt_tokens": run.prompt_tokens,
-            "ms": round(elapsed * 1000, 1),
-            "tokens_per_s": round(tokens / elapsed, 1) if elapsed > 0 else 0.0,
-            "finish_reason": "length" if finish == "length" else "stop",
-        }
-        return ResultEvent(output={"text": text, "model": self.model_name}, stats=stats)
+        return ResultEvent(
+            output={"text": done.text, "model": self.model_name},
+            stats=completion_stats(done, elapsed),
+        )
 
     def _generate_sync(
         self, llm: Any, params: ChatParams, field: str, send: EventSink
-    ) -> tuple[str, _Run, str]:
-        """Worker thread body. Returns (text, run, finish) where finish is
-        "length", "stop" (an EOG token ended it) or "stop_string"."""
-        import llama_cpp
-
-        run = _Run(params.max_tokens)
-        eog_ids, stop_token, n_ctx = self._eog_ids, self._stop_token, llm.n_ctx()
-        ignore_eos = params.ignore_eos and len(eog_ids) > 0
-
-        def processor(input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
-            # Called by llama.cpp (ctypes callback) once per sampled token.
-            # Exceptions raised here would be printed and swallowed by ctypes.
-            run.samples += 1
-            if run.samples == 1:
-                run.prompt_tokens = len(input_ids)
-                run.limit = max(1, min(run.max_tokens, n_ctx - run.prompt_tokens))
-            if run.forced is None:
-                try:
-                    trio.from_thread.check_cancelled()
-                except trio.Cancelled as exc:
-                    run.cancelled, run.forced = exc, "cancel"
-                else:
-                    if run.samples > run.limit:
-                        run.forced = "length"  # llama-cpp-python can overshoot
-            if run.forced is not None and stop_token is not None:
-                scores[:] = -np.inf
-                scores[stop_token] = 0.0
-            elif ignore_eos:
-                scores[eog_ids] = -np.inf
-            return scores
-
-        seed = params.seed if params.seed is not None else secrets.randbelow(MAX_SEED + 1)
-        stops = params.stop
-        pieces: list[str] = []
-        pending = ""  # text received but held back: it may start a stop string
-        finish = "stop"
-        stream = None
-        try:
-            try:
-                stream = llm.create_chat_completion(
-                    messages=[{"role": r, "content": c} for r, c in params.messages],
-                    max_tokens=params.max_tokens,
-                    temperature=params.temperature,
-                    seed=seed,
-                    stop=[],
-                    stream=True,
-                    logits_processor=llama_cpp.LogitsProcessorList([processor]),
-                )
-            except Exception as exc:
-                raise BackendError(
-                    f"chat generation failed: {_one_line(exc)}", code="backend_failed"
-                ) from None
-            while True:
-                trio.from_thread.check_cancelled()  # raises Cancelled into this thread
-                if run.cancelled is not None:
-                    raise run.cancelled
-                try:
-                    chunk = next(stream)
-                except StopIteration:
-                    break
-                except Exception as exc:
-                    m = _CTX_OVERFLOW.search(str(exc))
-                    if m:
-                        raise BadPayload(
-                            f"payload.{field}: the prompt is {m[1]} tokens; this model's "
-                            f"context holds {m[2]}"
-                        ) from None
-                    raise BackendError(
-                        f"chat generation failed: {_one_line(exc)}", code="backend_failed"
-                    ) from None
-                choice = chunk["choices"][0]
-                if choice.get("finish_reason"):
-                    finish = "length" if choice["finish_reason"] == "length" else "stop"
-                delta = choice.get("delta", {}).get("content")
-                if not delta:
-                    continue
-                if run.cancelled is not None:
-                    raise run.cancelled
-                emit, pending, hit = _split_on_stop(pending + delta, stops)
-                if emit:
-                    pieces.append(emit)
-                    trio.from_thread.run(send, TokenEvent(emit, len(pieces) - 1))
-                if hit:
-                    finish = "stop_string"
-                    break
-            if run.cancelled is not None:
-                raise run.cancelled
-            if finish != "stop_string" and pending:
-                pieces.append(pending)
-                trio.from_thread.run(send, TokenEvent(pending, len(pieces) - 1))
-            return "".join(pieces), run, finish
-        finally:
-            if stream is not None:
-                stream.close()  # ends llama.cpp's generator if we stopped early
+    ) -> Completion:
+        """Worker thread body."""
+        return stream_chat_sync(
+            llm,
+            [{"role": r, "content": c} for r, c in params.messages],
+            max_tokens=params.max_tokens,
+            temperature=params.temperature,
+            seed=params.seed,
+            send=send,
+            eog_ids=self._eog_ids,
+            stop_token=self._stop_token,
+            ignore_eos=params.ignore_eos,
+            stops=params.stop,
+            field=field,
+        )
 
 
 def _split_on_stop(text: str, stops: tuple[str, ...]) -> tuple[str, str, bool]:

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -33,6 +35,7 @@ SMOKE_TEST_MODEL_NAME = "rentahal-smoke-test"
 
 # Architecture (tiny on purpose: ~0.5 MB of float32).
 _N_EMBD = 64
+TINY_LLAMA_N_EMBD = _N_EMBD  # what a projector for the tiny llama must output
 _N_HEAD = 4
 _N_HEAD_KV = 2  # grouped-query attention, as most current llamas use
 _N_LAYER = 2
@@ -126,28 +129,61 @@ def _weights(rng: np.random.Generator, types: list[int]) -> dict[str, np.ndarray
     return t
 
 
-def write_tiny_llama(path: Path, *, seed: int = 0, context_length: int = 4096) -> Path:
+def write_gguf_atomically(path: Path, arch: str, fill: Callable[[Any], None]) -> Path:
+    """Write a GGUF file for `arch` to `path`; `fill(writer)` adds its
+    metadata and tensors to a `gguf.GGUFWriter`. Returns `path`.
+
+    Written to a temporary file in the same directory, fsynced and moved into
+    place with os.replace, so readers never see a half-written model.
+    """
+    import gguf  # imported lazily: only needed when writing the file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        w = gguf.GGUFWriter(tmp, arch)
+        fill(w)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_tiny_llama(
+    path: Path,
+    *,
+    seed: int = 0,
+    context_length: int = 4096,
+    chat_template: str | None = _CHAT_TEMPLATE,
+) -> Path:
     """Write a tiny random-weight llama GGUF to `path` and return `path`.
 
     Deterministic: the same seed and context_length give a byte-identical file.
+    `chat_template=None` leaves the template out (as in many LLaVA-1.5
+    conversions), so llama-cpp-python falls back to its own prompt formats.
     Written to a temporary file in the same directory and moved into place
     with os.replace, so readers never see a half-written model.
     """
     import gguf  # imported lazily: only needed when writing the file
 
-    path = Path(path)
     if context_length < 16:
         raise ValueError(f"context_length must be >= 16, got {context_length}")
     tokens, scores, types = _vocab()
     rng = np.random.default_rng(seed)
     tensors = _weights(rng, types)
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        w = gguf.GGUFWriter(tmp, "llama")
+    def fill(w: Any) -> None:
         w.add_name(SMOKE_TEST_MODEL_NAME)
         w.add_description("random-weight llama for smoke tests; output is gibberish")
         w.add_file_type(gguf.LlamaFileType.ALL_F32)
@@ -170,18 +206,9 @@ def write_tiny_llama(path: Path, *, seed: int = 0, context_length: int = 4096) -
         w.add_eos_token_id(2)
         w.add_add_bos_token(True)
         w.add_add_eos_token(False)
-        w.add_chat_template(_CHAT_TEMPLATE)
+        if chat_template is not None:
+            w.add_chat_template(chat_template)
         for name, arr in tensors.items():
             w.add_tensor(name, arr)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+
+    return write_gguf_atomically(path, "llama", fill)

@@ -370,9 +370,11 @@ class Node:
     async def stats_report(self) -> dict[str, Any]:
         stored = await self.storage.stats()
         out = {}
+        zero = {"served_local": 0, "served_for_peers": 0, "failures": 0, "cancelled": 0,
+                "avg_ms": None, "p95_ms": None, "total_cost": 0.0}
         for realm in REALMS:
             slot = self.local.slots[realm]
-            row = stored.get(realm, {})
+            row = {**zero, **stored.get(realm, {})}
             out[realm] = {**row, "queue_depth": slot.queue.depth, "running": slot.queue.running}
         return out
 

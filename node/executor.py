@@ -14,6 +14,7 @@ is loaded in its place.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -222,10 +223,13 @@ class LocalRealms:
         label = " (SMOKE-TEST MODEL: random weights, output is gibberish)" if slot.smoke_test else ""
         log.info("%s: serving %s%s%s", slot.name, slot.model, " on GPU" if slot.gpu else "", label)
 
-    async def smoke_model(self, name: str, write: Callable[[Path], Any]) -> Path:
-        """The path of a smoke-test model in the data dir, written on first use."""
+    async def smoke_model(
+        self, name: str, write: Callable[[Path], Any], *, parts: tuple[str, ...] = ()
+    ) -> Path:
+        """The path of a smoke-test model in the data dir, written on first use (and rewritten
+        if a earlier write was interrupted: every one of ``parts`` must be there)."""
         path = self.data_dir / "models" / SMOKE_DIR / name
-        if not path.exists():
+        if not path.exists() or any(not (path / p).exists() for p in parts):
             path.parent.mkdir(parents=True, exist_ok=True)
             await trio.to_thread.run_sync(write, path)
             log.info("wrote the smoke-test model %s", path)
@@ -306,7 +310,9 @@ async def _vision(local: LocalRealms, rc: RealmConfig) -> Any:
 
     model = local.model_path("vision", rc.model)
     if model is None:
-        folder = await local.smoke_model("vision", lambda p: write_tiny_vision(p))
+        folder = await local.smoke_model(
+            "vision", lambda p: write_tiny_vision(p), parts=("model.gguf", "mmproj.gguf")
+        )
         model, mmproj = folder / "model.gguf", folder / "mmproj.gguf"
     elif rc.mmproj:
         mmproj = Path(rc.mmproj).expanduser()
@@ -332,7 +338,13 @@ async def _imagine(local: LocalRealms, rc: RealmConfig) -> Any:
         from ..models.tiny_diffusers import write_tiny_pipeline
     except ImportError as exc:
         raise BackendUnavailable(f"install rentahal-node[image] ({exc.name} is missing)") from None
-    path = local.model_path("imagine", rc.model) or await local.smoke_model("imagine", write_tiny_pipeline)
+    path = local.model_path("imagine", rc.model) or await local.smoke_model(
+        "imagine", write_tiny_pipeline, parts=("model_index.json", "rentahal-smoke-test.json")
+    )
+    if rc.threads:
+        import torch
+
+        torch.set_num_threads(rc.threads)
     return ImagineBackend(path, max_steps=rc.max_steps, max_pixels=rc.max_pixels)
 
 
@@ -343,7 +355,11 @@ async def _speech(local: LocalRealms, rc: RealmConfig) -> Any:
     except ImportError as exc:
         raise BackendUnavailable(f"install rentahal-node[speech] ({exc.name} is missing)") from None
     path = local.model_path("speech", rc.model) or await local.smoke_model("whisper.bin", write_tiny_whisper)
-    return SpeechBackend(path, threads=rc.threads)
+    # whisper.cpp's OpenMP threads spin while they wait: on a 2-core machine that is busy with
+    # other realms, 2 threads ran 10-30x slower than 1 (measured here).
+    threads = rc.threads or (1 if (os.cpu_count() or 1) <= 2 else 0)
+    # A spoken answer must fit in one 8 MiB wire frame: 1500 characters is ~100 s of 22 kHz audio.
+    return SpeechBackend(path, threads=threads, max_tts_chars=1500)
 
 
 BACKENDS: dict[str, Callable[[LocalRealms, RealmConfig], Awaitable[Any]]] = {
