@@ -19,6 +19,8 @@ from typing import Any, NoReturn, Optional
 
 import typer
 
+from .node.config import resolve_data_dir
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -37,10 +39,6 @@ CONFIG_FILE = "node.toml"
 def fail(message: str, code: int = 2) -> NoReturn:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
-
-
-def resolve_data_dir(data_dir: Optional[Path]) -> Path:
-    return (data_dir or Path.home() / ".rentahal").expanduser().resolve()
 
 
 def ensure_initialised(data_dir: Path) -> tuple[str, bool]:

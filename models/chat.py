@@ -28,13 +28,11 @@ token count exact.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import secrets
-import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +40,22 @@ from typing import Any
 import numpy as np
 import trio
 
-from .base import BackendError, BadPayload, EventSink, ModelLoadError, ResultEvent, TokenEvent
+from .base import (
+    BackendError,
+    BadPayload,
+    EventSink,
+    ModelLoadError,
+    ResultEvent,
+    TokenEvent,
+    check_int_range,
+    check_number_range,
+    check_object,
+    check_string,
+    check_text,
+    reject_unknown_keys,
+    require_positive_int,
+    show_value,
+)
 from .tiny import SMOKE_TEST_MODEL_NAME
 
 MAX_PROMPT_CHARS = 100_000
@@ -72,34 +85,11 @@ class ChatParams:
     stop: tuple[str, ...]
 
 
-def _show(value: object) -> str:
-    """A short repr of a hostile value for an error message."""
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check_text(field: str, value: str) -> None:
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise BadPayload(f"{field}: not valid Unicode (contains a lone surrogate)") from None
-
-
 def parse_chat_payload(payload: Mapping[str, object], *, max_tokens_cap: int) -> ChatParams:
     """Validate a chat request payload; raise BadPayload naming the bad field."""
-    if not _is_int(max_tokens_cap) or max_tokens_cap < 1:
-        raise ValueError(f"max_tokens_cap must be a positive integer, got {max_tokens_cap!r}")
-    if not isinstance(payload, Mapping):
-        raise BadPayload(f"payload: expected an object, got {type(payload).__name__}")
-
-    unknown = [k for k in payload if k not in _ALLOWED_KEYS]
-    if unknown:
-        names = ", ".join(sorted(_show(k) for k in unknown))
-        raise BadPayload(f"payload: unknown field(s) {names}")
+    require_positive_int("max_tokens_cap", max_tokens_cap)
+    check_object(payload)
+    reject_unknown_keys(payload, _ALLOWED_KEYS)
 
     has_prompt, has_messages = "prompt" in payload, "messages" in payload
     if has_prompt and has_messages:
@@ -109,42 +99,29 @@ def parse_chat_payload(payload: Mapping[str, object], *, max_tokens_cap: int) ->
 
     messages: tuple[tuple[str, str], ...]
     if has_prompt:
-        prompt = payload["prompt"]
-        if not isinstance(prompt, str):
-            raise BadPayload(f"payload.prompt: expected a string, got {type(prompt).__name__}")
-        if not 1 <= len(prompt) <= MAX_PROMPT_CHARS:
-            raise BadPayload(
-                f"payload.prompt: expected 1..{MAX_PROMPT_CHARS} characters, got {len(prompt)}"
-            )
-        _check_text("payload.prompt", prompt)
+        prompt = check_string("payload.prompt", payload["prompt"], MAX_PROMPT_CHARS)
         messages = (("user", prompt),)
     else:
         messages = _parse_messages(payload["messages"])
 
     cap = max_tokens_cap
-    max_tokens = payload.get("max_tokens", min(256, cap))
-    if not (_is_int(max_tokens) and 1 <= max_tokens <= cap):  # type: ignore[operator]
-        raise BadPayload(
-            f"payload.max_tokens: expected an integer 1..{cap}, got {_show(max_tokens)}"
-        )
-
-    temperature = payload.get("temperature", DEFAULT_TEMPERATURE)
-    if (
-        isinstance(temperature, bool)
-        or not isinstance(temperature, (int, float))
-        or not math.isfinite(temperature)
-        or not 0 <= temperature <= 2
-    ):
-        raise BadPayload(f"payload.temperature: expected a number 0..2, got {_show(temperature)}")
+    max_tokens = check_int_range(
+        "payload.max_tokens", payload.get("max_tokens", min(256, cap)), 1, cap
+    )
+    temperature = check_number_range(
+        "payload.temperature", payload.get("temperature", DEFAULT_TEMPERATURE), 0, 2
+    )
 
     # JSON clients often send "seed": null for "no seed"; treat it as absent.
     seed = payload.get("seed")
-    if seed is not None and not (_is_int(seed) and 0 <= seed <= MAX_SEED):  # type: ignore
-        raise BadPayload(f"payload.seed: expected an integer 0..{MAX_SEED}, got {_show(seed)}")
+    if seed is not None:
+        check_int_range("payload.seed", seed, 0, MAX_SEED)
 
     ignore_eos = payload.get("ignore_eos", False)
     if not isinstance(ignore_eos, bool):
-        raise BadPayload(f"payload.ignore_eos: expected true or false, got {_show(ignore_eos)}")
+        raise BadPayload(
+            f"payload.ignore_eos: expected true or false, got {show_value(ignore_eos)}"
+        )
 
     stop = payload.get("stop", ())
     if not isinstance(stop, (list, tuple)):
@@ -155,14 +132,14 @@ def parse_chat_payload(payload: Mapping[str, object], *, max_tokens_cap: int) ->
         if not isinstance(s, str) or not 1 <= len(s) <= MAX_STOP_CHARS:
             raise BadPayload(
                 f"payload.stop[{i}]: expected a string of 1..{MAX_STOP_CHARS} characters,"
-                f" got {_show(s)}"
+                f" got {show_value(s)}"
             )
-        _check_text(f"payload.stop[{i}]", s)
+        check_text(f"payload.stop[{i}]", s)
 
     return ChatParams(
         messages=messages,
-        max_tokens=int(max_tokens),  # type: ignore[arg-type]
-        temperature=float(temperature),
+        max_tokens=int(max_tokens),
+        temperature=temperature,
         seed=seed,  # type: ignore[arg-type]
         ignore_eos=ignore_eos,
         stop=tuple(stop),
@@ -178,20 +155,16 @@ def _parse_messages(raw: object) -> tuple[tuple[str, str], ...]:
     total = 0
     for i, msg in enumerate(raw):
         where = f"payload.messages[{i}]"
-        if not isinstance(msg, Mapping):
-            raise BadPayload(f"{where}: expected an object, got {type(msg).__name__}")
-        extra = [k for k in msg if k not in ("role", "content")]
-        if extra:
-            names = ", ".join(sorted(_show(k) for k in extra))
-            raise BadPayload(f"{where}: unknown field(s) {names}")
+        check_object(msg, where)
+        reject_unknown_keys(msg, ("role", "content"), where)  # type: ignore[arg-type]
         role, content = msg.get("role"), msg.get("content")
         if role not in ROLES:  # also rejects non-strings
             raise BadPayload(
-                f"{where}.role: expected one of {', '.join(ROLES)}; got {_show(role)}"
+                f"{where}.role: expected one of {', '.join(ROLES)}; got {show_value(role)}"
             )
         if not isinstance(content, str):
             raise BadPayload(f"{where}.content: expected a string, got {type(content).__name__}")
-        _check_text(f"{where}.content", content)
+        check_text(f"{where}.content", content)
         total += len(content)
         if total > MAX_PROMPT_CHARS:
             raise BadPayload(
@@ -245,6 +218,42 @@ def eog_tokens(llm: Any) -> tuple[np.ndarray, int | None]:
     eos = llm.token_eos()
     stop_token = eos if eos in eog else (int(eog[0]) if len(eog) else None)
     return eog, stop_token
+
+
+def open_llama(
+    model_path: Path,
+    *,
+    n_ctx: int,
+    n_gpu_layers: int,
+    threads: int,
+    fail: Callable[[str], ModelLoadError],
+) -> tuple[Any, np.ndarray, int | None]:
+    """Load a GGUF language model with llama.cpp (llama_cpp must be importable)
+    and read its end-of-generation tokens: (Llama, eog ids, token to force).
+    Raises `fail(why)` if llama.cpp cannot load the file or its vocabulary
+    cannot be read (the Llama is closed then)."""
+    import llama_cpp
+
+    try:
+        llm = llama_cpp.Llama(
+            model_path=str(model_path),
+            n_ctx=n_ctx,
+            n_gpu_layers=n_gpu_layers,
+            n_threads=threads,
+            n_threads_batch=threads,
+            verbose=False,
+        )
+    except Exception:
+        raise fail("not a GGUF file or corrupt (llama.cpp could not load it)") from None
+    try:
+        eog, stop_token = eog_tokens(llm)
+    except Exception as exc:
+        llm.close()
+        raise fail(f"cannot read the vocabulary ({_one_line(exc)})") from None
+    except BaseException:
+        llm.close()
+        raise
+    return llm, eog, stop_token
 
 
 # llama-cpp-python's own message when a prompt does not fit, and the one its
@@ -471,26 +480,16 @@ class ChatBackend:
     def _load_sync(self) -> tuple[Any, np.ndarray, int | None]:
         self._check_file()
         try:
-            import llama_cpp  # heavy import: keep it off module import
+            import llama_cpp  # noqa: F401 - heavy import: keep it off module import
         except ImportError as exc:
             raise self._fail(f"llama-cpp-python is not usable ({_one_line(exc)})") from None
-        try:
-            llm = llama_cpp.Llama(
-                model_path=str(self.model_path),
-                n_ctx=self.n_ctx,
-                n_gpu_layers=self.n_gpu_layers,
-                n_threads=self.threads,
-                n_threads_batch=self.threads,
-                verbose=False,
-            )
-        except Exception:
-            raise self._fail("not a GGUF file or corrupt (llama.cpp could not load it)") from None
-        try:
-            eog, stop_token = eog_tokens(llm)
-        except Exception as exc:
-            llm.close()
-            raise self._fail(f"cannot read the vocabulary ({_one_line(exc)})") from None
-        return llm, eog, stop_token
+        return open_llama(
+            self.model_path,
+            n_ctx=self.n_ctx,
+            n_gpu_layers=self.n_gpu_layers,
+            threads=self.threads,
+            fail=self._fail,
+        )
 
     async def load(self) -> None:
         """Load the model (in a worker thread). Raises ModelLoadError."""

@@ -14,6 +14,8 @@ from typing import NoReturn, Optional
 
 import typer
 
+from ..node.config import resolve_data_dir
+
 models_app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -30,10 +32,6 @@ DataDir = typer.Option(
 def fail(message: str, code: int = 2) -> NoReturn:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
-
-
-def resolve_data_dir(data_dir: Optional[Path]) -> Path:
-    return (data_dir or Path.home() / ".rentahal").expanduser().resolve()
 
 
 def _size(n: float) -> str:

@@ -64,7 +64,23 @@ from typing import Any
 
 import trio
 
-from .base import BackendError, BadPayload, EventSink, ModelLoadError, ProgressEvent, ResultEvent
+from .base import (
+    BackendError,
+    BadPayload,
+    EventSink,
+    ModelLoadError,
+    ProgressEvent,
+    ResultEvent,
+    check_int_range,
+    check_number_range,
+    check_object,
+    check_string,
+    check_text,
+    is_int,
+    reject_unknown_keys,
+    require_positive_int,
+    show_value,
+)
 from .tiny import SMOKE_TEST_MODEL_NAME
 from .tiny_diffusers import SMOKE_MARKER
 
@@ -108,23 +124,6 @@ class ImagineParams:
     guidance: float
 
 
-def _show(value: object) -> str:
-    """A short repr of a hostile value for an error message."""
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check_text(field: str, value: str) -> None:
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise BadPayload(f"{field}: not valid Unicode (contains a lone surrogate)") from None
-
-
 def default_side(max_pixels: int) -> int:
     """The default width and height: 512, or the largest square that fits."""
     side = min(DEFAULT_SIDE, math.isqrt(max_pixels) // SIDE_MULTIPLE * SIDE_MULTIPLE)
@@ -132,9 +131,8 @@ def default_side(max_pixels: int) -> int:
 
 
 def _check_limits(max_steps: object, max_pixels: object) -> None:
-    if not _is_int(max_steps) or max_steps < 1:  # type: ignore[operator]
-        raise ValueError(f"max_steps must be a positive integer, got {max_steps!r}")
-    if not _is_int(max_pixels) or max_pixels < MIN_SIDE * MIN_SIDE:  # type: ignore[operator]
+    require_positive_int("max_steps", max_steps)
+    if not is_int(max_pixels) or max_pixels < MIN_SIDE * MIN_SIDE:  # type: ignore[operator]
         raise ValueError(
             f"max_pixels must be an integer >= {MIN_SIDE * MIN_SIDE}, got {max_pixels!r}"
         )
@@ -145,24 +143,12 @@ def parse_imagine_payload(
 ) -> ImagineParams:
     """Validate an imagine request payload; raise BadPayload naming the bad field."""
     _check_limits(max_steps, max_pixels)
-    if not isinstance(payload, Mapping):
-        raise BadPayload(f"payload: expected an object, got {type(payload).__name__}")
-
-    unknown = [k for k in payload if k not in _ALLOWED_KEYS]
-    if unknown:
-        names = ", ".join(sorted(_show(k) for k in unknown))
-        raise BadPayload(f"payload: unknown field(s) {names}")
+    check_object(payload)
+    reject_unknown_keys(payload, _ALLOWED_KEYS)
 
     if "prompt" not in payload:
         raise BadPayload("payload.prompt: required")
-    prompt = payload["prompt"]
-    if not isinstance(prompt, str):
-        raise BadPayload(f"payload.prompt: expected a string, got {type(prompt).__name__}")
-    if not 1 <= len(prompt) <= MAX_PROMPT_CHARS:
-        raise BadPayload(
-            f"payload.prompt: expected 1..{MAX_PROMPT_CHARS} characters, got {len(prompt)}"
-        )
-    _check_text("payload.prompt", prompt)
+    prompt = check_string("payload.prompt", payload["prompt"], MAX_PROMPT_CHARS)
 
     # JSON clients often send null for "not given"; treat it as absent.
     negative = payload.get("negative_prompt")
@@ -176,27 +162,27 @@ def parse_imagine_payload(
                 f"payload.negative_prompt: expected at most {MAX_PROMPT_CHARS} characters,"
                 f" got {len(negative)}"
             )
-        _check_text("payload.negative_prompt", negative)
+        check_text("payload.negative_prompt", negative)
 
     seed = payload.get("seed")
-    if seed is not None and not (_is_int(seed) and 0 <= seed <= MAX_SEED):  # type: ignore
-        raise BadPayload(f"payload.seed: expected an integer 0..{MAX_SEED}, got {_show(seed)}")
+    if seed is not None:
+        check_int_range("payload.seed", seed, 0, MAX_SEED)
 
-    steps = payload.get("steps", min(DEFAULT_STEPS, max_steps))
-    if not (_is_int(steps) and 1 <= steps <= max_steps):  # type: ignore[operator]
-        raise BadPayload(f"payload.steps: expected an integer 1..{max_steps}, got {_show(steps)}")
+    steps = check_int_range(
+        "payload.steps", payload.get("steps", min(DEFAULT_STEPS, max_steps)), 1, max_steps
+    )
 
     sides: dict[str, int] = {}
     for field in ("width", "height"):
         value = payload.get(field, default_side(max_pixels))
         if not (
-            _is_int(value)
+            is_int(value)
             and MIN_SIDE <= value <= MAX_SIDE  # type: ignore[operator]
             and value % SIDE_MULTIPLE == 0  # type: ignore[operator]
         ):
             raise BadPayload(
                 f"payload.{field}: expected a multiple of {SIDE_MULTIPLE} in "
-                f"{MIN_SIDE}..{MAX_SIDE}, got {_show(value)}"
+                f"{MIN_SIDE}..{MAX_SIDE}, got {show_value(value)}"
             )
         sides[field] = value  # type: ignore[assignment]
     width, height = sides["width"], sides["height"]
@@ -206,16 +192,9 @@ def parse_imagine_payload(
             f" this node allows at most {max_pixels}"
         )
 
-    guidance = payload.get("guidance", DEFAULT_GUIDANCE)
-    if (
-        isinstance(guidance, bool)
-        or not isinstance(guidance, (int, float))
-        or not math.isfinite(guidance)
-        or not 0 <= guidance <= MAX_GUIDANCE
-    ):
-        raise BadPayload(
-            f"payload.guidance: expected a number 0..{MAX_GUIDANCE:g}, got {_show(guidance)}"
-        )
+    guidance = check_number_range(
+        "payload.guidance", payload.get("guidance", DEFAULT_GUIDANCE), 0, MAX_GUIDANCE
+    )
 
     return ImagineParams(
         prompt=prompt,
@@ -224,7 +203,7 @@ def parse_imagine_payload(
         steps=int(steps),  # type: ignore[arg-type]
         width=width,
         height=height,
-        guidance=float(guidance),
+        guidance=guidance,
     )
 
 

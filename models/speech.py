@@ -71,7 +71,19 @@ from typing import Any
 import numpy as np
 import trio
 
-from .base import BackendError, BadPayload, EventSink, ModelLoadError, ProgressEvent, ResultEvent
+from .base import (
+    BackendError,
+    BadPayload,
+    EventSink,
+    ModelLoadError,
+    ProgressEvent,
+    ResultEvent,
+    check_object,
+    check_string,
+    is_int,
+    reject_unknown_keys,
+    show_value,
+)
 from .tiny import SMOKE_TEST_MODEL_NAME
 from .tiny_whisper import is_tiny_whisper_hparams
 
@@ -116,12 +128,6 @@ class SpeechParams:
     speed: int = DEFAULT_SPEED
 
 
-def _show(value: object) -> str:
-    """A short repr of a hostile value for an error message."""
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 def detect_audio_format(data: bytes) -> str | None:
     """The container/codec family from magic bytes, or None."""
     head = bytes(data[:12])
@@ -147,12 +153,8 @@ def parse_speech_payload(
     payload: Mapping[str, object], *, max_audio_bytes: int, max_tts_chars: int
 ) -> SpeechParams:
     """Validate a speech request payload; raise BadPayload naming the bad field."""
-    if not isinstance(payload, Mapping):
-        raise BadPayload(f"payload: expected an object, got {type(payload).__name__}")
-    unknown = [k for k in payload if k not in _ALLOWED_KEYS]
-    if unknown:
-        names = ", ".join(sorted(_show(k) for k in unknown))
-        raise BadPayload(f"payload: unknown field(s) {names}")
+    check_object(payload)
+    reject_unknown_keys(payload, _ALLOWED_KEYS)
 
     has_audio, has_text = "audio" in payload, "text" in payload
     if has_audio and has_text:
@@ -183,22 +185,14 @@ def parse_speech_payload(
         if not isinstance(language, str) or (language != "auto" and language not in LANGUAGES):
             raise BadPayload(
                 'payload.language: expected "auto" or a language code such as "en",'
-                f" got {_show(language)}"
+                f" got {show_value(language)}"
             )
         return SpeechParams(audio=audio, audio_format=fmt, language=language)
 
     for key in _AUDIO_ONLY:
         if key in payload:
             raise BadPayload(f"payload.{key}: only allowed with 'audio'")
-    text = payload["text"]
-    if not isinstance(text, str):
-        raise BadPayload(f"payload.text: expected a string, got {type(text).__name__}")
-    if not 1 <= len(text) <= max_tts_chars:
-        raise BadPayload(f"payload.text: expected 1..{max_tts_chars} characters, got {len(text)}")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise BadPayload("payload.text: not valid Unicode (contains a lone surrogate)") from None
+    text = check_string("payload.text", payload["text"], max_tts_chars)
     if "\x00" in text:
         raise BadPayload("payload.text: contains a NUL character")
     if not text.strip():
@@ -207,13 +201,13 @@ def parse_speech_payload(
     if not isinstance(voice, str) or not _VOICE_RE.fullmatch(voice):
         raise BadPayload(
             "payload.voice: expected an espeak-ng voice name ([a-z0-9+-], 1..32 characters),"
-            f" got {_show(voice)}"
+            f" got {show_value(voice)}"
         )
     speed = payload.get("speed", DEFAULT_SPEED)
-    if isinstance(speed, bool) or not isinstance(speed, int) or not MIN_SPEED <= speed <= MAX_SPEED:
+    if not (is_int(speed) and MIN_SPEED <= speed <= MAX_SPEED):  # type: ignore[operator]
         raise BadPayload(
             f"payload.speed: expected an integer {MIN_SPEED}..{MAX_SPEED} (words per minute),"
-            f" got {_show(speed)}"
+            f" got {show_value(speed)}"
         )
     return SpeechParams(text=text, voice=voice, speed=speed)
 

@@ -129,27 +129,19 @@ def _weights(rng: np.random.Generator, types: list[int]) -> dict[str, np.ndarray
     return t
 
 
-def write_gguf_atomically(path: Path, arch: str, fill: Callable[[Any], None]) -> Path:
-    """Write a GGUF file for `arch` to `path`; `fill(writer)` adds its
-    metadata and tensors to a `gguf.GGUFWriter`. Returns `path`.
-
-    Written to a temporary file in the same directory, fsynced and moved into
-    place with os.replace, so readers never see a half-written model.
+def replace_atomically(path: Path, write: Callable[[Path], None]) -> Path:
+    """Create the file `path` by `write(tmp)`, which writes a temporary file
+    in the same directory; that file is then fsynced, made readable (0644)
+    and moved into place with os.replace, so readers never see a half-written
+    file. On any failure the temporary file is removed. Returns `path`.
     """
-    import gguf  # imported lazily: only needed when writing the file
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        w = gguf.GGUFWriter(tmp, arch)
-        fill(w)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
+        write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp creates 0600
@@ -158,6 +150,26 @@ def write_gguf_atomically(path: Path, arch: str, fill: Callable[[Any], None]) ->
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def write_gguf_atomically(path: Path, arch: str, fill: Callable[[Any], None]) -> Path:
+    """Write a GGUF file for `arch` to `path`; `fill(writer)` adds its
+    metadata and tensors to a `gguf.GGUFWriter`. Returns `path`.
+
+    Written through `replace_atomically`, so readers never see a half-written
+    model.
+    """
+    import gguf  # imported lazily: only needed when writing the file
+
+    def write(tmp: Path) -> None:
+        w = gguf.GGUFWriter(tmp, arch)
+        fill(w)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+
+    return replace_atomically(path, write)
 
 
 def write_tiny_llama(

@@ -66,14 +66,14 @@ with one layer per side, and the speech backend labels such a model
 
 from __future__ import annotations
 
-import os
 import struct
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
+
+from .tiny import replace_atomically
 
 GGML_MAGIC = 0x67676D6C
 
@@ -305,25 +305,15 @@ def write_tiny_whisper(path: Path, *, seed: int = 0) -> Path:
     """Write a tiny random-weight whisper ggml model to `path`; return `path`.
 
     Deterministic: the same seed gives a byte-identical file. Written to a
-    temporary file in the same directory and moved into place with
-    os.replace, so a reader never sees a half-written model.
+    temporary file and moved into place (`tiny.replace_atomically`), so a
+    reader never sees a half-written model.
     """
-    path = Path(path)
     rng = np.random.default_rng(seed)
     vocab = _vocab(rng)
     tensors = _tensors(rng, vocab)
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as f:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
             _encode(vocab, tensors, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+
+    return replace_atomically(path, write)

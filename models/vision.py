@@ -61,14 +61,22 @@ from typing import Any
 import numpy as np
 import trio
 
-from .base import BackendError, BadPayload, EventSink, ModelLoadError, ResultEvent
+from .base import (
+    BackendError,
+    BadPayload,
+    EventSink,
+    ModelLoadError,
+    ResultEvent,
+    check_object,
+    reject_unknown_keys,
+    require_positive_int,
+)
 from .chat import (
     Completion,
     _one_line,
-    _show,
     completion_stats,
-    eog_tokens,
     gguf_file_problem,
+    open_llama,
     parse_chat_payload,
     stream_chat_sync,
 )
@@ -331,12 +339,8 @@ def parse_vision_payload(
     The image is checked (type by magic, byte size, header dimensions) but not
     decoded: `prepare_image` does that, off the event loop.
     """
-    if not isinstance(payload, Mapping):
-        raise BadPayload(f"payload: expected an object, got {type(payload).__name__}")
-    unknown = [k for k in payload if k not in _ALLOWED_KEYS]
-    if unknown:
-        names = ", ".join(sorted(_show(k) for k in unknown))
-        raise BadPayload(f"payload: unknown field(s) {names}")
+    check_object(payload)
+    reject_unknown_keys(payload, _ALLOWED_KEYS)
     if "prompt" not in payload:
         raise BadPayload("payload.prompt: required")
     # prompt, max_tokens, temperature and seed mean what they mean for chat.
@@ -560,8 +564,7 @@ class VisionBackend:
             ("max_pixels", max_pixels),
             ("resize_to", resize_to),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            require_positive_int(name, value)
         self.model_path = Path(model_path)
         self.mmproj_path = Path(mmproj_path)
         self.n_ctx = n_ctx
@@ -629,24 +632,14 @@ class VisionBackend:
             raise self._fail_model(f"llama-cpp-python is not usable ({_one_line(exc)})") from None
         _install_mtmd_log()
         gpu = self.n_gpu_layers != 0 and bool(llama_cpp.llama_supports_gpu_offload())
+        llm, eog, stop_token = open_llama(
+            self.model_path,
+            n_ctx=self.n_ctx,
+            n_gpu_layers=self.n_gpu_layers,
+            threads=self.threads,
+            fail=self._fail_model,
+        )
         try:
-            llm = llama_cpp.Llama(
-                model_path=str(self.model_path),
-                n_ctx=self.n_ctx,
-                n_gpu_layers=self.n_gpu_layers,
-                n_threads=self.threads,
-                n_threads_batch=self.threads,
-                verbose=False,
-            )
-        except Exception:
-            raise self._fail_model(
-                "not a GGUF file or corrupt (llama.cpp could not load it)"
-            ) from None
-        try:
-            try:
-                eog, stop_token = eog_tokens(llm)
-            except Exception as exc:
-                raise self._fail_model(f"cannot read the vocabulary ({_one_line(exc)})") from None
             marker = mtmd.mtmd_default_marker().decode("utf-8")
             if marker != MEDIA_MARKER:
                 raise self._fail_model(f"unexpected llama.cpp media marker {marker!r}")

@@ -347,6 +347,11 @@ def parse_set_option(text: str) -> tuple[str, str]:
     return key.strip(), value.strip()
 
 
+def resolve_data_dir(data_dir: Path | None) -> Path:
+    """The node's data dir: the one given (``--data-dir`` or $RENTAHAL_HOME), else ~/.rentahal."""
+    return (data_dir or Path.home() / ".rentahal").expanduser().resolve()
+
+
 def default_config_text() -> str:
     """The shipped, fully commented node.toml (equal to the built-in defaults)."""
     return resources.files("rentahal").joinpath("node.toml").read_text(encoding="utf-8")

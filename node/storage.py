@@ -113,7 +113,19 @@ def _connect(path: Path) -> Database:
     )
     db = Database(conn, execute_plugins=False)
     db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
-    db.enable_wal()
+    # Switching a new file to WAL can fail at once with "database is locked" (SQLite skips the
+    # busy handler where waiting could deadlock) while another process creates the same file:
+    # retry within the busy timeout. This runs in a worker thread, never on the event loop.
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    while True:
+        try:
+            db.enable_wal()
+            break
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                conn.close()
+                raise
+            time.sleep(0.01)
     db.execute("PRAGMA synchronous = NORMAL")
     db.execute("PRAGMA foreign_keys = ON")
     return db

@@ -23,6 +23,8 @@ from rentahal.models.chat import ChatBackend, ChatParams, parse_chat_payload
 from rentahal.models.tiny import SMOKE_TEST_MODEL_NAME, write_tiny_llama
 from rentahal.scripts.make_tiny_llama import main as make_tiny_main
 
+from .backend_helpers import Collector, loaded
+
 PROMPT = {"prompt": "Hello there, how are you today?"}
 
 
@@ -33,28 +35,8 @@ def tiny_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 async def backend(tiny_path: Path):
-    b = ChatBackend(tiny_path, n_ctx=1024, threads=2)
-    await b.load()
-    try:
+    async with loaded(ChatBackend(tiny_path, n_ctx=1024, threads=2)) as b:
         yield b
-    finally:
-        await b.aclose()
-
-
-class Collector:
-    def __init__(self) -> None:
-        self.events: list[TokenEvent | ProgressEvent] = []
-
-    async def __call__(self, ev: TokenEvent | ProgressEvent) -> None:
-        self.events.append(ev)
-
-    @property
-    def tokens(self) -> list[TokenEvent]:
-        return [e for e in self.events if isinstance(e, TokenEvent)]
-
-    @property
-    def text(self) -> str:
-        return "".join(e.text for e in self.tokens)
 
 
 # ---------------------------------------------------------------- the file
@@ -179,9 +161,9 @@ async def test_generations_are_serialised(backend: ChatBackend) -> None:
 
 @pytest.mark.parametrize("canceller", ["sink", "other_task"])
 async def test_cancellation_stops_the_worker(tiny_path: Path, canceller: str) -> None:
-    backend = ChatBackend(tiny_path, n_ctx=4096, threads=2, max_tokens_cap=100_000)
-    await backend.load()
-    try:
+    async with loaded(
+        ChatBackend(tiny_path, n_ctx=4096, threads=2, max_tokens_cap=100_000)
+    ) as backend:
         seen = 0
         fifth = trio.Event()
         with trio.CancelScope() as scope:
@@ -215,8 +197,6 @@ async def test_cancellation_stops_the_worker(tiny_path: Path, canceller: str) ->
                                        Collector())
         assert again.stats["tokens"] == 10
         assert again.stats["finish_reason"] == "length"
-    finally:
-        await backend.aclose()
 
 
 async def test_generate_before_load_fails_cleanly(tiny_path: Path) -> None:
@@ -227,15 +207,11 @@ async def test_generate_before_load_fails_cleanly(tiny_path: Path) -> None:
 
 
 async def test_prompt_longer_than_context_is_bad_request(tiny_path: Path) -> None:
-    b = ChatBackend(tiny_path, n_ctx=64, threads=1)
-    await b.load()
-    try:
+    async with loaded(ChatBackend(tiny_path, n_ctx=64, threads=1)) as b:
         with pytest.raises(BadPayload, match=r"payload\.prompt: .*context"):
             await b.generate({"prompt": "a long prompt " * 20}, Collector())
         ok = await b.generate({"prompt": "hi", "max_tokens": 5, "ignore_eos": True}, Collector())
         assert ok.stats["tokens"] == 5
-    finally:
-        await b.aclose()
 
 
 # ---------------------------------------------------------------- payload

@@ -38,6 +38,8 @@ from rentahal.models.imagine import (  # noqa: E402
 from rentahal.models.tiny import SMOKE_TEST_MODEL_NAME  # noqa: E402
 from rentahal.models.tiny_diffusers import SMOKE_MARKER, write_tiny_pipeline  # noqa: E402
 
+from .backend_helpers import Collector, load_error, loaded
+
 MAX_STEPS = 40
 MAX_PIXELS = 256 * 256
 SMALL = {"prompt": "a photo of a red fox in the forest", "steps": 4, "width": 64, "height": 64}
@@ -57,20 +59,10 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 @pytest.fixture
 async def backend(tiny_dir: Path):
-    b = ImagineBackend(tiny_dir, device="cpu", max_steps=MAX_STEPS, max_pixels=MAX_PIXELS)
-    await b.load()
-    try:
+    async with loaded(
+        ImagineBackend(tiny_dir, device="cpu", max_steps=MAX_STEPS, max_pixels=MAX_PIXELS)
+    ) as b:
         yield b
-    finally:
-        await b.aclose()
-
-
-class Collector:
-    def __init__(self) -> None:
-        self.events: list[TokenEvent | ProgressEvent] = []
-
-    async def __call__(self, ev: TokenEvent | ProgressEvent) -> None:
-        self.events.append(ev)
 
 
 def decode(png: bytes):
@@ -136,16 +128,13 @@ async def test_pipeline_without_marker_is_not_a_smoke_test(tiny_dir: Path, tmp_p
     folder = tmp_path / "my-sd-model"
     shutil.copytree(tiny_dir, folder)
     (folder / SMOKE_MARKER).unlink()
-    b = ImagineBackend(folder, device="auto")  # no GPU here: auto means the CPU
-    await b.load()
-    try:
+    # no GPU here: auto means the CPU
+    async with loaded(ImagineBackend(folder, device="auto")) as b:
         assert b.is_smoke_test is False
         assert b.model_name == "my-sd-model"
         assert b.gpu is torch.cuda.is_available()
         result = await b.generate({**SMALL, "seed": 1}, Collector())
         assert result.output["model"] == "my-sd-model"
-    finally:
-        await b.aclose()
 
 
 def _corrupt_unet(folder: Path) -> None:
@@ -180,13 +169,8 @@ async def test_damaged_pipeline_is_a_load_error(
     folder = tmp_path / "damaged"
     shutil.copytree(tiny_dir, folder)
     damage(folder)
-    b = ImagineBackend(folder, device="cpu")
-    with pytest.raises(ModelLoadError) as info:
-        await b.load()
-    message = info.value.message
+    message = await load_error(ImagineBackend(folder, device="cpu"))
     assert expect in message and str(folder) in message
-    assert "\n" not in message
-    assert info.value.code == "backend_failed"
 
 
 def _a_file(tmp: Path) -> Path:

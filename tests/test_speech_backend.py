@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import trio
 
-from rentahal.models.base import BackendError, BadPayload, ModelLoadError, ProgressEvent
+from rentahal.models.base import BackendError, BadPayload, ProgressEvent
 from rentahal.models.speech import (
     SpeechBackend,
     SpeechParams,
@@ -29,6 +29,8 @@ from rentahal.models.speech import (
 )
 from rentahal.models.tiny import SMOKE_TEST_MODEL_NAME, write_tiny_llama
 from rentahal.models.tiny_whisper import is_tiny_whisper_hparams, write_tiny_whisper
+
+from .backend_helpers import Collector, load_error, loaded
 
 # scripts/test.sh installs ffmpeg, espeak-ng and the [speech] extra: missing ones are a failure.
 assert shutil.which("ffmpeg") and shutil.which("espeak-ng"), "install ffmpeg and espeak-ng"
@@ -89,20 +91,8 @@ def _wav16k(pcm: bytes) -> bytes:
 
 @pytest.fixture
 async def backend(tiny_path: Path):
-    b = SpeechBackend(tiny_path, threads=1)
-    await b.load()
-    try:
+    async with loaded(SpeechBackend(tiny_path, threads=1)) as b:
         yield b
-    finally:
-        await b.aclose()
-
-
-class Collector:
-    def __init__(self) -> None:
-        self.events: list[ProgressEvent] = []
-
-    async def __call__(self, ev) -> None:  # noqa: ANN001
-        self.events.append(ev)
 
 
 # ------------------------------------------------------------ the tiny model
@@ -153,14 +143,10 @@ async def test_other_formats_are_converted(
 
 
 async def test_too_long_audio_is_refused(tiny_path: Path, media: dict[str, bytes]) -> None:
-    b = SpeechBackend(tiny_path, threads=1, max_audio_s=0.5)
-    await b.load()
-    try:
+    async with loaded(SpeechBackend(tiny_path, threads=1, max_audio_s=0.5)) as b:
         for fmt in ("wav", "wav16k", "webm"):  # converted, read directly, converted
             with pytest.raises(BadPayload, match=r"^payload\.audio: longer than the 0\.5 s"):
                 await b.generate({"audio": media[fmt]}, Collector())
-    finally:
-        await b.aclose()
 
 
 async def test_undecodable_audio_is_a_bad_payload(backend: SpeechBackend) -> None:
@@ -227,9 +213,7 @@ async def test_without_espeak_and_ffmpeg_stt_still_works(
     tiny_path: Path, media: dict[str, bytes], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))  # neither espeak-ng nor ffmpeg on it
-    b = SpeechBackend(tiny_path, threads=1)
-    await b.load()
-    try:
+    async with loaded(SpeechBackend(tiny_path, threads=1)) as b:
         assert not b.tts_available and not b.ffmpeg_available
         result = await b.generate({"audio": media["wav16k"]}, Collector())  # no conversion needed
         assert isinstance(result.output["text"], str)
@@ -239,8 +223,6 @@ async def test_without_espeak_and_ffmpeg_stt_still_works(
         with pytest.raises(BackendError, match="espeak-ng is not installed") as info:
             await b.generate({"text": "hello"}, Collector())
         assert info.value.code == "backend_failed"
-    finally:
-        await b.aclose()
 
 
 # ---------------------------------------------------------------------- TTS
@@ -330,11 +312,8 @@ async def test_bad_payload_through_generate(backend: SpeechBackend) -> None:
 
 
 async def _load_error(path: Path) -> str:
-    with pytest.raises(ModelLoadError) as info:
-        await SpeechBackend(path, threads=1).load()
-    message = info.value.message
-    assert str(path) in message and "\n" not in message
-    assert info.value.code == "backend_failed"
+    message = await load_error(SpeechBackend(path, threads=1))
+    assert str(path) in message
     return message
 
 

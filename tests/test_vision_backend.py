@@ -21,7 +21,6 @@ from PIL import Image
 from rentahal.models.base import (
     BackendError,
     BadPayload,
-    ModelLoadError,
     ProgressEvent,
     ResultEvent,
     TokenEvent,
@@ -34,6 +33,9 @@ from rentahal.models.vision import (
     parse_vision_payload,
     prepare_image,
 )
+
+from .backend_helpers import Collector, loaded
+from .backend_helpers import load_error as _load_error
 
 QUESTION = "What is in this picture?"
 LIMITS = {"max_bytes": 20 * 1024 * 1024, "max_pixels": 4096 * 4096, "resize_to": 672}
@@ -63,28 +65,8 @@ def tiny_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 @pytest.fixture
 async def backend(tiny_pair: tuple[Path, Path]):
-    b = VisionBackend(*tiny_pair, n_ctx=1024, threads=1)
-    await b.load()
-    try:
+    async with loaded(VisionBackend(*tiny_pair, n_ctx=1024, threads=1)) as b:
         yield b
-    finally:
-        await b.aclose()
-
-
-class Collector:
-    def __init__(self) -> None:
-        self.events: list[TokenEvent | ProgressEvent] = []
-
-    async def __call__(self, ev: TokenEvent | ProgressEvent) -> None:
-        self.events.append(ev)
-
-    @property
-    def tokens(self) -> list[TokenEvent]:
-        return [e for e in self.events if isinstance(e, TokenEvent)]
-
-    @property
-    def text(self) -> str:
-        return "".join(e.text for e in self.tokens)
 
 
 def ask(image: bytes | None = None, **kw: object) -> dict[str, object]:
@@ -214,9 +196,7 @@ async def test_model_without_chat_template_gets_llava_format(
     tiny_pair: tuple[Path, Path], tmp_path: Path
 ) -> None:
     model = write_tiny_llama(tmp_path / "no-template.gguf", chat_template=None)
-    b = VisionBackend(model, tiny_pair[1], n_ctx=1024, threads=1)
-    await b.load()
-    try:
+    async with loaded(VisionBackend(model, tiny_pair[1], n_ctx=1024, threads=1)) as b:
         assert b.prompt_format == "llava-1.5"
         sink = Collector()
         result = await b.generate(ask(max_tokens=12, temperature=0), sink)
@@ -227,8 +207,6 @@ async def test_model_without_chat_template_gets_llava_format(
                   "questions.")
         assert_prompt(b._loaded.llm, system + " USER: ",
                       "\nWhat is in this picture? ASSISTANT:", result.stats["prompt_tokens"])
-    finally:
-        await b.aclose()
 
 
 async def test_generations_are_serialised(backend: VisionBackend) -> None:
@@ -247,9 +225,9 @@ async def test_generations_are_serialised(backend: VisionBackend) -> None:
 
 
 async def test_cancellation_stops_the_worker(tiny_pair: tuple[Path, Path]) -> None:
-    backend = VisionBackend(*tiny_pair, n_ctx=4096, threads=1, max_tokens_cap=100_000)
-    await backend.load()
-    try:
+    async with loaded(
+        VisionBackend(*tiny_pair, n_ctx=4096, threads=1, max_tokens_cap=100_000)
+    ) as backend:
         seen = 0
         with trio.CancelScope() as scope:
             async def sink(ev: TokenEvent | ProgressEvent) -> None:
@@ -267,20 +245,15 @@ async def test_cancellation_stops_the_worker(tiny_pair: tuple[Path, Path]) -> No
         assert llm.n_tokens < 100  # the ~60-token prompt and a handful more
         again = await backend.generate(ask(max_tokens=10, temperature=0), Collector())
         assert (again.stats["tokens"], again.stats["finish_reason"]) == (10, "length")
-    finally:
-        await backend.aclose()
 
 
 async def test_prompt_longer_than_context_is_bad_request(tiny_pair: tuple[Path, Path]) -> None:
-    b = VisionBackend(*tiny_pair, n_ctx=256, threads=1)  # llama.cpp's smallest
-    await b.load()
-    try:
+    # n_ctx=256: llama.cpp's smallest
+    async with loaded(VisionBackend(*tiny_pair, n_ctx=256, threads=1)) as b:
         with pytest.raises(BadPayload, match=r"^payload\.prompt: .*context holds 256$"):
             await b.generate(ask(prompt="a long prompt " * 100), Collector())
         ok = await b.generate(ask(prompt="hi", max_tokens=5, temperature=0), Collector())
         assert ok.stats["tokens"] == 5
-    finally:
-        await b.aclose()
 
 
 async def test_generate_before_load_fails_cleanly(tiny_pair: tuple[Path, Path]) -> None:
@@ -521,11 +494,7 @@ def test_payload_must_be_a_mapping() -> None:
 
 
 async def load_error(model: Path, mmproj: Path) -> str:
-    with pytest.raises(ModelLoadError) as info:
-        await VisionBackend(model, mmproj, threads=1).load()
-    assert info.value.code == "backend_failed"
-    assert "\n" not in str(info.value)
-    return str(info.value)
+    return await _load_error(VisionBackend(model, mmproj, threads=1))
 
 
 async def test_missing_model(tiny_pair: tuple[Path, Path], tmp_path: Path) -> None:
