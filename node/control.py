@@ -35,13 +35,20 @@ LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 
 class BadRequest(Exception):
-    pass
+    """A client message this node will not take; ``rid`` is echoed when it could be read."""
+
+    def __init__(self, message: str, rid: Any = None) -> None:
+        super().__init__(message)
+        self.rid = rid
 
 
 def origin_allowed(origin: str | None) -> bool:
     if origin is None:
         return True  # not a browser: the CLI or a local script
-    host = urlsplit(origin).hostname
+    try:
+        host = urlsplit(origin).hostname
+    except ValueError:  # e.g. "http://[::1": not an origin we allow
+        return False
     return host in LOCAL_HOSTS
 
 
@@ -49,15 +56,15 @@ async def serve_control(node: Node, *, task_status: trio.TaskStatus[str] = trio.
     cfg = node.config.ui
 
     async def handler(request: WebSocketRequest) -> None:
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in request.headers}
-        if not origin_allowed(headers.get("origin")):
-            log.warning("refused websocket from origin %s", headers.get("origin"))
-            await request.reject(403, body=b"origin not allowed\n")
-            return
-        ws = await request.accept()
-        try:
+        try:  # one client's trouble, whatever it is, must never take the node down
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in request.headers}
+            if not origin_allowed(headers.get("origin")):
+                log.warning("refused websocket from origin %r", headers.get("origin", "")[:200])
+                await request.reject(403, body=b"origin not allowed\n")
+                return
+            ws = await request.accept()
             await ControlSession(node, ws).run()
-        except Exception as exc:  # one client's trouble must never take the node down
+        except Exception as exc:
             log.error("websocket session failed: %s: %s", type(exc).__name__, exc)
 
     async with trio.open_nursery() as nursery:
@@ -92,7 +99,7 @@ class ControlSession:
                     try:
                         req = parse_request(raw)
                     except BadRequest as exc:
-                        await self.send({"op": "error", "rid": None, "code": "bad_request", "message": str(exc)})
+                        await self.send({"op": "error", "rid": exc.rid, "code": "bad_request", "message": str(exc)})
                         continue
                     if self.inflight >= MAX_INFLIGHT_PER_CONNECTION:
                         await self.send(
@@ -288,6 +295,16 @@ def parse_request(raw: str | bytes) -> dict[str, Any]:
         raise BadRequest(f"not JSON: {exc}") from None
     if not isinstance(req, dict):
         raise BadRequest("a request is a JSON object")
+    rid = req.get("rid")
+    if not (rid is None or isinstance(rid, (int, str)) and not isinstance(rid, bool)):
+        raise BadRequest("rid must be an integer or a string")
+    try:
+        return _check_request(req)
+    except BadRequest as exc:
+        raise BadRequest(str(exc), rid) from None
+
+
+def _check_request(req: dict[str, Any]) -> dict[str, Any]:
     op = req.get("op")
     if op not in OPS:
         raise BadRequest(f"unknown op {op!r}; expected one of {sorted(OPS)}")

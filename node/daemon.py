@@ -32,6 +32,9 @@ from .storage import Storage
 log = logging.getLogger("rentahal.node")
 
 RUN_FILE = "node.run.json"
+MAX_RECORD_SKEW = 120.0  # seconds between a health record's timestamp and this clock
+PEER_FORGET_AFTER = 3600.0
+MAX_PEERS = 5000
 PING_INTERVAL = 5.0
 
 
@@ -45,9 +48,13 @@ def read_sysop_token(data_dir: Path) -> str:
     from ..p2p.identity import write_private_file
 
     path = data_dir / SYSOP_TOKEN_FILE
-    if not path.exists():
-        write_private_file(path, (secrets.token_urlsafe(32) + "\n").encode())
-    return path.read_text().strip()
+    token = path.read_text().strip() if path.exists() else ""
+    if len(token) < 32:  # missing, or a weak one written by hand: never accept it
+        if token:
+            log.warning("sysop token in %s was too short; wrote a new one", path)
+        token = secrets.token_urlsafe(32)
+        write_private_file(path, (token + "\n").encode())
+    return token
 
 
 class Node:
@@ -282,6 +289,12 @@ class Node:
                     warned.add((author, str(exc)))
                     log.warning("ignored health record from %s: %s", author, exc)
                 continue
+            skew = abs(record.timestamp - time.time())
+            if skew > MAX_RECORD_SKEW:  # a replayed old record, or a clock far off
+                if (author, "skew") not in warned and len(warned) < 1000:
+                    warned.add((author, "skew"))
+                    log.warning("ignored health record from %s: timestamp %.0fs off this clock", author, skew)
+                continue
             if self.table.apply_record(record):
                 self._records_changed.set()
                 self._records_changed = trio.Event()
@@ -299,6 +312,11 @@ class Node:
                     elif state is not PeerState.UNKNOWN:
                         log.warning("peer %s is %s", e.peer_id, state.value)
                     last[e.peer_id] = (state, realms)
+            pruned = self.table.prune(max_age=PEER_FORGET_AFTER, max_peers=MAX_PEERS)
+            if pruned:
+                log.info("forgot %d peer(s) not heard from in a long time", pruned)
+                known = {e.peer_id for e in self.table}
+                last = {k: v for k, v in last.items() if k in known}
             await trio.sleep(self.config.p2p.health_interval / 2)
 
     # --- queries -----------------------------------------------------------------------------

@@ -119,8 +119,13 @@ class LocalRealms:
         try:
             with trio.fail_after(query.deadline_s):
                 async with slot.queue.admit(query.query_id, accepted, priority=query.priority):
+                    backend = slot.backend
+                    if backend is None or slot.status != "ready":  # restarted while we waited
+                        raise ExecutorError(
+                            FailureKind.REFUSED, "busy", f"{query.realm}: {self.not_served_reason(query.realm)}"
+                        )
                     await emit({"type": "progress", "stage": "running", "done": 0, "total": None})
-                    result = await self._guarded(slot, lambda: slot.backend.generate(query.payload, send))
+                    result = await self._guarded(slot, lambda: backend.generate(query.payload, send))
         except QueueFull as exc:
             raise ExecutorError(FailureKind.REFUSED, "queue_full", str(exc)) from None
         except BackendError as exc:
@@ -135,6 +140,12 @@ class LocalRealms:
             with trio.CancelScope(shield=True):
                 await self._record(query.realm, for_peer=for_peer, ok=False, cancelled=True)
             raise
+        except ExecutorError:
+            raise
+        except Exception as exc:  # a backend bug: this query fails, the node goes on
+            log.error("%s: backend error: %s: %s", query.realm, type(exc).__name__, exc)
+            await self._record(query.realm, for_peer=for_peer, ok=False)
+            raise ExecutorError(FailureKind.REFUSED, "internal", f"{query.realm} backend error") from None
         ms = (trio.current_time() - started) * 1000.0
         rc = slot.config
         cost = rc.cost_per_query + rc.cost_per_second * ms / 1000.0 + (

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 import trio
 
+from ..p2p import wire
 from ..realms.queue import Priority
 from ..realms.router import Event, Query, QueryFailed, RealmRouter
 
@@ -26,6 +27,16 @@ if TYPE_CHECKING:
     from .storage import Storage
 
 log = logging.getLogger("rentahal.queries")
+
+SUBSCRIBER_TIMEOUT = 10.0  # a client that does not take an event within this stops listening
+MAX_ACTIVE_PER_USER = 64
+MAX_SUBSCRIBERS = 8
+
+
+def _number(value: Any, default: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        return default
+    return float(value)
 
 Subscriber = Callable[[Event], Awaitable[None]]
 GUID_RE = re.compile(r"[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}\Z")
@@ -110,6 +121,17 @@ class QueryManager:
         size = len(msgpack.packb(payload, use_bin_type=True))
         if size > self.max_payload_bytes:
             raise Refused("too_large", f"payload is {size} bytes; this node takes at most {self.max_payload_bytes}")
+        # It must also travel to a peer: check it against the wire's own rules now, not mid-route.
+        try:
+            wire.encode(wire.QueryRequest(
+                version=wire.PROTOCOL_VERSION, query_id="check", realm=realm, payload=payload,
+                deadline_ms=1, origin=self.origin,
+            ))
+        except wire.WireError as exc:
+            raise Refused("bad_request", f"payload cannot be sent to a peer: {exc}") from None
+        mine = sum(1 for a in self.active.values() if a.user_guid == user_guid)
+        if mine >= MAX_ACTIVE_PER_USER:
+            raise Refused("too_many", f"you already have {mine} queries running or queued here; wait for some")
         query_id = uuid.uuid4().hex
         priority = Priority.SYSOP if sysop else Priority.NORMAL
         deadline_at = time.time() + self.query_deadline
@@ -135,9 +157,12 @@ class QueryManager:
     async def _publish(self, active: ActiveQuery, event: Event) -> None:
         for sub in list(active.subscribers):
             try:
-                await sub(event)
-            except Exception:  # a client that went away stops listening; the query goes on
-                active.subscribers.remove(sub)
+                with trio.fail_after(SUBSCRIBER_TIMEOUT):
+                    await sub(event)
+            except (Exception, trio.TooSlowError):
+                # A client that went away, or stopped reading, stops listening; the query goes on.
+                if sub in active.subscribers:
+                    active.subscribers.remove(sub)
 
     async def _run(self, active: ActiveQuery, payload: dict[str, Any], priority: int, deadline_at: float) -> None:
         qid, guid = active.query_id, active.user_guid
@@ -169,20 +194,21 @@ class QueryManager:
                 query = Query(qid, active.realm, payload, left, self.origin, priority=priority)
                 result = await self.router.run(query, emit)
                 stats = result.get("stats", {})
-                with trio.CancelScope(shield=True):  # an answer in hand is stored, cancel or not
+                with trio.CancelScope(shield=True):  # an answer in hand is stored and sent, cancel or not
                     stored = await self.storage.finish_query(
                         qid, guid, output=result.get("output", {}), stats=stats,
                         executor=result["executor"], failovers=result["failovers"],
-                        processing_ms=float(stats.get("ms", (time.time() - started) * 1000.0)),
-                        cost=float(stats.get("cost", 0.0)),
+                        # a peer's stats are hostile input: numbers or nothing
+                        processing_ms=_number(stats.get("ms"), (time.time() - started) * 1000.0),
+                        cost=_number(stats.get("cost"), 0.0),
                     )
-                active.status = "done"
-                if stored:
-                    log.info(
-                        "query %s (%s) answered by %s%s", qid, active.realm, result["executor"],
-                        f" after failover from {', '.join(result['failovers'])}" if result["failovers"] else "",
-                    )
-                await self._publish(active, {"type": "result", "query_id": qid, **result})
+                    active.status = "done"
+                    if stored:
+                        log.info(
+                            "query %s (%s) answered by %s%s", qid, active.realm, result["executor"],
+                            f" after failover from {', '.join(result['failovers'])}" if result["failovers"] else "",
+                        )
+                    await self._publish(active, {"type": "result", "query_id": qid, **result})
             if active.scope.cancelled_caught and active.status != "done":
                 with trio.CancelScope(shield=True):
                     await self.storage.set_status(qid, guid, "cancelled", detail=f"by {active.cancelled_by}")
@@ -190,15 +216,26 @@ class QueryManager:
                                                  "message": f"cancelled by {active.cancelled_by}"})
                 log.info("query %s cancelled by %s", qid, active.cancelled_by)
         except QueryFailed as exc:
-            await self.storage.set_status(qid, guid, "failed", error_code=exc.code, error_message=exc.message[:1000])
-            await self._publish(active, {"type": "error", "query_id": qid, "code": exc.code, "message": exc.message})
+            await self._fail(active, exc.code, exc.message)
             log.info("query %s (%s) failed: %s: %s", qid, active.realm, exc.code, exc.message)
+        except Exception as exc:  # a bug or hostile data must end this query only, never the node
+            log.error("query %s (%s) failed inside this node: %s: %s", qid, active.realm, type(exc).__name__, exc)
+            await self._fail(active, "internal", f"internal error ({type(exc).__name__})")
         finally:
             self.active.pop(qid, None)
+
+    async def _fail(self, active: ActiveQuery, code: str, message: str) -> None:
+        with trio.CancelScope(shield=True):
+            await self.storage.set_status(
+                active.query_id, active.user_guid, "failed", error_code=code, error_message=message[:1000]
+            )
+            await self._publish(active, {"type": "error", "query_id": active.query_id, "code": code, "message": message})
 
     def subscribe(self, query_id: str, subscriber: Subscriber) -> bool:
         active = self.active.get(query_id)
         if active is None:
+            return False
+        if len(active.subscribers) >= MAX_SUBSCRIBERS:
             return False
         active.subscribers.append(subscriber)
         return True

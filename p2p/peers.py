@@ -230,5 +230,25 @@ class PeerTable:
         ranked.sort(key=lambda c: (-c.score, c.peer_id))
         return ranked, excluded
 
+    def prune(self, *, max_age: float, max_peers: int) -> int:
+        """Forget peers that are not live and not blocked after ``max_age`` seconds without a
+        record (or since first heard of), and the oldest such ones beyond ``max_peers``: peer IDs
+        cost an attacker nothing, so the table must not grow without bound."""
+        now = self.clock()
+
+        def idle(e: PeerEntry) -> float:
+            return now - (e.record_at if e.record_at is not None else e.first_seen)
+
+        removable = [
+            e for e in self._peers.values()
+            if not e.blocked and self.state(e) in (PeerState.STALE, PeerState.UNKNOWN)
+        ]
+        removable.sort(key=idle, reverse=True)
+        excess = max(0, len(self._peers) - max_peers)
+        gone = [e for i, e in enumerate(removable) if i < excess or idle(e) > max_age]
+        for e in gone:
+            del self._peers[e.peer_id]
+        return len(gone)
+
     def live_count(self, realm: str) -> int:
         return len(self.candidates(realm)[0])

@@ -122,6 +122,19 @@ class QueryService:
         self.max_frame = max_frame
 
     async def handle_stream(self, stream: Any) -> None:
+        """Serve one request; whatever happens ends this stream only (libp2p runs handlers in
+        the connection's own task group: an escaping error would take the connection down)."""
+        try:
+            await self._handle(stream)
+        except Exception as exc:  # stream errors arrive wrapped in an ExceptionGroup from trio
+            log.info("query stream ended abnormally: %s", type(exc).__name__)
+            with trio.move_on_after(1):
+                try:
+                    await stream.reset()
+                except Exception:
+                    pass
+
+    async def _handle(self, stream: Any) -> None:
         peer_id = stream.muxed_conn.peer_id.to_base58()
         decoder = wire.FrameDecoder(max_frame=self.max_frame)
         send_lock = trio.Lock()
@@ -178,11 +191,15 @@ class QueryService:
                 try:
                     with trio.fail_after(first.deadline_ms / 1000.0):
                         result = await self.handler(IncomingQuery(first, peer_id), emit)
-                    await send(
-                        wire.Result(
+                    try:
+                        answer: wire.Message = wire.Result(
                             query_id=qid, output=result.get("output", {}), stats=result.get("stats", {})
                         )
-                    )
+                        wire.encode(answer, max_frame=self.max_frame)
+                    except wire.WireError as exc:  # e.g. a result larger than a frame
+                        log.error("query %s: result cannot be sent: %s", qid, exc)
+                        answer = wire.Error(query_id=qid, code=wire.ErrorCode.INTERNAL, message=f"result cannot be sent: {exc}"[:1000])
+                    await send(answer)
                 except ServiceRefusal as exc:
                     await send(wire.Error(query_id=qid, code=wire.ErrorCode(exc.code), message=exc.message[:1000]))
                 except trio.TooSlowError:
@@ -254,7 +271,10 @@ class QueryClient:
             deadline_ms=max(1, int(deadline_s * 1000)),
             origin=self.origin,
         )
-        frame = wire.encode(request, max_frame=self.max_frame)
+        try:
+            frame = wire.encode(request, max_frame=self.max_frame)
+        except wire.WireError as exc:
+            raise PeerQueryError("refused", "bad_request", f"request cannot be sent: {exc}") from None
         try:
             with trio.fail_after(self.dial_timeout):
                 stream = await self.host.new_stream(ID.from_base58(peer_id), [wire.PROTOCOL_ID])
@@ -265,7 +285,7 @@ class QueryClient:
         except _stream_errors() as exc:
             raise PeerQueryError("dead", "busy", f"could not open a stream: {exc or type(exc).__name__}") from None
         try:
-            return await self._read_answer(stream, query_id, emit, hang_timeout)
+            answer = await self._read_answer(stream, query_id, emit, hang_timeout)
         except BaseException:
             # Cancelled, hung or broken: tell the executor (best effort) and drop the stream.
             with trio.CancelScope(shield=True), trio.move_on_after(1):
@@ -278,6 +298,12 @@ class QueryClient:
                 except _stream_errors():
                     pass
             raise
+        with trio.move_on_after(1):  # done with this stream: don't leave it half-open
+            try:
+                await stream.close()
+            except _stream_errors():
+                pass
+        return answer
 
     async def _read_answer(self, stream: Any, query_id: str, emit: Emit, hang_timeout: float) -> Event:
         decoder = wire.FrameDecoder(max_frame=self.max_frame)

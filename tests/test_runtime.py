@@ -225,3 +225,33 @@ async def test_sysop_disables_a_realm_and_blocks_a_peer_persistently(federation:
     a2 = federation.start("A", serve="none", bootstrap=(b.addr,))
     a2.wait_for(rf"peer {b.peer_id} is", 30)
     assert (await trio.to_thread.run_sync(a2.peer, b.peer_id))["state"] == "blocked"
+
+
+async def test_hostile_websocket_clients_are_refused_and_the_node_stays_up(federation: Federation) -> None:
+    node = federation.start("N", serve="chat")
+    with trio.fail_after(60):
+        await _hostile_clients(node)
+    assert node.proc is not None and node.proc.poll() is None
+
+
+async def _hostile_clients(node: NodeProcess) -> None:
+    from trio_websocket import HandshakeError, open_websocket_url
+
+    for origin in (b"http://[::1", b"https://evil.example", b"null"):
+        with pytest.raises(HandshakeError):
+            async with open_websocket_url(node.ui, extra_headers=[(b"Origin", origin)]):
+                pass
+    async with open_websocket_url(node.ui, extra_headers=[(b"Origin", b"http://127.0.0.1:8765")]):
+        pass  # the local UI's own origin is welcome
+    async with connect(node.ui, guid=uuid.uuid4().hex) as client:
+        deep: dict[str, Any] = {"x": 1}
+        for _ in range(12):
+            deep = {"d": deep}
+        with pytest.raises(NodeError) as err:
+            await client.call("submit_query", realm="chat", payload={"prompt": "hi", "extra": deep})
+        assert err.value.code == "bad_request"
+        with pytest.raises(NodeError) as err:
+            await client.call("submit_query", realm="chat", payload={"prompt": "hi", "img": {"$bytes": "%%%"}})
+        assert err.value.code == "bad_request" and "base64" in err.value.message
+        msgs = [m async for m in client.stream("submit_query", realm="chat", payload={"prompt": "hi", "max_tokens": 4})]
+        assert msgs[-1]["op"] == "result"
