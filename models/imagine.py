@@ -285,6 +285,7 @@ class ImagineBackend:
         device: str = "auto",
         max_steps: int = 50,
         max_pixels: int = 1024 * 1024,
+        threads: int = 0,
     ) -> None:
         _check_limits(max_steps, max_pixels)
         if not isinstance(device, str) or not _DEVICE.fullmatch(device):
@@ -293,6 +294,7 @@ class ImagineBackend:
         self.device = device
         self.max_steps = max_steps
         self.max_pixels = max_pixels
+        self.threads = threads  # 0 = torch's default
         # Provisional until load().
         self.model_name: str = self.model_path.name
         self.is_smoke_test: bool = False
@@ -483,6 +485,9 @@ class ImagineBackend:
         """Worker thread body: run the pipeline, encode the PNG."""
         import torch
 
+        if self.threads:
+            # torch's intra-op thread count is per OS thread: set it in the thread that runs.
+            torch.set_num_threads(self.threads)
         run = _Run()
 
         def on_step_end(p: Any, i: int, t: Any, tensors: dict) -> dict:

@@ -352,11 +352,7 @@ async def _imagine(local: LocalRealms, rc: RealmConfig) -> Any:
     path = local.model_path("imagine", rc.model) or await local.smoke_model(
         "imagine", write_tiny_pipeline, parts=("model_index.json", "rentahal-smoke-test.json")
     )
-    if rc.threads:
-        import torch
-
-        torch.set_num_threads(rc.threads)
-    return ImagineBackend(path, max_steps=rc.max_steps, max_pixels=rc.max_pixels)
+    return ImagineBackend(path, max_steps=rc.max_steps, max_pixels=rc.max_pixels, threads=rc.threads)
 
 
 async def _speech(local: LocalRealms, rc: RealmConfig) -> Any:

@@ -48,23 +48,19 @@ from pathlib import Path
 from typing import Any
 
 import trio
+from rentahal.scripts.benchreport import (
+    command_line,
+    machine_info,
+    other_cpu_share,
+    run_cmd as _run,
+    write_section,
+)
+from rentahal.scripts.benchreport import cpu_times as _cpu_times
 
 ECHO_PROTOCOL = "/bench/echo/1.0.0"
 SECTION_HEADING = "## Routed chat query vs raw libp2p round trip"
 ECHO_BODY_BYTES = 96  # + the 4-byte length prefix = a 100-byte request
 REQUEST_TIMEOUT = 30.0
-# Routed queries A can send B over one connection before its stream slots run out (see main).
-ROUTED_QUERY_LIMIT = 255
-REPO = Path(__file__).resolve().parent.parent
-
-INTRO = """# Benchmarks
-
-Benchmarks are run on demand (the command is given in each section), not in CI: their figures
-depend on the machine and on what else it is doing. Each section therefore compares against
-baselines measured **in the same run** on the same machine, and the ratios are what carry over
-to another machine, not the absolute milliseconds.
-
-"""
 
 
 # What to stop if the run is killed with SIGTERM (Ctrl-C unwinds through the finally blocks).
@@ -361,63 +357,6 @@ async def measure_node(label: str, ws_url: str, tokens: int, n: int, warmup: int
 # --- report ---------------------------------------------------------------------------------
 
 
-def _run(*cmd: str) -> str:
-    try:
-        res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=10)
-        return res.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
-def machine_info() -> dict[str, str]:
-    def version(dist: str) -> str:
-        try:
-            return importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            return "?"
-
-    cpu = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    commit = _run("git", "rev-parse", "--short", "HEAD") or "?"
-    if _run("git", "status", "--porcelain", "--untracked-files=no"):
-        commit += " (with uncommitted changes to tracked files)"
-    return {
-        "nproc": _run("nproc") or str(os.cpu_count()),
-        "cpu": cpu or platform.machine(),
-        "python": platform.python_version(),
-        "libp2p": version("libp2p"),
-        "llama": version("llama_cpp_python"),
-        "commit": commit,
-    }
-
-
-def _cpu_times() -> tuple[int, int] | None:
-    try:
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    except (OSError, ValueError):
-        return None
-    return sum(fields), fields[3] + fields[4]  # total, idle + iowait
-
-
-def other_cpu_share(start: tuple[tuple[int, int] | None, os.times_result], wall_s: float) -> str:
-    """CPU time that processes other than this benchmark's used while it ran, as a share."""
-    t1, own1 = start
-    t2, own2 = _cpu_times(), os.times()
-    if t1 is None or t2 is None or wall_s <= 0:
-        return "unknown"
-    tick = os.sysconf("SC_CLK_TCK")
-    busy_s = ((t2[0] - t2[1]) - (t1[0] - t1[1])) / tick
-    own_s = sum(own2[:4]) - sum(own1[:4])  # this process and its reaped children (echo, A, B)
-    ncpu = os.cpu_count() or 1
-    return f"{max(0.0, 100.0 * (busy_s - own_s) / (wall_s * ncpu)):.0f}%"
-
-
 def other_load() -> str:
     """How busy the machine is before the run (other processes skew every figure)."""
     load = " / ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -430,12 +369,6 @@ def other_load() -> str:
     if busy > 10:
         progress(f"warning: the CPUs were {busy:.0f}% busy before the run: figures will be noisy")
     return f"CPUs {busy:.0f}% busy in the second before (load average {load})"
-
-
-def command_line() -> str:
-    argv = list(getattr(sys, "orig_argv", []) or [sys.executable, *sys.argv])
-    argv[0] = Path(argv[0]).name  # "python", not the interpreter's full path
-    return shlex.join(argv)
 
 
 @dataclass
@@ -593,36 +526,6 @@ def render(r: Results, info: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-def _heading_spans(lines: list[str]) -> list[int]:
-    """Indexes of ``## `` heading lines, outside fenced code blocks."""
-    out, fenced = [], False
-    for i, line in enumerate(lines):
-        if line.lstrip().startswith(("```", "~~~")):
-            fenced = not fenced
-        elif not fenced and line.startswith("## "):
-            out.append(i)
-    return out
-
-
-def replace_section(text: str, section: str) -> str:
-    """``text`` with the routing section replaced by ``section`` (appended if absent)."""
-    lines = text.splitlines(keepends=True)
-    heads = _heading_spans(lines)
-    start = next((i for i in heads if lines[i].rstrip() == SECTION_HEADING), None)
-    body = section.rstrip("\n") + "\n"
-    if start is None:
-        return text.rstrip("\n") + "\n\n" + body
-    end = next((i for i in heads if i > start), len(lines))
-    if end < len(lines):
-        body += "\n"
-    return "".join(lines[:start]) + body + "".join(lines[end:])
-
-
-def write_out(path: Path, section: str) -> None:
-    text = path.read_text() if path.exists() else INTRO
-    path.write_text(replace_section(text, section))
-
-
 # --- the run --------------------------------------------------------------------------------
 
 
@@ -696,13 +599,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.n < 1 or args.tokens < 1 or args.warmup < 0:
         parser.error("--n and --tokens must be >= 1, --warmup >= 0")
-    if args.n + args.warmup > ROUTED_QUERY_LIMIT:
-        progress(
-            f"warning: --n + --warmup > {ROUTED_QUERY_LIMIT}: QueryClient.execute "
-            "(p2p/query.py) does not close a query stream after its result, so py-libp2p's "
-            "256-slot yamux stream backlog runs out after 255 routed queries on one "
-            "connection, and the routed row fails unless that is fixed"
-        )
 
     import logging
 
@@ -736,3 +632,7 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def write_out(path: Path, section: str) -> None:
+    write_section(path, SECTION_HEADING, section)

@@ -18,7 +18,6 @@ import os
 import platform
 import sqlite3
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,12 +26,10 @@ from pathlib import Path
 import trio
 
 from rentahal.node.storage import Storage
+from rentahal.scripts import benchreport
+from rentahal.scripts.benchreport import git_commit
 
 SECTION = "## Sharded write throughput"
-INTRO = (
-    "# Benchmarks\n\nMeasured numbers; each `## ` section is rewritten by the script it names.\n"
-)
-REPO = Path(__file__).resolve().parent.parent
 LAYOUTS = (1, 4)
 
 
@@ -86,15 +83,6 @@ async def measure(args: argparse.Namespace) -> dict[tuple[int, int], list[float]
     return times
 
 
-def git_commit() -> str:
-    def git(*args: str) -> str:
-        run = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=False)
-        return run.stdout.strip()
-
-    commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    return commit + (" (with uncommitted changes)" if git("status", "--porcelain") else "")
-
-
 def report(args: argparse.Namespace, times: dict[tuple[int, int], list[float]]) -> str:
     kbs = ",".join(map(str, args.result_kb))
     cmd = (
@@ -136,20 +124,7 @@ def report(args: argparse.Namespace, times: dict[tuple[int, int], list[float]]) 
 
 
 def write_section(path: Path, section: str) -> None:
-    """Replaces (or appends) this script's section, leaving every other section as it is.
-    Reads the file just before writing: other scripts own other sections of it."""
-    text = path.read_text() if path.exists() else INTRO
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.rstrip() == SECTION), None)
-    if start is None:
-        new = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = next((j for j in range(start + 1, len(lines)) if lines[j].startswith("## ")), None)
-        rest = "" if end is None else "\n" + "".join(lines[end:])
-        new = "".join(lines[:start]) + section + rest
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(new)
-    os.replace(tmp, path)
+    benchreport.write_section(path, SECTION, section)
 
 
 def main(argv: list[str] | None = None) -> int:
