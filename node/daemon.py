@@ -10,14 +10,13 @@ import json
 import logging
 import os
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 import trio
 
 from .. import __version__
-from ..p2p.health import HEALTH_TOPIC, HealthRecord, HealthRecordError, sign_record, verify_record
+from ..p2p.health import HEALTH_TOPIC, HealthRecord, sign_record, verify_record
 from ..p2p.host import DialError, FederationHost, open_federation_host
 from ..p2p.identity import Identity
 from ..p2p.peers import FailureKind, PeerState, PeerTable

@@ -40,14 +40,10 @@ from __future__ import annotations
 import argparse
 import base64
 import datetime as _dt
-import importlib.metadata
 import os
-import platform
 import re
-import shlex
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -408,7 +404,6 @@ def render(r: Results, info: dict[str, str]) -> str:
     b_cpu = {p: ch[p].cpu_ms - ch["direct"].cpu_ms for p in PATHS}  # the executor's extra CPU
     im_wall = {p: ms(im, p, "wall_s") for p in PATHS}
     im_extra = {p: im_wall[p] - im_wall["direct"] for p in PATHS}
-    cores = int(info["nproc"]) if info["nproc"].isdigit() else (os.cpu_count() or 1)
     png_kb = statistics.median(len(s.digest) for s in im["direct"].samples) * 4 / 3 / 1000
 
     same = []

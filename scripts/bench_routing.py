@@ -26,13 +26,10 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import importlib.metadata
 import json
 import os
-import platform
 import queue
 import re
-import shlex
 import shutil
 import signal
 import statistics
@@ -52,7 +49,6 @@ from rentahal.scripts.benchreport import (
     command_line,
     machine_info,
     other_cpu_share,
-    run_cmd as _run,
     write_section,
 )
 from rentahal.scripts.benchreport import cpu_times as _cpu_times

@@ -8,7 +8,6 @@ MockClock (``autojump_clock`` is pytest-trio's own fixture).
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import pytest
 import trio
