@@ -249,25 +249,33 @@ async def measure(
 # --- the realms ----------------------------------------------------------------------------
 
 
+async def _three_ways(
+    realm: str, backend: Any, b: Any, a: Any, payload: Callable[[int], dict[str, Any]], n: int
+) -> dict[str, Case]:
+    """The same payloads three ways: the backend directly, B's own websocket, and via A."""
+    from rentahal.scripts.federation import connect
+
+    pids = (b.proc.pid, a.proc.pid)
+    async with (
+        connect(b.ui, guid=uuid.uuid4().hex) as to_b,
+        connect(a.ui, guid=uuid.uuid4().hex) as to_a,
+    ):
+        runners = {
+            "direct": direct_runner(realm, backend, pids),
+            "node": node_runner(realm, to_b, pids),
+            "routed": node_runner(realm, to_a, pids),
+        }
+        return await measure(realm, runners, payload, n)
+
+
 async def _measure_chat(model: Path, b: Any, a: Any, tokens: int, n: int) -> dict[str, Case]:
     from rentahal.models.chat import ChatBackend
-    from rentahal.scripts.federation import connect
 
     n_ctx = max(4096, tokens + 64)
     backend = ChatBackend(model, n_ctx=n_ctx, threads=1, max_tokens_cap=n_ctx)
     await backend.load()
     try:
-        pids = (b.proc.pid, a.proc.pid)
-        async with (
-            connect(b.ui, guid=uuid.uuid4().hex) as to_b,
-            connect(a.ui, guid=uuid.uuid4().hex) as to_a,
-        ):
-            runners = {
-                "direct": direct_runner("chat", backend, pids),
-                "node": node_runner("chat", to_b, pids),
-                "routed": node_runner("chat", to_a, pids),
-            }
-            return await measure("chat", runners, lambda seed: chat_payload(tokens, seed), n)
+        return await _three_ways("chat", backend, b, a, lambda seed: chat_payload(tokens, seed), n)
     finally:
         await backend.aclose()
 
@@ -276,23 +284,12 @@ async def _measure_imagine(pipeline: Path, b: Any, a: Any, n: int) -> dict[str, 
     import torch
 
     from rentahal.models.imagine import ImagineBackend
-    from rentahal.scripts.federation import connect
 
     torch.set_num_threads(1)
     backend = ImagineBackend(pipeline)
     await backend.load()
     try:
-        pids = (b.proc.pid, a.proc.pid)
-        async with (
-            connect(b.ui, guid=uuid.uuid4().hex) as to_b,
-            connect(a.ui, guid=uuid.uuid4().hex) as to_a,
-        ):
-            runners = {
-                "direct": direct_runner("imagine", backend, pids),
-                "node": node_runner("imagine", to_b, pids),
-                "routed": node_runner("imagine", to_a, pids),
-            }
-            return await measure("imagine", runners, imagine_payload, n)
+        return await _three_ways("imagine", backend, b, a, imagine_payload, n)
     finally:
         await backend.aclose()
 
@@ -563,7 +560,7 @@ def main(argv: list[str] | None = None) -> int:
     section = render(results, machine_info())
     print(section)
     if args.out:
-        write_out(args.out, section)
+        write_section(args.out, SECTION, section)
         progress(f"wrote the section to {args.out}")
     return 0
 
@@ -571,6 +568,3 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     sys.exit(main())
 
-
-def write_out(path: Path, section: str) -> None:
-    write_section(path, SECTION, section)

@@ -621,7 +621,7 @@ def main(argv: list[str] | None = None) -> int:
     section = render(results, machine_info())
     print(section)
     if args.out:
-        write_out(args.out, section)
+        write_section(args.out, SECTION_HEADING, section)
         progress(f"wrote the routing section of {args.out}")
     return 0
 
@@ -629,6 +629,3 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     sys.exit(main())
 
-
-def write_out(path: Path, section: str) -> None:
-    write_section(path, SECTION_HEADING, section)
