@@ -39,7 +39,7 @@ async def test_real_chat_backend_runs_and_a_deadline_stops_it_without_a_restart(
         await local.loaded.wait()
         assert local.serves("chat") and local.slots["chat"].smoke_test
         events: list[dict[str, Any]] = []
-        result = await local.execute(query({"prompt": "hi", "max_tokens": 8}), await events_sink(events))
+        result = await local.execute(query({"prompt": "hi", "max_tokens": 8, "ignore_eos": True}), await events_sink(events))
         assert result["stats"]["tokens"] == 8
         assert [e["type"] for e in events[:2]] == ["accepted", "progress"]
 
@@ -51,7 +51,7 @@ async def test_real_chat_backend_runs_and_a_deadline_stops_it_without_a_restart(
         assert err.value.code == "deadline_exceeded"
         # The backend honoured the cancellation: it is not considered stuck.
         assert local.slots["chat"].status == "ready"
-        result = await local.execute(query({"prompt": "again", "max_tokens": 4}, qid="q3"), await events_sink([]))
+        result = await local.execute(query({"prompt": "again", "max_tokens": 4, "ignore_eos": True}, qid="q3"), await events_sink([]))
         assert result["stats"]["tokens"] == 4
         nursery.cancel_scope.cancel()
 
