@@ -189,6 +189,14 @@ class StorageConfig:
 
 
 @dataclass(frozen=True)
+class LimitsConfig:
+    queries_per_minute: float = _float(30.0, 0.0, 1e6)
+    burst: int = _int(10, 1, 100000)
+    loopback: bool = _bool(False)
+    max_active: int = _int(64, 1, 100000)
+
+
+@dataclass(frozen=True)
 class RealmConfig:
     serve: bool = _bool(False)
     model: str = _str("")
@@ -217,6 +225,7 @@ class Config:
     router: RouterConfig = field(default_factory=RouterConfig)
     ui: UIConfig = field(default_factory=UIConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     realms: Mapping[str, RealmConfig] = field(default_factory=_default_realms, hash=False)
 
     def served_realms(self) -> tuple[str, ...]:
@@ -226,7 +235,7 @@ class Config:
 
 _SECTIONS: dict[str, type] = {
     "node": NodeSection, "p2p": P2PConfig, "router": RouterConfig, "ui": UIConfig,
-    "storage": StorageConfig,
+    "storage": StorageConfig, "limits": LimitsConfig,
 }
 _LEAVES: dict[str, Any] = {  # every valid dotted key -> its built-in default
     **{f"{s}.{f.name}": f.default for s, c in _SECTIONS.items() for f in fields(c)},

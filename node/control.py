@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import hmac
+import ipaddress
 import json
 import logging
 import re
@@ -62,8 +63,10 @@ async def serve_control(node: Node, *, task_status: trio.TaskStatus[str] = trio.
                 log.warning("refused websocket from origin %r", headers.get("origin", "")[:200])
                 await request.reject(403, body=b"origin not allowed\n")
                 return
+            remote = request.remote
+            client = remote.address if not isinstance(remote, str) else remote
             ws = await request.accept()
-            await ControlSession(node, ws).run()
+            await ControlSession(node, ws, client=str(client)).run()
         except Exception as exc:
             log.error("websocket session failed: %s: %s", type(exc).__name__, exc)
 
@@ -77,10 +80,35 @@ async def serve_control(node: Node, *, task_status: trio.TaskStatus[str] = trio.
         task_status.started(f"ws://{host}:{server.port}/")
 
 
+def is_loopback(host: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host in ("", "localhost")  # "" or a path: a unix socket, this machine
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
+def rate_key(client: str, guid: str, *, sysop: bool, limit_loopback: bool) -> tuple[str, str] | None:
+    """The rate-limit bucket a submission counts against, or None when it is not limited.
+
+    A remote client picks its own GUID, so it is counted by address; a local one by user (all
+    local clients share 127.0.0.1), and only when [limits] loopback is on. The sysop is exempt.
+    """
+    if sysop:
+        return None
+    if is_loopback(client):
+        return ("user", guid) if limit_loopback else None
+    return ("ip", client)
+
+
 class ControlSession:
-    def __init__(self, node: Node, ws: WebSocketConnection) -> None:
+    def __init__(self, node: Node, ws: WebSocketConnection, *, client: str = "127.0.0.1") -> None:
         self.node = node
         self.ws = ws
+        self.client = client
+        self.rate_limited_logged = False
         self.send_lock = trio.Lock()
         self.inflight = 0
         # Until the client says hello, it is an anonymous user of its own for this connection.
@@ -188,10 +216,29 @@ class ControlSession:
         stream = req.get("stream", True)
         if not isinstance(stream, bool):
             raise Refused("bad_request", "stream must be true or false")
+        self._check_rate()
         await self.node.queries.submit(
             self.guid, req["realm"], req["payload"], sysop=self.sysop,
             subscriber=self._subscriber(rid, tokens=stream),
         )
+
+    def _check_rate(self) -> None:
+        """The per-client submission limit ([limits] in node.toml); the sysop is never limited."""
+        limits = self.node.config.limits
+        key = rate_key(self.client, self.guid, sysop=self.sysop, limit_loopback=limits.loopback)
+        if key is None:
+            return
+        wait = self.node.submit_limiter.take(key)
+        if wait > 0:
+            if not self.rate_limited_logged:  # one line per connection, not one per refusal
+                self.rate_limited_logged = True
+                who = f"user {self.guid}" if key[0] == "user" else f"client {self.client}"
+                log.info("rate-limited %s (%g queries/min, burst %d)", who, limits.queries_per_minute, limits.burst)
+            raise Refused(
+                "rate_limited",
+                f"more than {limits.queries_per_minute:g} queries per minute (burst {limits.burst}); "
+                f"try again in {max(wait, 0.1):.1f} s",
+            )
 
     async def op_watch(self, req: dict[str, Any], rid: Any) -> dict[str, Any] | None:
         """Follow a query (e.g. after reconnecting); a finished one answers from storage."""

@@ -25,6 +25,7 @@ from ..p2p.wire import PROTOCOL_ID
 from ..realms.router import Emit, Event, ExecutorError, Query, QueryFailed, RealmRouter
 from .config import REALMS, Config
 from .executor import LocalRealms
+from .limits import RateLimiter
 from .queries import QueryManager, Refused, check_guid
 from .storage import Storage
 
@@ -71,6 +72,7 @@ class Node:
         self._records_changed = trio.Event()
         self._queries_served = 0
         self.sysop_token = read_sysop_token(data_dir)
+        self.submit_limiter = RateLimiter(config.limits.queries_per_minute, config.limits.burst)
 
     # --- lifecycle ---------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED) -> None:
@@ -117,6 +119,7 @@ class Node:
                 origin=self.peer_id,
                 query_deadline=cfg.router.query_deadline,
                 max_payload_bytes=cfg.storage.max_payload_bytes,
+                max_active_per_user=cfg.limits.max_active,
             )
             service = QueryService(self._serve_peer_query, on_violation=self._on_violation)
             fh.set_stream_handler(PROTOCOL_ID, service.handle_stream)

@@ -29,7 +29,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("rentahal.queries")
 
 SUBSCRIBER_TIMEOUT = 10.0  # a client that does not take an event within this stops listening
-MAX_ACTIVE_PER_USER = 64
 MAX_SUBSCRIBERS = 8
 
 
@@ -88,12 +87,14 @@ class QueryManager:
         origin: str,
         query_deadline: float,
         max_payload_bytes: int,
+        max_active_per_user: int = 64,
     ) -> None:
         self.storage = storage
         self.router = router
         self.origin = origin
         self.query_deadline = query_deadline
         self.max_payload_bytes = max_payload_bytes
+        self.max_active_per_user = max_active_per_user
         self.active: dict[str, ActiveQuery] = {}
         self._nursery: trio.Nursery | None = None
 
@@ -130,7 +131,7 @@ class QueryManager:
         except wire.WireError as exc:
             raise Refused("bad_request", f"payload cannot be sent to a peer: {exc}") from None
         mine = sum(1 for a in self.active.values() if a.user_guid == user_guid)
-        if mine >= MAX_ACTIVE_PER_USER:
+        if mine >= self.max_active_per_user:
             raise Refused("too_many", f"you already have {mine} queries running or queued here; wait for some")
         query_id = uuid.uuid4().hex
         priority = Priority.SYSOP if sysop else Priority.NORMAL

@@ -13,6 +13,7 @@ from rentahal.node.config import (
     REALMS,
     Config,
     ConfigError,
+    LimitsConfig,
     P2PConfig,
     RealmConfig,
     RouterConfig,
@@ -87,6 +88,7 @@ def test_shipped_file_documents_every_key() -> None:
         "p2p": {f.name for f in dataclasses.fields(P2PConfig)},
         "router": {f.name for f in dataclasses.fields(RouterConfig)},
         "ui": {"host", "port"},
+        "limits": {f.name for f in dataclasses.fields(LimitsConfig)},
     }
     for section, keys in expected.items():
         assert set(data[section]) == keys

@@ -1,0 +1,65 @@
+"""Per-client rate limit on query submissions: one token bucket per key.
+
+A bucket holds at most ``burst`` tokens and refills at ``per_minute / 60`` tokens a second; a
+submission takes one. Keys are chosen by the caller (node/control.py: a remote client's IP
+address, or a local user's GUID). Memory stays bounded however many keys a hostile client
+makes up: buckets that have refilled completely carry no state worth keeping and are dropped
+once there are more than ``max_keys``; if every bucket is still draining, the oldest go first.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+
+
+class RateLimiter:
+    def __init__(
+        self,
+        per_minute: float,
+        burst: int,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        max_keys: int = 4096,
+    ) -> None:
+        if per_minute < 0 or burst < 1 or max_keys < 1:
+            raise ValueError("per_minute must be >= 0, burst and max_keys >= 1")
+        self.per_second = per_minute / 60.0
+        self.burst = float(burst)
+        self.clock = clock
+        self.max_keys = max_keys
+        self._buckets: OrderedDict[Hashable, tuple[float, float]] = OrderedDict()  # key -> (tokens, at)
+
+    @property
+    def enabled(self) -> bool:
+        return self.per_second > 0
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def _level(self, key: Hashable, now: float) -> float:
+        tokens, at = self._buckets.get(key, (self.burst, now))
+        return min(self.burst, tokens + (now - at) * self.per_second)
+
+    def take(self, key: Hashable) -> float:
+        """Take one token for ``key``: 0.0 if allowed, else the seconds until one is available."""
+        if not self.enabled:
+            return 0.0
+        now = self.clock()
+        level = self._level(key, now)
+        if level < 1.0:
+            self._buckets[key] = (level, now)
+            self._buckets.move_to_end(key)
+            return (1.0 - level) / self.per_second
+        self._buckets[key] = (level - 1.0, now)
+        self._buckets.move_to_end(key)
+        if len(self._buckets) > self.max_keys:
+            self._prune(now)
+        return 0.0
+
+    def _prune(self, now: float) -> None:
+        for key in [k for k in self._buckets if self._level(k, now) >= self.burst]:
+            del self._buckets[key]
+        while len(self._buckets) > self.max_keys:
+            self._buckets.popitem(last=False)

@@ -1,0 +1,96 @@
+"""The per-client submission rate limit: the token bucket, the choice of bucket, and a real node
+refusing a client past its burst while other users and the sysop go on."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+import trio
+from hypothesis import given
+from hypothesis import strategies as st
+
+from rentahal.node.control import is_loopback, rate_key
+from rentahal.node.limits import RateLimiter
+from rentahal.scripts.federation import Federation, connect
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_burst_then_refill_at_the_configured_rate() -> None:
+    clock = Clock()
+    rl = RateLimiter(per_minute=6, burst=3, clock=clock)  # one token every 10 s
+    assert [rl.take("a") for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert rl.take("a") == pytest.approx(10.0)
+    assert rl.take("b") == 0.0  # buckets are per key
+    clock.now += 4
+    assert rl.take("a") == pytest.approx(6.0)  # a refused attempt does not reset the refill
+    clock.now += 6
+    assert rl.take("a") == 0.0 and rl.take("a") == pytest.approx(10.0)
+    clock.now += 3600  # a long pause refills to the burst, no further
+    assert [rl.take("a") for _ in range(4)][-1] > 0
+
+
+def test_zero_rate_means_no_limit() -> None:
+    rl = RateLimiter(per_minute=0, burst=1)
+    assert not rl.enabled and all(rl.take("a") == 0.0 for _ in range(1000)) and len(rl) == 0
+
+
+@given(st.lists(st.tuples(st.integers(0, 50), st.floats(0, 30)), max_size=300))
+def test_memory_stays_bounded_and_limits_hold_for_any_key_sequence(steps: list[tuple[int, float]]) -> None:
+    clock = Clock()
+    rl = RateLimiter(per_minute=60, burst=2, clock=clock, max_keys=8)
+    allowed: dict[int, list[float]] = {}
+    for key, dt in steps:
+        clock.now += dt
+        if rl.take(key) == 0.0:
+            allowed.setdefault(key, []).append(clock.now)
+        assert len(rl) <= 8
+    for times in allowed.values():  # no key got more than burst + rate * elapsed, however pruned
+        for i, t0 in enumerate(times):
+            later = [t for t in times[i:] if t - t0 < 1.0 - 1e-9]
+            assert len(later) <= 3
+
+
+def test_which_bucket_a_submission_counts_against() -> None:
+    for host in ("127.0.0.1", "127.1.2.3", "::1", "::ffff:127.0.0.1", "localhost"):
+        assert is_loopback(host), host
+    for host in ("192.0.2.7", "10.0.0.1", "::ffff:192.0.2.7", "2001:db8::1"):
+        assert not is_loopback(host), host
+    g = uuid.uuid4().hex
+    assert rate_key("127.0.0.1", g, sysop=False, limit_loopback=False) is None
+    assert rate_key("127.0.0.1", g, sysop=False, limit_loopback=True) == ("user", g)
+    assert rate_key("192.0.2.7", g, sysop=False, limit_loopback=False) == ("ip", "192.0.2.7")
+    assert rate_key("192.0.2.7", g, sysop=True, limit_loopback=True) is None
+
+
+async def test_a_node_refuses_a_client_past_its_burst(federation: Federation) -> None:
+    node = federation.start(
+        "N", serve="chat",
+        settings={"limits.loopback": "true", "limits.queries_per_minute": "0.5", "limits.burst": "2"},
+    )
+    quick = {"prompt": "hi", "max_tokens": 2}
+    async with connect(node.ui, guid=uuid.uuid4().hex) as alice:
+        for _ in range(2):
+            msgs = [m async for m in alice.stream("submit_query", realm="chat", payload=quick)]
+            assert msgs[-1]["op"] == "result"
+        msgs = [m async for m in alice.stream("submit_query", realm="chat", payload=quick)]
+        assert [m["op"] for m in msgs] == ["error"] and msgs[0]["code"] == "rate_limited"
+        assert "0.5 queries per minute" in msgs[0]["message"] and "try again in" in msgs[0]["message"]
+        history = await alice.call("history")
+        assert len(history["history"]) == 2  # the refused one was never stored
+    async with connect(node.ui, guid=uuid.uuid4().hex) as bob:  # another user has a bucket of his own
+        msgs = [m async for m in bob.stream("submit_query", realm="chat", payload=quick)]
+        assert msgs[-1]["op"] == "result"
+    token = (node.data_dir / "sysop.token").read_text().strip()
+    async with connect(node.ui, sysop_token=token) as sysop:  # the sysop is never limited
+        for _ in range(3):
+            msgs = [m async for m in sysop.stream("submit_query", realm="chat", payload=quick)]
+            assert msgs[-1]["op"] == "result"
+    await trio.to_thread.run_sync(node.wait_for, r"rate-limited user [0-9a-f]{32} \(0.5 queries/min, burst 2\)", 10)
