@@ -6,9 +6,12 @@ client; `ChatBackend` loads the model and streams a chat completion.
 Threading model. llama.cpp calls block, so they run in a worker thread
 (`trio.to_thread.run_sync`, never abandoned: the Llama instance is not
 thread-safe, so a generation must be over before the lock is released). The
-worker hands each piece of text to the trio side with `trio.from_thread.run`,
-which blocks the worker until the sink has taken it: a slow sink slows the
-generation down instead of letting a queue grow.
+worker hands each piece of text to a `TokenPipe` without waiting: it appends
+the piece and, if the trio side is not already due to look, wakes it with
+`TrioToken.run_sync_soon`. A pump task on the trio side sends what has piled up
+as one TokenEvent, so the worker samples the next token while the node
+publishes the last ones, and a slow sink gets fewer, larger events instead of
+slowing the generation (what piles up is text, at most max_tokens pieces).
 
 Per-token control. llama-cpp-python streams *text chunks*, not tokens: it
 holds text back while a multi-byte UTF-8 character or a possible stop string
@@ -31,13 +34,15 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
+import outcome
 import trio
 
 from .base import (
@@ -312,6 +317,101 @@ def completion_stats(done: Completion, elapsed: float) -> dict[str, int | float 
     }
 
 
+T = TypeVar("T")
+MAX_TOKEN_EVENT_CHARS = 8192  # a coalesced TokenEvent stays far below the wire's 64 KiB text cap
+
+
+class TokenPipe:
+    """Text pieces from a worker thread to an EventSink on the trio side; see the module docstring.
+
+    `put` is the only method a worker thread may call. Events keep the order of the pieces,
+    and `index` counts events from 0 as before; an event joins the pieces that arrived
+    while the previous one was being sent, up to MAX_TOKEN_EVENT_CHARS characters.
+    """
+
+    def __init__(self, send: EventSink) -> None:
+        self._send = send
+        self._lock = threading.Lock()
+        self._pending: list[str] = []
+        self._signalled = False  # a wake-up is on its way to the pump
+        self._trio_token = trio.lowlevel.current_trio_token()
+        self._wake = trio.Event()
+        self._closed = False
+        self.events = 0
+        self.error: Exception | None = None  # the sink's, if it raised
+        self.worker_scope = trio.CancelScope()
+
+    def put(self, text: str) -> None:
+        """Called by the worker thread: queue a piece, never wait for the sink."""
+        with self._lock:
+            self._pending.append(text)
+            if self._signalled:
+                return
+            self._signalled = True
+        self._trio_token.run_sync_soon(self._set_wake)
+
+    def _set_wake(self) -> None:
+        self._wake.set()
+
+    def close(self) -> None:
+        """Trio side, once the worker has returned: the pump sends what is left and ends."""
+        self._closed = True
+        self._wake.set()
+
+    async def pump(self) -> None:
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake = trio.Event()
+                last = self._closed  # read before taking: every piece was put before close()
+                with self._lock:
+                    pieces, self._pending = self._pending, []
+                    self._signalled = False
+                for text in _batches(pieces):
+                    await self._send(TokenEvent(text, self.events))
+                    self.events += 1
+                if last:
+                    return
+        except trio.Cancelled:
+            # The worker's outcome carries the cancellation; raising it here too would turn
+            # it into an ExceptionGroup for every caller.
+            return
+        except Exception as exc:  # the sink failed: stop the worker, report the sink's error
+            self.error = exc
+            self.worker_scope.cancel()
+
+
+def _batches(pieces: list[str]) -> list[str]:
+    out: list[str] = []
+    size = 0
+    for piece in pieces:
+        if out and size + len(piece) <= MAX_TOKEN_EVENT_CHARS:
+            out[-1] += piece
+            size += len(piece)
+        else:
+            out.append(piece)
+            size = len(piece)
+    return out
+
+
+async def stream_tokens(send: EventSink, work: Callable[[TokenPipe], Awaitable[T]]) -> T:
+    """Run `work(pipe)` (which runs a worker thread that calls `pipe.put`) with the pump
+    beside it; return its result once every piece has been sent to `send`.
+
+    Exceptions come out as they are, never grouped: the worker's (trio.Cancelled included),
+    or the sink's if the sink raised (the worker is then cancelled at its next token).
+    """
+    pipe = TokenPipe(send)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(pipe.pump)
+        with pipe.worker_scope:
+            result = await outcome.acapture(work, pipe)
+        pipe.close()
+    if pipe.error is not None:
+        raise pipe.error
+    return result.unwrap()
+
+
 def stream_chat_sync(
     llm: Any,
     messages: list[dict[str, Any]],
@@ -319,7 +419,7 @@ def stream_chat_sync(
     max_tokens: int,
     temperature: float,
     seed: int | None,
-    send: EventSink,
+    put: Callable[[str], None],
     eog_ids: np.ndarray,
     stop_token: int | None,
     ignore_eos: bool = False,
@@ -328,8 +428,8 @@ def stream_chat_sync(
     what: str = "chat",
 ) -> Completion:
     """Run `llm.create_chat_completion(messages, stream=True)` in the calling
-    worker thread (started with `trio.to_thread.run_sync`), sending each piece
-    of text to `send` on the trio side, and return the Completion.
+    worker thread (started with `trio.to_thread.run_sync`), handing each piece
+    of text to `put` (a TokenPipe's), and return the Completion.
 
     This is the per-token machinery described in the module docstring; it
     works for any chat handler of the Llama instance (the multimodal handlers
@@ -412,7 +512,7 @@ def stream_chat_sync(
             emit, pending, hit = _split_on_stop(pending + delta, stops)
             if emit:
                 pieces.append(emit)
-                trio.from_thread.run(send, TokenEvent(emit, len(pieces) - 1))
+                put(emit)
             if hit:
                 finish = "stop_string"
                 break
@@ -420,7 +520,7 @@ def stream_chat_sync(
             raise run.cancelled
         if finish != "stop_string" and pending:
             pieces.append(pending)
-            trio.from_thread.run(send, TokenEvent(pending, len(pieces) - 1))
+            put(pending)
     finally:
         if stream is not None:
             stream.close()  # ends llama.cpp's generator if we stopped early
@@ -526,9 +626,10 @@ class ChatBackend:
             if self._llm is None:
                 raise BackendError("chat model is not loaded", code="backend_failed")
             start = time.perf_counter()
-            done = await trio.to_thread.run_sync(
-                self._generate_sync, self._llm, params, field, send, abandon_on_cancel=False
-            )
+            llm = self._llm
+            done = await stream_tokens(send, lambda pipe: trio.to_thread.run_sync(
+                self._generate_sync, llm, params, field, pipe.put, abandon_on_cancel=False
+            ))
             elapsed = time.perf_counter() - start
         return ResultEvent(
             output={"text": done.text, "model": self.model_name},
@@ -536,7 +637,7 @@ class ChatBackend:
         )
 
     def _generate_sync(
-        self, llm: Any, params: ChatParams, field: str, send: EventSink
+        self, llm: Any, params: ChatParams, field: str, put: Callable[[str], None]
     ) -> Completion:
         """Worker thread body."""
         return stream_chat_sync(
@@ -545,7 +646,7 @@ class ChatBackend:
             max_tokens=params.max_tokens,
             temperature=params.temperature,
             seed=params.seed,
-            send=send,
+            put=put,
             eog_ids=self._eog_ids,
             stop_token=self._stop_token,
             ignore_eos=params.ignore_eos,

@@ -53,7 +53,7 @@ import secrets
 import struct
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,6 +79,7 @@ from .chat import (
     open_llama,
     parse_chat_payload,
     stream_chat_sync,
+    stream_tokens,
 )
 from .tiny import SMOKE_TEST_MODEL_NAME
 
@@ -725,9 +726,9 @@ class VisionBackend:
             if loaded is None:
                 raise BackendError("vision model is not loaded", code="backend_failed")
             start = time.perf_counter()
-            done, size, prepare_s = await trio.to_thread.run_sync(
-                self._generate_sync, loaded, params, send, abandon_on_cancel=False
-            )
+            done, size, prepare_s = await stream_tokens(send, lambda pipe: trio.to_thread.run_sync(
+                self._generate_sync, loaded, params, pipe.put, abandon_on_cancel=False
+            ))
             elapsed = time.perf_counter() - start
         stats = completion_stats(done, elapsed)
         stats["image_width"], stats["image_height"] = size
@@ -735,7 +736,7 @@ class VisionBackend:
         return ResultEvent(output={"text": done.text, "model": self.model_name}, stats=stats)
 
     def _generate_sync(
-        self, loaded: _Loaded, params: VisionParams, send: EventSink
+        self, loaded: _Loaded, params: VisionParams, put: Callable[[str], None]
     ) -> tuple[Completion, tuple[int, int], float]:
         """Worker thread body: decode the image, then stream the answer."""
         t0 = time.perf_counter()
@@ -765,7 +766,7 @@ class VisionBackend:
                 max_tokens=params.max_tokens,
                 temperature=params.temperature,
                 seed=params.seed,
-                send=send,
+                put=put,
                 eog_ids=loaded.eog_ids,
                 stop_token=loaded.stop_token,
                 field="prompt",

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import threading
+
 import pytest
 import trio
+from hypothesis import given
+from hypothesis import strategies as st
 
 from rentahal.models.base import (
     BackendError,
@@ -19,7 +23,14 @@ from rentahal.models.base import (
     ResultEvent,
     TokenEvent,
 )
-from rentahal.models.chat import ChatBackend, ChatParams, parse_chat_payload
+from rentahal.models.chat import (
+    MAX_TOKEN_EVENT_CHARS,
+    ChatBackend,
+    ChatParams,
+    _batches,
+    parse_chat_payload,
+    stream_tokens,
+)
 from rentahal.models.tiny import SMOKE_TEST_MODEL_NAME, write_tiny_llama
 from rentahal.scripts.make_tiny_llama import main as make_tiny_main
 
@@ -312,3 +323,57 @@ async def test_truncated_gguf(tiny_path: Path, tmp_path: Path) -> None:
     assert str(info.value) == (
         f"chat model {path}: not a GGUF file or corrupt (llama.cpp could not load it)"
     )
+
+
+# ------------------------------------------------- the worker -> trio pipe
+
+
+async def test_a_busy_sink_gets_the_pieces_that_piled_up_as_one_event() -> None:
+    """The worker never waits for the sink: while the sink is busy with the first piece, the
+    worker puts the other 99, and they go out as one event, in order."""
+    seen: list[TokenEvent] = []
+    sink_has_first = threading.Event()
+    release = trio.Event()
+
+    async def sink(ev: TokenEvent | ProgressEvent) -> None:
+        seen.append(ev)
+        if len(seen) == 1:
+            sink_has_first.set()
+            await release.wait()
+
+    def worker(put) -> str:
+        put("p0 ")
+        assert sink_has_first.wait(10)
+        for i in range(1, 100):
+            put(f"p{i} ")
+        trio.from_thread.run_sync(release.set)  # only now may the sink go on
+        return "done"
+
+    result = await stream_tokens(sink, lambda pipe: trio.to_thread.run_sync(worker, pipe.put))
+    assert result == "done"
+    assert [(e.index, e.text) for e in seen] == [(0, "p0 "), (1, "".join(f"p{i} " for i in range(1, 100)))]
+
+
+@given(st.lists(st.text(max_size=MAX_TOKEN_EVENT_CHARS + 10).filter(bool), max_size=40))
+def test_coalesced_events_keep_the_text_and_stay_under_the_cap(pieces: list[str]) -> None:
+    out = _batches(pieces)
+    assert "".join(out) == "".join(pieces)
+    assert all(len(b) <= MAX_TOKEN_EVENT_CHARS or b in pieces for b in out)
+    assert len(out) <= len(pieces)
+
+
+async def test_a_failing_sink_stops_the_generation_with_its_own_error(backend: ChatBackend) -> None:
+    calls = 0
+
+    async def sink(ev: TokenEvent | ProgressEvent) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise ConnectionError("client went away")
+
+    with pytest.raises(ConnectionError, match="client went away"):  # as itself, not in a group
+        await backend.generate({**PROMPT, "max_tokens": 500, "ignore_eos": True}, sink)
+    assert calls == 3
+    assert backend._llm.n_tokens < 300  # stopped early, not run on to max_tokens
+    again = await backend.generate({**PROMPT, "max_tokens": 5, "ignore_eos": True}, Collector())
+    assert again.stats["tokens"] == 5
