@@ -9,9 +9,10 @@ thread-safe, so a generation must be over before the lock is released). The
 worker hands each piece of text to a `TokenPipe` without waiting: it appends
 the piece and, if the trio side is not already due to look, wakes it with
 `TrioToken.run_sync_soon`. A pump task on the trio side sends what has piled up
-as one TokenEvent, so the worker samples the next token while the node
-publishes the last ones, and a slow sink gets fewer, larger events instead of
-slowing the generation (what piles up is text, at most max_tokens pieces).
+as one TokenEvent (at most one event per 20 ms), so the worker samples the next
+token while the node publishes the last ones, and a slow sink gets fewer, larger
+events instead of slowing the generation (what piles up is text, at most
+max_tokens pieces).
 
 Per-token control. llama-cpp-python streams *text chunks*, not tokens: it
 holds text back while a multi-byte UTF-8 character or a possible stop string
@@ -31,6 +32,7 @@ token count exact.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import secrets
@@ -319,14 +321,18 @@ def completion_stats(done: Completion, elapsed: float) -> dict[str, int | float 
 
 T = TypeVar("T")
 MAX_TOKEN_EVENT_CHARS = 8192  # a coalesced TokenEvent stays far below the wire's 64 KiB text cap
+# At most ~50 token events a second: a real model (20-100 tokens/s) is not slowed by this, and
+# a fast one does not pay the node's per-event work (JSON, websocket, libp2p frame) per token.
+MIN_TOKEN_EVENT_INTERVAL = 0.02
 
 
 class TokenPipe:
     """Text pieces from a worker thread to an EventSink on the trio side; see the module docstring.
 
     `put` is the only method a worker thread may call. Events keep the order of the pieces,
-    and `index` counts events from 0 as before; an event joins the pieces that arrived
-    while the previous one was being sent, up to MAX_TOKEN_EVENT_CHARS characters.
+    and `index` counts events from 0 as before. The first piece goes out at once; after an
+    event, the next waits until MIN_TOKEN_EVENT_INTERVAL has passed (or the worker is done)
+    and joins every piece that arrived meanwhile, up to MAX_TOKEN_EVENT_CHARS characters.
     """
 
     def __init__(self, send: EventSink) -> None:
@@ -337,6 +343,7 @@ class TokenPipe:
         self._trio_token = trio.lowlevel.current_trio_token()
         self._wake = trio.Event()
         self._closed = False
+        self._finished = trio.Event()
         self.events = 0
         self.error: Exception | None = None  # the sink's, if it raised
         self.worker_scope = trio.CancelScope()
@@ -356,12 +363,17 @@ class TokenPipe:
     def close(self) -> None:
         """Trio side, once the worker has returned: the pump sends what is left and ends."""
         self._closed = True
+        self._finished.set()
         self._wake.set()
 
     async def pump(self) -> None:
+        next_at = -math.inf
         try:
             while True:
                 await self._wake.wait()
+                if not self._closed:  # let pieces gather for up to MIN_TOKEN_EVENT_INTERVAL
+                    with trio.move_on_at(next_at):
+                        await self._finished.wait()
                 self._wake = trio.Event()
                 last = self._closed  # read before taking: every piece was put before close()
                 with self._lock:
@@ -370,6 +382,7 @@ class TokenPipe:
                 for text in _batches(pieces):
                     await self._send(TokenEvent(text, self.events))
                     self.events += 1
+                next_at = trio.current_time() + MIN_TOKEN_EVENT_INTERVAL
                 if last:
                     return
         except trio.Cancelled:

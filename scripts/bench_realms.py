@@ -416,7 +416,7 @@ def render(r: Results, info: dict[str, str]) -> str:
     fixed = {p: extra[p] - inside[p] for p in PATHS}
     if b_cpu["routed"] >= 0.6 * inside["routed"]:
         why = (
-            "so that time is mostly the node's own Python work per token (on the event loop, "
+            "so that time is mostly the node's own Python work per event (on the event loop, "
             "sharing the GIL with the generating thread), not idle waiting"
         )
     else:
@@ -467,9 +467,12 @@ def render(r: Results, info: dict[str, str]) -> str:
         f"through B and {extra['routed']:.1f} ms routed, {inside['node']:.1f} / "
         f"{inside['routed']:.1f} ms of it inside B's `generate()` "
         f"({inside['node'] * 1000 / T:.0f} / {inside['routed'] * 1000 / T:.0f} µs per token), "
-        f"because the backend's worker thread hands every token to the trio side and waits until "
-        f"the node has published it (a JSON websocket message; routed, first a msgpack frame on "
-        f"the Noise/yamux stream that A decodes and re-publishes) before it samples the next; "
+        f"while the worker thread samples on without waiting for the node: tokens that pile up "
+        f"while the node publishes go out as one event ({ch['node'].median('events'):.0f} / "
+        f"{ch['routed'].median('events'):.0f} token events for {T} tokens), and each event is "
+        f"Python work on B's event loop (a JSON websocket message; routed, first a msgpack frame "
+        f"on the Noise/yamux stream that A decodes and re-publishes) that shares the GIL and the "
+        f"{info['nproc']} cores with the generating thread; "
         f"B's process spends {b_cpu['node']:.1f} / {b_cpu['routed']:.1f} ms more CPU per request "
         f"than the direct call, {why}; the rest ({fixed['node']:.1f} / {fixed['routed']:.1f} ms) "
         f"is the fixed cost of a query: stored in SQLite before it runs and its result after, "

@@ -511,8 +511,8 @@ def render(r: Results, info: dict[str, str]) -> str:
         f"new-stream echo); token streaming is {stream_diff:+.2f} ms, and B's own `generate()` "
         f"time goes from {gen_local:.2f} ms (local) to {gen_routed:.2f} ms (routed)"
         + (
-            ", because B's generating thread waits for each token to be written to the stream "
-            "before it samples the next"
+            ": B's generating thread does not wait for the frames, but writing them is Python "
+            "work on B's event loop that shares the GIL and the cores with it"
             if gen_routed - gen_local > 0.3 * max(stream_diff, 0.0)
             else ", so most of it is spent after B wrote each frame (transport, A relaying it)"
         )

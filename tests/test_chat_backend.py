@@ -176,12 +176,14 @@ async def test_cancellation_stops_the_worker(tiny_path: Path, canceller: str) ->
         ChatBackend(tiny_path, n_ctx=4096, threads=2, max_tokens_cap=100_000)
     ) as backend:
         seen = 0
+        at_cancel: list[int] = []
         fifth = trio.Event()
         with trio.CancelScope() as scope:
             async def sink(ev: TokenEvent | ProgressEvent) -> None:
                 nonlocal seen
                 seen += 1
                 if seen == 5:
+                    at_cancel.append(backend._llm.n_tokens)
                     if canceller == "sink":
                         scope.cancel()
                     else:
@@ -199,10 +201,9 @@ async def test_cancellation_stops_the_worker(tiny_path: Path, canceller: str) ->
                 )
         assert scope.cancelled_caught
         assert 5 <= seen <= 8
-        # llama.cpp evaluated only the prompt (~40 tokens) and a handful of
-        # generated ones: the worker stopped at the next token instead of
+        # The worker stopped within a few tokens of the cancellation instead of
         # running on to the 4096-token context limit.
-        assert backend._llm.n_tokens < 100
+        assert backend._llm.n_tokens - at_cancel[0] <= 10, (at_cancel, backend._llm.n_tokens)
         # ... and the model is usable again straight away.
         again = await backend.generate({**PROMPT, "max_tokens": 10, "ignore_eos": True},
                                        Collector())
