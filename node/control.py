@@ -20,9 +20,10 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
+from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
 
 from .config import REALMS
+from .http import serve_ui
 from .queries import Refused, check_guid, check_nickname
 
 if TYPE_CHECKING:
@@ -43,48 +44,60 @@ class BadRequest(Exception):
         self.rid = rid
 
 
-def origin_allowed(origin: str | None) -> bool:
+def origin_allowed(origin: str | None, host_header: str | None = None) -> bool:
+    """No Origin (not a browser), a page on this machine, or the page this node served itself
+    (same origin as the Host the browser connected to, e.g. the UI opened over the LAN)."""
     if origin is None:
         return True  # not a browser: the CLI or a local script
     try:
-        host = urlsplit(origin).hostname
+        parts = urlsplit(origin)
+        host = parts.hostname
     except ValueError:  # e.g. "http://[::1": not an origin we allow
         return False
-    return host in LOCAL_HOSTS
+    if host in LOCAL_HOSTS:
+        return True
+    # Same origin counts only for an IP address: a page on a DNS name could be a DNS-rebinding
+    # attack (evil.example resolving to this node), whose Origin matches its Host too.
+    if host_header is None or parts.scheme != "http" or parts.netloc.lower() != host_header.lower():
+        return False
+    try:
+        ipaddress.ip_address((host or "").strip("[]"))
+    except ValueError:
+        return False
+    return True
 
 
 async def serve_control(node: Node, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
     cfg = node.config.ui
 
-    async def handler(request: WebSocketRequest) -> None:
+    async def handler(request: WebSocketRequest, client: str) -> None:
         try:  # one client's trouble, whatever it is, must never take the node down
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in request.headers}
-            if not origin_allowed(headers.get("origin")):
+            if not origin_allowed(headers.get("origin"), headers.get("host")):
                 log.warning("refused websocket from origin %r", headers.get("origin", "")[:200])
                 await request.reject(403, body=b"origin not allowed\n")
                 return
-            remote = request.remote
-            client = remote.address if not isinstance(remote, str) else remote
             ws = await request.accept()
-            await ControlSession(node, ws, client=str(client)).run()
+            await ControlSession(node, ws, client=client).run()
         except Exception as exc:
             log.error("websocket session failed: %s: %s", type(exc).__name__, exc)
 
     async with trio.open_nursery() as nursery:
-        server = await nursery.start(
-            lambda task_status: serve_websocket(
-                handler, cfg.host, cfg.port, None, max_message_size=MAX_MESSAGE, task_status=task_status
+        port = await nursery.start(
+            lambda task_status: serve_ui(
+                handler, cfg.host, cfg.port, max_message_size=MAX_MESSAGE, task_status=task_status
             )
         )
         host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
-        task_status.started(f"ws://{host}:{server.port}/")
+        log.info("web UI at http://%s:%d/", host if cfg.host not in ("0.0.0.0", "::") else "127.0.0.1", port)
+        task_status.started(f"ws://{host}:{port}/")
 
 
 def is_loopback(host: str) -> bool:
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
-        return host in ("", "localhost")  # "" or a path: a unix socket, this machine
+        return host == "localhost"  # anything else unparsable is not known to be this machine
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
     return ip.is_loopback

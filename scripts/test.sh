@@ -3,12 +3,13 @@
 # Extra arguments go to pytest (e.g. `bash scripts/test.sh -k wire -x`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# System tools the speech realm uses (audio conversion, offline text to speech).
-if ! command -v ffmpeg >/dev/null || ! command -v espeak-ng >/dev/null; then
+# System tools: the speech realm's (audio conversion, offline text to speech) and the browser
+# the web UI is tested in (Debian's chromium, driven headless over the DevTools protocol).
+if ! command -v ffmpeg >/dev/null || ! command -v espeak-ng >/dev/null || ! [ -x /usr/bin/chromium ]; then
   if [ "$(id -u)" = 0 ]; then
-    apt-get update -qq && apt-get install -y -qq ffmpeg espeak-ng >/dev/null
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ffmpeg espeak-ng chromium >/dev/null
   else
-    echo "scripts/test.sh: ffmpeg and espeak-ng are needed (apt-get install ffmpeg espeak-ng)" >&2
+    echo "scripts/test.sh: ffmpeg, espeak-ng and chromium are needed (apt-get install ffmpeg espeak-ng chromium)" >&2
   fi
 fi
 python3 -m venv .venv

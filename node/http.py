@@ -1,0 +1,205 @@
+"""One local port for the web UI: its static files over HTTP and the control websocket.
+
+trio-websocket alone answers a plain HTTP GET with 400, so this listener reads each
+connection's request head itself. A websocket upgrade is handed to trio-websocket with the
+bytes already read put back in front of the stream; any other request is answered here: GET or
+HEAD of one of the bundled UI files (node/ui/), 404 for other paths, 405 for other methods.
+Files are read once at start; every answer closes its connection (the UI is three files).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from importlib import resources
+
+import trio
+from trio_websocket import WebSocketRequest, wrap_server_stream
+
+log = logging.getLogger("rentahal.http")
+
+MAX_HEAD = 16 * 1024  # bytes of request line + headers
+HEAD_TIMEOUT = 10.0  # seconds a client may take to send its request head
+TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".svg": "image/svg+xml",
+    ".png": "image/png",
+}
+SECURITY_HEADERS = (
+    # Only this node's own files and websocket; media from data: and blob: URLs made in the page.
+    ("Content-Security-Policy",
+     "default-src 'self'; connect-src 'self'; img-src 'self' data: blob:; media-src 'self' data: blob:; "
+     "object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'none'"),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Referrer-Policy", "no-referrer"),
+    ("Cache-Control", "no-cache"),
+)
+
+
+class BadHead(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class RequestHead:
+    method: str
+    target: str
+    headers: dict[str, str]  # lower-cased names; a repeated header keeps its last value
+    raw: bytes  # everything read so far (the head and any bytes after it)
+
+
+def parse_head(data: bytes) -> RequestHead:
+    """Parse an HTTP/1.x request head from ``data`` (which holds at least the blank line)."""
+    head, sep, _ = data.partition(b"\r\n\r\n")
+    if not sep:
+        raise BadHead("incomplete request head")
+    try:
+        text = head.decode("latin-1")
+    except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes every byte
+        raise BadHead("undecodable request head") from None
+    lines = text.split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+        raise BadHead(f"bad request line {lines[0][:80]!r}")
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, colon, value = line.partition(":")
+        if not colon or not name or name != name.strip():
+            raise BadHead(f"bad header line {line[:80]!r}")
+        headers[name.lower()] = value.strip()
+    return RequestHead(parts[0], parts[1], headers, data)
+
+
+async def read_head(stream: trio.abc.Stream) -> RequestHead:
+    buf = bytearray()
+    while (end := buf.find(b"\r\n\r\n")) < 0 and len(buf) <= MAX_HEAD:
+        chunk = await stream.receive_some(4096)
+        if not chunk:
+            raise BadHead("connection closed before the request head ended")
+        buf += chunk
+    if end < 0 or end > MAX_HEAD:
+        raise BadHead(f"request head over {MAX_HEAD} bytes")
+    return parse_head(bytes(buf))
+
+
+class ReplayStream(trio.abc.Stream):
+    """A stream whose first reads return bytes already taken from ``inner``."""
+
+    def __init__(self, inner: trio.abc.Stream, first: bytes) -> None:
+        self.inner = inner
+        self.first = first
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self.first:
+            n = len(self.first) if max_bytes is None else max_bytes
+            out, self.first = self.first[:n], self.first[n:]
+            await trio.lowlevel.checkpoint()
+            return out
+        return await self.inner.receive_some(max_bytes)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def load_ui_files() -> dict[str, tuple[str, bytes]]:
+    """URL path -> (content type, body) for every bundled UI file; "/" is index.html."""
+    files: dict[str, tuple[str, bytes]] = {}
+    folder = resources.files("rentahal.node").joinpath("ui")
+    if folder.is_dir():
+        for entry in folder.iterdir():
+            suffix = "." + entry.name.rsplit(".", 1)[-1] if "." in entry.name else ""
+            if entry.is_file() and suffix in TYPES:
+                files["/" + entry.name] = (TYPES[suffix], entry.read_bytes())
+    if "/index.html" in files:
+        files["/"] = files["/index.html"]
+    return files
+
+
+def response(status: int, reason: str, body: bytes, content_type: str, *, head_only: bool = False,
+             extra: tuple[tuple[str, str], ...] = ()) -> bytes:
+    lines = [f"HTTP/1.1 {status} {reason}", f"Content-Type: {content_type}",
+             f"Content-Length: {len(body)}", "Connection: close",
+             *(f"{k}: {v}" for k, v in SECURITY_HEADERS + extra)]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (b"" if head_only else body)
+
+
+def answer_http(head: RequestHead, files: dict[str, tuple[str, bytes]]) -> bytes:
+    """The whole HTTP response to a request that is not a websocket upgrade."""
+    text = "text/plain; charset=utf-8"
+    if head.method not in ("GET", "HEAD"):
+        return response(405, "Method Not Allowed", b"only GET and HEAD\n", text, extra=(("Allow", "GET, HEAD"),))
+    path = head.target.split("?", 1)[0].split("#", 1)[0]
+    if path not in files:
+        return response(404, "Not Found", b"not found\n", text, head_only=head.method == "HEAD")
+    content_type, body = files[path]
+    return response(200, "OK", body, content_type, head_only=head.method == "HEAD")
+
+
+WebSocketHandler = Callable[[WebSocketRequest, str], Awaitable[None]]  # (request, client address)
+
+
+async def serve_ui(
+    handler: WebSocketHandler, host: str, port: int, *, max_message_size: int,
+    head_timeout: float = HEAD_TIMEOUT, files: dict[str, tuple[str, bytes]] | None = None,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Listen on host:port; report the bound port through ``task_status``."""
+    files = load_ui_files() if files is None else files
+    if "/" not in files:
+        log.warning("the web UI files are missing from this installation; only the websocket is served")
+
+    async def connection(stream: trio.SocketStream) -> None:
+        try:
+            with trio.fail_after(head_timeout):
+                head = await read_head(stream)
+        except (BadHead, trio.TooSlowError, trio.BrokenResourceError, OSError) as exc:
+            log.debug("dropped a UI connection: %s", exc)
+            if isinstance(exc, BadHead):
+                body = f"bad request: {exc}\n".encode()
+                with trio.move_on_after(2):
+                    await _send_quietly(stream, response(400, "Bad Request", body, "text/plain; charset=utf-8"))
+            await trio.aclose_forcefully(stream)
+            return
+        if head.headers.get("upgrade", "").lower() != "websocket":
+            with trio.move_on_after(head_timeout):
+                await _send_quietly(stream, answer_http(head, files))
+            await trio.aclose_forcefully(stream)
+            return
+        async with trio.open_nursery() as nursery:
+            with trio.move_on_after(head_timeout) as scope:
+                request = await wrap_server_stream(
+                    nursery, ReplayStream(stream, head.raw), max_message_size=max_message_size
+                )
+            try:
+                if not scope.cancelled_caught:
+                    await handler(request, _peer_address(stream))
+            finally:
+                nursery.cancel_scope.cancel()
+                await trio.aclose_forcefully(stream)
+
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    task_status.started(listeners[0].socket.getsockname()[1])
+    await trio.serve_listeners(connection, listeners)
+
+
+def _peer_address(stream: trio.SocketStream) -> str:
+    try:
+        return str(stream.socket.getpeername()[0])
+    except (OSError, IndexError, TypeError):
+        return "unknown"  # counted as a remote client: never assumed to be this machine
+
+
+async def _send_quietly(stream: trio.abc.Stream, data: bytes) -> None:
+    try:
+        await stream.send_all(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        pass
