@@ -452,6 +452,7 @@ class Node:
     def status_report(self) -> dict[str, Any]:
         return {
             "peer_id": self.peer_id,
+            "name": self.config.node.name,
             "version": __version__,
             "addrs": self.fh.addrs(),
             "ui": self.ui_url,

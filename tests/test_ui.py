@@ -43,6 +43,7 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
     # One thread per backend: four realms on two cores, and ggml/torch threads spin while waiting.
     settings = {f"realms.{r}.threads": "1" for r in ALL.split(",")}
     settings["realms.chat.model"] = json.dumps(str(model))
+    settings["node.name"] = NODE_NAME
     federation = Federation(root)
     try:
         b = federation.start("B", serve=ALL, settings=settings)
@@ -51,6 +52,9 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
         yield a, b
     finally:
         federation.close()
+
+
+NODE_NAME = "Bee's <b>node</b>"  # [node] name, shown as text in the header
 
 
 @pytest.fixture
@@ -149,6 +153,7 @@ async def test_the_page_connects_to_its_node_and_streams_a_chat_answer(
     await page.wait_for(f"{q('#peer-id')}.textContent === {json.dumps(b.peer_id)}",
                         show=f"{q('#peer-id')}.textContent")
     assert re.fullmatch("[0-9a-f]{32}", await page.text("#whoami"))
+    assert await page.eval("[document.querySelector('.brand h1').textContent, document.title]") == [NODE_NAME] * 2
 
     await record(page, "chat", "#chat-answer", "[el.dataset.state, el.textContent.length]")
     await page.fill("#chat-prompt", "hello there")

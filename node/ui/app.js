@@ -569,6 +569,9 @@ async function refreshDashboard() {
 
 function renderNode(s) {
   const id = String(s.peer_id || '');
+  const name = String(s.name || '') || 'RentAHal node';  // [node] name in node.toml, if set
+  $('.brand h1').textContent = name;
+  document.title = name;
   $('#peer-id').textContent = id || '…';
   $('#peer-id').title = `this node's peer id: ${id}`;
   const up = isNum(s.uptime_s) ? `${Math.floor(s.uptime_s / 3600)} h ${Math.floor((s.uptime_s % 3600) / 60)} min ${Math.floor(s.uptime_s % 60)} s` : '–';
