@@ -395,21 +395,22 @@ class TokenPipe:
 
 
 def _batches(pieces: list[str]) -> list[str]:
-    out: list[str] = []
+    groups: list[list[str]] = []
     size = 0
     for piece in pieces:
-        if out and size + len(piece) <= MAX_TOKEN_EVENT_CHARS:
-            out[-1] += piece
+        if groups and size + len(piece) <= MAX_TOKEN_EVENT_CHARS:
+            groups[-1].append(piece)
             size += len(piece)
         else:
-            out.append(piece)
+            groups.append([piece])
             size = len(piece)
-    return out
+    return ["".join(g) for g in groups]
 
 
 async def stream_tokens(send: EventSink, work: Callable[[TokenPipe], Awaitable[T]]) -> T:
     """Run `work(pipe)` (which runs a worker thread that calls `pipe.put`) with the pump
-    beside it; return its result once every piece has been sent to `send`.
+    beside it; return its result once every piece has been sent to `send` (unless the
+    caller was cancelled meanwhile: then pieces may be left unsent).
 
     Exceptions come out as they are, never grouped: the worker's (trio.Cancelled included),
     or the sink's if the sink raised (the worker is then cancelled at its next token).
@@ -421,6 +422,8 @@ async def stream_tokens(send: EventSink, work: Callable[[TokenPipe], Awaitable[T
             result = await outcome.acapture(work, pipe)
         pipe.close()
     if pipe.error is not None:
+        if isinstance(result, outcome.Error) and not isinstance(result.error, trio.Cancelled):
+            raise pipe.error from result.error
         raise pipe.error
     return result.unwrap()
 

@@ -24,6 +24,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketReque
 
 from .config import REALMS
 from .http import serve_ui
+from .limits import client_network
 from .queries import Refused, check_guid, check_nickname
 
 if TYPE_CHECKING:
@@ -78,7 +79,11 @@ async def serve_control(node: Node, *, task_status: trio.TaskStatus[str] = trio.
                 await request.reject(403, body=b"origin not allowed\n")
                 return
             ws = await request.accept()
-            await ControlSession(node, ws, client=client).run()
+            try:
+                await ControlSession(node, ws, client=client).run()
+            finally:  # a close frame, not a dropped connection, however the session ended
+                with trio.move_on_after(2):
+                    await ws.aclose()
         except Exception as exc:
             log.error("websocket session failed: %s: %s", type(exc).__name__, exc)
 
@@ -113,7 +118,8 @@ def rate_key(client: str, guid: str, *, sysop: bool, limit_loopback: bool) -> tu
         return None
     if is_loopback(client):
         return ("user", guid) if limit_loopback else None
-    return ("ip", client)
+    return ("ip", client_network(client))
+
 
 
 class ControlSession:

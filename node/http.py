@@ -17,10 +17,14 @@ from importlib import resources
 import trio
 from trio_websocket import WebSocketRequest, wrap_server_stream
 
+from .limits import client_network
+
 log = logging.getLogger("rentahal.http")
 
 MAX_HEAD = 16 * 1024  # bytes of request line + headers
 HEAD_TIMEOUT = 10.0  # seconds a client may take to send its request head
+MAX_CONNECTIONS = 512  # open UI connections in all (each holds a file descriptor)
+MAX_CONNECTIONS_PER_CLIENT = 64  # per IPv4 address / IPv6 /64
 TYPES = {
     ".html": "text/html; charset=utf-8",
     ".js": "text/javascript; charset=utf-8",
@@ -150,14 +154,35 @@ WebSocketHandler = Callable[[WebSocketRequest, str], Awaitable[None]]  # (reques
 async def serve_ui(
     handler: WebSocketHandler, host: str, port: int, *, max_message_size: int,
     head_timeout: float = HEAD_TIMEOUT, files: dict[str, tuple[str, bytes]] | None = None,
+    max_connections: int = MAX_CONNECTIONS, max_per_client: int = MAX_CONNECTIONS_PER_CLIENT,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Listen on host:port; report the bound port through ``task_status``."""
     files = load_ui_files() if files is None else files
     if "/" not in files:
         log.warning("the web UI files are missing from this installation; only the websocket is served")
+    open_by_client: dict[str, int] = {}
+    refused_logged: set[str] = set()
 
     async def connection(stream: trio.SocketStream) -> None:
+        client = _peer_address(stream)
+        who = client_network(client)
+        if sum(open_by_client.values()) >= max_connections or open_by_client.get(who, 0) >= max_per_client:
+            if who not in refused_logged and len(refused_logged) < 1024:  # a line per client, not per try
+                refused_logged.add(who)
+                log.warning("refused UI connections from %s: too many open (%d per client, %d in all)",
+                            who, max_per_client, max_connections)
+            await trio.aclose_forcefully(stream)
+            return
+        open_by_client[who] = open_by_client.get(who, 0) + 1
+        try:
+            await serve_connection(stream, client)
+        finally:
+            open_by_client[who] -= 1
+            if not open_by_client[who]:
+                del open_by_client[who]
+
+    async def serve_connection(stream: trio.SocketStream, client: str) -> None:
         try:
             with trio.fail_after(head_timeout):
                 head = await read_head(stream)
@@ -165,14 +190,12 @@ async def serve_ui(
             log.debug("dropped a UI connection: %s", exc)
             if isinstance(exc, BadHead):
                 body = f"bad request: {exc}\n".encode()
-                with trio.move_on_after(2):
-                    await _send_quietly(stream, response(400, "Bad Request", body, "text/plain; charset=utf-8"))
-            await trio.aclose_forcefully(stream)
+                await _answer_and_close(stream, response(400, "Bad Request", body, "text/plain; charset=utf-8"))
+            else:
+                await trio.aclose_forcefully(stream)
             return
         if head.headers.get("upgrade", "").lower() != "websocket":
-            with trio.move_on_after(head_timeout):
-                await _send_quietly(stream, answer_http(head, files))
-            await trio.aclose_forcefully(stream)
+            await _answer_and_close(stream, answer_http(head, files))
             return
         async with trio.open_nursery() as nursery:
             with trio.move_on_after(head_timeout) as scope:
@@ -181,7 +204,7 @@ async def serve_ui(
                 )
             try:
                 if not scope.cancelled_caught:
-                    await handler(request, _peer_address(stream))
+                    await handler(request, client)
             finally:
                 nursery.cancel_scope.cancel()
                 await trio.aclose_forcefully(stream)
@@ -198,8 +221,17 @@ def _peer_address(stream: trio.SocketStream) -> str:
         return "unknown"  # counted as a remote client: never assumed to be this machine
 
 
-async def _send_quietly(stream: trio.abc.Stream, data: bytes) -> None:
+async def _answer_and_close(stream: trio.SocketStream, data: bytes) -> None:
+    """Send a whole answer, then close without a reset: shut down our side and read (and drop)
+    what the client still sends, for up to a second, so unread bytes do not cut the answer off."""
     try:
-        await stream.send_all(data)
+        with trio.move_on_after(HEAD_TIMEOUT):
+            await stream.send_all(data)
+            await stream.send_eof()
+            with trio.move_on_after(1.0):
+                while await stream.receive_some(65536):
+                    pass
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
         pass
+    finally:
+        await trio.aclose_forcefully(stream)

@@ -4,11 +4,13 @@ A bucket holds at most ``burst`` tokens and refills at ``per_minute / 60`` token
 submission takes one. Keys are chosen by the caller (node/control.py: a remote client's IP
 address, or a local user's GUID). Memory stays bounded however many keys a hostile client
 makes up: buckets that have refilled completely carry no state worth keeping and are dropped
-once there are more than ``max_keys``; if every bucket is still draining, the oldest go first.
+once there are more than ``max_keys``; if every bucket is still draining, the least recently
+used go first. (The caller keys IPv6 clients by their /64, so one host cannot make up keys.)
 """
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
@@ -48,7 +50,7 @@ class RateLimiter:
             return 0.0
         now = self.clock()
         level = self._level(key, now)
-        if level < 1.0:
+        if level < 1.0 - 1e-9:  # float refill: a retry at exactly the advertised wait succeeds
             self._buckets[key] = (level, now)
             self._buckets.move_to_end(key)
             return (1.0 - level) / self.per_second
@@ -59,7 +61,24 @@ class RateLimiter:
         return 0.0
 
     def _prune(self, now: float) -> None:
+        """Drop down to half of max_keys, so the next prune is max_keys / 2 new keys away: full
+        buckets first (nothing is lost), then the least recently used ones."""
+        target = self.max_keys // 2
         for key in [k for k in self._buckets if self._level(k, now) >= self.burst]:
             del self._buckets[key]
-        while len(self._buckets) > self.max_keys:
+        while len(self._buckets) > target:
             self._buckets.popitem(last=False)
+
+
+def client_network(client: str) -> str:
+    """What one remote client is counted as: its IPv4 address, or its IPv6 /64 (a host on a
+    SLAAC network can use any address of its /64)."""
+    try:
+        ip = ipaddress.ip_address(client)
+    except ValueError:
+        return client
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)

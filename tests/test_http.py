@@ -126,3 +126,29 @@ def test_which_pages_may_open_the_websocket() -> None:
         ("http://[::1", "127.0.0.1:8765"),
     ):
         assert not origin_allowed(origin, host), (origin, host)
+
+
+async def test_connections_are_capped_per_client(nursery: trio.Nursery) -> None:
+    port = await nursery.start(
+        lambda task_status: serve_ui(echo, "127.0.0.1", 0, max_message_size=1 << 20, head_timeout=60,
+                                     files=FILES, max_per_client=2, task_status=task_status)
+    )
+    idle = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(2)]
+    extra = await trio.open_tcp_stream("127.0.0.1", port)
+    with trio.fail_after(10):  # closed at once, not after the 60 s head timeout
+        assert await extra.receive_some(100) == b""
+    await idle[0].aclose()
+    with trio.fail_after(10):  # a slot is free again: the next request is served
+        while True:
+            resp = await raw(port, b"GET / HTTP/1.1\r\n\r\n")
+            if resp:  # the close of idle[0] may not have reached the server yet
+                break
+    assert split(resp)[0].endswith("200 OK")
+    await idle[1].aclose()
+
+
+async def test_bytes_the_server_did_not_read_do_not_cut_its_answer_off(port: int) -> None:
+    status, _, body = split(await raw(port, b"GET / HTTP/1.1\r\n\r\n" + b"x" * 100_000))
+    assert status.endswith("200 OK") and body == FILES["/"][1]
+    status, _, _ = split(await raw(port, b"POST / HTTP/1.1\r\nContent-Length: 100000\r\n\r\n" + b"y" * 100_000))
+    assert status.endswith("405 Method Not Allowed")

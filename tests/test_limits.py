@@ -94,3 +94,30 @@ async def test_a_node_refuses_a_client_past_its_burst(federation: Federation) ->
             msgs = [m async for m in sysop.stream("submit_query", realm="chat", payload=quick)]
             assert msgs[-1]["op"] == "result"
     await trio.to_thread.run_sync(node.wait_for, r"rate-limited user [0-9a-f]{32} \(0.5 queries/min, burst 2\)", 10)
+
+
+def test_remote_clients_are_counted_per_ipv4_address_or_ipv6_64() -> None:
+    from rentahal.node.limits import client_network
+
+    assert client_network("192.0.2.7") == "192.0.2.7"
+    assert client_network("::ffff:192.0.2.7") == "192.0.2.7"
+    assert client_network("2001:db8:1:2::1") == client_network("2001:db8:1:2:ffff::9") == "2001:db8:1:2::/64"
+    assert client_network("2001:db8:1:3::1") != client_network("2001:db8:1:2::1")
+    g = uuid.uuid4().hex
+    clock = Clock()
+    rl = RateLimiter(per_minute=30, burst=10, clock=clock)
+    allowed = sum(
+        rl.take(rate_key(f"2001:db8::{i:x}", g, sysop=False, limit_loopback=False)) == 0.0 for i in range(1000)
+    )
+    assert allowed == 10  # a thousand addresses of one /64 share one bucket
+
+
+@pytest.mark.parametrize("per_minute", [7, 17, 30, 53, 59, 61, 1000])
+def test_a_retry_after_the_advertised_wait_is_taken(per_minute: int) -> None:
+    clock = Clock()
+    rl = RateLimiter(per_minute=per_minute, burst=1, clock=clock)
+    for _ in range(20):
+        assert rl.take("a") == 0.0
+        wait = rl.take("a")
+        assert wait > 0
+        clock.now += wait
