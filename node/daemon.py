@@ -73,6 +73,8 @@ class Node:
         self._queries_served = 0
         self.sysop_token = read_sysop_token(data_dir)
         self.submit_limiter = RateLimiter(config.limits.queries_per_minute, config.limits.burst)
+        self.peer_limiter = RateLimiter(config.limits.peer_queries_per_minute, config.limits.peer_burst)
+        self._rate_limited_peers: set[str] = set()  # logged once each (bounded below)
 
     # --- lifecycle ---------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED) -> None:
@@ -348,6 +350,18 @@ class Node:
         entry = self.table.get(incoming.peer_id)
         if entry is not None and entry.blocked:
             raise ServiceRefusal("busy", "this node does not serve you")
+        wait = self.peer_limiter.take(incoming.peer_id)
+        if wait > 0:
+            limits = self.config.limits
+            if incoming.peer_id not in self._rate_limited_peers and len(self._rate_limited_peers) < 1024:
+                self._rate_limited_peers.add(incoming.peer_id)
+                log.warning("rate-limited peer %s (%g queries/min, burst %d)",
+                            incoming.peer_id, limits.peer_queries_per_minute, limits.peer_burst)
+            raise ServiceRefusal(
+                "busy",
+                f"rate limited: more than {limits.peer_queries_per_minute:g} queries per minute from "
+                f"your node (burst {limits.peer_burst}); try again in {max(wait, 0.1):.1f} s",
+            )
         query = Query(req.query_id, req.realm, dict(req.payload), req.deadline_ms / 1000.0, incoming.peer_id)
         log.info("query %s (%s) from peer %s", req.query_id, req.realm, incoming.peer_id)
         try:

@@ -553,9 +553,10 @@ def run_benchmark(n: int, tokens: int, warmup: int) -> Results:
 
         progress("starting node B (serves chat) and node A (routes only, bootstrap B)")
         cap, n_ctx = chat_limits(tokens)
-        chat_settings = {}
+        # A sends B hundreds of queries a second: B's per-peer rate limit would refuse them.
+        chat_settings = {"limits.peer_queries_per_minute": "0"}
         if (cap, n_ctx) != chat_limits(1):
-            chat_settings = {"realms.chat.max_tokens": str(cap), "realms.chat.n_ctx": str(n_ctx)}
+            chat_settings |= {"realms.chat.max_tokens": str(cap), "realms.chat.n_ctx": str(n_ctx)}
         fed = Federation(work / "federation")
         _on_exit.append(fed.close)
         try:

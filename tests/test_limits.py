@@ -121,3 +121,21 @@ def test_a_retry_after_the_advertised_wait_is_taken(per_minute: int) -> None:
         wait = rl.take("a")
         assert wait > 0
         clock.now += wait
+
+
+async def test_a_peer_past_its_rate_is_told_busy_and_local_clients_are_not_affected(federation: Federation) -> None:
+    b = federation.start("B", serve="chat", settings={"limits.peer_queries_per_minute": "0.5", "limits.peer_burst": "2"})
+    a = federation.start("A", serve="none", bootstrap=(b.addr,))
+    await trio.to_thread.run_sync(a.wait_for, rf"peer {b.peer_id} is live", 60)
+    quick = {"prompt": "hi", "max_tokens": 2}
+    async with connect(a.ui, guid=uuid.uuid4().hex) as client:
+        for _ in range(2):
+            msgs = [m async for m in client.stream("submit_query", realm="chat", payload=quick)]
+            assert msgs[-1]["op"] == "result" and msgs[-1]["result"]["executor"] == b.peer_id
+        msgs = [m async for m in client.stream("submit_query", realm="chat", payload=quick)]
+        assert msgs[-1]["op"] == "error" and msgs[-1]["code"] == "busy", msgs[-1]
+        assert "rate limited: more than 0.5 queries per minute from your node" in msgs[-1]["message"]
+    await trio.to_thread.run_sync(b.wait_for, rf"rate-limited peer {a.peer_id} \(0.5 queries/min, burst 2\)", 10)
+    async with connect(b.ui, guid=uuid.uuid4().hex) as local:  # B's own users are not peers
+        msgs = [m async for m in local.stream("submit_query", realm="chat", payload=quick)]
+        assert msgs[-1]["op"] == "result"
