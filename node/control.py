@@ -127,7 +127,6 @@ class ControlSession:
         self.node = node
         self.ws = ws
         self.client = client
-        self.rate_limited_logged = False
         self.send_lock = trio.Lock()
         self.inflight = 0
         # Until the client says hello, it is an anonymous user of its own for this connection.
@@ -249,8 +248,7 @@ class ControlSession:
             return
         wait = self.node.submit_limiter.take(key)
         if wait > 0:
-            if not self.rate_limited_logged:  # one line per connection, not one per refusal
-                self.rate_limited_logged = True
+            if self.node.submit_limiter.first_refusal(key):  # one line per client, not per refusal
                 who = f"user {self.guid}" if key[0] == "user" else f"client {self.client}"
                 log.info("rate-limited %s (%g queries/min, burst %d)", who, limits.queries_per_minute, limits.burst)
             raise Refused(

@@ -74,7 +74,6 @@ class Node:
         self.sysop_token = read_sysop_token(data_dir)
         self.submit_limiter = RateLimiter(config.limits.queries_per_minute, config.limits.burst)
         self.peer_limiter = RateLimiter(config.limits.peer_queries_per_minute, config.limits.peer_burst)
-        self._rate_limited_peers: set[str] = set()  # logged once each (bounded below)
 
     # --- lifecycle ---------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED) -> None:
@@ -353,8 +352,7 @@ class Node:
         wait = self.peer_limiter.take(incoming.peer_id)
         if wait > 0:
             limits = self.config.limits
-            if incoming.peer_id not in self._rate_limited_peers and len(self._rate_limited_peers) < 1024:
-                self._rate_limited_peers.add(incoming.peer_id)
+            if self.peer_limiter.first_refusal(incoming.peer_id):
                 log.warning("rate-limited peer %s (%g queries/min, burst %d)",
                             incoming.peer_id, limits.peer_queries_per_minute, limits.peer_burst)
             raise ServiceRefusal(

@@ -32,6 +32,7 @@ class RateLimiter:
         self.clock = clock
         self.max_keys = max_keys
         self._buckets: OrderedDict[Hashable, tuple[float, float]] = OrderedDict()  # key -> (tokens, at)
+        self._reported: set[Hashable] = set()  # keys refused and logged already
 
     @property
     def enabled(self) -> bool:
@@ -59,6 +60,14 @@ class RateLimiter:
         if len(self._buckets) > self.max_keys:
             self._prune(now)
         return 0.0
+
+    def first_refusal(self, key: Hashable) -> bool:
+        """True the first time ``key`` is refused (so an operator sees one log line per client,
+        not one per refused request); remembers at most max_keys of them."""
+        if key in self._reported or len(self._reported) >= self.max_keys:
+            return False
+        self._reported.add(key)
+        return True
 
     def _prune(self, now: float) -> None:
         """Drop down to half of max_keys, so the next prune is max_keys / 2 new keys away: full

@@ -28,6 +28,7 @@ def test_burst_then_refill_at_the_configured_rate() -> None:
     rl = RateLimiter(per_minute=6, burst=3, clock=clock)  # one token every 10 s
     assert [rl.take("a") for _ in range(3)] == [0.0, 0.0, 0.0]
     assert rl.take("a") == pytest.approx(10.0)
+    assert rl.first_refusal("a") and not rl.first_refusal("a")  # one log line per client
     assert rl.take("b") == 0.0  # buckets are per key
     clock.now += 4
     assert rl.take("a") == pytest.approx(6.0)  # a refused attempt does not reset the refill
