@@ -430,6 +430,30 @@ def query(
     )
 
 
+def _duration(seconds: float) -> str:
+    s = int(seconds)
+    d, h, m = s // 86400, s // 3600 % 24, s // 60 % 60
+    return f"{d}d {h}h {m}m" if d else f"{h}h {m}m {s % 60}s" if h else f"{m}m {s % 60}s" if m else f"{s}s"
+
+
+@app.command()
+def status(data_dir: Optional[Path] = DataDir, as_json: bool = typer.Option(False, "--json")) -> None:
+    """This node: peer ID, version, uptime, whether peers can reach it, and how a friend joins."""
+    st = _request(data_dir, {"op": "status"})["status"]
+    if as_json:
+        typer.echo(json.dumps(st, indent=2))
+        return
+    reach = st["reachability"]
+    typer.echo(f"peer ID       {st['peer_id']}" + (f"  ({st['name']})" if st.get("name") else ""))
+    typer.echo(f"version       {st['version']}")
+    typer.echo(f"uptime        {_duration(st['uptime_s'])}")
+    typer.echo(f"reachability  {reach['text']}")
+    typer.echo(f"addresses     {', '.join(st['addrs']) or '-'}")
+    typer.echo(f"web UI        {st['ui']}")
+    if reach["bootstrap"]:
+        typer.echo(f"a friend joins with:\n  rentahal-node run --bootstrap {reach['bootstrap']}")
+
+
 @app.command()
 def stats(data_dir: Optional[Path] = DataDir, as_json: bool = typer.Option(False, "--json")) -> None:
     """Per-realm statistics of this node (they survive restarts)."""

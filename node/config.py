@@ -128,14 +128,32 @@ def _check_multiaddr(v: Any, need_peer: bool) -> str:
     return v
 
 
-def _multiaddrs(default: tuple[str, ...], *, need_peer: bool) -> Any:
+_DNS_MADDR = re.compile(r"/dns[46]?/(?P<name>[A-Za-z0-9.-]{1,253})/tcp/(?P<port>\d{1,5})")
+
+
+def _check_announce(v: Any) -> str:
+    """An address the operator knows this node is reachable at: an IP or a DNS name, no /p2p/."""
+    m = _DNS_MADDR.fullmatch(v) if isinstance(v, str) else None
+    if m is not None:
+        if not 1 <= int(m["port"]) <= 65535:
+            raise _Bad(f"tcp port {m['port']} is out of range 1..65535 in {_show(v)}")
+        return v
+    if isinstance(v, str) and "/p2p/" in v:
+        raise _Bad(f"an announce address names no peer (this node's /p2p/ is added), got {_show(v)}")
+    try:
+        return _check_multiaddr(v, False)
+    except _Bad:
+        raise _Bad(f"expected /ip4|ip6/<address>/tcp/<port> or /dns4|dns6/<name>/tcp/<port>, got {_show(v)}") from None
+
+
+def _multiaddrs(default: tuple[str, ...], *, need_peer: bool, announce: bool = False) -> Any:
     def check(v: Any) -> tuple[str, ...]:
         if not isinstance(v, list | tuple):
             raise _Bad(f"expected a list of multiaddr strings, got {_show(v)}")
         out = []
         for i, item in enumerate(v):
             try:
-                out.append(_check_multiaddr(item, need_peer))
+                out.append(_check_announce(item) if announce else _check_multiaddr(item, need_peer))
             except _Bad as e:
                 raise _Bad(f"item {i}: {e}") from None
         return tuple(out)
@@ -156,6 +174,13 @@ class NodeSection:
 class P2PConfig:
     listen: tuple[str, ...] = _multiaddrs(("/ip4/0.0.0.0/tcp/4001",), need_peer=False)
     bootstrap: tuple[str, ...] = _multiaddrs((), need_peer=True)
+    announce: tuple[str, ...] = _multiaddrs((), need_peer=False, announce=True)
+    mdns: bool = _bool(True)
+    relay_service: str = _str("auto", lambda s: s in ("auto", "on", "off"), "one of auto|on|off")
+    relay_reservations: int = _int(32, 1, 10000)
+    relay_duration: float = _float(120.0, 1.0, 86400.0)
+    relay_bytes: int = _int(16 * 1024 * 1024, 1024, 1 << 40)
+    relay_circuits: int = _int(64, 1, 100000)
     health_interval: float = _float(1.0, 0.2, 60.0)
     stale_after: float = _float(3.5, 0.0, 3600.0, lo_open=True)
     dht_refresh: float = _float(300.0, 5.0, 86400.0)

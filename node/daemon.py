@@ -16,9 +16,15 @@ from typing import Any
 import trio
 
 from .. import __version__
+from ..p2p import addrs as addrlib
 from ..p2p.health import HEALTH_TOPIC, HealthRecord, sign_record, verify_record
 from ..p2p.host import DialError, FederationHost, open_federation_host
 from ..p2p.identity import Identity
+from ..p2p.maintenance import PeerMaintenance
+from ..p2p.mdns import LanDiscovery
+from ..p2p.relay import RelayLimits, RelayService
+from ..p2p.reachability import PROTOCOL_ID as DIALBACK_ID
+from ..p2p.reachability import DialBack, Reachability
 from ..p2p.peers import FailureKind, PeerState, PeerTable
 from ..p2p.query import IncomingQuery, PeerQueryError, QueryClient, QueryService, ServiceRefusal
 from ..p2p.wire import PROTOCOL_ID
@@ -35,7 +41,8 @@ RUN_FILE = "node.run.json"
 MAX_RECORD_SKEW = 120.0  # seconds between a health record's timestamp and this clock
 PEER_FORGET_AFTER = 3600.0
 MAX_PEERS = 5000
-PING_INTERVAL = 5.0
+REMEMBER_PEERS_FOR = 7 * 86400.0  # a restarted node redials peers seen within this long
+REMEMBERED_PEERS = 64
 
 
 SYSOP_TOKEN_FILE = "sysop.token"
@@ -91,7 +98,7 @@ class Node:
         self.local.peer_id = self.peer_id
         overrides = await self.storage.realm_overrides()
         self.local.disabled = {realm for realm, enabled in overrides.items() if not enabled}
-        async with open_federation_host(self.identity, cfg.p2p.listen) as fh:
+        async with open_federation_host(self.identity, cfg.p2p.listen, announce=cfg.p2p.announce) as fh:
             self.fh = fh
             self.table = PeerTable(
                 self.peer_id,
@@ -114,6 +121,10 @@ class Node:
             )
             for peer_id in await self.storage.blocked_peers():
                 self.table.set_blocked(peer_id, True)
+            self.maintenance = PeerMaintenance(
+                fh, self.table, dial_timeout=cfg.p2p.dial_timeout, bootstrap=cfg.p2p.bootstrap,
+                on_connected=self._remember_peer,
+            )
             self.queries = QueryManager(
                 self.storage,
                 self.router,
@@ -124,19 +135,31 @@ class Node:
             )
             service = QueryService(self._serve_peer_query, on_violation=self._on_violation)
             fh.set_stream_handler(PROTOCOL_ID, service.handle_stream)
+            self.dialback = DialBack(fh)
+            p2p = cfg.p2p
+            self.relay = RelayService(
+                fh,
+                RelayLimits(p2p.relay_reservations, p2p.relay_duration, p2p.relay_bytes, p2p.relay_circuits),
+                mode=p2p.relay_service,
+            )
+            fh.set_stream_handler(DIALBACK_ID, self.dialback.handle_stream)
+            log.info("bound to %s", " ".join(fh.listen_addrs()))
             for addr in fh.addrs():
                 log.info("listening on %s", addr)
             try:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(self.local.run)
                     nursery.start_soon(self._advertise)
-                    nursery.start_soon(self._watch_connections)
                     nursery.start_soon(self._publish_health)
                     await nursery.start(self._listen_health)
                     nursery.start_soon(self._watch_peer_states)
-                    nursery.start_soon(self._ping_peers)
-                    for addr in cfg.p2p.bootstrap:
-                        nursery.start_soon(self._keep_bootstrap, addr)
+                    await nursery.start(self.relay.run)
+                    await nursery.start(self.maintenance.run)
+                    nursery.start_soon(self._rejoin_remembered)
+                    nursery.start_soon(self.dialback.run)
+                    if cfg.p2p.mdns:
+                        nursery.start_soon(LanDiscovery(fh, self._on_lan_peer).run)
+                    nursery.start_soon(self._follow_reachability)
                     await nursery.start(self.queries.run)
                     from .control import serve_control
 
@@ -200,53 +223,53 @@ class Node:
 
     async def _dial_quietly(self, peer_id: str, addrs: tuple[str, ...]) -> None:
         try:
-            await self.fh.dial_peer(peer_id, addrs, timeout=self.config.p2p.dial_timeout)
+            await self.maintenance.dial(peer_id)
         except DialError as exc:
             log.info("dial %s failed: %s", peer_id, exc)
 
-    # --- connections -------------------------------------------------------------------------
-    async def _keep_bootstrap(self, addr: str) -> None:
-        backoff = 1.0
-        peer_id = addr.rsplit("/p2p/", 1)[-1]
+    async def _follow_reachability(self) -> None:
+        """Advertise the address peers dialed this node back on (its public one)."""
         while True:
-            if not self.fh.is_connected(peer_id):
-                try:
-                    await self.fh.dial(addr, timeout=self.config.p2p.dial_timeout)
-                    log.info("connected to bootstrap %s", addr)
-                    backoff = 1.0
-                except DialError as exc:
-                    log.warning("bootstrap unreachable: %s (retry in %.0fs)", exc, backoff)
-                    await trio.sleep(backoff)
-                    backoff = min(backoff * 2, 60.0)
-                    continue
-            await trio.sleep(2.0)
+            self.fh.book.confirmed = self.dialback.verdict.public_addrs
+            state = self.dialback.state
+            self.relay.set_hop(state is Reachability.PUBLIC)
+            self.relay.want_reservations = state is Reachability.PRIVATE
+            await self.dialback.changed.wait()
 
-    async def _watch_connections(self) -> None:
+    async def _on_lan_peer(self, peer_id: str, addrs: tuple[str, ...]) -> None:
+        self.table.hear_of(peer_id, addrs, source="mdns")
+        await self._dial_quietly(peer_id, addrs)
+
+    # --- remembered peers --------------------------------------------------------------------
+    async def _remember_peer(self, peer_id: str, addr: str) -> None:
+        """Persist the address this node reached ``peer_id`` on, so a restart can rejoin."""
+        if "/p2p-circuit" not in addr and not self.fh.local_only() and addrlib.scope(addr) == "loopback":
+            return
+        entry = self.table.get(peer_id)
+        verified = list(reversed(entry.verified)) if entry else [addr]
+        try:
+            await self.storage.note_peer(peer_id, verified[:8])
+        except Exception as exc:  # a storage hiccup costs the memory of one peer, nothing more
+            log.debug("could not remember peer %s: %s", peer_id, exc)
+
+    async def _rejoin_remembered(self) -> None:
+        """Dial the peers this node was connected to before it restarted."""
+        try:
+            known = await self.storage.known_peers(max_age=REMEMBER_PEERS_FOR, limit=REMEMBERED_PEERS)
+        except Exception as exc:
+            log.warning("could not read remembered peers: %s", exc)
+            return
+        if not known:
+            return
+        log.info("rejoining through %d remembered peer(s)", len(known))
         async with trio.open_nursery() as nursery:
-            async for ev in self.fh.connection_events:
-                if ev.connected:
-                    self.table.hear_of(ev.peer_id, source="connection")
-                    nursery.start_soon(self.fh.add_dht_peer, ev.peer_id)
-                    log.debug("connection up: %s", ev.peer_id)
-                else:
-                    log.debug("connection down: %s", ev.peer_id)
-
-    async def _ping_peers(self) -> None:
-        from libp2p.host.ping import PingService
-        from libp2p.peer.id import ID
-
-        pinger = PingService(self.fh.host)
-        while True:
-            await trio.sleep(PING_INTERVAL)
-            for pid in self.fh.connected_peers():
-                with trio.move_on_after(2):
-                    try:
-                        # The library rounds RTTs to whole milliseconds; time it ourselves.
-                        t0 = trio.current_time()
-                        if await pinger.ping(ID.from_base58(pid)):
-                            self.table.record_rtt(pid, (trio.current_time() - t0) * 1000.0)
-                    except Exception:
-                        pass
+            for pid, addrs in known.items():
+                if pid == self.peer_id:
+                    continue
+                for a in reversed(addrs):
+                    self.table.verify_addr(pid, a)
+                self.table.hear_of(pid, source="remembered")
+                nursery.start_soon(self._dial_quietly, pid, tuple(addrs))
 
     # --- health gossip -----------------------------------------------------------------------
     def health_record(self, seq: int) -> HealthRecord:
@@ -326,11 +349,10 @@ class Node:
     async def execute(self, peer_id: str, query: Query, emit: Emit, *, hang_timeout: float) -> Event:
         """RemoteExecutor for the router: run ``query`` on ``peer_id`` over the query protocol."""
         if not self.fh.is_connected(peer_id):
-            entry = self.table.get(peer_id)
             try:
-                await self.fh.dial_peer(peer_id, entry.addrs if entry else (), timeout=self.config.p2p.dial_timeout)
+                await self.maintenance.dial(peer_id)
             except DialError as exc:
-                raise ExecutorError(FailureKind.DEAD, "busy", str(exc)) from None
+                raise ExecutorError(FailureKind.UNREACHABLE, "unreachable", str(exc)) from None
         try:
             return await self.client.execute(
                 peer_id,
@@ -433,6 +455,9 @@ class Node:
                     "rtt_ms": None if e.rtt_ms is None else round(e.rtt_ms, 3),
                     "latency_ms": None if e.latency_ms is None else round(e.latency_ms, 3),
                     "connected": e.peer_id in connected,
+                    "path": ("relayed" if e.relayed else "direct") if e.peer_id in connected else None,
+                    "unreachable": e.unreachable or None,
+                    "verified_addrs": list(reversed(e.verified)),
                     "failures": e.consecutive_failures,
                     "last_failure": e.last_failure,
                     "violations": e.violations,
@@ -461,11 +486,47 @@ class Node:
             )
         return out
 
+    def reachability_report(self) -> dict[str, Any]:
+        """Whether peers can dial this node, in words and as data, and the --bootstrap string a
+        friend should use."""
+        state = self.dialback.state
+        addrs = self.fh.addrs()
+        relayed = [a for a in addrs if "/p2p-circuit" in a]
+        direct = [a for a in addrs if "/p2p-circuit" not in a]
+        public = [a for a in direct if addrlib.scope(a) in ("public", "dns")] or [
+            addrlib.with_peer(a, self.peer_id) for a in self.dialback.verdict.public_addrs
+        ]
+        announced = [addrlib.with_peer(a, self.peer_id) for a in self.config.p2p.announce]
+        if state is Reachability.PUBLIC:
+            best = (announced or public or direct or [""])[0]
+            text = f"public at {addrlib.without_peer(best, self.peer_id)}"
+        elif relayed:
+            best = relayed[0]
+            text = f"behind NAT, reachable via relay {addrlib.without_peer(best, self.peer_id)}"
+        elif state is Reachability.PRIVATE:
+            best = (announced or [""])[0]
+            text = "unreachable: behind NAT or a firewall, and no relay reservation yet"
+        elif self.fh.local_only():
+            best = direct[0] if direct else ""
+            text = "local only: listening on loopback, reachable from this host alone"
+        else:
+            best = (announced or direct or [""])[0]
+            text = "unknown: no peer has tried to dial this node yet"
+        return {
+            "state": "relayed" if state is not Reachability.PUBLIC and relayed else state.value,
+            "text": text,
+            "bootstrap": best,
+            "relays": relayed,
+            "witnesses": {ip: {"dialed": ok, "addr": a} for ip, (ok, a) in self.dialback.verdict.answers.items()},
+        }
+
     def status_report(self) -> dict[str, Any]:
         return {
             "peer_id": self.peer_id,
             "name": self.config.node.name,
             "version": __version__,
+            "reachability": self.reachability_report(),
+            "listen": self.fh.listen_addrs(),
             "addrs": self.fh.addrs(),
             "ui": self.ui_url,
             "uptime_s": round(time.time() - self.started_at, 1),

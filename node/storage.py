@@ -631,6 +631,24 @@ class Storage:
             (peer_id, json.dumps(addrs), now, now),
         )
 
+    async def known_peers(self, *, max_age: float, limit: int) -> dict[str, list[str]]:
+        """Peers seen within ``max_age`` seconds that are not blocked, newest first, with the
+        addresses this node reached them on: a restarted node rejoins through them."""
+        rows = await self._node.rows(
+            "SELECT peer_id, addrs FROM peers WHERE NOT blocked AND last_seen > ? "
+            "ORDER BY last_seen DESC LIMIT ?",
+            (time.time() - max_age, limit),
+        )
+        out: dict[str, list[str]] = {}
+        for r in rows:
+            try:
+                addrs = json.loads(r["addrs"])
+            except ValueError:
+                continue
+            if isinstance(addrs, list):
+                out[r["peer_id"]] = [a for a in addrs if isinstance(a, str)][:8]
+        return out
+
     async def set_realm_enabled(self, realm: str, enabled: bool) -> None:
         await self._node.execute(
             "INSERT INTO realm_settings (realm, enabled) VALUES (?, ?) "

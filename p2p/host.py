@@ -16,11 +16,28 @@ from typing import Any
 
 import trio
 
+from . import addrs as addrlib
 from .identity import Identity
 
 log = logging.getLogger("rentahal.p2p")
 
 REALM_KEY_PREFIX = "/rentahal/realm/"
+
+
+def realm_multihash(realm: str) -> bytes:
+    """sha2-256 multihash of ``/rentahal/realm/<realm>``: the DHT key of the realm's providers."""
+    import hashlib
+
+    return b"\x12\x20" + hashlib.sha256((REALM_KEY_PREFIX + realm).encode()).digest()
+
+
+def realm_cid(realm: str) -> str:
+    """The realm's provider key as a CIDv1 (raw codec, sha2-256) in base32: what a go or js
+    Kademlia client passes to ``FindProviders``. A CID string is never misread as hex or text."""
+    import base64
+
+    raw = b"\x01\x55" + realm_multihash(realm)
+    return "b" + base64.b32encode(raw).decode("ascii").lower().rstrip("=")
 
 
 class DialError(Exception):
@@ -38,6 +55,83 @@ def quiet_libp2p_logs() -> None:
 class ConnectionEvent:
     peer_id: str
     connected: bool
+    remote: str = ""  # /ip4|ip6/<ip>/tcp/<port> of the other end, "" if not known
+    outbound: bool = False  # we dialed it: ``remote`` is an address that worked
+    relayed: bool = False
+
+
+def _conn_facts(conn: Any) -> tuple[str, bool, bool]:
+    """(remote address, outbound, relayed) of a libp2p connection, as far as it tells."""
+    remote, outbound, relayed = "", False, False
+    try:
+        outbound = str(getattr(conn, "direction", "")).lower().endswith("outbound")
+        for a in conn.get_transport_addresses() or ():
+            if "p2p-circuit" in str(a):
+                return str(a), outbound, True
+        ra = conn.muxed_conn.get_remote_address()
+        if ra:
+            ip, port = ra[0], ra[1]
+            remote = f"/ip6/{ip}/tcp/{port}" if ":" in ip else f"/ip4/{ip}/tcp/{port}"
+    except Exception:  # a connection torn down while we look at it
+        pass
+    return remote, outbound, relayed
+
+
+class AddressBook:
+    """What this node advertises (``host.get_addrs()`` goes through :meth:`factory`): listen
+    addresses expanded to interface addresses, ``p2p.announce``, observed addresses confirmed by
+    ``min_observers`` independent peers, and ``/p2p-circuit`` addresses of relay reservations."""
+
+    def __init__(self, announce: Sequence[str] = (), *, min_observers: int = 2) -> None:
+        self.announce = tuple(announce)
+        self.min_observers = min_observers
+        self.relayed: list[str] = []
+        self.confirmed: list[str] = []  # addresses peers dialed this node back on
+        self.host: Any = None
+        self._ifaces: tuple[float, list[str]] = (-1e9, [])
+
+    def interfaces(self) -> list[str]:
+        import time
+
+        at, cached = self._ifaces
+        if time.monotonic() - at > 5.0:
+            self._ifaces = (time.monotonic(), addrlib.interface_addresses())
+        return self._ifaces[1]
+
+    def observed(self) -> list[str]:
+        mgr = getattr(self.host, "_observed_addr_manager", None)
+        seen: list[str] = []
+        if mgr is not None:
+            try:
+                seen = [str(a) for a in mgr.addrs(min_observers=self.min_observers)]
+            except Exception:
+                seen = []
+        return [*self.confirmed, *seen]
+
+    def listening(self) -> list[str]:
+        return [str(a) for a in self.host.get_transport_addrs()] if self.host is not None else []
+
+    def advertised(self) -> list[str]:
+        return addrlib.advertisable(
+            self.listening(), interfaces=self.interfaces(), announce=self.announce,
+            observed=self.observed(), relayed=self.relayed,
+        )
+
+    def get_addrs(self) -> list[Any]:
+        """Replaces the host's ``get_addrs`` (identify, DHT provider records, DCUtR read it).
+        The library's own version strips everything after the first ``/p2p/`` of an address,
+        which turns ``<relay>/p2p/<relay id>/p2p-circuit`` into the relay's address under this
+        node's ID: a lie. Here each address just gets ``/p2p/<own id>`` appended."""
+        import multiaddr
+
+        own = self.host.get_id().to_base58()
+        out = []
+        for a in self.advertised():
+            try:
+                out.append(multiaddr.Multiaddr(addrlib.with_peer(a, own)))
+            except Exception:  # a /dns4/ name the multiaddr library rejects: skip it, keep the rest
+                continue
+        return out
 
 
 class _Notifee:
@@ -48,7 +142,10 @@ class _Notifee:
 
     def _put(self, conn: Any, connected: bool) -> None:
         try:
-            self.send.send_nowait(ConnectionEvent(conn.muxed_conn.peer_id.to_base58(), connected))
+            remote, outbound, relayed = _conn_facts(conn)
+            self.send.send_nowait(
+                ConnectionEvent(conn.muxed_conn.peer_id.to_base58(), connected, remote, outbound, relayed)
+            )
         except (trio.WouldBlock, trio.ClosedResourceError, AttributeError):
             pass
 
@@ -72,19 +169,47 @@ class _Notifee:
 
 
 class FederationHost:
-    def __init__(self, host: Any, pubsub: Any, dht: Any, events: trio.MemoryReceiveChannel[ConnectionEvent]) -> None:
+    def __init__(
+        self, host: Any, pubsub: Any, dht: Any, events: trio.MemoryReceiveChannel[ConnectionEvent],
+        book: AddressBook,
+    ) -> None:
         self.host = host
         self.pubsub = pubsub
         self.dht = dht
         self.connection_events = events
+        self.book = book
+        # Set by the relay service: dials a /p2p-circuit address (addr, peer, timeout).
+        self.circuit_dialer: Any = None
 
     @property
     def peer_id(self) -> str:
         return self.host.get_id().to_base58()
 
     def addrs(self) -> list[str]:
-        """Listen addresses with ``/p2p/<id>``."""
+        """The addresses this node advertises, with ``/p2p/<id>``: never an unspecified one,
+        loopback only when it has nothing else (see :class:`AddressBook`)."""
         return [str(a) for a in self.host.get_addrs()]
+
+    def listen_addrs(self) -> list[str]:
+        """What the transports are bound to (``0.0.0.0`` included), for the operator's log."""
+        return self.book.listening()
+
+    def local_only(self) -> bool:
+        """True when everything this node advertises is loopback: it lives on this host alone."""
+        return all(addrlib.scope(a) == "loopback" for a in self.book.advertised())
+
+    def connection(self, peer_id: str) -> tuple[str, bool, bool] | None:
+        """(remote address, outbound, relayed) of the open connection to ``peer_id`` that new
+        streams use: a direct one if there is any, else a relayed one."""
+        from libp2p.peer.id import ID
+
+        try:
+            conns = self.host.get_network().get_connections(ID.from_base58(peer_id))
+        except Exception:
+            return None
+        facts = [_conn_facts(c) for c in conns if not getattr(c, "is_closed", False)]
+        facts.sort(key=lambda f: f[2])  # direct first
+        return facts[0] if facts else None
 
     def connected_peers(self) -> set[str]:
         return {p.to_base58() for p in self.host.get_network().get_connections_map()}
@@ -112,15 +237,35 @@ class FederationHost:
         from libp2p.peer.peerinfo import PeerInfo
 
         maddrs = []
+        circuits = []
         for a in addrs:
+            if "/p2p-circuit" in a:
+                circuits.append(a)
+                continue
             try:
                 m = multiaddr.Multiaddr(a)
                 maddrs.append(m.decapsulate(multiaddr.Multiaddr(f"/p2p/{peer_id}")) if "/p2p/" in a else m)
             except Exception:
                 continue
-        if not maddrs:
+        if not maddrs and not (circuits and self.circuit_dialer):
             raise DialError(f"{peer_id}: no usable address")
-        await self._connect(PeerInfo(ID.from_base58(peer_id), maddrs), peer_id, timeout)
+        errors = []
+        if maddrs:
+            try:
+                # With a relay to fall back on, a direct address gets half the time.
+                direct_timeout = timeout / 2 if circuits and self.circuit_dialer else timeout
+                await self._connect(PeerInfo(ID.from_base58(peer_id), maddrs), peer_id, direct_timeout)
+                return
+            except DialError as exc:
+                errors.append(str(exc).removeprefix(f"{peer_id}: "))
+        for c in circuits if self.circuit_dialer else ():
+            try:
+                await self.circuit_dialer(addrlib.without_peer(c, peer_id), peer_id, timeout)
+                await self.add_dht_peer(peer_id)
+                return
+            except DialError as exc:
+                errors.append(str(exc).removeprefix(f"{peer_id}: "))
+        raise DialError(f"{peer_id}: " + "; ".join(errors))
 
     async def _connect(self, info: Any, label: str, timeout: float) -> None:
         from libp2p.exceptions import BaseLibp2pError
@@ -143,12 +288,12 @@ class FederationHost:
             log.debug("dht add_peer %s failed: %s", peer_id, exc)
 
     async def provide_realm(self, realm: str) -> bool:
-        return bool(await self.dht.provide(REALM_KEY_PREFIX + realm))
+        return bool(await self.dht.provide(realm_cid(realm)))
 
     async def find_realm_providers(self, realm: str) -> dict[str, tuple[str, ...]]:
         """DHT hints for a realm, de-duplicated; liveness is for gossip or a dial to decide."""
         found: dict[str, tuple[str, ...]] = {}
-        for info in await self.dht.find_providers(REALM_KEY_PREFIX + realm):
+        for info in await self.dht.find_providers(realm_cid(realm)):
             pid = info.peer_id.to_base58()
             if pid == self.peer_id:
                 continue
@@ -160,7 +305,7 @@ class FederationHost:
         self.host.set_stream_handler(protocol, handler)
 
 
-def _build_libp2p_host(identity: Identity) -> Any:
+def _build_libp2p_host(identity: Identity, book: AddressBook) -> Any:
     from libp2p import create_yamux_muxer_option, new_host
     from libp2p.crypto.x25519 import create_new_key_pair as new_x25519
     from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_ID
@@ -168,12 +313,16 @@ def _build_libp2p_host(identity: Identity) -> Any:
 
     key_pair = identity.libp2p_key_pair()
     noise_only = {NOISE_ID: NoiseTransport(key_pair, noise_privkey=new_x25519().private_key)}
-    return new_host(key_pair=key_pair, sec_opt=noise_only, muxer_opt=create_yamux_muxer_option())
+    host = new_host(key_pair=key_pair, sec_opt=noise_only, muxer_opt=create_yamux_muxer_option())
+    book.host = host
+    host.get_addrs = book.get_addrs  # see AddressBook.get_addrs
+    return host
 
 
 @asynccontextmanager
 async def open_federation_host(
-    identity: Identity, listen: Sequence[str], *, health_topic_heartbeat: float = 1.0
+    identity: Identity, listen: Sequence[str], *, announce: Sequence[str] = (),
+    health_topic_heartbeat: float = 1.0,
 ) -> AsyncIterator[FederationHost]:
     import multiaddr
     from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
@@ -182,7 +331,8 @@ async def open_federation_host(
     from libp2p.tools.anyio_service import background_trio_service
 
     quiet_libp2p_logs()
-    host = _build_libp2p_host(identity)
+    book = AddressBook(announce)
+    host = _build_libp2p_host(identity, book)
     gossipsub = GossipSub(
         [PROTOCOL_ID_V11], degree=6, degree_low=4, degree_high=12,
         heartbeat_interval=int(max(1, health_topic_heartbeat)),
@@ -199,4 +349,4 @@ async def open_federation_host(
         async with background_trio_service(pubsub), background_trio_service(gossipsub):
             async with background_trio_service(dht):
                 await pubsub.wait_until_ready()
-                yield FederationHost(host, pubsub, dht, receive)
+                yield FederationHost(host, pubsub, dht, receive, book)

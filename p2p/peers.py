@@ -23,6 +23,7 @@ class PeerState(str, enum.Enum):
     CIRCUIT_OPEN = "circuit-open"
     UNKNOWN = "unknown"  # heard of (bootstrap, DHT) but no health record yet
     BLOCKED = "blocked"
+    UNREACHABLE = "unreachable"  # its records arrive by gossip, but this node cannot dial it
 
 
 class FailureKind(str, enum.Enum):
@@ -30,6 +31,7 @@ class FailureKind(str, enum.Enum):
     HUNG = "hung"  # nothing received within the hang timeout
     REFUSED = "refused"  # answered with an error frame (queue full, realm not served, ...)
     PROTOCOL = "protocol"  # sent something malformed
+    UNREACHABLE = "unreachable"  # no connection could be made, directly or through a relay
 
 
 @dataclass
@@ -51,6 +53,10 @@ class PeerEntry:
     blocked: bool = False
     last_failure: str = ""
     sources: set[str] = field(default_factory=set)
+    verified: tuple[str, ...] = ()  # addresses this node connected to it on (most recent last)
+    connected: bool = False
+    relayed: bool = False  # the open connection goes through a relay
+    unreachable: str = ""  # why the last dial failed; cleared by a connection
 
 
 @dataclass(frozen=True)
@@ -111,6 +117,30 @@ class PeerTable:
             e.addrs = tuple(dict.fromkeys(e.addrs + addrs))[-8:]
         return e
 
+    def verify_addr(self, peer_id: str, addr: str) -> None:
+        """An address this node connected to ``peer_id`` on: dialed first from now on."""
+        e = self.entry(peer_id)
+        e.verified = tuple(a for a in e.verified if a != addr)[-7:] + (addr,)
+
+    def set_connected(self, peer_id: str, connected: bool, *, relayed: bool = False) -> None:
+        e = self.entry(peer_id)
+        e.connected = connected
+        e.relayed = relayed and connected
+        if connected:
+            e.unreachable = ""
+
+    def set_unreachable(self, peer_id: str, reason: str) -> None:
+        e = self.entry(peer_id)
+        if not e.connected:
+            e.unreachable = reason or "dial failed"
+
+    def dial_addrs(self, peer_id: str) -> tuple[str, ...]:
+        """Addresses to dial: verified ones first (newest first), then what it claims."""
+        e = self._peers.get(peer_id)
+        if e is None:
+            return ()
+        return tuple(dict.fromkeys((*reversed(e.verified), *e.addrs)))
+
     def apply_record(self, record: HealthRecord) -> bool:
         """Take a verified record; False if it is ours or older than one already seen."""
         if record.peer_id == self.self_id:
@@ -121,7 +151,7 @@ class PeerTable:
         e.record = record
         e.record_at = self.clock()
         if record.addrs:
-            e.addrs = record.addrs[:8]
+            e.addrs = record.addrs[:16]
         return True
 
     # --- what we observe ---------------------------------------------------------------------
@@ -177,6 +207,8 @@ class PeerTable:
             return PeerState.UNKNOWN
         if now - e.record_at > self.stale_after:
             return PeerState.STALE
+        if e.unreachable and not e.connected:
+            return PeerState.UNREACHABLE
         if e.breaker_until > now:
             return PeerState.CIRCUIT_OPEN
         return PeerState.LIVE
@@ -220,6 +252,8 @@ class PeerTable:
             elif state is PeerState.STALE:
                 age = self.record_age(e) or 0.0
                 excluded.append(Exclusion(e.peer_id, f"stale: no health record for {age:.1f}s"))
+            elif state is PeerState.UNREACHABLE:
+                excluded.append(Exclusion(e.peer_id, f"unreachable: {e.unreachable}"))
             elif state is PeerState.CIRCUIT_OPEN:
                 left = e.breaker_until - self.clock()
                 excluded.append(
@@ -241,7 +275,8 @@ class PeerTable:
 
         removable = [
             e for e in self._peers.values()
-            if not e.blocked and self.state(e) in (PeerState.STALE, PeerState.UNKNOWN)
+            if not e.blocked and not e.connected
+            and self.state(e) in (PeerState.STALE, PeerState.UNKNOWN, PeerState.UNREACHABLE)
         ]
         removable.sort(key=idle, reverse=True)
         excess = max(0, len(self._peers) - max_peers)

@@ -26,7 +26,8 @@ Emit = Callable[[Event], Awaitable[None]]
 
 # Refusal codes after which another executor may well succeed.
 RETRYABLE_CODES = frozenset(
-    {"queue_full", "realm_not_served", "busy", "backend_failed", "deadline_exceeded", "internal"}
+    {"queue_full", "realm_not_served", "busy", "unreachable", "backend_failed", "deadline_exceeded",
+     "internal"}
 )
 
 
@@ -116,9 +117,15 @@ class RealmRouter:
         self.hang_timeout = hang_timeout
         self.discover = discover
 
+    def _path(self, peer_id: str) -> str:
+        e = self.table.get(peer_id)
+        if e is None or not e.connected:
+            return "not connected yet: dialed on first use"
+        return "via relay" if e.relayed else "direct"
+
     def plan(self, realm: str) -> RoutePlan:
         peers, excluded = self.table.candidates(realm)
-        entries = [RouteEntry(c.peer_id, c.score) for c in peers]
+        entries = [RouteEntry(c.peer_id, c.score, self._path(c.peer_id)) for c in peers]
         out = [RouteEntry(x.peer_id, 0.0, x.reason) for x in excluded]
         if self.local.serves(realm):
             depth = self.local.queue_depth(realm)

@@ -33,12 +33,16 @@ class NodeProcess:
         bootstrap: tuple[str, ...] = (),
         settings: dict[str, str] | None = None,
         name: str = "",
+        netns: str = "",
+        listen: str | None = "/ip4/127.0.0.1/tcp/0",
     ) -> None:
         self.data_dir = data_dir
         self.serve = serve
         self.bootstrap = bootstrap
         self.settings = dict(settings or {})
         self.name = name or data_dir.name
+        self.netns = netns  # run inside this network namespace (a testbed host), CLI included
+        self.listen = listen  # None: the node's default (node.toml's p2p.listen)
         self.proc: subprocess.Popen[str] | None = None
         self.lines: list[str] = []
         self._cond = threading.Condition()
@@ -51,10 +55,9 @@ class NodeProcess:
         return self.launch().wait_ready()
 
     def launch(self) -> NodeProcess:
-        args = [
-            BIN, "run", "--data-dir", str(self.data_dir), "--listen", "/ip4/127.0.0.1/tcp/0",
-            "--ui-port", "0", "--serve", self.serve,
-        ]
+        args = [*self._prefix(), BIN, "run", "--data-dir", str(self.data_dir), "--ui-port", "0", "--serve", self.serve]
+        if self.listen is not None:
+            args += ["--listen", self.listen]
         for b in self.bootstrap:
             args += ["--bootstrap", b]
         for k, v in self.settings.items():
@@ -75,6 +78,9 @@ class NodeProcess:
             if realm not in ("", "none"):
                 self.wait_for(rf"{realm}: (serving|not served)", START_TIMEOUT)
         return self
+
+    def _prefix(self) -> list[str]:
+        return ["ip", "netns", "exec", self.netns] if self.netns else []
 
     def _read(self) -> None:
         assert self.proc is not None and self.proc.stderr is not None
@@ -136,7 +142,7 @@ class NodeProcess:
     # --- the CLI against this node -----------------------------------------------------------
     def cli(self, *args: str, timeout: float = 60.0, check: bool = True) -> subprocess.CompletedProcess[str]:
         res = subprocess.run(
-            [BIN, *args, "--data-dir", str(self.data_dir)],
+            [*self._prefix(), BIN, *args, "--data-dir", str(self.data_dir)],
             capture_output=True, text=True, timeout=timeout,
         )
         if check and res.returncode != 0:
@@ -152,7 +158,7 @@ class NodeProcess:
     def query_process(self, realm: str, prompt: str, *args: str) -> subprocess.Popen[str]:
         """Start `rentahal-node query ... --json`; its stdout is one JSON message per line."""
         return subprocess.Popen(
-            [BIN, "query", realm, prompt, "--json", *args, "--data-dir", str(self.data_dir)],
+            [*self._prefix(), BIN, "query", realm, prompt, "--json", *args, "--data-dir", str(self.data_dir)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
 

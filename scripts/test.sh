@@ -3,13 +3,17 @@
 # Extra arguments go to pytest (e.g. `bash scripts/test.sh -k wire -x`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# System tools: the speech realm's (audio conversion, offline text to speech) and the browser
-# the web UI is tested in (Debian's chromium, driven headless over the DevTools protocol).
-if ! command -v ffmpeg >/dev/null || ! command -v espeak-ng >/dev/null || ! [ -x /usr/bin/chromium ]; then
+# System tools: the speech realm's (audio conversion, offline text to speech), the browser
+# the web UI is tested in (Debian's chromium, driven headless over the DevTools protocol), and
+# the multi-host testbed's (network namespaces with iproute2, NAT routers with nftables).
+if ! command -v ffmpeg >/dev/null || ! command -v espeak-ng >/dev/null || ! [ -x /usr/bin/chromium ] \
+    || ! command -v ip >/dev/null || ! command -v nft >/dev/null; then
   if [ "$(id -u)" = 0 ]; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ffmpeg espeak-ng chromium >/dev/null
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+      ffmpeg espeak-ng chromium iproute2 nftables >/dev/null
   else
-    echo "scripts/test.sh: ffmpeg, espeak-ng and chromium are needed (apt-get install ffmpeg espeak-ng chromium)" >&2
+    echo "scripts/test.sh: ffmpeg, espeak-ng, chromium, iproute2 and nftables are needed" \
+      "(apt-get install ffmpeg espeak-ng chromium iproute2 nftables); multi-host tests will skip" >&2
   fi
 fi
 python3 -m venv .venv

@@ -1,0 +1,162 @@
+"""Peer maintenance: keep connected to the bootstrap list and remembered peers, find out which
+gossiping peers this node can actually reach, measure RTTs.
+
+A peer's health record says it is alive; only a connection says this node can reach it. Every
+peer with a fresh record that this node is not connected to is dialed (verified addresses first,
+then what it claims, never addresses that cannot work from here), with a growing back-off per
+peer; a failed dial marks it ``unreachable`` with the reason, which takes it out of routing until
+a connection exists. Runs as one service in the node's nursery.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+
+import trio
+
+from . import addrs as addrlib
+from .host import DialError, FederationHost
+from .peers import PeerState, PeerTable
+
+log = logging.getLogger("rentahal.p2p")
+
+PING_INTERVAL = 5.0
+SWEEP_INTERVAL = 1.0
+REDIAL_MIN = 2.0
+REDIAL_MAX = 60.0
+
+
+class PeerMaintenance:
+    def __init__(
+        self,
+        fh: FederationHost,
+        table: PeerTable,
+        *,
+        dial_timeout: float,
+        bootstrap: Sequence[str] = (),
+        on_connected: Callable[[str, str], Awaitable[None]] | None = None,
+    ) -> None:
+        self.fh = fh
+        self.table = table
+        self.dial_timeout = dial_timeout
+        self.bootstrap = tuple(bootstrap)
+        self.on_connected = on_connected  # (peer_id, verified address): persist it
+        self._next_dial: dict[str, float] = {}
+        self._backoff: dict[str, float] = {}
+        self._dialing: set[str] = set()
+        self._same_host: set[str] = set()  # peers seen connecting over loopback
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch_connections)
+            for addr in self.bootstrap:
+                nursery.start_soon(self._keep_bootstrap, addr)
+            nursery.start_soon(self._ping_peers)
+            task_status.started()
+            while True:
+                self._sweep(nursery)
+                await trio.sleep(SWEEP_INTERVAL)
+
+    # --- dialing -----------------------------------------------------------------------------
+    def usable_addrs(self, peer_id: str) -> list[str]:
+        """What to dial for ``peer_id`` from here: loopback and link-local addresses only for a
+        peer on this very host (its connection came over loopback) or when this node is itself
+        local-only."""
+        same_host = peer_id in self._same_host or self.fh.local_only()
+        return [a for a in self.table.dial_addrs(peer_id) if addrlib.usable_by(a, same_host=same_host)]
+
+    async def dial(self, peer_id: str) -> None:
+        """Connect to ``peer_id`` or raise DialError; the table learns either way."""
+        if self.fh.is_connected(peer_id):
+            return
+        addrs = self.usable_addrs(peer_id)
+        try:
+            if not addrs:
+                raise DialError(f"{peer_id}: no address this node can dial (it advertises none usable from here)")
+            await self.fh.dial_peer(peer_id, addrs, timeout=self.dial_timeout)
+        except DialError as exc:
+            if not self.fh.is_connected(peer_id):  # it may have dialed us meanwhile
+                self.table.set_unreachable(peer_id, str(exc).removeprefix(f"{peer_id}: "))
+                raise
+
+    def _sweep(self, nursery: trio.Nursery) -> None:
+        now = trio.current_time()
+        for e in self.table:
+            if e.connected or e.blocked or e.peer_id in self._dialing:
+                continue
+            if self.table.state(e) not in (PeerState.LIVE, PeerState.UNREACHABLE, PeerState.CIRCUIT_OPEN):
+                continue  # no fresh record: nothing says it is there
+            if now < self._next_dial.get(e.peer_id, 0.0):
+                continue
+            nursery.start_soon(self._dial_in_background, e.peer_id)
+
+    async def _dial_in_background(self, peer_id: str) -> None:
+        self._dialing.add(peer_id)
+        try:
+            await self.dial(peer_id)
+            self._backoff.pop(peer_id, None)
+        except DialError as exc:
+            backoff = min(self._backoff.get(peer_id, REDIAL_MIN / 2) * 2, REDIAL_MAX)
+            self._backoff[peer_id] = backoff
+            self._next_dial[peer_id] = trio.current_time() + backoff
+            if backoff == REDIAL_MIN:
+                log.info("peer %s is unreachable: %s", peer_id, str(exc).removeprefix(f"{peer_id}: "))
+        finally:
+            self._dialing.discard(peer_id)
+
+    async def _keep_bootstrap(self, addr: str) -> None:
+        backoff = 1.0
+        peer_id = addr.rsplit("/p2p/", 1)[-1]
+        while True:
+            if not self.fh.is_connected(peer_id):
+                try:
+                    await self.fh.dial(addr, timeout=self.dial_timeout)
+                    log.info("connected to bootstrap %s", addr)
+                    backoff = 1.0
+                except DialError as exc:
+                    log.warning("bootstrap unreachable: %s (retry in %.0fs)", exc, backoff)
+                    await trio.sleep(backoff)
+                    backoff = min(backoff * 2, 60.0)
+                    continue
+            await trio.sleep(2.0)
+
+    # --- connection events -------------------------------------------------------------------
+    async def _watch_connections(self) -> None:
+        async with trio.open_nursery() as nursery:
+            async for ev in self.fh.connection_events:
+                if ev.connected:
+                    self.table.hear_of(ev.peer_id, source="connection")
+                    self.table.set_connected(ev.peer_id, True, relayed=ev.relayed)
+                    self._backoff.pop(ev.peer_id, None)
+                    self._next_dial.pop(ev.peer_id, None)
+                    if ev.remote and ev.outbound and not ev.relayed:
+                        # An address we dialed and that worked: the one to use next time.
+                        self.table.verify_addr(ev.peer_id, ev.remote)
+                        if self.on_connected is not None:
+                            nursery.start_soon(self.on_connected, ev.peer_id, ev.remote)
+                    if ev.remote and addrlib.scope(ev.remote) == "loopback":
+                        self._same_host.add(ev.peer_id)
+                    nursery.start_soon(self.fh.add_dht_peer, ev.peer_id)
+                    log.debug("connection up: %s %s", ev.peer_id, ev.remote)
+                else:
+                    still = self.fh.connection(ev.peer_id)
+                    self.table.set_connected(ev.peer_id, still is not None, relayed=bool(still and still[2]))
+                    log.debug("connection down: %s", ev.peer_id)
+
+    async def _ping_peers(self) -> None:
+        from libp2p.host.ping import PingService
+        from libp2p.peer.id import ID
+
+        pinger = PingService(self.fh.host)
+        while True:
+            await trio.sleep(PING_INTERVAL)
+            for pid in self.fh.connected_peers():
+                with trio.move_on_after(2):
+                    try:
+                        # The library rounds RTTs to whole milliseconds; time it ourselves.
+                        t0 = trio.current_time()
+                        if await pinger.ping(ID.from_base58(pid)):
+                            self.table.record_rtt(pid, (trio.current_time() - t0) * 1000.0)
+                    except Exception:
+                        pass

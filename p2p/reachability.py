@@ -1,0 +1,225 @@
+"""Can peers dial this node? A dial-back protocol, and the verdict it leads to.
+
+``/rentahal/dialback/1.0.0``: a node asks a peer it is directly connected to "dial me back on
+these ports". The peer dials **only the IP address it observes the request coming from** (so a
+node can never use it to dial a third party), opens a fresh connection with a full Noise
+handshake that must prove the requester's peer ID, closes it, and answers yes or no. A yes from
+behind a home NAT is impossible without a port forward, so:
+
+- ``public``: peers at distinct IP addresses dialed back (more yes than no): this node is
+  reachable at the dialed address (the NAT's or the host's public address), which it then
+  advertises;
+- ``private``: peers answered no: behind a NAT or a firewall; the node reserves relay slots;
+- ``unknown``: not enough answers yet (no direct peer, or only the ones on this very host).
+
+A peer's answer is a claim like any other: a lying "yes" from one peer is outvoted by other
+peers' "no", and the dialing side limits requests per peer. This is AutoNAT's idea (v1); the
+library's AutoNAT service reuses the existing connection on dial-back, which proves nothing.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import msgpack
+import trio
+
+from . import addrs as addrlib
+from .host import FederationHost
+
+log = logging.getLogger("rentahal.p2p")
+
+PROTOCOL_ID = "/rentahal/dialback/1.0.0"
+MAX_MESSAGE = 4096
+MAX_PORTS = 2
+DIAL_BACK_TIMEOUT = 5.0
+PER_PEER_INTERVAL = 10.0  # a peer may ask us at most this often
+RECHECK_UNKNOWN = 5.0
+RECHECK_KNOWN = 120.0
+WITNESSES = 3  # peers asked per round
+
+
+class Reachability(str, enum.Enum):
+    UNKNOWN = "unknown"
+    PUBLIC = "public"
+    PRIVATE = "private"
+
+
+@dataclass
+class Verdict:
+    """The answers heard, one per witness IP (the latest wins), and what they add up to."""
+
+    answers: dict[str, tuple[bool, str]] = field(default_factory=dict)  # ip -> (dialed, addr)
+
+    def add(self, witness_ip: str, dialed: bool, addr: str) -> None:
+        self.answers.pop(witness_ip, None)
+        self.answers[witness_ip] = (dialed, addr)
+        while len(self.answers) > 16:
+            self.answers.pop(next(iter(self.answers)))
+
+    @property
+    def state(self) -> Reachability:
+        yes = sum(1 for ok, _ in self.answers.values() if ok)
+        no = len(self.answers) - yes
+        if yes == 0 and no == 0:
+            return Reachability.UNKNOWN
+        return Reachability.PUBLIC if yes > no else Reachability.PRIVATE
+
+    @property
+    def public_addrs(self) -> list[str]:
+        if self.state is not Reachability.PUBLIC:
+            return []
+        return list(dict.fromkeys(a for ok, a in self.answers.values() if ok and a))
+
+
+def _ports(listening: Sequence[str]) -> list[int]:
+    ports = []
+    for a in listening:
+        p = addrlib.parse(a)
+        if p is not None and p.port and p.port not in ports:
+            ports.append(p.port)
+    return ports[:MAX_PORTS]
+
+
+class DialBack:
+    """Both sides of the dial-back protocol, and the running verdict, as one node service."""
+
+    def __init__(self, fh: FederationHost) -> None:
+        self.fh = fh
+        self.verdict = Verdict()
+        self.changed = trio.Event()
+        self._asked_by: dict[str, float] = {}
+
+    @property
+    def state(self) -> Reachability:
+        return self.verdict.state
+
+    # --- serving: dial a requester back ----------------------------------------------------------
+    async def handle_stream(self, stream: object) -> None:
+        from libp2p.peer.id import ID
+
+        s = stream  # an INetStream
+        try:
+            peer_id = s.muxed_conn.peer_id.to_base58()  # type: ignore[attr-defined]
+            remote = s.muxed_conn.get_remote_address()  # type: ignore[attr-defined]
+            now = trio.current_time()
+            if now - self._asked_by.get(peer_id, -1e9) < PER_PEER_INTERVAL:
+                await self._answer(s, {"ok": False, "error": "asked too often"})
+                return
+            self._asked_by[peer_id] = now
+            if len(self._asked_by) > 4096:
+                self._asked_by = {k: v for k, v in self._asked_by.items() if now - v < PER_PEER_INTERVAL}
+            with trio.fail_after(5):
+                raw = await s.read(MAX_MESSAGE)  # type: ignore[attr-defined]
+            req = msgpack.unpackb(raw, raw=False) if raw else None
+            ports = req.get("ports") if isinstance(req, dict) else None
+            if not remote or not isinstance(ports, list) or not ports or len(ports) > MAX_PORTS or not all(
+                isinstance(p, int) and 0 < p < 65536 for p in ports
+            ):
+                await self._answer(s, {"ok": False, "error": "bad request"})
+                return
+            ip = remote[0]
+            if "/p2p-circuit" in "".join(str(a) for a in (s.muxed_conn.get_transport_addresses() or ())):  # type: ignore[attr-defined]
+                await self._answer(s, {"ok": False, "error": "asked over a relay"})
+                return
+            ok, addr = False, ""
+            for port in ports:
+                addr = f"/ip6/{ip}/tcp/{port}" if ":" in ip else f"/ip4/{ip}/tcp/{port}"
+                if await self._dial_back(addr, ID.from_base58(peer_id)):
+                    ok = True
+                    break
+            await self._answer(s, {"ok": ok, "addr": addr if ok else "", "seen_ip": ip})
+        except Exception as exc:  # a peer's bad bytes or a dropped stream: its loss only
+            log.debug("dialback request failed: %s", exc)
+        finally:
+            with trio.move_on_after(1) as cs:
+                cs.shield = True
+                try:
+                    await s.close()  # type: ignore[attr-defined]
+                except Exception:
+                    pass
+
+    async def _answer(self, stream: object, msg: dict[str, object]) -> None:
+        await stream.write(msgpack.packb(msg, use_bin_type=True))  # type: ignore[attr-defined]
+
+    async def _dial_back(self, addr: str, peer: object) -> bool:
+        """A fresh connection to ``addr`` whose Noise handshake proves it is ``peer``."""
+        import multiaddr
+
+        swarm = self.fh.host.get_network()
+        conn = None
+        with trio.move_on_after(DIAL_BACK_TIMEOUT):
+            try:
+                conn = await swarm._dial_addr_single_attempt(multiaddr.Multiaddr(addr), peer)
+            except Exception as exc:
+                log.debug("dialback to %s failed: %s", addr, exc)
+        if conn is None:
+            return False
+        with trio.move_on_after(2) as cs:
+            cs.shield = True
+            try:
+                await conn.close()
+            except Exception:
+                pass
+        return True
+
+    # --- asking: am I reachable? ---------------------------------------------------------------
+    async def ask(self, peer_id: str) -> tuple[bool, str, str] | None:
+        """(dialed back, address, the IP the peer saw) or None if it gave no usable answer."""
+        from libp2p.peer.id import ID
+
+        ports = _ports(self.fh.listen_addrs())
+        if not ports:
+            return None
+        try:
+            with trio.fail_after(DIAL_BACK_TIMEOUT * MAX_PORTS + 5):
+                stream = await self.fh.host.new_stream(ID.from_base58(peer_id), [PROTOCOL_ID])
+                try:
+                    await stream.write(msgpack.packb({"ports": ports}, use_bin_type=True))
+                    raw = await stream.read(MAX_MESSAGE)
+                finally:
+                    with trio.move_on_after(1) as cs:
+                        cs.shield = True
+                        await stream.close()
+            reply = msgpack.unpackb(raw, raw=False)
+        except Exception as exc:
+            log.debug("dialback via %s failed: %s", peer_id, exc)
+            return None
+        if not isinstance(reply, dict) or "error" in reply:
+            return None
+        ok, addr, ip = bool(reply.get("ok")), reply.get("addr", ""), reply.get("seen_ip", "")
+        if not isinstance(addr, str) or not isinstance(ip, str) or (ok and addrlib.parse(addr) is None):
+            return None
+        return ok, addr, ip
+
+    def witnesses(self) -> list[tuple[str, str]]:
+        """Directly connected peers at other IP addresses than this host's: (peer, their IP)."""
+        mine = set(self.fh.book.interfaces())
+        out: dict[str, str] = {}
+        for pid in sorted(self.fh.connected_peers()):
+            facts = self.fh.connection(pid)
+            if facts is None or facts[2] or not facts[0]:
+                continue
+            parsed = addrlib.parse(facts[0])
+            if parsed is None or parsed.host in mine or addrlib.scope(facts[0]) == "loopback":
+                continue
+            out.setdefault(parsed.host, pid)
+        return [(pid, ip) for ip, pid in out.items()]
+
+    async def run(self) -> None:
+        """Ask a few witnesses now and then; quickly while the verdict is unknown."""
+        while True:
+            before = (self.state, tuple(self.verdict.public_addrs))
+            for pid, ip in self.witnesses()[:WITNESSES]:
+                answer = await self.ask(pid)
+                if answer is not None:
+                    self.verdict.add(ip, answer[0], answer[1])
+            after = (self.state, tuple(self.verdict.public_addrs))
+            if after != before:
+                log.info("reachability: %s%s", after[0].value, f" at {', '.join(after[1])}" if after[1] else "")
+                self.changed.set()
+                self.changed = trio.Event()
+            await trio.sleep(RECHECK_UNKNOWN if self.state is Reachability.UNKNOWN else RECHECK_KNOWN)
