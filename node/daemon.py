@@ -17,7 +17,8 @@ import trio
 
 from .. import __version__
 from ..p2p import addrs as addrlib
-from ..p2p.health import HEALTH_TOPIC, HealthRecord, sign_record, verify_record
+from ..p2p.gossip import HealthGossip
+from ..p2p.health import HealthRecord
 from ..p2p.host import DialError, FederationHost, open_federation_host
 from ..p2p.identity import Identity
 from ..p2p.maintenance import PeerMaintenance
@@ -38,11 +39,11 @@ from .storage import Storage
 log = logging.getLogger("rentahal.node")
 
 RUN_FILE = "node.run.json"
-MAX_RECORD_SKEW = 120.0  # seconds between a health record's timestamp and this clock
 PEER_FORGET_AFTER = 3600.0
 MAX_PEERS = 5000
 REMEMBER_PEERS_FOR = 7 * 86400.0  # a restarted node redials peers seen within this long
 REMEMBERED_PEERS = 64
+REMEMBER_INTERVAL = 2.0
 
 
 SYSOP_TOKEN_FILE = "sysop.token"
@@ -123,7 +124,6 @@ class Node:
                 self.table.set_blocked(peer_id, True)
             self.maintenance = PeerMaintenance(
                 fh, self.table, dial_timeout=cfg.p2p.dial_timeout, bootstrap=cfg.p2p.bootstrap,
-                on_connected=self._remember_peer,
             )
             self.queries = QueryManager(
                 self.storage,
@@ -150,12 +150,16 @@ class Node:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(self.local.run)
                     nursery.start_soon(self._advertise)
-                    nursery.start_soon(self._publish_health)
-                    await nursery.start(self._listen_health)
+                    gossip = HealthGossip(
+                        fh, self.identity, interval=cfg.p2p.health_interval,
+                        make_record=self.health_record, on_record=self._take_record,
+                    )
+                    await nursery.start(gossip.run)
                     nursery.start_soon(self._watch_peer_states)
                     await nursery.start(self.relay.run)
                     await nursery.start(self.maintenance.run)
                     nursery.start_soon(self._rejoin_remembered)
+                    nursery.start_soon(self._remember_peers)
                     nursery.start_soon(self.dialback.run)
                     if cfg.p2p.mdns:
                         nursery.start_soon(LanDiscovery(fh, self._on_lan_peer).run)
@@ -241,16 +245,44 @@ class Node:
         await self._dial_quietly(peer_id, addrs)
 
     # --- remembered peers --------------------------------------------------------------------
-    async def _remember_peer(self, peer_id: str, addr: str) -> None:
-        """Persist the address this node reached ``peer_id`` on, so a restart can rejoin."""
-        if "/p2p-circuit" not in addr and not self.fh.local_only() and addrlib.scope(addr) == "loopback":
-            return
+    def _addrs_to_remember(self, peer_id: str) -> list[str]:
+        """Addresses of a connected peer worth redialing after a restart: those this node
+        dialed it on, and those it claims on the IP address its connection comes from (or, over
+        a relay, its relay addresses). Loopback only between local-only nodes."""
         entry = self.table.get(peer_id)
-        verified = list(reversed(entry.verified)) if entry else [addr]
-        try:
-            await self.storage.note_peer(peer_id, verified[:8])
-        except Exception as exc:  # a storage hiccup costs the memory of one peer, nothing more
-            log.debug("could not remember peer %s: %s", peer_id, exc)
+        facts = self.fh.connection(peer_id)
+        if entry is None or facts is None:
+            return []
+        remote, _, relayed = facts
+        seen_ip = (addrlib.parse(remote).host if addrlib.parse(remote) else "") if not relayed else ""
+        keep = list(reversed(entry.verified))
+        for a in entry.addrs:
+            p = addrlib.parse(a)
+            if (relayed and "/p2p-circuit" in a) or (p is not None and seen_ip and p.host == seen_ip):
+                keep.append(addrlib.without_peer(a, peer_id))
+        local = self.fh.local_only()
+        return [a for a in dict.fromkeys(keep) if local or addrlib.scope(a) not in ("loopback", "link-local")][:8]
+
+    async def _remember_peers(self) -> None:
+        """Persist connected peers' addresses when they change, so a restart can rejoin."""
+        saved: dict[str, list[str]] = {}
+        while True:
+            await trio.sleep(REMEMBER_INTERVAL)
+            new = 0
+            for pid in self.fh.connected_peers():
+                addrs = self._addrs_to_remember(pid)
+                if addrs and saved.get(pid) != addrs:
+                    try:
+                        await self.storage.note_peer(pid, addrs)
+                        new += pid not in saved
+                        saved[pid] = addrs
+                    except Exception as exc:  # a storage hiccup costs the memory of one peer only
+                        log.debug("could not remember peer %s: %s", pid, exc)
+            if new:
+                log.info("remembered %d more peer(s) to rejoin through after a restart (%d in all)",
+                         new, len(saved))
+            if len(saved) > MAX_PEERS:
+                saved.clear()
 
     async def _rejoin_remembered(self) -> None:
         """Dial the peers this node was connected to before it restarted."""
@@ -284,46 +316,10 @@ class Node:
             node_name=self.config.node.name,
         )
 
-    async def _publish_health(self) -> None:
-        seq = int(time.time() * 1000)  # increases across restarts, so peers accept the new run
-        while True:
-            seq += 1
-            try:
-                await self.fh.pubsub.publish(HEALTH_TOPIC, sign_record(self.health_record(seq), self.identity))
-            except Exception as exc:
-                log.debug("health publish failed: %s", exc)
-            await trio.sleep(self.config.p2p.health_interval)
-
-    async def _listen_health(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        from libp2p.peer.id import ID
-
-        sub = await self.fh.pubsub.subscribe(HEALTH_TOPIC)
-        task_status.started()
-        warned: set[tuple[str, str]] = set()
-        while True:
-            msg = await sub.get()
-            try:
-                author = ID(msg.from_id).to_base58()
-            except Exception:
-                continue
-            if author == self.peer_id:
-                continue  # our own record, delivered back to us
-            try:
-                record = verify_record(msg.data, author=author)
-            except Exception as exc:  # HealthRecordError, or a bug: never let gossip kill the node
-                if (author, str(exc)) not in warned and len(warned) < 1000:
-                    warned.add((author, str(exc)))
-                    log.warning("ignored health record from %s: %s", author, exc)
-                continue
-            skew = abs(record.timestamp - time.time())
-            if skew > MAX_RECORD_SKEW:  # a replayed old record, or a clock far off
-                if (author, "skew") not in warned and len(warned) < 1000:
-                    warned.add((author, "skew"))
-                    log.warning("ignored health record from %s: timestamp %.0fs off this clock", author, skew)
-                continue
-            if self.table.apply_record(record):
-                self._records_changed.set()
-                self._records_changed = trio.Event()
+    def _take_record(self, record: HealthRecord) -> None:
+        if self.table.apply_record(record):
+            self._records_changed.set()
+            self._records_changed = trio.Event()
 
     async def _watch_peer_states(self) -> None:
         """One log line per change of a peer's state or served realms: joins, stalls, recoveries."""

@@ -11,7 +11,7 @@ a connection exists. Runs as one service in the node's nursery.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 
 import trio
 
@@ -35,13 +35,11 @@ class PeerMaintenance:
         *,
         dial_timeout: float,
         bootstrap: Sequence[str] = (),
-        on_connected: Callable[[str, str], Awaitable[None]] | None = None,
     ) -> None:
         self.fh = fh
         self.table = table
         self.dial_timeout = dial_timeout
         self.bootstrap = tuple(bootstrap)
-        self.on_connected = on_connected  # (peer_id, verified address): persist it
         self._next_dial: dict[str, float] = {}
         self._backoff: dict[str, float] = {}
         self._dialing: set[str] = set()
@@ -133,8 +131,6 @@ class PeerMaintenance:
                     if ev.remote and ev.outbound and not ev.relayed:
                         # An address we dialed and that worked: the one to use next time.
                         self.table.verify_addr(ev.peer_id, ev.remote)
-                        if self.on_connected is not None:
-                            nursery.start_soon(self.on_connected, ev.peer_id, ev.remote)
                     if ev.remote and addrlib.scope(ev.remote) == "loopback":
                         self._same_host.add(ev.peer_id)
                     nursery.start_soon(self.fh.add_dht_peer, ev.peer_id)

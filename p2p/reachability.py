@@ -37,9 +37,9 @@ MAX_MESSAGE = 4096
 MAX_PORTS = 2
 DIAL_BACK_TIMEOUT = 5.0
 PER_PEER_INTERVAL = 10.0  # a peer may ask us at most this often
-RECHECK_UNKNOWN = 5.0
-RECHECK_KNOWN = 120.0
-WITNESSES = 3  # peers asked per round
+TICK = 1.0  # how often new witnesses are looked for
+REASK_AFTER = 120.0  # a witness is asked again after this long
+WITNESSES = 3  # witnesses asked per tick at most
 
 
 class Reachability(str, enum.Enum):
@@ -210,16 +210,25 @@ class DialBack:
         return [(pid, ip) for ip, pid in out.items()]
 
     async def run(self) -> None:
-        """Ask a few witnesses now and then; quickly while the verdict is unknown."""
+        """Ask each new witness at once (a new direct connection from another IP), and every
+        witness again after ``REASK_AFTER``."""
+        asked: dict[str, float] = {}
         while True:
+            now = trio.current_time()
+            due = [(pid, ip) for pid, ip in self.witnesses() if now - asked.get(ip, -1e9) > REASK_AFTER]
             before = (self.state, tuple(self.verdict.public_addrs))
-            for pid, ip in self.witnesses()[:WITNESSES]:
+            for pid, ip in due[:WITNESSES]:
+                asked[ip] = now
                 answer = await self.ask(pid)
                 if answer is not None:
                     self.verdict.add(ip, answer[0], answer[1])
+                else:
+                    asked[ip] = now - REASK_AFTER + 10.0  # no usable answer: try again soon
+            if len(asked) > 1024:
+                asked = {ip: t for ip, t in asked.items() if now - t < REASK_AFTER}
             after = (self.state, tuple(self.verdict.public_addrs))
             if after != before:
                 log.info("reachability: %s%s", after[0].value, f" at {', '.join(after[1])}" if after[1] else "")
                 self.changed.set()
                 self.changed = trio.Event()
-            await trio.sleep(RECHECK_UNKNOWN if self.state is Reachability.UNKNOWN else RECHECK_KNOWN)
+            await trio.sleep(TICK)

@@ -31,7 +31,7 @@ log = logging.getLogger("rentahal.p2p")
 
 TARGET_RELAYS = 2
 RESERVE_TIMEOUT = 10.0
-RETRY_RELAY_AFTER = 30.0
+RETRY_RELAY_AFTER = 10.0
 CHECK_INTERVAL = 1.0
 RESERVATION_TTL = 600  # seconds; the library renews 30 s before expiry
 

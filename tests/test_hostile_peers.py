@@ -217,3 +217,46 @@ async def test_node_advertises_its_realm_in_the_dht(node: NodeProcess) -> None:
                     await trio.sleep(0.3)  # the node provides once its model is loaded
         assert list(found).count(node.peer_id) == 1
         assert await fh.find_realm_providers("imagine") == {}
+
+
+async def test_forged_or_replayed_record_is_not_relayed_onward(node: NodeProcess) -> None:
+    """X and Y are connected only through the node: what X publishes reaches Y only if the
+    node's GossipSub validator let it through."""
+    victim = Identity(Ed25519PrivateKey.generate()).peer_id
+    async with probe_host() as (fx, x), probe_host() as (fy, _):
+        await fx.dial(node.addr, timeout=15)
+        await fy.dial(node.addr, timeout=15)
+        sub = await fy.pubsub.subscribe(HEALTH_TOPIC)
+        await fx.pubsub.subscribe(HEALTH_TOPIC)
+        from libp2p.peer.id import ID
+
+        seen: list[bytes] = []
+
+        async def collect() -> None:
+            while True:
+                msg = await sub.get()
+                if ID(msg.from_id).to_base58() == x.peer_id:
+                    seen.append(bytes(msg.data))
+
+        genuine = sign_record(_record(x, 10), x)
+        forged = _forged_envelope(x, victim, 11)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(collect)
+            # Meshes form within a few heartbeats: publish the genuine record until Y has it.
+            with trio.fail_after(20):
+                while genuine not in seen:
+                    await fx.pubsub.publish(HEALTH_TOPIC, genuine)
+                    await trio.sleep(0.3)  # pacing the republish, not synchronisation
+            # Now a forgery and a replay of the genuine record (same seq), several times each,
+            # then a fresh genuine record as the marker that everything before it was handled.
+            for _ in range(5):
+                await fx.pubsub.publish(HEALTH_TOPIC, forged)
+                await fx.pubsub.publish(HEALTH_TOPIC, genuine)
+            marker = sign_record(_record(x, 12), x)
+            with trio.fail_after(20):
+                while marker not in seen:
+                    await fx.pubsub.publish(HEALTH_TOPIC, marker)
+                    await trio.sleep(0.3)
+            nursery.cancel_scope.cancel()
+        assert forged not in seen
+        assert seen.count(genuine) == 1, "the replayed record was relayed"

@@ -124,9 +124,9 @@ def test_record_with_old_or_same_seq_is_ignored(clock: FakeClock, old_seq: int) 
 def test_record_addrs_replace_known_addrs(clock: FakeClock) -> None:
     table = make_table(clock)
     table.hear_of(A, ("/ip4/1.1.1.1/tcp/1",))
-    record = HealthRecord(A, 1, 0.0, addrs=tuple(f"/ip4/10.0.0.{i}/tcp/1" for i in range(12)))
+    record = HealthRecord(A, 1, 0.0, addrs=tuple(f"/ip4/10.0.0.{i}/tcp/1" for i in range(20)))
     table.apply_record(record)
-    assert table.get(A).addrs == record.addrs[:8]
+    assert table.get(A).addrs == record.addrs[:16]
 
 
 def test_own_record_is_ignored(clock: FakeClock) -> None:
