@@ -158,14 +158,19 @@ async def _run_node(config: Any, data_dir: Path) -> None:
                     timer.start()
 
             nursery.start_soon(stop_on_signal)
+            failed = False
             try:
                 await node.run()
             except DialError as exc:
                 log.error("%s", exc)
-                raise SystemExit(2) from None
+                failed = True
             except OSError as exc:
                 log.error("cannot start: %s", exc)
-                raise SystemExit(2) from None
+                failed = True
+            if failed:  # raised outside the nursery, so it is an exit code, not an exception group
+                nursery.cancel_scope.cancel()
+    if failed:
+        raise SystemExit(2)
     log.info("stopped")
 
 

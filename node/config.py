@@ -178,13 +178,14 @@ class P2PConfig:
     mdns: bool = _bool(True)
     relay_service: str = _str("auto", lambda s: s in ("auto", "on", "off"), "one of auto|on|off")
     relay_reservations: int = _int(32, 1, 10000)
-    relay_duration: float = _float(120.0, 1.0, 86400.0)
-    relay_bytes: int = _int(16 * 1024 * 1024, 1024, 1 << 40)
+    relay_duration: float = _float(1800.0, 1.0, 86400.0)
+    relay_bytes: int = _int(128 * 1024 * 1024, 1024, 1 << 40)
     relay_circuits: int = _int(64, 1, 100000)
     health_interval: float = _float(1.0, 0.2, 60.0)
     stale_after: float = _float(3.5, 0.0, 3600.0, lo_open=True)
     dht_refresh: float = _float(300.0, 5.0, 86400.0)
     dial_timeout: float = _float(10.0, 0.0, 120.0, lo_open=True)
+    forget_after: float = _float(600.0, 10.0, 30 * 86400.0)
 
 
 @dataclass(frozen=True)

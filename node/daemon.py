@@ -39,7 +39,6 @@ from .storage import Storage
 log = logging.getLogger("rentahal.node")
 
 RUN_FILE = "node.run.json"
-PEER_FORGET_AFTER = 3600.0
 MAX_PEERS = 5000
 REMEMBER_PEERS_FOR = 7 * 86400.0  # a restarted node redials peers seen within this long
 REMEMBERED_PEERS = 64
@@ -334,7 +333,7 @@ class Node:
                     elif state is not PeerState.UNKNOWN:
                         log.warning("peer %s is %s", e.peer_id, state.value)
                     last[e.peer_id] = (state, realms)
-            pruned = self.table.prune(max_age=PEER_FORGET_AFTER, max_peers=MAX_PEERS)
+            pruned = self.table.prune(max_age=self.config.p2p.forget_after, max_peers=MAX_PEERS)
             if pruned:
                 log.info("forgot %d peer(s) not heard from in a long time", pruned)
                 known = {e.peer_id for e in self.table}

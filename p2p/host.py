@@ -319,6 +319,30 @@ def _build_libp2p_host(identity: Identity, book: AddressBook) -> Any:
     return host
 
 
+def check_port_free(listen: Sequence[str]) -> None:
+    """The library listens with SO_REUSEPORT, so a second node on the same port starts silently
+    and the kernel splits incoming connections between the two: refuse that here, in one line."""
+    import errno
+    import socket
+
+    for a in listen:
+        p = addrlib.parse(a)
+        if p is None or not p.port or p.proto not in ("ip4", "ip6"):
+            continue
+        family = socket.AF_INET6 if p.proto == "ip6" else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((p.host, p.port))
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise DialError(
+                        f"p2p.listen: {a} is already in use (another rentahal-node on this host? "
+                        "give each node its own port)"
+                    ) from None
+                raise DialError(f"p2p.listen: cannot listen on {a}: {exc.strerror or exc}") from None
+
+
 @asynccontextmanager
 async def open_federation_host(
     identity: Identity, listen: Sequence[str], *, announce: Sequence[str] = (),
@@ -331,6 +355,7 @@ async def open_federation_host(
     from libp2p.tools.anyio_service import background_trio_service
 
     quiet_libp2p_logs()
+    check_port_free(listen)
     book = AddressBook(announce)
     host = _build_libp2p_host(identity, book)
     gossipsub = GossipSub(

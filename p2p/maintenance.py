@@ -25,6 +25,10 @@ PING_INTERVAL = 5.0
 SWEEP_INTERVAL = 1.0
 REDIAL_MIN = 2.0
 REDIAL_MAX = 60.0
+MAX_PARALLEL_DIALS = 8
+# Beyond this many connections, peers are dialed when a query needs them, not in advance: a
+# federation of thousands must not turn into a full mesh.
+SWEEP_MAX_CONNECTIONS = 64
 
 
 class PeerMaintenance:
@@ -80,7 +84,11 @@ class PeerMaintenance:
 
     def _sweep(self, nursery: trio.Nursery) -> None:
         now = trio.current_time()
+        if len(self.fh.connected_peers()) >= SWEEP_MAX_CONNECTIONS:
+            return
         for e in self.table:
+            if len(self._dialing) >= MAX_PARALLEL_DIALS:
+                return
             if e.connected or e.blocked or e.peer_id in self._dialing:
                 continue
             if self.table.state(e) not in (PeerState.LIVE, PeerState.UNREACHABLE, PeerState.CIRCUIT_OPEN):

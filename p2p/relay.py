@@ -39,8 +39,8 @@ RESERVATION_TTL = 600  # seconds; the library renews 30 s before expiry
 @dataclass(frozen=True)
 class RelayLimits:
     reservations: int = 32
-    duration: float = 120.0
-    bytes: int = 16 * 1024 * 1024
+    duration: float = 1800.0
+    bytes: int = 128 * 1024 * 1024
     circuits: int = 64
 
 

@@ -680,6 +680,7 @@ def render(r: Results, info: dict[str, str]) -> str:
     errs = {k: len(r.paths[k].get("errors", [])) for k, _ in PATH_ROWS if k != "raw"}
     fails = {k: r.paths[k].get("failovers", 0) for k, _ in PATH_ROWS if k != "raw"}
     hp = r.paths["holepunched"]
+    idle_p2 = r.relay["idle"]["P2"] / r.relay["idle"]["wall_s"]
     lines += [
         "",
         f"Every timed query was answered by the expected executor (d1 itself as `local`, d1, "
@@ -688,8 +689,10 @@ def render(r: Results, info: dict[str, str]) -> str:
         f"live (when the client on c2, started after that line, found it so, polling `route` "
         f"every 0.25 s for {hp['route_wait_s']:.1f} s); s1 stayed `via relay` before and after "
         f"(symmetric NATs). The relay CPU column shows where the bytes went: P2 "
-        f"works only while s2 → s1 queries run, and P, through which c1 and c2 met, no more "
-        f"during the hole-punched queries than during the others (10 ms clock ticks).",
+        f"works while s2 → s1 queries run, and P, through which c1 and c2 met, no more "
+        f"during the hole-punched queries than during the others (10 ms clock ticks; each "
+        f"relay's idle work, about {1000 * idle_p2:.0f} ms/s, is in every batch, most in the "
+        f"slowest).",
         "",
     ]
     idle, busy, q = r.relay["idle"], r.relay["busy"], r.relay["queries"]

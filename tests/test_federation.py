@@ -177,3 +177,25 @@ def test_query_with_no_executor_is_a_clear_error(federation: Federation, realm: 
     assert res.returncode == 1
     assert res.stderr.startswith("error: realm_not_served: no executor for realm 'chat'")
     assert "not served here" in res.stderr
+
+
+def test_second_node_on_a_taken_port_stops_with_one_line(federation: Federation, tmp_path) -> None:
+    """libp2p listens with SO_REUSEPORT: without the check, both nodes would run and the kernel
+    would split incoming connections between them."""
+    import socket
+
+    from rentahal.scripts.federation import BIN
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    a = federation.start("A", serve="none", listen=f"/ip4/127.0.0.1/tcp/{port}")
+    assert f"/tcp/{port}/" in a.addr
+    res = subprocess.run(
+        [BIN, "run", "--data-dir", str(tmp_path / "second"), "--listen", f"/ip4/127.0.0.1/tcp/{port}",
+         "--ui-port", "0", "--serve", "none"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert res.returncode == 2, res.stderr
+    errors = [line for line in res.stderr.splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and "already in use" in errors[0] and "Traceback" not in res.stderr, res.stderr

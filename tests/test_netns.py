@@ -248,3 +248,28 @@ def test_restarted_node_rejoins_through_remembered_peers(net: tuple[tb.Testbed, 
     b.wait_for(r"rejoining through 2 remembered peer\(s\)", 30, after=mark)
     b.wait_for(rf"peer {c.peer_id} is live \(serves: chat\)", 60, after=mark)
     assert answered_by(b) == c.peer_id
+
+
+def test_without_a_relay_a_home_is_unreachable_not_busy(net: tuple[tb.Testbed, Federation]) -> None:
+    """P refuses to relay: home 2 hears home 1's records (through P) but cannot dial it. Home 1
+    is no routing candidate, `peers` and `route --explain` say why, and a query fails with
+    'unreachable', never 'busy'."""
+    bed, fed = net
+    wan = bed.network("wan", "10.50.0.0/24")
+    hp = bed.host("pub", wan)
+    _, h1 = bed.home("h1", wan)
+    _, h2 = bed.home("h2", wan)
+    p = start(fed, hp, "P", serve="none", settings={"p2p.relay_service": "off"}).wait_ready()
+    n1 = start(fed, h1, "H1", serve="chat", bootstrap=(p.addr,), settings=CHAT)
+    n2 = start(fed, h2, "H2", serve="none", bootstrap=(p.addr,))
+    n1.wait_ready(), n2.wait_ready()
+    n1.wait_for(r"reachability: private", 60)
+    n2.wait_for(rf"peer {n1.peer_id} is unreachable", 60)
+    peer = n2.peer(n1.peer_id)
+    assert peer["state"] == "unreachable" and peer["unreachable"] and not peer["connected"], peer
+    explained = n2.cli("route", "chat", "--explain").stdout
+    assert f"{n1.peer_id}  excluded: unreachable: " in explained, explained
+    res = n2.cli("query", "chat", "hello", "--max-tokens", "4", check=False, timeout=90)
+    assert res.returncode == 1 and "busy" not in res.stderr, res.stderr
+    assert "unreachable" in res.stderr, res.stderr
+    assert n1.cli_json("status")["reachability"]["state"] == "private"

@@ -331,6 +331,13 @@ async def test_the_dashboard_shows_realms_and_the_live_peer_and_refreshes(pair: 
     # tooltip of B's realms, B in its own realms table: as text both times.
     titles = await page.eval(f"[...document.querySelectorAll({json.dumps(peer_row + ' td')})].map(td => td.title)")
     assert any(f"chat: {HOSTILE_NAME}" in t for t in titles), titles
+    cells = await page.eval(f"[...document.querySelectorAll({json.dumps(peer_row + ' td')})].map(td => td.textContent)")
+    assert "direct" in cells, cells
+    # Whether peers can reach this node, in the same words as `rentahal-node status`.
+    node_info = await page.eval(f"{q('#dash-node')}.innerText")
+    status = await trio.to_thread.run_sync(a.cli_json, "status")
+    assert "Reachability" in node_info and status["reachability"]["text"] in node_info, node_info
+    assert f"--bootstrap {status['reachability']['bootstrap']}" in node_info, node_info
     await no_page_errors(page)
 
     own = await open_ui(browser, b, "dashboard")

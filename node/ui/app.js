@@ -575,10 +575,13 @@ function renderNode(s) {
   $('#peer-id').textContent = id || '…';
   $('#peer-id').title = `this node's peer id: ${id}`;
   const up = isNum(s.uptime_s) ? `${Math.floor(s.uptime_s / 3600)} h ${Math.floor((s.uptime_s % 3600) / 60)} min ${Math.floor(s.uptime_s % 60)} s` : '–';
+  const reach = s.reachability && typeof s.reachability === 'object' ? s.reachability : {};
   const items = [
     ['Peer id', id],
     ['Version', String(s.version ?? '–')],
     ['Uptime', up],
+    ['Reachability', String(reach.text || '–')],
+    ['A friend joins with', reach.bootstrap ? `rentahal-node run --bootstrap ${String(reach.bootstrap)}` : '–'],
     ['Addresses', Array.isArray(s.addrs) ? s.addrs.map(String).join('\n') : ''],
     ['Queries served for peers', String(s.queries_served_for_peers ?? 0)],
   ];
@@ -623,11 +626,13 @@ function renderPeers(peers) {
     const models = p.models && typeof p.models === 'object' ? p.models : {};
     const modelsTitle = realms.map((r) => `${r}: ${String(models[r] ?? '')}`).join('\n');
     tr.append(
-      td(shortId(id), id), td(tr.dataset.state, p.last_failure ? String(p.last_failure) : ''),
+      td(shortId(id), id),
+      td(tr.dataset.state, p.unreachable ? `unreachable: ${String(p.unreachable)}` : (p.last_failure ? String(p.last_failure) : '')),
       td(isNum(p.score) ? p.score.toFixed(2) : '–'),
       td(isNum(p.record_age_s) ? `${p.record_age_s.toFixed(1)} s` : '–'),
       td(fmtMs(p.rtt_ms)), td(realms.join(', '), modelsTitle),
-      td(p.connected ? 'yes' : 'no'), td(String(isNum(p.failures) ? p.failures : 0)),
+      td(p.connected ? (p.path === 'relayed' ? 'via relay' : 'direct') : 'no'),
+      td(String(isNum(p.failures) ? p.failures : 0)),
     );
     return tr;
   });
