@@ -180,7 +180,7 @@ class P2PConfig:
     relay_reservations: int = _int(32, 1, 10000)
     relay_duration: float = _float(1800.0, 1.0, 86400.0)
     relay_bytes: int = _int(128 * 1024 * 1024, 1024, 1 << 40)
-    relay_circuits: int = _int(64, 1, 100000)
+    relay_circuits: int = _int(4, 1, 1000)
     health_interval: float = _float(1.0, 0.2, 60.0)
     stale_after: float = _float(3.5, 0.0, 3600.0, lo_open=True)
     dht_refresh: float = _float(300.0, 5.0, 86400.0)

@@ -43,6 +43,7 @@ MAX_PEERS = 5000
 REMEMBER_PEERS_FOR = 7 * 86400.0  # a restarted node redials peers seen within this long
 REMEMBERED_PEERS = 64
 REMEMBER_INTERVAL = 2.0
+REMEMBER_REFRESH = 300.0
 
 
 SYSOP_TOKEN_FILE = "sysop.token"
@@ -264,17 +265,20 @@ class Node:
 
     async def _remember_peers(self) -> None:
         """Persist connected peers' addresses when they change, so a restart can rejoin."""
-        saved: dict[str, list[str]] = {}
+        saved: dict[str, tuple[list[str], float]] = {}
         while True:
             await trio.sleep(REMEMBER_INTERVAL)
             new = 0
+            now = trio.current_time()
             for pid in self.fh.connected_peers():
                 addrs = self._addrs_to_remember(pid)
-                if addrs and saved.get(pid) != addrs:
+                last = saved.get(pid)
+                # Written when the addresses change, and every few minutes to keep last_seen fresh.
+                if addrs and (last is None or last[0] != addrs or now - last[1] > REMEMBER_REFRESH):
                     try:
                         await self.storage.note_peer(pid, addrs)
                         new += pid not in saved
-                        saved[pid] = addrs
+                        saved[pid] = (addrs, now)
                     except Exception as exc:  # a storage hiccup costs the memory of one peer only
                         log.debug("could not remember peer %s: %s", pid, exc)
             if new:
@@ -512,7 +516,10 @@ class Node:
             "text": text,
             "bootstrap": best,
             "relays": relayed,
-            "witnesses": {ip: {"dialed": ok, "addr": a} for ip, (ok, a) in self.dialback.verdict.answers.items()},
+            "witnesses": {
+                ip: {"dialed": ok, "seen_ip": seen, "port": port}
+                for ip, (ok, seen, port, _) in self.dialback.verdict.answers.items()
+            },
         }
 
     def status_report(self) -> dict[str, Any]:

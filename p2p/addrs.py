@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MAX_ADVERTISED = 16
+MAX_PRIVATE = 8
 
 
 @dataclass(frozen=True)
@@ -149,9 +150,12 @@ def advertisable(
     rank = {"dns": 0, "public": 1, "private": 2}
     order = list(good)
     ordered = [a for a in announce if a in good] + sorted(
-        (a for a in order if a not in announce), key=lambda a: rank[scope(a)]
+        (a for a in order if a not in announce and scope(a) != "private"), key=lambda a: rank[scope(a)]
     )
+    # Relay addresses before private ones: behind NAT they are the only ones that work from
+    # outside, and many docker/VPN interfaces must not push them past the cap.
     ordered += [r for r in relayed if scope(r) == "relay"]
+    ordered += [a for a in order if a not in announce and scope(a) == "private"][:MAX_PRIVATE]
     if not ordered:
         ordered = list(local_only)
     return list(dict.fromkeys(ordered))[:MAX_ADVERTISED]

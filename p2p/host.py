@@ -22,6 +22,8 @@ from .identity import Identity
 log = logging.getLogger("rentahal.p2p")
 
 REALM_KEY_PREFIX = "/rentahal/realm/"
+MAX_DIRECT = 4  # direct addresses tried per dial (a record may claim 16)
+MAX_CIRCUITS = 2  # relay addresses tried per dial
 
 
 def realm_multihash(realm: str) -> bytes:
@@ -82,9 +84,8 @@ class AddressBook:
     addresses expanded to interface addresses, ``p2p.announce``, observed addresses confirmed by
     ``min_observers`` independent peers, and ``/p2p-circuit`` addresses of relay reservations."""
 
-    def __init__(self, announce: Sequence[str] = (), *, min_observers: int = 2) -> None:
+    def __init__(self, announce: Sequence[str] = ()) -> None:
         self.announce = tuple(announce)
-        self.min_observers = min_observers
         self.relayed: list[str] = []
         self.confirmed: list[str] = []  # addresses peers dialed this node back on
         self.host: Any = None
@@ -99,14 +100,9 @@ class AddressBook:
         return self._ifaces[1]
 
     def observed(self) -> list[str]:
-        mgr = getattr(self.host, "_observed_addr_manager", None)
-        seen: list[str] = []
-        if mgr is not None:
-            try:
-                seen = [str(a) for a in mgr.addrs(min_observers=self.min_observers)]
-            except Exception:
-                seen = []
-        return [*self.confirmed, *seen]
+        """Only addresses peers dialed this node back on: identify's observed addresses are
+        claims (and behind NAT, ports nobody can dial), never advertised as such."""
+        return list(self.confirmed)
 
     def listening(self) -> list[str]:
         return [str(a) for a in self.host.get_transport_addrs()] if self.host is not None else []
@@ -232,39 +228,43 @@ class FederationHost:
         return info.peer_id.to_base58()
 
     async def dial_peer(self, peer_id: str, addrs: Sequence[str], *, timeout: float) -> None:
+        """Connect to ``peer_id`` trying ``addrs`` in the order given (the caller puts verified
+        ones first): at most ``MAX_DIRECT`` direct addresses, then at most ``MAX_CIRCUITS``
+        relay addresses, all within ``timeout``. (``host.connect`` would try one TCP address of
+        its own choosing from the peer store, whatever the order.)"""
         import multiaddr
         from libp2p.peer.id import ID
-        from libp2p.peer.peerinfo import PeerInfo
 
-        maddrs = []
-        circuits = []
-        for a in addrs:
-            if "/p2p-circuit" in a:
-                circuits.append(a)
-                continue
-            try:
-                m = multiaddr.Multiaddr(a)
-                maddrs.append(m.decapsulate(multiaddr.Multiaddr(f"/p2p/{peer_id}")) if "/p2p/" in a else m)
-            except Exception:
-                continue
-        if not maddrs and not (circuits and self.circuit_dialer):
+        direct = [a for a in addrs if "/p2p-circuit" not in a][:MAX_DIRECT]
+        circuits = [a for a in addrs if "/p2p-circuit" in a][:MAX_CIRCUITS] if self.circuit_dialer else []
+        if not direct and not circuits:
             raise DialError(f"{peer_id}: no usable address")
-        errors = []
-        if maddrs:
-            try:
-                # With a relay to fall back on, a direct address gets half the time.
-                direct_timeout = timeout / 2 if circuits and self.circuit_dialer else timeout
-                await self._connect(PeerInfo(ID.from_base58(peer_id), maddrs), peer_id, direct_timeout)
-                return
-            except DialError as exc:
-                errors.append(str(exc).removeprefix(f"{peer_id}: "))
-        for c in circuits if self.circuit_dialer else ():
-            try:
-                await self.circuit_dialer(addrlib.without_peer(c, peer_id), peer_id, timeout)
-                await self.add_dht_peer(peer_id)
-                return
-            except DialError as exc:
-                errors.append(str(exc).removeprefix(f"{peer_id}: "))
+        pid = ID.from_base58(peer_id)
+        swarm = self.host.get_network()
+        deadline = trio.current_time() + timeout
+        errors: list[str] = []
+        attempts = [(a, False) for a in direct] + [(c, True) for c in circuits]
+        for i, (addr, relayed) in enumerate(attempts):
+            if self.is_connected(peer_id):
+                return  # it dialed us meanwhile
+            share = max(deadline - trio.current_time(), 0.0) / (len(attempts) - i)
+            bare = addrlib.without_peer(addr, peer_id)
+            with trio.move_on_after(share) as cs:
+                try:
+                    if relayed:
+                        await self.circuit_dialer(bare, peer_id, share)
+                    else:
+                        m = multiaddr.Multiaddr(bare)
+                        await swarm.dial_addr(m, pid)
+                        self.host.get_peerstore().add_addrs(pid, [m], 3600)
+                    await self.add_dht_peer(peer_id)
+                    return
+                except DialError as exc:
+                    errors.append(str(exc).removeprefix(f"{peer_id}: "))
+                except Exception as exc:  # the library's dial errors, a bad multiaddr
+                    errors.append(f"{bare}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+            if cs.cancelled_caught:
+                errors.append(f"{bare}: no connection within {share:.1f}s")
         raise DialError(f"{peer_id}: " + "; ".join(errors))
 
     async def _connect(self, info: Any, label: str, timeout: float) -> None:

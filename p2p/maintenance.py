@@ -22,6 +22,9 @@ from .peers import PeerState, PeerTable
 log = logging.getLogger("rentahal.p2p")
 
 PING_INTERVAL = 5.0
+PING_TIMEOUT = 3.0
+DEAD_AFTER_MISSED_PINGS = 2
+BOOTSTRAP_REDIAL_MAX = 10.0
 SWEEP_INTERVAL = 1.0
 REDIAL_MIN = 2.0
 REDIAL_MAX = 60.0
@@ -66,7 +69,17 @@ class PeerMaintenance:
         peer on this very host (its connection came over loopback) or when this node is itself
         local-only."""
         same_host = peer_id in self._same_host or self.fh.local_only()
-        return [a for a in self.table.dial_addrs(peer_id) if addrlib.usable_by(a, same_host=same_host)]
+        out = []
+        for a in self.table.dial_addrs(peer_id):
+            if "/p2p-circuit" in a:
+                # Only through a relay this node is connected to: a claimed relay address must
+                # not make it dial whatever host the claim names.
+                relay = a.split("/p2p-circuit", 1)[0].rsplit("/p2p/", 1)[-1]
+                if relay != peer_id and self.fh.is_connected(relay):
+                    out.append(a)
+            elif addrlib.usable_by(a, same_host=same_host):
+                out.append(a)
+        return out
 
     async def dial(self, peer_id: str) -> None:
         """Connect to ``peer_id`` or raise DialError; the table learns either way."""
@@ -84,14 +97,24 @@ class PeerMaintenance:
 
     def _sweep(self, nursery: trio.Nursery) -> None:
         now = trio.current_time()
-        if len(self.fh.connected_peers()) >= SWEEP_MAX_CONNECTIONS:
+        connected = self.fh.connected_peers()
+        for e in self.table:  # a connection event can be lost (bounded channel): reconcile
+            if e.connected != (e.peer_id in connected):
+                facts = self.fh.connection(e.peer_id)
+                self.table.set_connected(e.peer_id, facts is not None, relayed=bool(facts and facts[2]))
+        known = {e.peer_id for e in self.table}
+        for d in (self._next_dial, self._backoff):
+            for pid in [p for p in d if p not in known]:
+                del d[pid]
+        self._same_host &= known | connected
+        if len(connected) >= SWEEP_MAX_CONNECTIONS:
             return
         for e in self.table:
             if len(self._dialing) >= MAX_PARALLEL_DIALS:
                 return
             if e.connected or e.blocked or e.peer_id in self._dialing:
                 continue
-            if self.table.state(e) not in (PeerState.LIVE, PeerState.UNREACHABLE, PeerState.CIRCUIT_OPEN):
+            if self.table.state(e) not in (PeerState.PENDING, PeerState.UNREACHABLE):
                 continue  # no fresh record: nothing says it is there
             if now < self._next_dial.get(e.peer_id, 0.0):
                 continue
@@ -123,7 +146,7 @@ class PeerMaintenance:
                 except DialError as exc:
                     log.warning("bootstrap unreachable: %s (retry in %.0fs)", exc, backoff)
                     await trio.sleep(backoff)
-                    backoff = min(backoff * 2, 60.0)
+                    backoff = min(backoff * 2, BOOTSTRAP_REDIAL_MAX)
                     continue
             await trio.sleep(2.0)
 
@@ -153,14 +176,37 @@ class PeerMaintenance:
         from libp2p.peer.id import ID
 
         pinger = PingService(self.fh.host)
+        missed: dict[str, int] = {}
+
+        async def ping(pid: str) -> None:
+            answered = False
+            with trio.move_on_after(PING_TIMEOUT):
+                try:
+                    # The library rounds RTTs to whole milliseconds; time it ourselves.
+                    t0 = trio.current_time()
+                    if await pinger.ping(ID.from_base58(pid)):
+                        self.table.record_rtt(pid, (trio.current_time() - t0) * 1000.0)
+                        answered = True
+                except Exception:
+                    pass
+            missed[pid] = 0 if answered else missed.get(pid, 0) + 1
+            e = self.table.get(pid)
+            if missed[pid] >= DEAD_AFTER_MISSED_PINGS and e is not None and self.table.state(e) is PeerState.STALE:
+                # A cut cable leaves TCP "established" for many minutes, and nobody redials a
+                # peer that still counts as connected: close it, so that whoever can dial (the
+                # side behind NAT, the bootstrap loop) dials afresh once the path is back.
+                log.info("peer %s: no ping answer and no health record; closing its connection", pid)
+                missed.pop(pid, None)
+                with trio.move_on_after(5):
+                    try:
+                        await self.fh.host.disconnect(ID.from_base58(pid))
+                    except Exception as exc:
+                        log.debug("closing the connection to %s failed: %s", pid, exc)
+
         while True:
             await trio.sleep(PING_INTERVAL)
-            for pid in self.fh.connected_peers():
-                with trio.move_on_after(2):
-                    try:
-                        # The library rounds RTTs to whole milliseconds; time it ourselves.
-                        t0 = trio.current_time()
-                        if await pinger.ping(ID.from_base58(pid)):
-                            self.table.record_rtt(pid, (trio.current_time() - t0) * 1000.0)
-                    except Exception:
-                        pass
+            connected = self.fh.connected_peers()
+            missed = {p: n for p, n in missed.items() if p in connected}
+            async with trio.open_nursery() as nursery:
+                for pid in connected:
+                    nursery.start_soon(ping, pid)

@@ -27,6 +27,13 @@ log = logging.getLogger("rentahal.p2p")
 MAX_DIALS_PER_MINUTE = 30
 
 
+class _NoPeerstore:
+    """Takes and forgets what mDNS's listener would write into the peer store."""
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: None
+
+
 class LanDiscovery:
     def __init__(self, fh: FederationHost, on_peer: Callable[[str, tuple[str, ...]], Awaitable[None]]) -> None:
         self.fh = fh
@@ -66,6 +73,10 @@ class LanDiscovery:
 
         def start() -> Any:
             md = MDNSDiscovery(self.fh.host.get_network(), port=port, listen_addrs=adv)
+            # The library's listener writes discovered (and "goodbye") addresses into the peer
+            # store from zeroconf's thread: trio-owned state changed off the loop, and any LAN
+            # host could clear a peer's addresses. Here discoveries only reach the channel.
+            md.listener.peerstore = _NoPeerstore()
             md.broadcaster.register()
             return md
 

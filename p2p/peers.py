@@ -24,6 +24,7 @@ class PeerState(str, enum.Enum):
     UNKNOWN = "unknown"  # heard of (bootstrap, DHT) but no health record yet
     BLOCKED = "blocked"
     UNREACHABLE = "unreachable"  # its records arrive by gossip, but this node cannot dial it
+    PENDING = "pending"  # a fresh record, but no connection yet: not routed to until there is one
 
 
 class FailureKind(str, enum.Enum):
@@ -207,8 +208,10 @@ class PeerTable:
             return PeerState.UNKNOWN
         if now - e.record_at > self.stale_after:
             return PeerState.STALE
-        if e.unreachable and not e.connected:
-            return PeerState.UNREACHABLE
+        if not e.connected:
+            # A record proves only that someone signed it: a peer is routed to once this node
+            # has a connection to it (the maintenance service dials every fresh record).
+            return PeerState.UNREACHABLE if e.unreachable else PeerState.PENDING
         if e.breaker_until > now:
             return PeerState.CIRCUIT_OPEN
         return PeerState.LIVE
@@ -254,6 +257,8 @@ class PeerTable:
                 excluded.append(Exclusion(e.peer_id, f"stale: no health record for {age:.1f}s"))
             elif state is PeerState.UNREACHABLE:
                 excluded.append(Exclusion(e.peer_id, f"unreachable: {e.unreachable}"))
+            elif state is PeerState.PENDING:
+                excluded.append(Exclusion(e.peer_id, "not connected yet (being dialed)"))
             elif state is PeerState.CIRCUIT_OPEN:
                 left = e.breaker_until - self.clock()
                 excluded.append(
@@ -276,7 +281,7 @@ class PeerTable:
         removable = [
             e for e in self._peers.values()
             if not e.blocked and not e.connected
-            and self.state(e) in (PeerState.STALE, PeerState.UNKNOWN, PeerState.UNREACHABLE)
+            and self.state(e) in (PeerState.STALE, PeerState.UNKNOWN, PeerState.UNREACHABLE, PeerState.PENDING)
         ]
         removable.sort(key=idle, reverse=True)
         excess = max(0, len(self._peers) - max_peers)

@@ -35,7 +35,7 @@ log = logging.getLogger("rentahal.p2p")
 PROTOCOL_ID = "/rentahal/dialback/1.0.0"
 MAX_MESSAGE = 4096
 MAX_PORTS = 2
-DIAL_BACK_TIMEOUT = 5.0
+DIAL_BACK_TIMEOUT = 3.0
 PER_PEER_INTERVAL = 10.0  # a peer may ask us at most this often
 TICK = 1.0  # how often new witnesses are looked for
 REASK_AFTER = 120.0  # a witness is asked again after this long
@@ -48,31 +48,54 @@ class Reachability(str, enum.Enum):
     PRIVATE = "private"
 
 
+ANSWER_TTL = 1800.0  # an answer older than this no longer counts
+CONFIRMATIONS = 2  # witnesses (distinct IPs) that must reach an address before it is advertised
+
+
 @dataclass
 class Verdict:
-    """The answers heard, one per witness IP (the latest wins), and what they add up to."""
+    """Answers heard, one per witness IP (its latest), each saying at which IP the witness saw
+    this node and whether it could dial it there. Votes are counted per address seen: a home
+    node that its LAN neighbours can dial but the internet cannot is not public."""
 
-    answers: dict[str, tuple[bool, str]] = field(default_factory=dict)  # ip -> (dialed, addr)
+    answers: dict[str, tuple[bool, str, int, float]] = field(default_factory=dict)  # witness -> (dialed, seen ip, port, at)
 
-    def add(self, witness_ip: str, dialed: bool, addr: str) -> None:
+    def add(self, witness_ip: str, dialed: bool, seen_ip: str, port: int, now: float) -> None:
         self.answers.pop(witness_ip, None)
-        self.answers[witness_ip] = (dialed, addr)
+        self.answers[witness_ip] = (dialed, seen_ip, port, now)
         while len(self.answers) > 16:
             self.answers.pop(next(iter(self.answers)))
 
+    def expire(self, now: float) -> None:
+        for w in [w for w, a in self.answers.items() if now - a[3] > ANSWER_TTL]:
+            del self.answers[w]
+
+    def _votes(self) -> dict[str, list[int]]:
+        votes: dict[str, list[int]] = {}
+        for dialed, seen_ip, _, _ in self.answers.values():
+            votes.setdefault(seen_ip, [0, 0])[0 if dialed else 1] += 1
+        return votes
+
     @property
     def state(self) -> Reachability:
-        yes = sum(1 for ok, _ in self.answers.values() if ok)
-        no = len(self.answers) - yes
-        if yes == 0 and no == 0:
+        votes = self._votes()
+        if not votes:
             return Reachability.UNKNOWN
-        return Reachability.PUBLIC if yes > no else Reachability.PRIVATE
+        if any(no >= yes for yes, no in votes.values()):
+            return Reachability.PRIVATE  # some peers see this node at an address they cannot dial
+        return Reachability.PUBLIC
 
     @property
     def public_addrs(self) -> list[str]:
+        """Addresses at least ``CONFIRMATIONS`` witnesses dialed this node back on."""
         if self.state is not Reachability.PUBLIC:
             return []
-        return list(dict.fromkeys(a for ok, a in self.answers.values() if ok and a))
+        count: dict[str, int] = {}
+        for dialed, seen_ip, port, _ in self.answers.values():
+            if dialed:
+                addr = f"/ip6/{seen_ip}/tcp/{port}" if ":" in seen_ip else f"/ip4/{seen_ip}/tcp/{port}"
+                count[addr] = count.get(addr, 0) + 1
+        return [a for a, n in count.items() if n >= CONFIRMATIONS]
 
 
 def _ports(listening: Sequence[str]) -> list[int]:
@@ -91,7 +114,8 @@ class DialBack:
         self.fh = fh
         self.verdict = Verdict()
         self.changed = trio.Event()
-        self._asked_by: dict[str, float] = {}
+        self._asked_by: dict[str, float] = {}  # peer ID or IP -> when it last asked
+        self._serving = trio.Semaphore(4)  # dial-backs in progress at once, for all peers
 
     @property
     def state(self) -> Reachability:
@@ -106,10 +130,12 @@ class DialBack:
             peer_id = s.muxed_conn.peer_id.to_base58()  # type: ignore[attr-defined]
             remote = s.muxed_conn.get_remote_address()  # type: ignore[attr-defined]
             now = trio.current_time()
-            if now - self._asked_by.get(peer_id, -1e9) < PER_PEER_INTERVAL:
+            keys = (peer_id, remote[0] if remote else "")  # peer IDs are free; IPs are not
+            if any(now - self._asked_by.get(k, -1e9) < PER_PEER_INTERVAL for k in keys):
                 await self._answer(s, {"ok": False, "error": "asked too often"})
                 return
-            self._asked_by[peer_id] = now
+            for k in keys:
+                self._asked_by[k] = now
             if len(self._asked_by) > 4096:
                 self._asked_by = {k: v for k, v in self._asked_by.items() if now - v < PER_PEER_INTERVAL}
             with trio.fail_after(5):
@@ -125,12 +151,16 @@ class DialBack:
             if "/p2p-circuit" in "".join(str(a) for a in (s.muxed_conn.get_transport_addresses() or ())):  # type: ignore[attr-defined]
                 await self._answer(s, {"ok": False, "error": "asked over a relay"})
                 return
+            if self._serving.value == 0:
+                await self._answer(s, {"ok": False, "error": "busy"})
+                return
             ok, addr = False, ""
-            for port in ports:
-                addr = f"/ip6/{ip}/tcp/{port}" if ":" in ip else f"/ip4/{ip}/tcp/{port}"
-                if await self._dial_back(addr, ID.from_base58(peer_id)):
-                    ok = True
-                    break
+            async with self._serving:
+                for port in ports:
+                    addr = f"/ip6/{ip}/tcp/{port}" if ":" in ip else f"/ip4/{ip}/tcp/{port}"
+                    if await self._dial_back(addr, ID.from_base58(peer_id)):
+                        ok = True
+                        break
             await self._answer(s, {"ok": ok, "addr": addr if ok else "", "seen_ip": ip})
         except Exception as exc:  # a peer's bad bytes or a dropped stream: its loss only
             log.debug("dialback request failed: %s", exc)
@@ -167,23 +197,28 @@ class DialBack:
         return True
 
     # --- asking: am I reachable? ---------------------------------------------------------------
-    async def ask(self, peer_id: str) -> tuple[bool, str, str] | None:
-        """(dialed back, address, the IP the peer saw) or None if it gave no usable answer."""
+    async def ask(self, peer_id: str) -> tuple[bool, str, int] | None:
+        """(dialed back, the IP the peer saw this node at, the port it dialed) or None if it gave
+        no usable answer. The address advertised later is built from these, never taken from
+        the answer's own ``addr``; the port must be one asked for."""
         from libp2p.peer.id import ID
 
         ports = _ports(self.fh.listen_addrs())
         if not ports:
             return None
         try:
-            with trio.fail_after(DIAL_BACK_TIMEOUT * MAX_PORTS + 5):
+            with trio.fail_after(DIAL_BACK_TIMEOUT):
                 stream = await self.fh.host.new_stream(ID.from_base58(peer_id), [PROTOCOL_ID])
-                try:
-                    await stream.write(msgpack.packb({"ports": ports}, use_bin_type=True))
+            try:
+                # No deadline around the write: a cancel inside a libp2p write breaks the
+                # whole connection (DESIGN.md, cancel safety). The message is tiny.
+                await stream.write(msgpack.packb({"ports": ports}, use_bin_type=True))
+                with trio.fail_after(DIAL_BACK_TIMEOUT * MAX_PORTS + 5):
                     raw = await stream.read(MAX_MESSAGE)
-                finally:
-                    with trio.move_on_after(1) as cs:
-                        cs.shield = True
-                        await stream.close()
+            finally:
+                with trio.move_on_after(1) as cs:
+                    cs.shield = True
+                    await stream.close()
             reply = msgpack.unpackb(raw, raw=False)
         except Exception as exc:
             log.debug("dialback via %s failed: %s", peer_id, exc)
@@ -191,9 +226,12 @@ class DialBack:
         if not isinstance(reply, dict) or "error" in reply:
             return None
         ok, addr, ip = bool(reply.get("ok")), reply.get("addr", ""), reply.get("seen_ip", "")
-        if not isinstance(addr, str) or not isinstance(ip, str) or (ok and addrlib.parse(addr) is None):
+        if not isinstance(addr, str) or not isinstance(ip, str) or addrlib.scope(f"/ip4/{ip}/tcp/1" if ":" not in ip else f"/ip6/{ip}/tcp/1") in ("invalid", "unspecified", "loopback"):
             return None
-        return ok, addr, ip
+        parsed = addrlib.parse(addr) if ok else None
+        if ok and (parsed is None or parsed.host != ip or parsed.port not in ports):
+            return None  # "dialed you at" an address that is not the one it saw: a lie
+        return ok, ip, parsed.port if parsed else ports[0]
 
     def witnesses(self) -> list[tuple[str, str]]:
         """Directly connected peers at other IP addresses than this host's: (peer, their IP)."""
@@ -215,13 +253,14 @@ class DialBack:
         asked: dict[str, float] = {}
         while True:
             now = trio.current_time()
+            self.verdict.expire(now)
             due = [(pid, ip) for pid, ip in self.witnesses() if now - asked.get(ip, -1e9) > REASK_AFTER]
             before = (self.state, tuple(self.verdict.public_addrs))
             for pid, ip in due[:WITNESSES]:
                 asked[ip] = now
                 answer = await self.ask(pid)
                 if answer is not None:
-                    self.verdict.add(ip, answer[0], answer[1])
+                    self.verdict.add(ip, answer[0], answer[1], answer[2], trio.current_time())
                 else:
                     asked[ip] = now - REASK_AFTER + 10.0  # no usable answer: try again soon
             if len(asked) > 1024:

@@ -34,6 +34,7 @@ RESERVE_TIMEOUT = 10.0
 RETRY_RELAY_AFTER = 10.0
 CHECK_INTERVAL = 1.0
 RESERVATION_TTL = 600  # seconds; the library renews 30 s before expiry
+DCUTR_DIALS_PER_MINUTE = 12
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ class RelayLimits:
     reservations: int = 32
     duration: float = 1800.0
     bytes: int = 128 * 1024 * 1024
-    circuits: int = 64
+    circuits: int = 4
 
 
 def _library_limits(limits: RelayLimits) -> Any:
@@ -57,9 +58,25 @@ def _dcutr_class() -> type:
     from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
 
     class CleanDCUtR(DCUtRProtocol):  # type: ignore[misc]
+        """The library dials every address a peer sends in a hole-punch CONNECT (up to ~400),
+        three rounds, plus the peer store's: a stranger could aim this node at anyone. Here a
+        peer gets at most ``DCUTR_DIALS_PER_MINUTE`` dials, never to unspecified, loopback,
+        link-local or relay addresses."""
+
+        _budget: dict[str, tuple[float, int]] = {}
+
         async def _dial_peer(self, peer_id: Any, addr: Any, *args: Any, **kw: Any) -> Any:
-            if addrlib.scope(str(addr)) in ("unspecified", "loopback", "link-local", "relay"):
+            if addrlib.scope(str(addr)) in ("unspecified", "loopback", "link-local", "relay", "invalid"):
                 return None
+            key, now = str(peer_id), trio.current_time()
+            start, used = self._budget.get(key, (now, 0))
+            if now - start > 60.0:
+                start, used = now, 0
+            if used >= DCUTR_DIALS_PER_MINUTE:
+                return None
+            self._budget[key] = (start, used + 1)
+            if len(self._budget) > 4096:
+                self._budget.clear()
             return await super()._dial_peer(peer_id, addr, *args, **kw)
 
     return CleanDCUtR
@@ -127,8 +144,12 @@ class RelayService:
     def _keep_reservations(self, nursery: trio.Nursery) -> None:
         if not self.want_reservations or len(self.reservations) + len(self._holding) >= TARGET_RELAYS:
             return
+        import random
+
         now = trio.current_time()
-        for pid in sorted(self.fh.connected_peers()):
+        peers = list(self.fh.connected_peers())
+        random.shuffle(peers)  # a peer ID chosen to sort first must not capture every reservation
+        for pid in peers:
             if len(self.reservations) + len(self._holding) >= TARGET_RELAYS:
                 break
             if pid in self.reservations or pid in self._holding or now < self._failed.get(pid, 0.0):
@@ -137,23 +158,25 @@ class RelayService:
             if facts is None or facts[2] or not facts[1]:
                 continue  # only relays we dialed directly: their address is one we know works
             self._holding.add(pid)
-            nursery.start_soon(self._hold, pid, facts[0])
+            nursery.start_soon(self._hold, pid, facts[0], nursery)
 
-    async def _hold(self, relay: str, relay_addr: str) -> None:
-        """Reserve a slot on ``relay`` and keep it while the connection lasts."""
+    async def _hold(self, relay: str, relay_addr: str, service_nursery: trio.Nursery) -> None:
+        """Reserve a slot on ``relay`` and keep it while the connection lasts. The library's one
+        renewal task (shared by all reservations) lives in the service's nursery, not here, so
+        it outlives the first relay to go."""
         from libp2p.peer.id import ID
         from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_ID
 
         rid = ID.from_base58(relay)
         circuit = f"{relay_addr}/p2p/{relay}/p2p-circuit"
         try:
-            async with trio.open_nursery() as nursery:  # the library's renewal task lives here
+            async with trio.open_nursery() as nursery:
                 ok = False
                 with trio.move_on_after(RESERVE_TIMEOUT):
                     try:
                         stream = await self.fh.host.new_stream(rid, [HOP_ID])
                         try:
-                            ok = await self._reserver.reserve(stream, rid, nursery)
+                            ok = await self._reserver.reserve(stream, rid, service_nursery)
                         finally:
                             with trio.move_on_after(1) as cs:
                                 cs.shield = True

@@ -33,7 +33,7 @@ def test_loopback_only_node_advertises_loopback() -> None:
     assert out == ["/ip4/127.0.0.1/tcp/5000"]
 
 
-def test_announce_comes_first_then_public_then_private_then_relays() -> None:
+def test_announce_comes_first_then_public_then_relays_then_private() -> None:
     out = addrs.advertisable(
         ["/ip4/0.0.0.0/tcp/4001"],
         interfaces=["10.0.0.2", "8.8.4.4"],
@@ -45,9 +45,16 @@ def test_announce_comes_first_then_public_then_private_then_relays() -> None:
         "/dns4/node.example.org/tcp/4001",
         "/ip4/8.8.4.4/tcp/4001",
         "/ip4/1.2.3.4/tcp/4001",
-        "/ip4/10.0.0.2/tcp/4001",
         "/ip4/1.1.1.1/tcp/4001/p2p/R/p2p-circuit",
+        "/ip4/10.0.0.2/tcp/4001",
     ]
+
+
+def test_relay_addresses_survive_many_private_interfaces() -> None:
+    ifaces = [f"172.17.{i}.1" for i in range(30)]
+    relay = "/ip4/1.1.1.1/tcp/4001/p2p/R/p2p-circuit"
+    out = addrs.advertisable(["/ip4/0.0.0.0/tcp/4001"], interfaces=ifaces, relayed=[relay])
+    assert relay in out and len(out) <= addrs.MAX_ADVERTISED
 
 
 @pytest.mark.parametrize(
@@ -80,23 +87,46 @@ def test_interface_addresses_include_loopback() -> None:
     assert "127.0.0.1" in addrs.interface_addresses()
 
 
-def test_verdict_needs_more_yes_than_no() -> None:
+def test_verdict_counts_votes_per_address_seen() -> None:
     v = Verdict()
     assert v.state is Reachability.UNKNOWN
-    v.add("10.0.0.1", False, "")
+    v.add("10.0.0.1", False, "1.2.3.4", 4001, 0.0)
     assert v.state is Reachability.PRIVATE and v.public_addrs == []
-    v.add("10.0.0.2", True, "/ip4/1.2.3.4/tcp/4001")  # one liar's yes against one no
+    v.add("10.0.0.2", True, "1.2.3.4", 4001, 0.0)  # one liar's yes against one no
     assert v.state is Reachability.PRIVATE
-    v.add("10.0.0.3", True, "/ip4/1.2.3.4/tcp/4001")
+    v.add("10.0.0.3", True, "1.2.3.4", 4001, 0.0)
     assert v.state is Reachability.PUBLIC and v.public_addrs == ["/ip4/1.2.3.4/tcp/4001"]
-    v.add("10.0.0.3", False, "")  # the same witness changed its mind: its latest answer counts
+    v.add("10.0.0.3", False, "1.2.3.4", 4001, 0.0)  # the same witness changed its mind
     assert v.state is Reachability.PRIVATE
+
+
+def test_lan_neighbours_cannot_outvote_the_internet() -> None:
+    """Two LAN peers dial a home node on its LAN address; the public peer cannot dial its NAT's
+    address: the node is behind NAT (it needs a relay), not public."""
+    v = Verdict()
+    v.add("192.168.1.20", True, "192.168.1.10", 4001, 0.0)
+    v.add("192.168.1.21", True, "192.168.1.10", 4001, 0.0)
+    v.add("203.0.113.9", False, "198.51.100.7", 4001, 0.0)
+    assert v.state is Reachability.PRIVATE
+
+
+def test_one_witness_alone_does_not_get_an_address_advertised() -> None:
+    v = Verdict()
+    v.add("10.0.0.1", True, "6.6.6.6", 4001, 0.0)  # a liar naming a victim's address
+    assert v.state is Reachability.PUBLIC and v.public_addrs == []
+
+
+def test_old_answers_expire() -> None:
+    v = Verdict()
+    v.add("10.0.0.1", False, "1.2.3.4", 4001, 0.0)
+    v.expire(10_000.0)
+    assert v.state is Reachability.UNKNOWN
 
 
 def test_verdict_memory_is_bounded() -> None:
     v = Verdict()
     for i in range(100):
-        v.add(f"10.0.{i}.1", True, "/ip4/1.2.3.4/tcp/1")
+        v.add(f"10.0.{i}.1", True, "1.2.3.4", 1, 0.0)
     assert len(v.answers) == 16
 
 
@@ -109,7 +139,7 @@ def test_gossiping_peer_that_cannot_be_dialed_is_not_a_candidate() -> None:
     t = PeerTable("me", stale_after=3.0, breaker_failures=3, breaker_backoff=5.0,
                   breaker_backoff_max=60.0, half_life=60.0, clock=lambda: now[0])
     t.apply_record(_record("P"))
-    assert [c.peer_id for c in t.candidates("chat")[0]] == ["P"]
+    assert t.candidates("chat")[0] == []  # a record, but no connection yet: pending
     t.set_unreachable("P", "no connection within 10s")
     e = t.get("P")
     assert e is not None and t.state(e) is PeerState.UNREACHABLE

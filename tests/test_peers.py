@@ -26,6 +26,16 @@ class FakeClock:
         self.t += dt
 
 
+class ConnectedTable(PeerTable):
+    """A table for peers this node is connected to (as the node's own are, before routing):
+    every peer whose record it takes is marked connected. Tests of the record logic use it."""
+
+    def apply_record(self, record: HealthRecord) -> bool:
+        if record.peer_id != self.self_id:
+            self.set_connected(record.peer_id, True)
+        return super().apply_record(record)
+
+
 def make_table(clock: FakeClock, **overrides: Any) -> PeerTable:
     params: dict[str, Any] = dict(
         stale_after=5.0,
@@ -36,7 +46,7 @@ def make_table(clock: FakeClock, **overrides: Any) -> PeerTable:
         clock=clock,
     )
     params.update(overrides)
-    return PeerTable(SELF, **params)
+    return ConnectedTable(SELF, **params)
 
 
 def rec(
@@ -325,3 +335,17 @@ def test_candidates_exclude_each_with_its_own_reason(clock: FakeClock) -> None:
 
     table.set_blocked(blocked, False)
     assert blocked in ranked(table)
+
+
+def test_a_record_alone_does_not_make_a_peer_routable(clock: FakeClock) -> None:
+    """Records are signed claims; a peer is routed to once this node holds a connection to it."""
+    table = PeerTable(SELF, stale_after=5.0, breaker_failures=3, breaker_backoff=10.0,
+                      breaker_backoff_max=35.0, half_life=60.0, clock=clock)
+    table.apply_record(rec(A, seq=1))
+    assert state_of(table, A) is PeerState.PENDING
+    ranked, excluded = table.candidates("chat")
+    assert ranked == [] and excluded[0].reason == "not connected yet (being dialed)"
+    table.set_connected(A, True)
+    assert state_of(table, A) is PeerState.LIVE
+    table.set_connected(A, False)  # the connection closed (a killed peer): out of routing at once
+    assert state_of(table, A) is PeerState.PENDING

@@ -139,6 +139,7 @@ def announce(table: PeerTable, identity: Identity, *, realm: str = "chat", depth
         success_ratio=1.0,
     )
     verified = verify_record(sign_record(record, identity), author=identity.peer_id)
+    table.set_connected(identity.peer_id, True)  # the node routes only to peers it is connected to
     assert table.apply_record(verified)
 
 
