@@ -21,4 +21,11 @@ python3 -m venv .venv
 python -m pip install -q --upgrade pip
 # llama-cpp-python builds from source the first time (about 6 minutes on 2 cores); pip caches it.
 python -m pip install -q -e ".[test,all]"
+# A standard js-libp2p peer for the interop test (versions pinned in its lockfile, ~40 MB).
+if command -v npm >/dev/null; then
+  npm ci --prefix tests/js_peer --no-audit --no-fund --silent \
+    || echo "scripts/test.sh: npm ci for tests/js_peer failed; the interop test will skip" >&2
+else
+  echo "scripts/test.sh: no npm; the js-libp2p interop test will skip" >&2
+fi
 exec python -m pytest "$@"

@@ -7,9 +7,8 @@ Where a testbed cannot be built the tests are skipped with the reason, never pas
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -43,16 +42,9 @@ def start(fed: Federation, host: tb.Host, name: str, **kw: object) -> NodeProces
     return node.launch()
 
 
-def until(check: Callable[[], Any], timeout: float) -> Any:
-    """Re-run ``check`` (CLI calls, each a process start: that is the pacing) until truthy."""
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-    raise AssertionError(f"not true within {timeout}s")
+def lan_of_three(bed: tb.Testbed, cidr: str) -> list[tb.Host]:
+    lan = bed.network("lan", cidr)
+    return [bed.host(name, lan) for name in ("a", "b", "c")]
 
 
 def answered_by(node: NodeProcess, prompt: str = "hello") -> str:
@@ -65,8 +57,7 @@ def answered_by(node: NodeProcess, prompt: str = "hello") -> str:
 
 def test_lan_of_three_hosts_on_default_listen_addresses(net: tuple[tb.Testbed, Federation]) -> None:
     bed, fed = net
-    lan = bed.network("lan", "10.10.0.0/24")
-    ha, hb, hc = bed.host("a", lan), bed.host("b", lan), bed.host("c", lan)
+    ha, hb, hc = lan_of_three(bed, "10.10.0.0/24")
     settings = {"p2p.mdns": "false"}
     a = start(fed, ha, "A", serve="none", settings=settings).wait_ready()
     # What A tells others is its LAN address, never 0.0.0.0 or loopback.
@@ -90,8 +81,7 @@ def test_lan_of_three_hosts_on_default_listen_addresses(net: tuple[tb.Testbed, F
 
 def test_lan_without_any_bootstrap_list_finds_peers_by_mdns(net: tuple[tb.Testbed, Federation]) -> None:
     bed, fed = net
-    lan = bed.network("lan", "10.11.0.0/24")
-    hosts = [bed.host(n, lan) for n in ("a", "b", "c")]
+    hosts = lan_of_three(bed, "10.11.0.0/24")
     a = start(fed, hosts[0], "A", serve="none")
     b = start(fed, hosts[1], "B", serve="none")
     c = start(fed, hosts[2], "C", serve="chat", settings=CHAT)
@@ -106,7 +96,7 @@ def test_lan_without_any_bootstrap_list_finds_peers_by_mdns(net: tuple[tb.Testbe
     assert b.peer(c.peer_id)["path"] == "direct"
 
 
-def two_homes(bed: tb.Testbed, fed: Federation, *, symmetric: bool = False,
+def two_homes(bed: tb.Testbed, fed: Federation, *, symmetric: bool = False, serve1: str = "chat",
               serve2: str = "none") -> tuple[tb.Host, NodeProcess, NodeProcess, NodeProcess]:
     """A public node P (serving nothing) and two homes behind NATs with the same private range;
     home 1 serves chat. Returns (P's host, P, home 1, home 2)."""
@@ -115,7 +105,7 @@ def two_homes(bed: tb.Testbed, fed: Federation, *, symmetric: bool = False,
     _, h1 = bed.home("h1", wan, symmetric=symmetric)
     _, h2 = bed.home("h2", wan, symmetric=symmetric)
     p = start(fed, hp, "P", serve="none").wait_ready()
-    n1 = start(fed, h1, "H1", serve="chat", bootstrap=(p.addr,), settings=CHAT)
+    n1 = start(fed, h1, "H1", serve=serve1, bootstrap=(p.addr,), settings={**CHAT, "realms.imagine.threads": "1"})
     n2 = start(fed, h2, "H2", serve=serve2, bootstrap=(p.addr,), settings=CHAT if serve2 != "none" else {})
     n1.wait_ready(), n2.wait_ready()
     return hp, p, n1, n2
@@ -153,16 +143,26 @@ def test_two_homes_behind_nats_reach_each_other_through_a_relay_then_directly(
     assert f"{n1.peer_id}  score" in explained and "(direct)" in explained, explained
 
 
-def test_symmetric_nats_on_both_sides_the_relay_carries_the_query(net: tuple[tb.Testbed, Federation]) -> None:
+def test_symmetric_nats_on_both_sides_the_relay_carries_tokens_and_images(
+    net: tuple[tb.Testbed, Federation], tmp_path: Path,
+) -> None:
+    from PIL import Image
+
     bed, fed = net
-    _, p, n1, n2 = two_homes(bed, fed, symmetric=True)
-    n2.wait_for(rf"peer {n1.peer_id} is live \(serves: chat\)", 60)
+    _, p, n1, n2 = two_homes(bed, fed, symmetric=True, serve1="chat,imagine")
+    n2.wait_for(rf"peer {n1.peer_id} is live \(serves: chat,imagine\)", 60)
     assert answered_by(n2) == n1.peer_id
     peer = n2.peer(n1.peer_id)
     assert peer["connected"] and peer["path"] == "relayed", peer
     notes = {c["executor"]: c["note"] for c in n2.cli_json("route", "chat")["candidates"]}
     assert notes[n1.peer_id] == "via relay", notes
     assert answered_by(n2, "still relayed") == n1.peer_id
+    out = tmp_path / "relayed.png"
+    res = n2.cli("query", "imagine", "a red square", "--out", str(out), "--param", "width=64",
+                 "--param", "height=64", "--param", "steps=2", timeout=120)
+    assert f"answered by {n1.peer_id}" in res.stderr, res.stderr
+    with Image.open(out) as img:
+        assert img.size == (64, 64)
 
 
 def test_cut_uplink_mid_answer_fails_over_once_and_the_home_comes_back(
@@ -232,8 +232,7 @@ def test_relay_restart_homes_reserve_again_and_keep_serving(net: tuple[tb.Testbe
 
 def test_restarted_node_rejoins_through_remembered_peers(net: tuple[tb.Testbed, Federation]) -> None:
     bed, fed = net
-    lan = bed.network("lan", "10.40.0.0/24")
-    ha, hb, hc = bed.host("a", lan), bed.host("b", lan), bed.host("c", lan)
+    ha, hb, hc = lan_of_three(bed, "10.40.0.0/24")
     off = {"p2p.mdns": "false"}
     a = start(fed, ha, "A", serve="none", settings=off).wait_ready()
     c = start(fed, hc, "C", serve="chat", bootstrap=(a.addr,), settings={**off, **CHAT}).wait_ready()
@@ -260,7 +259,7 @@ def test_without_a_relay_a_home_is_unreachable_not_busy(net: tuple[tb.Testbed, F
     _, h1 = bed.home("h1", wan)
     _, h2 = bed.home("h2", wan)
     p = start(fed, hp, "P", serve="none", settings={"p2p.relay_service": "off"}).wait_ready()
-    n1 = start(fed, h1, "H1", serve="chat", bootstrap=(p.addr,), settings=CHAT)
+    n1 = start(fed, h1, "H1", serve=serve1, bootstrap=(p.addr,), settings={**CHAT, "realms.imagine.threads": "1"})
     n2 = start(fed, h2, "H2", serve="none", bootstrap=(p.addr,))
     n1.wait_ready(), n2.wait_ready()
     n1.wait_for(r"reachability: private", 60)
