@@ -352,6 +352,16 @@ class Node:
                 await self.maintenance.dial(peer_id)
             except DialError as exc:
                 raise ExecutorError(FailureKind.UNREACHABLE, "unreachable", str(exc)) from None
+        def abandon() -> tuple[str, str] | None:
+            """An attempt on a peer that went stale or lost its connection is lost: move on now,
+            not after hang_timeout."""
+            entry = self.table.get(peer_id)
+            if not self.fh.is_connected(peer_id):
+                return "dead", f"the connection to {peer_id} closed"
+            if entry is not None and self.table.state(entry) is PeerState.STALE:
+                return "hung", f"{peer_id} went stale (no health record for {self.table.record_age(entry) or 0:.1f}s)"
+            return None
+
         try:
             return await self.client.execute(
                 peer_id,
@@ -361,6 +371,7 @@ class Node:
                 deadline_s=query.deadline_s,
                 emit=emit,
                 hang_timeout=hang_timeout,
+                abandon=abandon,
             )
         except PeerQueryError as exc:
             raise ExecutorError(FailureKind(exc.kind), exc.code, exc.message) from None

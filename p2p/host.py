@@ -224,8 +224,15 @@ class FederationHost:
             info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
         except Exception as exc:
             raise DialError(f"{addr}: not a dialable /p2p/ multiaddr ({exc})") from None
-        await self._connect(info, addr, timeout)
-        return info.peer_id.to_base58()
+        peer_id = info.peer_id.to_base58()
+        # Through dial_peer, not host.connect: the library's connect refuses for 60 s a peer whose
+        # dial failed once (its "negative cache"), so a bootstrap node back after an outage would
+        # stay unreachable for up to a minute.
+        try:
+            await self.dial_peer(peer_id, [addr], timeout=timeout)
+        except DialError as exc:
+            raise DialError(f"{addr}: {str(exc).removeprefix(f'{peer_id}: ')}") from None
+        return peer_id
 
     async def dial_peer(self, peer_id: str, addrs: Sequence[str], *, timeout: float) -> None:
         """Connect to ``peer_id`` trying ``addrs`` in the order given (the caller puts verified
@@ -266,18 +273,6 @@ class FederationHost:
             if cs.cancelled_caught:
                 errors.append(f"{bare}: no connection within {share:.1f}s")
         raise DialError(f"{peer_id}: " + "; ".join(errors))
-
-    async def _connect(self, info: Any, label: str, timeout: float) -> None:
-        from libp2p.exceptions import BaseLibp2pError
-
-        try:
-            with trio.fail_after(timeout):
-                await self.host.connect(info)
-        except trio.TooSlowError:
-            raise DialError(f"{label}: no connection within {timeout:g}s") from None
-        except (BaseLibp2pError, OSError) as exc:
-            raise DialError(f"{label}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-        await self.dht.add_peer(info.peer_id)
 
     async def add_dht_peer(self, peer_id: str) -> None:
         from libp2p.peer.id import ID

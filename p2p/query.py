@@ -52,6 +52,8 @@ class IncomingQuery:
 
 
 Handler = Callable[[IncomingQuery, Emit], Awaitable[Event]]
+Abandon = Callable[[], "tuple[str, str] | None"]  # () -> (failure kind, reason) once an attempt is lost
+ABANDON_POLL = 0.1
 ViolationHook = Callable[[str, str], None]
 
 
@@ -260,7 +262,11 @@ class QueryClient:
         deadline_s: float,
         emit: Emit,
         hang_timeout: float,
+        abandon: Abandon | None = None,
     ) -> Event:
+        """Run a query on ``peer_id``. ``abandon``, polled while waiting for the next frame,
+        returns (kind, reason) once the attempt is known lost (the peer went stale or its
+        connection closed): the attempt then ends at once instead of at ``hang_timeout``."""
         from libp2p.peer.id import ID
 
         request = wire.QueryRequest(
@@ -285,7 +291,7 @@ class QueryClient:
         except _stream_errors() as exc:
             raise PeerQueryError("dead", "busy", f"could not open a stream: {exc or type(exc).__name__}") from None
         try:
-            answer = await self._read_answer(stream, query_id, emit, hang_timeout)
+            answer = await self._read_answer(stream, query_id, emit, hang_timeout, abandon)
         except BaseException:
             # Cancelled, hung or broken: tell the executor (best effort) and drop the stream.
             with trio.CancelScope(shield=True), trio.move_on_after(1):
@@ -305,13 +311,54 @@ class QueryClient:
                 pass
         return answer
 
-    async def _read_answer(self, stream: Any, query_id: str, emit: Emit, hang_timeout: float) -> Event:
+    async def _read_answer(
+        self, stream: Any, query_id: str, emit: Emit, hang_timeout: float, abandon: Abandon | None
+    ) -> Event:
         decoder = wire.FrameDecoder(max_frame=self.max_frame)
         messages = _messages(stream, decoder)
+        waiting: list[trio.CancelScope] = []  # the current read, the only thing the watcher cancels
+        lost: list[tuple[str, str]] = []
+
+        async def watch() -> None:
+            assert abandon is not None
+            while not lost:
+                await trio.sleep(ABANDON_POLL)
+                verdict = abandon()
+                if verdict is not None:
+                    lost.append(verdict)
+                    for scope in waiting:
+                        scope.cancel()
+
+        failure: Exception | None = None
+        async with trio.open_nursery() as nursery:
+            if abandon is not None:
+                nursery.start_soon(watch)
+            try:
+                answer = await self._read_loop(messages, query_id, emit, hang_timeout, waiting, lost)
+            except Exception as exc:  # raised outside the nursery: not wrapped in a group
+                failure = exc
+            finally:
+                nursery.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+        return answer
+
+    async def _read_loop(
+        self, messages: Any, query_id: str, emit: Emit, hang_timeout: float,
+        waiting: list[trio.CancelScope], lost: list[tuple[str, str]],
+    ) -> Event:
         while True:
             try:
-                with trio.fail_after(hang_timeout):
-                    msg = await messages.__anext__()
+                with trio.CancelScope() as scope:
+                    if lost:
+                        scope.cancel()
+                    waiting[:] = [scope]
+                    with trio.fail_after(hang_timeout):
+                        msg = await messages.__anext__()
+                waiting.clear()
+                if scope.cancelled_caught:
+                    kind, reason = lost[0]
+                    raise PeerQueryError(kind, "deadline_exceeded", f"attempt abandoned: {reason}")
             except trio.TooSlowError:
                 raise PeerQueryError("hung", "deadline_exceeded", f"no frame for {hang_timeout:g}s") from None
             except StopAsyncIteration:

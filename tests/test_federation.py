@@ -125,6 +125,32 @@ def test_frozen_executor_is_detected_and_comes_back(federation: Federation) -> N
     assert a.peer(victim.peer_id)["state"] == "live"
 
 
+def test_frozen_executor_is_abandoned_when_stale_not_after_hang_timeout(federation: Federation) -> None:
+    """With the shipped hang_timeout (10 s) the query moves on as soon as the frozen executor
+    counts as stale (p2p.stale_after, 3.5 s): the attempt watches its executor."""
+    import time
+
+    a, b, c = three_nodes(federation, **{"router.hang_timeout": "10"})
+    q = a.query_process("chat", "tell me a long story", *LONG)
+    head = read_events(q, until="token")
+    executor = next(m["event"]["executor"] for m in head if m["event"]["type"] == "executor")
+    victim, survivor = _other(executor, b, c)
+    victim.signal(signal.SIGSTOP)
+    frozen_at = time.monotonic()
+    try:
+        rest = read_events(q, until="failover")
+        moved_on = time.monotonic() - frozen_at
+        failover = rest[-1]["event"]
+        assert failover["kind"] == "hung" and "went stale" in failover["message"], failover
+        assert moved_on < 8.0, moved_on  # stale_after + a record interval, well before 10 s
+        rest = read_events(q)
+        assert q.wait(60) == 0
+        result = next(m["result"] for m in rest if m["op"] == "result")
+        assert result["executor"] == survivor.peer_id
+    finally:
+        victim.signal(signal.SIGCONT)
+
+
 def test_restart_keeps_peer_id_and_stops_cleanly(federation: Federation) -> None:
     node = federation.start("solo", serve="none")
     first = node.peer_id

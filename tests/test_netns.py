@@ -209,7 +209,7 @@ def test_cut_uplink_mid_answer_fails_over_once_and_the_home_comes_back(
     execs[1 - cut].stop()
     assert answered_by(p, "welcome back") == first
     print(f"uplink cut {restored_at - cut_at:.1f}s; live again {back_s:.2f}s after restore")
-    assert back_s < 15.0, back_s
+    assert back_s < 20.0, back_s  # redial back-off (5 s) + a dial + a health record, under load
 
 
 def test_relay_restart_homes_reserve_again_and_keep_serving(net: tuple[tb.Testbed, Federation]) -> None:
@@ -259,7 +259,7 @@ def test_without_a_relay_a_home_is_unreachable_not_busy(net: tuple[tb.Testbed, F
     _, h1 = bed.home("h1", wan)
     _, h2 = bed.home("h2", wan)
     p = start(fed, hp, "P", serve="none", settings={"p2p.relay_service": "off"}).wait_ready()
-    n1 = start(fed, h1, "H1", serve=serve1, bootstrap=(p.addr,), settings={**CHAT, "realms.imagine.threads": "1"})
+    n1 = start(fed, h1, "H1", serve="chat", bootstrap=(p.addr,), settings=CHAT)
     n2 = start(fed, h2, "H2", serve="none", bootstrap=(p.addr,))
     n1.wait_ready(), n2.wait_ready()
     n1.wait_for(r"reachability: private", 60)
