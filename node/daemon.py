@@ -17,6 +17,7 @@ import trio
 
 from .. import __version__
 from ..p2p import addrs as addrlib
+from ..p2p.discovery import RealmDiscovery
 from ..p2p.gossip import HealthGossip
 from ..p2p.health import HealthRecord
 from ..p2p.host import DialError, FederationHost, open_federation_host
@@ -77,7 +78,6 @@ class Node:
         self.fh: FederationHost
         self.table: PeerTable
         self.router: RealmRouter
-        self._records_changed = trio.Event()
         self._queries_served = 0
         self.sysop_token = read_sysop_token(data_dir)
         self.submit_limiter = RateLimiter(config.limits.queries_per_minute, config.limits.burst)
@@ -111,6 +111,7 @@ class Node:
                 clock=trio.current_time,
             )
             self.client = QueryClient(fh.host, self.peer_id, dial_timeout=cfg.p2p.dial_timeout)
+            self.realm_discovery = RealmDiscovery(fh, self.table, refresh=cfg.p2p.dht_refresh, dial=self._dial_quietly)
             self.router = RealmRouter(
                 self.table,
                 self.local,
@@ -118,12 +119,13 @@ class Node:
                 local_queue_limit=cfg.router.local_queue_limit,
                 max_attempts=cfg.router.max_attempts,
                 hang_timeout=cfg.router.hang_timeout,
-                discover=self.discover,
+                discover=self.realm_discovery.discover,
             )
             for peer_id in await self.storage.blocked_peers():
                 self.table.set_blocked(peer_id, True)
             self.maintenance = PeerMaintenance(
                 fh, self.table, dial_timeout=cfg.p2p.dial_timeout, bootstrap=cfg.p2p.bootstrap,
+                forget_after=cfg.p2p.forget_after, max_peers=MAX_PEERS, state_interval=cfg.p2p.health_interval / 2,
             )
             self.queries = QueryManager(
                 self.storage,
@@ -155,7 +157,6 @@ class Node:
                         make_record=self.health_record, on_record=self._take_record,
                     )
                     await nursery.start(gossip.run)
-                    nursery.start_soon(self._watch_peer_states)
                     await nursery.start(self.relay.run)
                     await nursery.start(self.maintenance.run)
                     nursery.start_soon(self._rejoin_remembered)
@@ -197,35 +198,9 @@ class Node:
         if not served:
             log.info("serving no realm: this node routes and asks only")
             return
-        while True:
-            for realm in served:
-                try:
-                    with trio.fail_after(30):
-                        ok = await self.fh.provide_realm(realm)
-                    log.debug("dht: provided %s (%s)", realm, "stored" if ok else "no peer took it")
-                except Exception as exc:  # the DHT may have no peers yet; try again next round
-                    log.debug("dht: provide %s failed: %s", realm, exc)
-            await trio.sleep(self.config.p2p.dht_refresh)
+        await self.realm_discovery.advertise(served)
 
-    async def discover(self, realm: str) -> None:
-        """Fill the peer table from the DHT when the router has no candidate for ``realm``."""
-        try:
-            with trio.fail_after(10):
-                found = await self.fh.find_realm_providers(realm)
-        except Exception as exc:
-            log.info("dht: lookup for %s failed: %s", realm, exc)
-            return
-        fresh = [p for p in found if self.table.get(p) is None or self.table.get(p).record is None]
-        log.info("dht: %d provider(s) of %s, %d new", len(found), realm, len(fresh))
-        async with trio.open_nursery() as nursery:
-            for pid in fresh:
-                self.table.hear_of(pid, found[pid], source="dht")
-                nursery.start_soon(self._dial_quietly, pid, found[pid])
-        # A DHT record is only a hint: wait for the live ones to gossip a health record.
-        while self.table.live_count(realm) == 0:
-            await self._records_changed.wait()
-
-    async def _dial_quietly(self, peer_id: str, addrs: tuple[str, ...]) -> None:
+    async def _dial_quietly(self, peer_id: str, addrs: tuple[str, ...] = ()) -> None:
         try:
             await self.maintenance.dial(peer_id)
         except DialError as exc:
@@ -321,28 +296,7 @@ class Node:
 
     def _take_record(self, record: HealthRecord) -> None:
         if self.table.apply_record(record):
-            self._records_changed.set()
-            self._records_changed = trio.Event()
-
-    async def _watch_peer_states(self) -> None:
-        """One log line per change of a peer's state or served realms: joins, stalls, recoveries."""
-        last: dict[str, tuple[PeerState, str]] = {}
-        while True:
-            for e in self.table:
-                state = self.table.state(e)
-                realms = ",".join(r.name for r in e.record.realms) if e.record else ""
-                if last.get(e.peer_id) != (state, realms):
-                    if state is PeerState.LIVE:
-                        log.info("peer %s is live (serves: %s)", e.peer_id, realms or "none")
-                    elif state is not PeerState.UNKNOWN:
-                        log.warning("peer %s is %s", e.peer_id, state.value)
-                    last[e.peer_id] = (state, realms)
-            pruned = self.table.prune(max_age=self.config.p2p.forget_after, max_peers=MAX_PEERS)
-            if pruned:
-                log.info("forgot %d peer(s) not heard from in a long time", pruned)
-                known = {e.peer_id for e in self.table}
-                last = {k: v for k, v in last.items() if k in known}
-            await trio.sleep(self.config.p2p.health_interval / 2)
+            self.realm_discovery.records_changed()
 
     # --- queries -----------------------------------------------------------------------------
     async def execute(self, peer_id: str, query: Query, emit: Emit, *, hang_timeout: float) -> Event:

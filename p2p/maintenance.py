@@ -23,7 +23,7 @@ log = logging.getLogger("rentahal.p2p")
 
 PING_INTERVAL = 5.0
 PING_TIMEOUT = 3.0
-DEAD_AFTER_MISSED_PINGS = 2
+DEAD_AFTER_STALE = 6.0  # seconds a connected peer may be stale before its connection is closed
 BOOTSTRAP_REDIAL_MAX = 5.0
 SWEEP_INTERVAL = 1.0
 REDIAL_MIN = 2.0
@@ -42,15 +42,22 @@ class PeerMaintenance:
         *,
         dial_timeout: float,
         bootstrap: Sequence[str] = (),
+        forget_after: float = 600.0,
+        max_peers: int = 5000,
+        state_interval: float = 0.5,
     ) -> None:
         self.fh = fh
         self.table = table
         self.dial_timeout = dial_timeout
         self.bootstrap = tuple(bootstrap)
+        self.forget_after = forget_after
+        self.max_peers = max_peers
+        self.state_interval = state_interval
         self._next_dial: dict[str, float] = {}
         self._backoff: dict[str, float] = {}
         self._dialing: set[str] = set()
         self._same_host: set[str] = set()  # peers seen connecting over loopback
+        self._closing: dict[str, float] = {}  # peer -> when its dead connection may be closed again
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -58,6 +65,7 @@ class PeerMaintenance:
             for addr in self.bootstrap:
                 nursery.start_soon(self._keep_bootstrap, addr)
             nursery.start_soon(self._ping_peers)
+            nursery.start_soon(self._watch_states)
             task_status.started()
             while True:
                 self._sweep(nursery)
@@ -107,6 +115,16 @@ class PeerMaintenance:
             for pid in [p for p in d if p not in known]:
                 del d[pid]
         self._same_host &= known | connected
+        for e in self.table:
+            age = self.table.record_age(e)
+            if (
+                e.connected and age is not None and age > self.table.stale_after + DEAD_AFTER_STALE
+                and now >= self._closing.get(e.peer_id, 0.0)
+            ):
+                self._closing[e.peer_id] = now + 30.0
+                nursery.start_soon(self._close_dead, e.peer_id, age)
+        if len(self._closing) > 4 * SWEEP_MAX_CONNECTIONS:
+            self._closing = {p: t for p, t in self._closing.items() if t > now}
         if len(connected) >= SWEEP_MAX_CONNECTIONS:
             return
         for e in self.table:
@@ -119,6 +137,20 @@ class PeerMaintenance:
             if now < self._next_dial.get(e.peer_id, 0.0):
                 continue
             nursery.start_soon(self._dial_in_background, e.peer_id)
+
+    async def _close_dead(self, peer_id: str, age: float) -> None:
+        """A cut cable leaves TCP "established" for many minutes, and nobody redials a peer that
+        still counts as connected: close a connection that has carried no health record for
+        long, so that whoever can dial (the side behind NAT, the bootstrap loop) dials afresh
+        once the path is back."""
+        from libp2p.peer.id import ID
+
+        log.info("peer %s: no health record for %.0fs; closing its connection", peer_id, age)
+        with trio.move_on_after(5):
+            try:
+                await self.fh.host.disconnect(ID.from_base58(peer_id))
+            except Exception as exc:
+                log.debug("closing the connection to %s failed: %s", peer_id, exc)
 
     async def _dial_in_background(self, peer_id: str) -> None:
         self._dialing.add(peer_id)
@@ -149,6 +181,103 @@ class PeerMaintenance:
                     backoff = min(backoff * 2, BOOTSTRAP_REDIAL_MAX)
                     continue
             await trio.sleep(2.0)
+
+    # --- states --------------------------------------------------------------------------------
+    async def _watch_states(self) -> None:
+        """One log line per change of a peer's state or served realms (joins, stalls,
+        recoveries), and peers gone for good (``forget_after``) leave the table."""
+        last: dict[str, tuple[PeerState, str]] = {}
+        while True:
+            for e in self.table:
+                state = self.table.state(e)
+                realms = ",".join(r.name for r in e.record.realms) if e.record else ""
+                if last.get(e.peer_id) != (state, realms):
+                    if state is PeerState.LIVE:
+                        log.info("peer %s is live (serves: %s)", e.peer_id, realms or "none")
+                    elif state in (PeerState.STALE, PeerState.UNREACHABLE, PeerState.CIRCUIT_OPEN):
+                        log.warning("peer %s is %s", e.peer_id, state.value)
+                    elif state is PeerState.BLOCKED:
+                        log.info("peer %s is blocked", e.peer_id)
+                    last[e.peer_id] = (state, realms)
+            pruned = self.table.prune(max_age=self.forget_after, max_peers=self.max_peers)
+            if pruned:
+                log.info("forgot %d peer(s) not heard from in a long time", pruned)
+                known = {e.peer_id for e in self.table}
+                last = {k: v for k, v in last.items() if k in known}
+            await trio.sleep(self.state_interval)
+
+    # --- connection events -------------------------------------------------------------------
+    async def _watch_connections(self) -> None:
+        async with trio.open_nursery() as nursery:
+            async for ev in self.fh.connection_events:
+                if ev.connected:
+                    self.table.hear_of(ev.peer_id, source="connection")
+                    self.table.set_connected(ev.peer_id, True, relayed=ev.relayed)
+                    self._backoff.pop(ev.peer_id, None)
+                    self._next_dial.pop(ev.peer_id, None)
+                    if ev.remote and ev.outbound and not ev.relayed:
+                        # An address we dialed and that worked: the one to use next time.
+                        self.table.verify_addr(ev.peer_id, ev.remote)
+                    if ev.remote and addrlib.scope(ev.remote) == "loopback":
+                        self._same_host.add(ev.peer_id)
+                    nursery.start_soon(self.fh.add_dht_peer, ev.peer_id)
+                    log.debug("connection up: %s %s", ev.peer_id, ev.remote)
+                else:
+                    still = self.fh.connection(ev.peer_id)
+                    self.table.set_connected(ev.peer_id, still is not None, relayed=bool(still and still[2]))
+                    log.debug("connection down: %s", ev.peer_id)
+
+    async def _ping_peers(self) -> None:
+        """RTTs for the score. One ping in flight per peer: a ping stuck on a dead connection
+        holds up no other."""
+        from libp2p.host.ping import PingService
+        from libp2p.peer.id import ID
+
+        pinger = PingService(self.fh.host)
+        in_flight: set[str] = set()
+
+        async def ping(pid: str) -> None:
+            try:
+                with trio.move_on_after(PING_TIMEOUT):
+                    # The library rounds RTTs to whole milliseconds; time it ourselves.
+                    t0 = trio.current_time()
+                    if await pinger.ping(ID.from_base58(pid)):
+                        self.table.record_rtt(pid, (trio.current_time() - t0) * 1000.0)
+            except Exception:
+                pass
+            finally:
+                in_flight.discard(pid)
+
+        async with trio.open_nursery() as nursery:
+            while True:
+                await trio.sleep(PING_INTERVAL)
+                for pid in self.fh.connected_peers() - in_flight:
+                    in_flight.add(pid)
+                    nursery.start_soon(ping, pid)
+
+    # --- states --------------------------------------------------------------------------------
+    async def _watch_states(self) -> None:
+        """One log line per change of a peer's state or served realms (joins, stalls,
+        recoveries), and peers gone for good (``forget_after``) leave the table."""
+        last: dict[str, tuple[PeerState, str]] = {}
+        while True:
+            for e in self.table:
+                state = self.table.state(e)
+                realms = ",".join(r.name for r in e.record.realms) if e.record else ""
+                if last.get(e.peer_id) != (state, realms):
+                    if state is PeerState.LIVE:
+                        log.info("peer %s is live (serves: %s)", e.peer_id, realms or "none")
+                    elif state in (PeerState.STALE, PeerState.UNREACHABLE, PeerState.CIRCUIT_OPEN):
+                        log.warning("peer %s is %s", e.peer_id, state.value)
+                    elif state is PeerState.BLOCKED:
+                        log.info("peer %s is blocked", e.peer_id)
+                    last[e.peer_id] = (state, realms)
+            pruned = self.table.prune(max_age=self.forget_after, max_peers=self.max_peers)
+            if pruned:
+                log.info("forgot %d peer(s) not heard from in a long time", pruned)
+                known = {e.peer_id for e in self.table}
+                last = {k: v for k, v in last.items() if k in known}
+            await trio.sleep(self.state_interval)
 
     # --- connection events -------------------------------------------------------------------
     async def _watch_connections(self) -> None:
@@ -190,18 +319,6 @@ class PeerMaintenance:
                 except Exception:
                     pass
             missed[pid] = 0 if answered else missed.get(pid, 0) + 1
-            e = self.table.get(pid)
-            if missed[pid] >= DEAD_AFTER_MISSED_PINGS and e is not None and self.table.state(e) is PeerState.STALE:
-                # A cut cable leaves TCP "established" for many minutes, and nobody redials a
-                # peer that still counts as connected: close it, so that whoever can dial (the
-                # side behind NAT, the bootstrap loop) dials afresh once the path is back.
-                log.info("peer %s: no ping answer and no health record; closing its connection", pid)
-                missed.pop(pid, None)
-                with trio.move_on_after(5):
-                    try:
-                        await self.fh.host.disconnect(ID.from_base58(pid))
-                    except Exception as exc:
-                        log.debug("closing the connection to %s failed: %s", pid, exc)
 
         while True:
             await trio.sleep(PING_INTERVAL)
