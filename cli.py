@@ -247,11 +247,13 @@ def peers(data_dir: Optional[Path] = DataDir, as_json: bool = typer.Option(False
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
-    typer.echo(f"{'PEER':<52} {'STATE':<13} {'SCORE':>6} {'AGE':>6} {'RTT':>8}  REALMS")
+    typer.echo(f"{'PEER':<52} {'STATE':<13} {'SCORE':>6} {'AGE':>6} {'RTT':>8} {'PATH':<8} REALMS")
     for p in rows:
         age = "-" if p["record_age_s"] is None else f"{p['record_age_s']:.1f}s"
         rtt = "-" if p["rtt_ms"] is None else f"{p['rtt_ms']:.1f}ms"
-        typer.echo(f"{p['peer_id']:<52} {p['state']:<13} {p['score']:>6.1f} {age:>6} {rtt:>8}  {','.join(p['realms']) or '-'}")
+        why = f"  ({p['unreachable']})" if p.get("unreachable") else ""
+        typer.echo(f"{p['peer_id']:<52} {p['state']:<13} {p['score']:>6.1f} {age:>6} {rtt:>8} "
+                   f"{p.get('path') or '-':<8} {','.join(p['realms']) or '-'}{why}")
 
 
 @app.command()

@@ -270,6 +270,8 @@ def test_without_a_relay_a_home_is_unreachable_not_busy(net: tuple[tb.Testbed, F
     n2.wait_for(rf"peer {n1.peer_id} is unreachable", 60)
     peer = n2.peer(n1.peer_id)
     assert peer["state"] == "unreachable" and peer["unreachable"] and not peer["connected"], peer
+    row = next(x for x in n2.cli("peers").stdout.splitlines() if x.startswith(n1.peer_id))
+    assert " unreachable " in row and f"({peer['unreachable']})" in row, row
     explained = n2.cli("route", "chat", "--explain").stdout
     assert f"{n1.peer_id}  excluded: unreachable: " in explained, explained
     res = n2.cli("query", "chat", "hello", "--max-tokens", "4", check=False, timeout=90)
