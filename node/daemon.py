@@ -80,6 +80,7 @@ class Node:
         self.router: RealmRouter
         self._queries_served = 0
         self.sysop_token = read_sysop_token(data_dir)
+        self._attempts: dict[str, int] = {}  # peer -> our queries running on it now
         self.submit_limiter = RateLimiter(config.limits.queries_per_minute, config.limits.burst)
         self.peer_limiter = RateLimiter(config.limits.peer_queries_per_minute, config.limits.peer_burst)
 
@@ -127,6 +128,7 @@ class Node:
                 fh, self.table, dial_timeout=cfg.p2p.dial_timeout, bootstrap=cfg.p2p.bootstrap,
                 forget_after=cfg.p2p.forget_after, max_peers=MAX_PEERS, state_interval=cfg.p2p.health_interval / 2,
             )
+            self.maintenance.busy = lambda peer_id: peer_id in self._attempts
             self.queries = QueryManager(
                 self.storage,
                 self.router,
@@ -307,15 +309,14 @@ class Node:
             except DialError as exc:
                 raise ExecutorError(FailureKind.UNREACHABLE, "unreachable", str(exc)) from None
         def abandon() -> tuple[str, str] | None:
-            """An attempt on a peer that went stale or lost its connection is lost: move on now,
-            not after hang_timeout."""
+            """An attempt on a peer that went stale (and sends no frames) is lost: move on now,
+            not after hang_timeout. A closed connection ends the stream by itself."""
             entry = self.table.get(peer_id)
-            if not self.fh.is_connected(peer_id):
-                return "dead", f"the connection to {peer_id} closed"
             if entry is not None and self.table.state(entry) is PeerState.STALE:
                 return "hung", f"{peer_id} went stale (no health record for {self.table.record_age(entry) or 0:.1f}s)"
             return None
 
+        self._attempts[peer_id] = self._attempts.get(peer_id, 0) + 1
         try:
             return await self.client.execute(
                 peer_id,
@@ -329,6 +330,10 @@ class Node:
             )
         except PeerQueryError as exc:
             raise ExecutorError(FailureKind(exc.kind), exc.code, exc.message) from None
+        finally:
+            left = self._attempts.pop(peer_id, 1) - 1
+            if left:
+                self._attempts[peer_id] = left
 
     async def _serve_peer_query(self, incoming: IncomingQuery, emit: Emit) -> Event:
         req = incoming.request

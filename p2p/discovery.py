@@ -20,6 +20,7 @@ log = logging.getLogger("rentahal.p2p")
 
 PROVIDE_TIMEOUT = 30.0
 LOOKUP_TIMEOUT = 10.0
+MAX_DIALS = 8  # providers dialed per lookup (DHT answers are hints, and may be many)
 
 
 class RealmDiscovery:
@@ -60,9 +61,10 @@ class RealmDiscovery:
             log.info("dht: lookup for %s failed: %s", realm, exc)
             return
         fresh = [p for p in found if (e := self.table.get(p)) is None or e.record is None]
+        unconnected = [p for p in found if (e := self.table.get(p)) is None or not e.connected]
         log.info("dht: %d provider(s) of %s, %d new", len(found), realm, len(fresh))
         async with trio.open_nursery() as nursery:
-            for pid in fresh:
+            for pid in unconnected[:MAX_DIALS]:
                 self.table.hear_of(pid, found[pid], source="dht")
                 nursery.start_soon(self.dial, pid)
         while self.table.live_count(realm) == 0:

@@ -213,7 +213,11 @@ class FederationHost:
     def is_connected(self, peer_id: str) -> bool:
         from libp2p.peer.id import ID
 
-        return bool(self.host.get_network().get_connections(ID.from_base58(peer_id)))
+        try:
+            pid = ID.from_base58(peer_id)
+        except ValueError:  # a peer ID out of someone's claim that does not even parse
+            return False
+        return bool(self.host.get_network().get_connections(pid))
 
     async def dial(self, addr: str, *, timeout: float) -> str:
         """Connect to a full ``/p2p/``-suffixed multiaddr; return the peer ID."""
@@ -246,15 +250,23 @@ class FederationHost:
         circuits = [a for a in addrs if "/p2p-circuit" in a][:MAX_CIRCUITS] if self.circuit_dialer else []
         if not direct and not circuits:
             raise DialError(f"{peer_id}: no usable address")
-        pid = ID.from_base58(peer_id)
+        try:
+            pid = ID.from_base58(peer_id)
+        except ValueError:
+            raise DialError(f"{peer_id}: not a peer ID") from None
         swarm = self.host.get_network()
-        deadline = trio.current_time() + timeout
+        start = trio.current_time()
+        deadline = start + timeout
+        # Relay addresses get the second half of the time whatever the direct ones do.
+        direct_until = start + timeout / 2 if circuits else deadline
         errors: list[str] = []
         attempts = [(a, False) for a in direct] + [(c, True) for c in circuits]
         for i, (addr, relayed) in enumerate(attempts):
             if self.is_connected(peer_id):
                 return  # it dialed us meanwhile
-            share = max(deadline - trio.current_time(), 0.0) / (len(attempts) - i)
+            left_here = (len(direct) - i) if not relayed else (len(attempts) - i)
+            until = deadline if relayed else direct_until
+            share = max(until - trio.current_time(), 0.0) / max(left_here, 1)
             bare = addrlib.without_peer(addr, peer_id)
             with trio.move_on_after(share) as cs:
                 try:
@@ -264,14 +276,15 @@ class FederationHost:
                         m = multiaddr.Multiaddr(bare)
                         await swarm.dial_addr(m, pid)
                         self.host.get_peerstore().add_addrs(pid, [m], 3600)
-                    await self.add_dht_peer(peer_id)
-                    return
+                    return  # the connection event adds it to the DHT's routing table
                 except DialError as exc:
                     errors.append(str(exc).removeprefix(f"{peer_id}: "))
                 except Exception as exc:  # the library's dial errors, a bad multiaddr
                     errors.append(f"{bare}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
             if cs.cancelled_caught:
                 errors.append(f"{bare}: no connection within {share:.1f}s")
+        if self.is_connected(peer_id):
+            return
         raise DialError(f"{peer_id}: " + "; ".join(errors))
 
     async def add_dht_peer(self, peer_id: str) -> None:

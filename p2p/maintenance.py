@@ -11,7 +11,7 @@ a connection exists. Runs as one service in the node's nursery.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import trio
 
@@ -58,6 +58,9 @@ class PeerMaintenance:
         self._dialing: set[str] = set()
         self._same_host: set[str] = set()  # peers seen connecting over loopback
         self._closing: dict[str, float] = {}  # peer -> when its dead connection may be closed again
+        self._last_sweep = -1e9
+        # Set by the node: does a query of ours run on this peer now? (its stream is the judge then)
+        self.busy: Callable[[str], bool] = lambda peer_id: False
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -82,8 +85,9 @@ class PeerMaintenance:
             if "/p2p-circuit" in a:
                 # Only through a relay this node is connected to: a claimed relay address must
                 # not make it dial whatever host the claim names.
-                relay = a.split("/p2p-circuit", 1)[0].rsplit("/p2p/", 1)[-1]
-                if relay != peer_id and self.fh.is_connected(relay):
+                head = a.split("/p2p-circuit", 1)[0]
+                relay = head.rsplit("/p2p/", 1)[-1] if "/p2p/" in head else ""
+                if relay and relay != peer_id and self.fh.is_connected(relay):
                     out.append(a)
             elif addrlib.usable_by(a, same_host=same_host):
                 out.append(a)
@@ -115,11 +119,14 @@ class PeerMaintenance:
             for pid in [p for p in d if p not in known]:
                 del d[pid]
         self._same_host &= known | connected
+        late = now - self._last_sweep > 2 * SWEEP_INTERVAL + 1.0  # this loop itself was stalled
+        self._last_sweep = now
         for e in self.table:
             age = self.table.record_age(e)
+            since = min(age, now - e.connected_at) if age is not None else None
             if (
-                e.connected and age is not None and age > self.table.stale_after + DEAD_AFTER_STALE
-                and now >= self._closing.get(e.peer_id, 0.0)
+                e.connected and since is not None and since > self.table.stale_after + DEAD_AFTER_STALE
+                and not late and not self.busy(e.peer_id) and now >= self._closing.get(e.peer_id, 0.0)
             ):
                 self._closing[e.peer_id] = now + 30.0
                 nursery.start_soon(self._close_dead, e.peer_id, age)
@@ -157,7 +164,7 @@ class PeerMaintenance:
         try:
             await self.dial(peer_id)
             self._backoff.pop(peer_id, None)
-        except DialError as exc:
+        except Exception as exc:  # DialError, or a claim the library chokes on: this peer's loss only
             backoff = min(self._backoff.get(peer_id, REDIAL_MIN / 2) * 2, REDIAL_MAX)
             self._backoff[peer_id] = backoff
             self._next_dial[peer_id] = trio.current_time() + backoff
@@ -253,77 +260,4 @@ class PeerMaintenance:
                 await trio.sleep(PING_INTERVAL)
                 for pid in self.fh.connected_peers() - in_flight:
                     in_flight.add(pid)
-                    nursery.start_soon(ping, pid)
-
-    # --- states --------------------------------------------------------------------------------
-    async def _watch_states(self) -> None:
-        """One log line per change of a peer's state or served realms (joins, stalls,
-        recoveries), and peers gone for good (``forget_after``) leave the table."""
-        last: dict[str, tuple[PeerState, str]] = {}
-        while True:
-            for e in self.table:
-                state = self.table.state(e)
-                realms = ",".join(r.name for r in e.record.realms) if e.record else ""
-                if last.get(e.peer_id) != (state, realms):
-                    if state is PeerState.LIVE:
-                        log.info("peer %s is live (serves: %s)", e.peer_id, realms or "none")
-                    elif state in (PeerState.STALE, PeerState.UNREACHABLE, PeerState.CIRCUIT_OPEN):
-                        log.warning("peer %s is %s", e.peer_id, state.value)
-                    elif state is PeerState.BLOCKED:
-                        log.info("peer %s is blocked", e.peer_id)
-                    last[e.peer_id] = (state, realms)
-            pruned = self.table.prune(max_age=self.forget_after, max_peers=self.max_peers)
-            if pruned:
-                log.info("forgot %d peer(s) not heard from in a long time", pruned)
-                known = {e.peer_id for e in self.table}
-                last = {k: v for k, v in last.items() if k in known}
-            await trio.sleep(self.state_interval)
-
-    # --- connection events -------------------------------------------------------------------
-    async def _watch_connections(self) -> None:
-        async with trio.open_nursery() as nursery:
-            async for ev in self.fh.connection_events:
-                if ev.connected:
-                    self.table.hear_of(ev.peer_id, source="connection")
-                    self.table.set_connected(ev.peer_id, True, relayed=ev.relayed)
-                    self._backoff.pop(ev.peer_id, None)
-                    self._next_dial.pop(ev.peer_id, None)
-                    if ev.remote and ev.outbound and not ev.relayed:
-                        # An address we dialed and that worked: the one to use next time.
-                        self.table.verify_addr(ev.peer_id, ev.remote)
-                    if ev.remote and addrlib.scope(ev.remote) == "loopback":
-                        self._same_host.add(ev.peer_id)
-                    nursery.start_soon(self.fh.add_dht_peer, ev.peer_id)
-                    log.debug("connection up: %s %s", ev.peer_id, ev.remote)
-                else:
-                    still = self.fh.connection(ev.peer_id)
-                    self.table.set_connected(ev.peer_id, still is not None, relayed=bool(still and still[2]))
-                    log.debug("connection down: %s", ev.peer_id)
-
-    async def _ping_peers(self) -> None:
-        from libp2p.host.ping import PingService
-        from libp2p.peer.id import ID
-
-        pinger = PingService(self.fh.host)
-        missed: dict[str, int] = {}
-
-        async def ping(pid: str) -> None:
-            answered = False
-            with trio.move_on_after(PING_TIMEOUT):
-                try:
-                    # The library rounds RTTs to whole milliseconds; time it ourselves.
-                    t0 = trio.current_time()
-                    if await pinger.ping(ID.from_base58(pid)):
-                        self.table.record_rtt(pid, (trio.current_time() - t0) * 1000.0)
-                        answered = True
-                except Exception:
-                    pass
-            missed[pid] = 0 if answered else missed.get(pid, 0) + 1
-
-        while True:
-            await trio.sleep(PING_INTERVAL)
-            connected = self.fh.connected_peers()
-            missed = {p: n for p, n in missed.items() if p in connected}
-            async with trio.open_nursery() as nursery:
-                for pid in connected:
                     nursery.start_soon(ping, pid)

@@ -56,6 +56,7 @@ class PeerEntry:
     sources: set[str] = field(default_factory=set)
     verified: tuple[str, ...] = ()  # addresses this node connected to it on (most recent last)
     connected: bool = False
+    connected_at: float = 0.0  # local clock when the current connection opened
     relayed: bool = False  # the open connection goes through a relay
     unreachable: str = ""  # why the last dial failed; cleared by a connection
 
@@ -125,6 +126,8 @@ class PeerTable:
 
     def set_connected(self, peer_id: str, connected: bool, *, relayed: bool = False) -> None:
         e = self.entry(peer_id)
+        if connected and not e.connected:
+            e.connected_at = self.clock()
         e.connected = connected
         e.relayed = relayed and connected
         if connected:

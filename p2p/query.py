@@ -54,6 +54,7 @@ class IncomingQuery:
 Handler = Callable[[IncomingQuery, Emit], Awaitable[Event]]
 Abandon = Callable[[], "tuple[str, str] | None"]  # () -> (failure kind, reason) once an attempt is lost
 ABANDON_POLL = 0.1
+ABANDON_QUIET = 2 * KEEPALIVE_INTERVAL  # no frame for this long before a verdict counts
 ViolationHook = Callable[[str, str], None]
 
 
@@ -319,11 +320,20 @@ class QueryClient:
         waiting: list[trio.CancelScope] = []  # the current read, the only thing the watcher cancels
         lost: list[tuple[str, str]] = []
 
+        last_frame = [trio.current_time()]
+
         async def watch() -> None:
             assert abandon is not None
             while not lost:
                 await trio.sleep(ABANDON_POLL)
-                verdict = abandon()
+                # Frames still arriving outrank what anyone says about the executor.
+                if trio.current_time() - last_frame[0] < ABANDON_QUIET:
+                    continue
+                try:
+                    verdict = abandon()
+                except Exception as exc:  # a bug in the check must not fail the query
+                    log.debug("abandon check failed: %s", exc)
+                    continue
                 if verdict is not None:
                     lost.append(verdict)
                     for scope in waiting:
@@ -334,7 +344,7 @@ class QueryClient:
             if abandon is not None:
                 nursery.start_soon(watch)
             try:
-                answer = await self._read_loop(messages, query_id, emit, hang_timeout, waiting, lost)
+                answer = await self._read_loop(messages, query_id, emit, hang_timeout, waiting, lost, last_frame)
             except Exception as exc:  # raised outside the nursery: not wrapped in a group
                 failure = exc
             finally:
@@ -345,7 +355,7 @@ class QueryClient:
 
     async def _read_loop(
         self, messages: Any, query_id: str, emit: Emit, hang_timeout: float,
-        waiting: list[trio.CancelScope], lost: list[tuple[str, str]],
+        waiting: list[trio.CancelScope], lost: list[tuple[str, str]], last_frame: list[float],
     ) -> Event:
         while True:
             try:
@@ -356,6 +366,7 @@ class QueryClient:
                     with trio.fail_after(hang_timeout):
                         msg = await messages.__anext__()
                 waiting.clear()
+                last_frame[0] = trio.current_time()
                 if scope.cancelled_caught:
                     kind, reason = lost[0]
                     raise PeerQueryError(kind, "deadline_exceeded", f"attempt abandoned: {reason}")

@@ -198,3 +198,41 @@ def test_realm_provider_key_is_a_cidv1_a_standard_peer_can_parse(realm: str) -> 
     parsed = make_cid(cid)
     assert (parsed.version, parsed.codec, parsed.multihash) == (1, "raw", want)
     assert _encode_key(cid) == want  # the library keys the record by the multihash, never by hex
+
+
+def test_malformed_relay_addresses_in_a_record_are_skipped_not_fatal() -> None:
+    """A gossiped record may claim anything: a circuit address whose relay is no peer ID must
+    not raise out of the maintenance service (it would stop the node)."""
+    from rentahal.p2p.host import AddressBook, FederationHost
+    from rentahal.p2p.maintenance import PeerMaintenance
+
+    class Net:
+        def get_connections(self, pid: object) -> list[object]:
+            return []
+
+    class Host:
+        def get_network(self) -> Net:
+            return Net()
+
+    fh = FederationHost(Host(), None, None, None, AddressBook())  # type: ignore[arg-type]
+    fh.local_only = lambda: False  # type: ignore[method-assign]
+    assert fh.is_connected("/ip4/1.2.3.4") is False
+    t = PeerTable("me", stale_after=3.0, breaker_failures=3, breaker_backoff=5.0,
+                  breaker_backoff_max=60.0, half_life=60.0, clock=lambda: 0.0)
+    t.hear_of("P", ("/ip4/1.2.3.4/tcp/1/p2p-circuit", "/ip4/1.2.3.4/tcp/1/p2p/not*base58/p2p-circuit",
+                    "/ip4/10.0.0.2/tcp/4001"))
+    m = PeerMaintenance(fh, t, dial_timeout=1.0)
+    assert m.usable_addrs("P") == ["/ip4/10.0.0.2/tcp/4001"]
+
+
+def test_connection_age_counts_for_a_peer_that_just_reconnected() -> None:
+    now = [0.0]
+    t = PeerTable("me", stale_after=3.0, breaker_failures=3, breaker_backoff=5.0,
+                  breaker_backoff_max=60.0, half_life=60.0, clock=lambda: now[0])
+    t.apply_record(_record("P"))
+    now[0] = 100.0  # its last record is old...
+    t.set_connected("P", True)  # ...but it reconnected just now
+    e = t.get("P")
+    assert e is not None and e.connected_at == 100.0
+    t.set_connected("P", True)  # another connection to the same peer: the first one's time stays
+    assert e.connected_at == 100.0
