@@ -278,3 +278,29 @@ def test_without_a_relay_a_home_is_unreachable_not_busy(net: tuple[tb.Testbed, F
     assert res.returncode == 1 and "busy" not in res.stderr, res.stderr
     assert "unreachable" in res.stderr, res.stderr
     assert n1.cli_json("status")["reachability"]["state"] == "private"
+
+
+def test_a_home_holds_two_relays_and_keeps_serving_when_one_goes(net: tuple[tb.Testbed, Federation]) -> None:
+    bed, fed = net
+    wan = bed.network("wan", "10.70.0.0/24")
+    hp1, hp2 = bed.host("pub1", wan), bed.host("pub2", wan)
+    _, h1 = bed.home("h1", wan, symmetric=True)
+    _, h2 = bed.home("h2", wan, symmetric=True)
+    p1 = start(fed, hp1, "P1", serve="none").wait_ready()
+    p2 = start(fed, hp2, "P2", serve="none", bootstrap=(p1.addr,)).wait_ready()
+    n1 = start(fed, h1, "H1", serve="chat", bootstrap=(p1.addr,), settings=CHAT)
+    n2 = start(fed, h2, "H2", serve="none", bootstrap=(p2.addr,))
+    n1.wait_ready(), n2.wait_ready()
+    for p in (p1, p2):
+        n1.wait_for(rf"relay: reserved a slot on {p.peer_id}", 60)
+    relays = n1.cli_json("status")["reachability"]["relays"]
+    assert {r.split("/p2p/")[1].split("/")[0] for r in relays} == {p1.peer_id, p2.peer_id}, relays
+    n2.wait_for(rf"peer {n1.peer_id} is live \(serves: chat\)", 60)
+    assert answered_by(n2) == n1.peer_id
+    # P1 goes for good: H1 is still reachable through P2, and H2 still gets answers.
+    mark = n1.mark()
+    p1.stop()
+    n1.wait_for(rf"relay: {p1.peer_id} is gone", 30, after=mark)
+    relays = n1.cli_json("status")["reachability"]["relays"]
+    assert [r.split("/p2p/")[1].split("/")[0] for r in relays] == [p2.peer_id], relays
+    assert answered_by(n2, "one relay left") == n1.peer_id
