@@ -202,7 +202,8 @@ class Node:
             return
         await self.realm_discovery.advertise(served)
 
-    async def _dial_quietly(self, peer_id: str, addrs: tuple[str, ...] = ()) -> None:
+    async def _dial_quietly(self, peer_id: str) -> None:
+        """Dial through the maintenance service (it picks the addresses from the peer table)."""
         try:
             await self.maintenance.dial(peer_id)
         except DialError as exc:
@@ -219,7 +220,7 @@ class Node:
 
     async def _on_lan_peer(self, peer_id: str, addrs: tuple[str, ...]) -> None:
         self.table.hear_of(peer_id, addrs, source="mdns")
-        await self._dial_quietly(peer_id, addrs)
+        await self._dial_quietly(peer_id)
 
     # --- remembered peers --------------------------------------------------------------------
     def _addrs_to_remember(self, peer_id: str) -> list[str]:
@@ -231,7 +232,8 @@ class Node:
         if entry is None or facts is None:
             return []
         remote, _, relayed = facts
-        seen_ip = (addrlib.parse(remote).host if addrlib.parse(remote) else "") if not relayed else ""
+        parsed = None if relayed else addrlib.parse(remote)
+        seen_ip = parsed.host if parsed else ""
         keep = list(reversed(entry.verified))
         for a in entry.addrs:
             p = addrlib.parse(a)
@@ -281,7 +283,7 @@ class Node:
                 for a in reversed(addrs):
                     self.table.verify_addr(pid, a)
                 self.table.hear_of(pid, source="remembered")
-                nursery.start_soon(self._dial_quietly, pid, tuple(addrs))
+                nursery.start_soon(self._dial_quietly, pid)
 
     # --- health gossip -----------------------------------------------------------------------
     def health_record(self, seq: int) -> HealthRecord:

@@ -171,6 +171,11 @@ def usable_by(addr: str, *, same_host: bool) -> bool:
     return True
 
 
+def tcp_addr(ip: str, port: int) -> str:
+    """``/ip4/<ip>/tcp/<port>`` or ``/ip6/...`` for an address as sockets report it."""
+    return f"/ip6/{ip}/tcp/{port}" if ":" in ip else f"/ip4/{ip}/tcp/{port}"
+
+
 def with_peer(addr: str, peer_id: str) -> str:
     return addr if addr.endswith(f"/p2p/{peer_id}") else f"{addr}/p2p/{peer_id}"
 

@@ -64,7 +64,7 @@ class ConnectionEvent:
 
 def _conn_facts(conn: Any) -> tuple[str, bool, bool]:
     """(remote address, outbound, relayed) of a libp2p connection, as far as it tells."""
-    remote, outbound, relayed = "", False, False
+    remote, outbound = "", False
     try:
         outbound = str(getattr(conn, "direction", "")).lower().endswith("outbound")
         for a in conn.get_transport_addresses() or ():
@@ -72,17 +72,18 @@ def _conn_facts(conn: Any) -> tuple[str, bool, bool]:
                 return str(a), outbound, True
         ra = conn.muxed_conn.get_remote_address()
         if ra:
-            ip, port = ra[0], ra[1]
-            remote = f"/ip6/{ip}/tcp/{port}" if ":" in ip else f"/ip4/{ip}/tcp/{port}"
+            remote = addrlib.tcp_addr(ra[0], ra[1])
     except Exception:  # a connection torn down while we look at it
         pass
-    return remote, outbound, relayed
+    return remote, outbound, False
 
 
 class AddressBook:
-    """What this node advertises (``host.get_addrs()`` goes through :meth:`factory`): listen
-    addresses expanded to interface addresses, ``p2p.announce``, observed addresses confirmed by
-    ``min_observers`` independent peers, and ``/p2p-circuit`` addresses of relay reservations."""
+    """What this node advertises (it replaces ``host.get_addrs()``, see :meth:`get_addrs`):
+    listen addresses expanded to interface addresses, ``p2p.announce``, addresses peers dialed
+    this node back on (``confirmed``, p2p/reachability.py; identify's observed addresses are
+    claims, and behind NAT ports nobody can dial, so they are never advertised), and the
+    ``/p2p-circuit`` addresses of relay reservations."""
 
     def __init__(self, announce: Sequence[str] = ()) -> None:
         self.announce = tuple(announce)
@@ -94,15 +95,9 @@ class AddressBook:
     def interfaces(self) -> list[str]:
         import time
 
-        at, cached = self._ifaces
-        if time.monotonic() - at > 5.0:
+        if time.monotonic() - self._ifaces[0] > 5.0:
             self._ifaces = (time.monotonic(), addrlib.interface_addresses())
         return self._ifaces[1]
-
-    def observed(self) -> list[str]:
-        """Only addresses peers dialed this node back on: identify's observed addresses are
-        claims (and behind NAT, ports nobody can dial), never advertised as such."""
-        return list(self.confirmed)
 
     def listening(self) -> list[str]:
         return [str(a) for a in self.host.get_transport_addrs()] if self.host is not None else []
@@ -110,7 +105,7 @@ class AddressBook:
     def advertised(self) -> list[str]:
         return addrlib.advertisable(
             self.listening(), interfaces=self.interfaces(), announce=self.announce,
-            observed=self.observed(), relayed=self.relayed,
+            observed=self.confirmed, relayed=self.relayed,
         )
 
     def get_addrs(self) -> list[Any]:

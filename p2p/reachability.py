@@ -93,7 +93,7 @@ class Verdict:
         count: dict[str, int] = {}
         for dialed, seen_ip, port, _ in self.answers.values():
             if dialed:
-                addr = f"/ip6/{seen_ip}/tcp/{port}" if ":" in seen_ip else f"/ip4/{seen_ip}/tcp/{port}"
+                addr = addrlib.tcp_addr(seen_ip, port)
                 count[addr] = count.get(addr, 0) + 1
         return [a for a, n in count.items() if n >= CONFIRMATIONS]
 
@@ -157,7 +157,7 @@ class DialBack:
             ok, addr = False, ""
             async with self._serving:
                 for port in ports:
-                    addr = f"/ip6/{ip}/tcp/{port}" if ":" in ip else f"/ip4/{ip}/tcp/{port}"
+                    addr = addrlib.tcp_addr(ip, port)
                     if await self._dial_back(addr, ID.from_base58(peer_id)):
                         ok = True
                         break
@@ -226,7 +226,9 @@ class DialBack:
         if not isinstance(reply, dict) or "error" in reply:
             return None
         ok, addr, ip = bool(reply.get("ok")), reply.get("addr", ""), reply.get("seen_ip", "")
-        if not isinstance(addr, str) or not isinstance(ip, str) or addrlib.scope(f"/ip4/{ip}/tcp/1" if ":" not in ip else f"/ip6/{ip}/tcp/1") in ("invalid", "unspecified", "loopback"):
+        if not isinstance(addr, str) or not isinstance(ip, str) or addrlib.scope(
+            addrlib.tcp_addr(ip, 1)
+        ) in ("invalid", "unspecified", "loopback"):
             return None
         parsed = addrlib.parse(addr) if ok else None
         if ok and (parsed is None or parsed.host != ip or parsed.port not in ports):

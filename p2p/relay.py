@@ -192,7 +192,8 @@ class RelayService:
                 log.info("relay: reserved a slot on %s; reachable at %s/p2p/%s", relay, circuit, self.fh.peer_id)
                 while self.fh.is_connected(relay) and self.want_reservations:
                     await trio.sleep(CHECK_INTERVAL)
-                log.warning("relay: %s is gone; looking for another", relay) if self.want_reservations else None
+                if self.want_reservations:
+                    log.warning("relay: %s is gone; looking for another", relay)
                 nursery.cancel_scope.cancel()
         finally:
             self._holding.discard(relay)
