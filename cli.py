@@ -365,7 +365,7 @@ def query(
 
     def on_event(ev: dict[str, Any]) -> None:
         kind = ev.get("type")
-        if kind == "executor":
+        if kind == "routed":
             typer.echo(f"executor: {ev['executor']} (attempt {ev['attempt']})", err=True)
         elif kind == "failover":
             typer.echo(f"failover: {ev['executor']} {ev['kind']}: {ev['message']}", err=True)

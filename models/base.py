@@ -1,9 +1,11 @@
-"""Backend-neutral event and error types shared by every model backend.
+"""What every model backend shares: the event sink and the payload checks.
 
-A backend takes a request payload and produces events; it knows nothing of
-peers, sockets or the federation. Streaming output goes through an
+A backend takes a request payload and produces the query events of
+``realms.events`` (``Token``, ``Progress``, a final ``Result``); it knows
+nothing of peers, sockets or the federation. Streaming output goes through an
 `EventSink` (an async callable the backend awaits for each event, which gives
-natural backpressure), and the final answer is returned as a `ResultEvent`.
+natural backpressure). It fails with ``BadRequest`` (the payload is at fault)
+or ``ModelFailure`` (the model or the engine is).
 
 The checks at the end (`show_value`, `check_object`, `reject_unknown_keys`,
 `check_string`, `check_int_range`, ...) are the pieces every backend's payload
@@ -14,74 +16,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Awaitable, Callable, Collection, Mapping
-from dataclasses import dataclass
+
+from ..realms.events import BadRequest, ModelFailure, Progress, Result, Token
 
 
-@dataclass(frozen=True)
-class TokenEvent:
-    """A piece of streamed text. `index` counts events of one request from 0."""
+__all__ = ["BadRequest", "EventSink", "ModelFailure", "ModelLoadError", "Progress", "Result", "Token"]
 
-    text: str
-    index: int
+EventSink = Callable[[Token | Progress], Awaitable[None]]
 
 
-@dataclass(frozen=True)
-class ProgressEvent:
-    """Progress of a long stage (e.g. "load", "prompt"); total None if unknown."""
-
-    stage: str
-    done: int
-    total: int | None
-
-
-@dataclass(frozen=True)
-class ResultEvent:
-    """The final result. `stats` values are int, float or str only."""
-
-    output: dict
-    stats: dict
-
-
-EventSink = Callable[[TokenEvent | ProgressEvent], Awaitable[None]]
-
-
-class BackendError(Exception):
-    """A request failed. `code` is a stable machine-readable reason:
-
-    "bad_request" (the payload is at fault), "backend_failed" (the model or
-    the engine is at fault), "cancelled" (the request was withdrawn).
-    """
-
-    code: str = "backend_failed"
-
-    def __init__(self, message: str, *, code: str | None = None) -> None:
-        super().__init__(message)
-        if code is not None:
-            self.code = code
-
-    @property
-    def message(self) -> str:
-        return str(self)
-
-
-class BadPayload(BackendError):
-    """The request payload is invalid; the message names the offending field,
-    e.g. "payload.max_tokens: expected an integer 1..512, got -3"."""
-
-    code = "bad_request"
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, code="bad_request")
-
-
-class ModelLoadError(BackendError):
+class ModelLoadError(ModelFailure):
     """The model file could not be loaded; the message is one clear line,
     e.g. "chat model /x/y.gguf: file not found"."""
-
-    code = "backend_failed"
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, code="backend_failed")
 
 
 # --------------------------------------------------------------------------
@@ -107,49 +53,49 @@ def require_positive_int(name: str, value: object) -> None:
 
 
 def check_object(value: object, where: str = "payload") -> None:
-    """BadPayload("<where>: expected an object, ...") unless `value` is a Mapping."""
+    """BadRequest("<where>: expected an object, ...") unless `value` is a Mapping."""
     if not isinstance(value, Mapping):
-        raise BadPayload(f"{where}: expected an object, got {type(value).__name__}")
+        raise BadRequest(f"{where}: expected an object, got {type(value).__name__}")
 
 
 def reject_unknown_keys(
     mapping: Mapping[object, object], allowed: Collection[object], where: str = "payload"
 ) -> None:
-    """BadPayload naming every key of `mapping` that is not in `allowed`."""
+    """BadRequest naming every key of `mapping` that is not in `allowed`."""
     unknown = [k for k in mapping if k not in allowed]
     if unknown:
         names = ", ".join(sorted(show_value(k) for k in unknown))
-        raise BadPayload(f"{where}: unknown field(s) {names}")
+        raise BadRequest(f"{where}: unknown field(s) {names}")
 
 
 def check_text(field: str, value: str) -> None:
-    """BadPayload unless `value` encodes as UTF-8 (no lone surrogates)."""
+    """BadRequest unless `value` encodes as UTF-8 (no lone surrogates)."""
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
-        raise BadPayload(f"{field}: not valid Unicode (contains a lone surrogate)") from None
+        raise BadRequest(f"{field}: not valid Unicode (contains a lone surrogate)") from None
 
 
 def check_string(field: str, value: object, max_chars: int) -> str:
     """`value` as a string of 1..max_chars characters of valid Unicode, or
-    BadPayload naming `field`."""
+    BadRequest naming `field`."""
     if not isinstance(value, str):
-        raise BadPayload(f"{field}: expected a string, got {type(value).__name__}")
+        raise BadRequest(f"{field}: expected a string, got {type(value).__name__}")
     if not 1 <= len(value) <= max_chars:
-        raise BadPayload(f"{field}: expected 1..{max_chars} characters, got {len(value)}")
+        raise BadRequest(f"{field}: expected 1..{max_chars} characters, got {len(value)}")
     check_text(field, value)
     return value
 
 
 def check_int_range(field: str, value: object, lo: int, hi: int) -> int:
-    """`value` as an integer (not a bool) in lo..hi, or BadPayload naming `field`."""
+    """`value` as an integer (not a bool) in lo..hi, or BadRequest naming `field`."""
     if not (is_int(value) and lo <= value <= hi):  # type: ignore[operator]
-        raise BadPayload(f"{field}: expected an integer {lo}..{hi}, got {show_value(value)}")
+        raise BadRequest(f"{field}: expected an integer {lo}..{hi}, got {show_value(value)}")
     return value  # type: ignore[return-value]
 
 
 def check_number_range(field: str, value: object, lo: float, hi: float) -> float:
-    """`value` as a finite int or float (not a bool) in lo..hi, or BadPayload
+    """`value` as a finite int or float (not a bool) in lo..hi, or BadRequest
     naming `field`; the bounds are shown with format spec "g" (2.0 -> 2)."""
     if (
         isinstance(value, bool)
@@ -157,5 +103,5 @@ def check_number_range(field: str, value: object, lo: float, hi: float) -> float
         or not math.isfinite(value)
         or not lo <= value <= hi
     ):
-        raise BadPayload(f"{field}: expected a number {lo:g}..{hi:g}, got {show_value(value)}")
+        raise BadRequest(f"{field}: expected a number {lo:g}..{hi:g}, got {show_value(value)}")
     return float(value)

@@ -9,7 +9,7 @@ thread-safe, so a generation must be over before the lock is released). The
 worker hands each piece of text to a `TokenPipe` without waiting: it appends
 the piece and, if the trio side is not already due to look, wakes it with
 `TrioToken.run_sync_soon`. A pump task on the trio side sends what has piled up
-as one TokenEvent (at most one event per 20 ms), so the worker samples the next
+as one Token (at most one event per 20 ms), so the worker samples the next
 token while the node publishes the last ones, and a slow sink gets fewer, larger
 events instead of slowing the generation (what piles up is text, at most
 max_tokens pieces).
@@ -48,12 +48,12 @@ import outcome
 import trio
 
 from .base import (
-    BackendError,
-    BadPayload,
+    ModelFailure,
+    BadRequest,
     EventSink,
     ModelLoadError,
-    ResultEvent,
-    TokenEvent,
+    Result,
+    Token,
     check_int_range,
     check_number_range,
     check_object,
@@ -93,16 +93,16 @@ class ChatParams:
 
 
 def parse_chat_payload(payload: Mapping[str, object], *, max_tokens_cap: int) -> ChatParams:
-    """Validate a chat request payload; raise BadPayload naming the bad field."""
+    """Validate a chat request payload; raise BadRequest naming the bad field."""
     require_positive_int("max_tokens_cap", max_tokens_cap)
     check_object(payload)
     reject_unknown_keys(payload, _ALLOWED_KEYS)
 
     has_prompt, has_messages = "prompt" in payload, "messages" in payload
     if has_prompt and has_messages:
-        raise BadPayload("payload.prompt: give either 'prompt' or 'messages', not both")
+        raise BadRequest("payload.prompt: give either 'prompt' or 'messages', not both")
     if not has_prompt and not has_messages:
-        raise BadPayload("payload.prompt: required (or 'messages')")
+        raise BadRequest("payload.prompt: required (or 'messages')")
 
     messages: tuple[tuple[str, str], ...]
     if has_prompt:
@@ -126,18 +126,18 @@ def parse_chat_payload(payload: Mapping[str, object], *, max_tokens_cap: int) ->
 
     ignore_eos = payload.get("ignore_eos", False)
     if not isinstance(ignore_eos, bool):
-        raise BadPayload(
+        raise BadRequest(
             f"payload.ignore_eos: expected true or false, got {show_value(ignore_eos)}"
         )
 
     stop = payload.get("stop", ())
     if not isinstance(stop, (list, tuple)):
-        raise BadPayload(f"payload.stop: expected a list of strings, got {type(stop).__name__}")
+        raise BadRequest(f"payload.stop: expected a list of strings, got {type(stop).__name__}")
     if len(stop) > MAX_STOP_STRINGS:
-        raise BadPayload(f"payload.stop: at most {MAX_STOP_STRINGS} strings, got {len(stop)}")
+        raise BadRequest(f"payload.stop: at most {MAX_STOP_STRINGS} strings, got {len(stop)}")
     for i, s in enumerate(stop):
         if not isinstance(s, str) or not 1 <= len(s) <= MAX_STOP_CHARS:
-            raise BadPayload(
+            raise BadRequest(
                 f"payload.stop[{i}]: expected a string of 1..{MAX_STOP_CHARS} characters,"
                 f" got {show_value(s)}"
             )
@@ -155,9 +155,9 @@ def parse_chat_payload(payload: Mapping[str, object], *, max_tokens_cap: int) ->
 
 def _parse_messages(raw: object) -> tuple[tuple[str, str], ...]:
     if not isinstance(raw, (list, tuple)):
-        raise BadPayload(f"payload.messages: expected a list, got {type(raw).__name__}")
+        raise BadRequest(f"payload.messages: expected a list, got {type(raw).__name__}")
     if not 1 <= len(raw) <= MAX_MESSAGES:
-        raise BadPayload(f"payload.messages: expected 1..{MAX_MESSAGES} messages, got {len(raw)}")
+        raise BadRequest(f"payload.messages: expected 1..{MAX_MESSAGES} messages, got {len(raw)}")
     out: list[tuple[str, str]] = []
     total = 0
     for i, msg in enumerate(raw):
@@ -166,20 +166,20 @@ def _parse_messages(raw: object) -> tuple[tuple[str, str], ...]:
         reject_unknown_keys(msg, ("role", "content"), where)  # type: ignore[arg-type]
         role, content = msg.get("role"), msg.get("content")
         if role not in ROLES:  # also rejects non-strings
-            raise BadPayload(
+            raise BadRequest(
                 f"{where}.role: expected one of {', '.join(ROLES)}; got {show_value(role)}"
             )
         if not isinstance(content, str):
-            raise BadPayload(f"{where}.content: expected a string, got {type(content).__name__}")
+            raise BadRequest(f"{where}.content: expected a string, got {type(content).__name__}")
         check_text(f"{where}.content", content)
         total += len(content)
         if total > MAX_PROMPT_CHARS:
-            raise BadPayload(
+            raise BadRequest(
                 f"payload.messages: total content exceeds {MAX_PROMPT_CHARS} characters"
             )
         out.append((str(role), content))
     if total == 0:
-        raise BadPayload("payload.messages: all message contents are empty")
+        raise BadRequest("payload.messages: all message contents are empty")
     return tuple(out)
 
 
@@ -269,15 +269,15 @@ _CTX_OVERFLOW = re.compile(r"Requested tokens \((\d+)\) exceed context window of
 _CTX_OVERFLOW_MM = re.compile(r"Prompt exceeds n_ctx: (\d+) > (\d+)")
 
 
-def _overflow(exc: BaseException, field: str) -> BadPayload | None:
+def _overflow(exc: BaseException, field: str) -> BadRequest | None:
     m = _CTX_OVERFLOW.search(str(exc))
     if m:
-        return BadPayload(
+        return BadRequest(
             f"payload.{field}: the prompt is {m[1]} tokens; this model's context holds {m[2]}"
         )
     m = _CTX_OVERFLOW_MM.search(str(exc))
     if m:
-        return BadPayload(
+        return BadRequest(
             f"payload.{field}: the prompt needs at least {m[1]} tokens; "
             f"this model's context holds {m[2]}"
         )
@@ -309,7 +309,7 @@ class Completion:
 
 
 def completion_stats(done: Completion, elapsed: float) -> dict[str, int | float | str]:
-    """The ResultEvent stats of a completion that took `elapsed` seconds."""
+    """The Result stats of a completion that took `elapsed` seconds."""
     return {
         "tokens": done.tokens,
         "prompt_tokens": done.prompt_tokens,
@@ -320,7 +320,7 @@ def completion_stats(done: Completion, elapsed: float) -> dict[str, int | float 
 
 
 T = TypeVar("T")
-MAX_TOKEN_EVENT_CHARS = 8192  # a coalesced TokenEvent stays far below the wire's 64 KiB text cap
+MAX_TOKEN_EVENT_CHARS = 8192  # a coalesced Token stays far below the wire's 64 KiB text cap
 # At most ~50 token events a second: a real model (20-100 tokens/s) is not slowed by this, and
 # a fast one does not pay the node's per-event work (JSON, websocket, libp2p frame) per token.
 MIN_TOKEN_EVENT_INTERVAL = 0.02
@@ -380,7 +380,7 @@ class TokenPipe:
                     pieces, self._pending = self._pending, []
                     self._signalled = False
                 for text in _batches(pieces):
-                    await self._send(TokenEvent(text, self.events))
+                    await self._send(Token(text, self.events))
                     self.events += 1
                 next_at = trio.current_time() + MIN_TOKEN_EVENT_INTERVAL
                 if last:
@@ -449,8 +449,8 @@ def stream_chat_sync(
 
     This is the per-token machinery described in the module docstring; it
     works for any chat handler of the Llama instance (the multimodal handlers
-    included). Raises BadPayload (naming `payload.<field>`) when the prompt
-    does not fit the context, BackendError("<what> generation failed: ...")
+    included). Raises BadRequest (naming `payload.<field>`) when the prompt
+    does not fit the context, ModelFailure("<what> generation failed: ...")
     when llama.cpp fails, and trio.Cancelled once the worker has stopped.
     """
     import llama_cpp
@@ -502,7 +502,7 @@ def stream_chat_sync(
                 logits_processor=llama_cpp.LogitsProcessorList([processor]),
             )
         except Exception as exc:
-            raise _overflow(exc, field) or BackendError(
+            raise _overflow(exc, field) or ModelFailure(
                 f"{what} generation failed: {_one_line(exc)}", code="backend_failed"
             ) from None
         while True:
@@ -514,7 +514,7 @@ def stream_chat_sync(
             except StopIteration:
                 break
             except Exception as exc:
-                raise _overflow(exc, field) or BackendError(
+                raise _overflow(exc, field) or ModelFailure(
                     f"{what} generation failed: {_one_line(exc)}", code="backend_failed"
                 ) from None
             choice = chunk["choices"][0]
@@ -629,10 +629,10 @@ class ChatBackend:
 
     # ------------------------------------------------------------ generate
 
-    async def generate(self, payload: Mapping[str, object], send: EventSink) -> ResultEvent:
-        """Stream a chat completion to `send`; return the final ResultEvent.
+    async def generate(self, payload: Mapping[str, object], send: EventSink) -> Result:
+        """Stream a chat completion to `send`; return the final Result.
 
-        Raises BadPayload for an invalid payload, BackendError("backend_failed")
+        Raises BadRequest for an invalid payload, ModelFailure("backend_failed")
         if llama.cpp fails, and trio.Cancelled (after the worker has stopped,
         within a token) if the calling task is cancelled.
         """
@@ -640,14 +640,14 @@ class ChatBackend:
         field = "prompt" if "prompt" in payload else "messages"
         async with self._lock:
             if self._llm is None:
-                raise BackendError("chat model is not loaded", code="backend_failed")
+                raise ModelFailure("chat model is not loaded", code="backend_failed")
             start = time.perf_counter()
             llm = self._llm
             done = await stream_tokens(send, lambda pipe: trio.to_thread.run_sync(
                 self._generate_sync, llm, params, field, pipe.put, abandon_on_cancel=False
             ))
             elapsed = time.perf_counter() - start
-        return ResultEvent(
+        return Result(
             output={"text": done.text, "model": self.model_name},
             stats=completion_stats(done, elapsed),
         )

@@ -20,7 +20,7 @@ Threading model. A pipeline call blocks, so it runs in a worker thread
 (`trio.to_thread.run_sync`, never abandoned: a pipeline is not thread-safe,
 so a generation must be over before the lock is released). diffusers calls
 `callback_on_step_end` after every denoising step; there the worker hands a
-ProgressEvent to the trio side with `trio.from_thread.run` (which blocks the
+Progress to the trio side with `trio.from_thread.run` (which blocks the
 worker until the sink has taken it) and polls trio for cancellation with
 `trio.from_thread.check_cancelled()`.
 
@@ -33,7 +33,7 @@ raises the trio.Cancelled there: the run stops after the step in progress,
 with no decode. The pipeline stays usable: every call resets the scheduler
 (set_timesteps) and the pipeline's per-call state.
 
-Progress. One ProgressEvent("denoising", i, total) per callback, where total
+Progress. One Progress("denoising", i, total) per callback, where total
 is the number of timesteps the pipeline runs (`pipe._num_timesteps`): equal
 to `steps` for first-order schedulers (DDIM, Euler, DPM-Solver multistep, the
 tiny pipeline's DDIM); PNDM (the scheduler Stable Diffusion 1.x ships) runs
@@ -65,12 +65,12 @@ from typing import Any
 import trio
 
 from .base import (
-    BackendError,
-    BadPayload,
+    ModelFailure,
+    BadRequest,
     EventSink,
     ModelLoadError,
-    ProgressEvent,
-    ResultEvent,
+    Progress,
+    Result,
     check_int_range,
     check_number_range,
     check_object,
@@ -141,24 +141,24 @@ def _check_limits(max_steps: object, max_pixels: object) -> None:
 def parse_imagine_payload(
     payload: Mapping[str, object], *, max_steps: int, max_pixels: int
 ) -> ImagineParams:
-    """Validate an imagine request payload; raise BadPayload naming the bad field."""
+    """Validate an imagine request payload; raise BadRequest naming the bad field."""
     _check_limits(max_steps, max_pixels)
     check_object(payload)
     reject_unknown_keys(payload, _ALLOWED_KEYS)
 
     if "prompt" not in payload:
-        raise BadPayload("payload.prompt: required")
+        raise BadRequest("payload.prompt: required")
     prompt = check_string("payload.prompt", payload["prompt"], MAX_PROMPT_CHARS)
 
     # JSON clients often send null for "not given"; treat it as absent.
     negative = payload.get("negative_prompt")
     if negative is not None:
         if not isinstance(negative, str):
-            raise BadPayload(
+            raise BadRequest(
                 f"payload.negative_prompt: expected a string, got {type(negative).__name__}"
             )
         if len(negative) > MAX_PROMPT_CHARS:
-            raise BadPayload(
+            raise BadRequest(
                 f"payload.negative_prompt: expected at most {MAX_PROMPT_CHARS} characters,"
                 f" got {len(negative)}"
             )
@@ -180,14 +180,14 @@ def parse_imagine_payload(
             and MIN_SIDE <= value <= MAX_SIDE  # type: ignore[operator]
             and value % SIDE_MULTIPLE == 0  # type: ignore[operator]
         ):
-            raise BadPayload(
+            raise BadRequest(
                 f"payload.{field}: expected a multiple of {SIDE_MULTIPLE} in "
                 f"{MIN_SIDE}..{MAX_SIDE}, got {show_value(value)}"
             )
         sides[field] = value  # type: ignore[assignment]
     width, height = sides["width"], sides["height"]
     if width * height > max_pixels:
-        raise BadPayload(
+        raise BadRequest(
             f"payload.width, payload.height: {width}x{height} is {width * height} pixels;"
             f" this node allows at most {max_pixels}"
         )
@@ -441,10 +441,10 @@ class ImagineBackend:
 
     # ------------------------------------------------------------ generate
 
-    async def generate(self, payload: Mapping[str, object], send: EventSink) -> ResultEvent:
-        """Render one image, sending a ProgressEvent per denoising step.
+    async def generate(self, payload: Mapping[str, object], send: EventSink) -> Result:
+        """Render one image, sending a Progress per denoising step.
 
-        Raises BadPayload for an invalid payload, BackendError("backend_failed")
+        Raises BadRequest for an invalid payload, ModelFailure("backend_failed")
         if the pipeline fails, and trio.Cancelled (after the worker has
         stopped, within one denoising step) if the calling task is cancelled.
         """
@@ -455,9 +455,9 @@ class ImagineBackend:
         async with self._lock:
             pipe = self._pipe
             if pipe is None:
-                raise BackendError("imagine model is not loaded", code="backend_failed")
+                raise ModelFailure("imagine model is not loaded", code="backend_failed")
             if params.negative_prompt and not self._takes_negative:
-                raise BadPayload(
+                raise BadRequest(
                     f"payload.negative_prompt: model {self.model_name} does not take one"
                 )
             start = time.perf_counter()
@@ -477,7 +477,7 @@ class ImagineBackend:
             "seed": seed,
             "model": self.model_name,
         }
-        return ResultEvent(output=output, stats=stats)
+        return Result(output=output, stats=stats)
 
     def _generate_sync(
         self, pipe: Any, params: ImagineParams, seed: int, send: EventSink
@@ -497,7 +497,7 @@ class ImagineBackend:
             total = getattr(p, "_num_timesteps", None) or params.steps
             try:
                 trio.from_thread.check_cancelled()
-                trio.from_thread.run(send, ProgressEvent("denoising", i + 1, int(total)))
+                trio.from_thread.run(send, Progress("denoising", i + 1, int(total)))
                 trio.from_thread.check_cancelled()
             except BaseException as exc:
                 run.raised = exc
@@ -518,7 +518,7 @@ class ImagineBackend:
         }
         if params.negative_prompt:
             kwargs["negative_prompt"] = params.negative_prompt
-        failure: BackendError | None = None
+        failure: ModelFailure | None = None
         try:
             with torch.inference_mode():
                 images = pipe(**kwargs).images
@@ -526,13 +526,13 @@ class ImagineBackend:
             if run.raised is exc:
                 raise  # the sink's own error: pass it on unchanged
             if self.gpu and _is_oom(torch, exc):
-                failure = BackendError(
+                failure = ModelFailure(
                     f"imagine generation failed: out of GPU memory at "
                     f"{params.width}x{params.height}",
                     code="backend_failed",
                 )
             else:
-                failure = BackendError(
+                failure = ModelFailure(
                     f"imagine generation failed: {_one_line(exc)}", code="backend_failed"
                 )
         if failure is not None:

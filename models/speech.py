@@ -20,7 +20,7 @@ inside them), so loading and transcribing run in worker threads
 (`trio.to_thread.run_sync`, never abandoned: a whisper context runs one
 transcription at a time, so it must be over before the lock is released).
 whisper.cpp calls back into Python on that worker thread: once per new
-segment (the backend forwards a ProgressEvent with `trio.from_thread.run`,
+segment (the backend forwards a Progress with `trio.from_thread.run`,
 which blocks the worker until the sink has taken it) and, many times a
 second, an abort callback, which polls trio for cancellation. A cancelled
 request makes the abort callback return True: whisper.cpp stops within one
@@ -72,12 +72,12 @@ import numpy as np
 import trio
 
 from .base import (
-    BackendError,
-    BadPayload,
+    ModelFailure,
+    BadRequest,
     EventSink,
     ModelLoadError,
-    ProgressEvent,
-    ResultEvent,
+    Progress,
+    Result,
     check_object,
     check_string,
     is_int,
@@ -152,38 +152,38 @@ def detect_audio_format(data: bytes) -> str | None:
 def parse_speech_payload(
     payload: Mapping[str, object], *, max_audio_bytes: int, max_tts_chars: int
 ) -> SpeechParams:
-    """Validate a speech request payload; raise BadPayload naming the bad field."""
+    """Validate a speech request payload; raise BadRequest naming the bad field."""
     check_object(payload)
     reject_unknown_keys(payload, _ALLOWED_KEYS)
 
     has_audio, has_text = "audio" in payload, "text" in payload
     if has_audio and has_text:
-        raise BadPayload(
+        raise BadRequest(
             "payload.audio: give either 'audio' (to transcribe) or 'text' (to speak), not both"
         )
     if not has_audio and not has_text:
-        raise BadPayload("payload.audio: required (or 'text' to speak)")
+        raise BadRequest("payload.audio: required (or 'text' to speak)")
 
     if has_audio:
         for key in _TEXT_ONLY:
             if key in payload:
-                raise BadPayload(f"payload.{key}: only allowed with 'text'")
+                raise BadRequest(f"payload.{key}: only allowed with 'text'")
         audio = payload["audio"]
         if not isinstance(audio, (bytes, bytearray, memoryview)):
-            raise BadPayload(f"payload.audio: expected bytes, got {type(audio).__name__}")
+            raise BadRequest(f"payload.audio: expected bytes, got {type(audio).__name__}")
         audio = bytes(audio)
         if not audio:
-            raise BadPayload("payload.audio: empty")
+            raise BadRequest("payload.audio: empty")
         if len(audio) > max_audio_bytes:
-            raise BadPayload(f"payload.audio: {len(audio)} bytes; at most {max_audio_bytes}")
+            raise BadRequest(f"payload.audio: {len(audio)} bytes; at most {max_audio_bytes}")
         fmt = detect_audio_format(audio)
         if fmt is None:
-            raise BadPayload(
+            raise BadRequest(
                 "payload.audio: unsupported format (expected WAV, WebM, OGG, MP3 or FLAC)"
             )
         language = payload.get("language", "auto")
         if not isinstance(language, str) or (language != "auto" and language not in LANGUAGES):
-            raise BadPayload(
+            raise BadRequest(
                 'payload.language: expected "auto" or a language code such as "en",'
                 f" got {show_value(language)}"
             )
@@ -191,21 +191,21 @@ def parse_speech_payload(
 
     for key in _AUDIO_ONLY:
         if key in payload:
-            raise BadPayload(f"payload.{key}: only allowed with 'audio'")
+            raise BadRequest(f"payload.{key}: only allowed with 'audio'")
     text = check_string("payload.text", payload["text"], max_tts_chars)
     if "\x00" in text:
-        raise BadPayload("payload.text: contains a NUL character")
+        raise BadRequest("payload.text: contains a NUL character")
     if not text.strip():
-        raise BadPayload("payload.text: nothing to speak (only whitespace)")
+        raise BadRequest("payload.text: nothing to speak (only whitespace)")
     voice = payload.get("voice", DEFAULT_VOICE)
     if not isinstance(voice, str) or not _VOICE_RE.fullmatch(voice):
-        raise BadPayload(
+        raise BadRequest(
             "payload.voice: expected an espeak-ng voice name ([a-z0-9+-], 1..32 characters),"
             f" got {show_value(voice)}"
         )
     speed = payload.get("speed", DEFAULT_SPEED)
     if not (is_int(speed) and MIN_SPEED <= speed <= MAX_SPEED):  # type: ignore[operator]
-        raise BadPayload(
+        raise BadRequest(
             f"payload.speed: expected an integer {MIN_SPEED}..{MAX_SPEED} (words per minute),"
             f" got {show_value(speed)}"
         )
@@ -438,7 +438,7 @@ def _wav_pcm16_mono16k(data: bytes) -> np.ndarray | None:
 def _fix_streaming_wav(data: bytes) -> tuple[bytes, int, int]:
     """espeak-ng's --stdout WAV with true chunk sizes: (wav, sample_rate, frames)."""
     if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
-        raise BackendError("speech: espeak-ng did not produce a WAV file")
+        raise ModelFailure("speech: espeak-ng did not produce a WAV file")
     pos, fmt = 12, None
     while pos + 8 <= len(data):
         cid, csize = data[pos : pos + 4], struct.unpack("<I", data[pos + 4 : pos + 8])[0]
@@ -457,7 +457,7 @@ def _fix_streaming_wav(data: bytes) -> tuple[bytes, int, int]:
             struct.pack_into("<I", head, pos + 4, len(pcm))
             return bytes(head) + pcm, int(rate), len(pcm) // block
         pos = body + csize + (csize & 1)
-    raise BackendError("speech: espeak-ng produced a WAV file without audio")
+    raise ModelFailure("speech: espeak-ng produced a WAV file without audio")
 
 
 def _last_line(raw: bytes) -> str:
@@ -609,17 +609,17 @@ class SpeechBackend:
 
     # ------------------------------------------------------------ generate
 
-    async def generate(self, payload: Mapping[str, object], send: EventSink) -> ResultEvent:
-        """Transcribe `audio` or speak `text`; return the final ResultEvent.
+    async def generate(self, payload: Mapping[str, object], send: EventSink) -> Result:
+        """Transcribe `audio` or speak `text`; return the final Result.
 
         Transcription: output {"text", "language", "model"}, stats {"audio_s",
         "ms", "realtime_factor" (seconds of work per second of audio),
-        "segments"}; a ProgressEvent("transcribing", segments so far, None)
+        "segments"}; a Progress("transcribing", segments so far, None)
         per segment. Speech: output {"audio" (WAV bytes), "format": "wav",
         "sample_rate"}, stats {"chars", "ms", "audio_s"}.
 
-        Raises BadPayload for an invalid payload (including audio that does
-        not decode or is too long), BackendError("backend_failed") if an
+        Raises BadRequest for an invalid payload (including audio that does
+        not decode or is too long), ModelFailure("backend_failed") if an
         engine fails or is missing, and trio.Cancelled if the calling task is
         cancelled (after whisper.cpp has stopped).
         """
@@ -627,7 +627,7 @@ class SpeechBackend:
             payload, max_audio_bytes=self.max_audio_bytes, max_tts_chars=self.max_tts_chars
         )
         if self._ctx is None:
-            raise BackendError("speech model is not loaded", code="backend_failed")
+            raise ModelFailure("speech model is not loaded", code="backend_failed")
         if params.text is not None:
             return await self._speak(params)
         assert params.audio is not None and params.audio_format is not None
@@ -635,7 +635,7 @@ class SpeechBackend:
         language = params.language
         if not self.multilingual:
             if language not in ("auto", "en"):
-                raise BadPayload(
+                raise BadRequest(
                     'payload.language: this model is English-only; use "en" or "auto",'
                     f" not {language!r}"
                 )
@@ -646,7 +646,7 @@ class SpeechBackend:
         async with self._lock:
             ctx = self._ctx
             if ctx is None:
-                raise BackendError("speech model is not loaded", code="backend_failed")
+                raise ModelFailure("speech model is not loaded", code="backend_failed")
             text, lang, n_segments = await trio.to_thread.run_sync(
                 self._transcribe_sync, ctx, pcm, language, send, abandon_on_cancel=False
             )
@@ -658,16 +658,16 @@ class SpeechBackend:
             "segments": n_segments,
         }
         output = {"text": text, "language": lang, "model": self.model_name}
-        return ResultEvent(output=output, stats=stats)
+        return Result(output=output, stats=stats)
 
     async def _decode_audio(self, data: bytes, fmt: str) -> np.ndarray:
-        """16 kHz mono int16 samples; BadPayload("payload.audio: ...") if the
+        """16 kHz mono int16 samples; BadRequest("payload.audio: ...") if the
         audio does not decode, is empty or is longer than max_audio_s."""
         limit = int(self.max_audio_s * SAMPLE_RATE)
         pcm = _wav_pcm16_mono16k(data) if fmt == "wav" else None
         if pcm is None:
             if self._ffmpeg is None:
-                raise BackendError(
+                raise ModelFailure(
                     "speech: ffmpeg is not installed on this node: only 16 kHz mono 16-bit WAV"
                     " can be transcribed",
                     code="backend_failed",
@@ -685,21 +685,21 @@ class SpeechBackend:
                     cmd, stdin=data, capture_stdout=True, capture_stderr=True, check=False
                 )
             if scope.cancelled_caught:
-                raise BadPayload(
+                raise BadRequest(
                     f"payload.audio: could not be converted within {CONVERT_TIMEOUT_S:.0f} s"
                 )
             name = FORMAT_NAMES[fmt]
             if proc.returncode != 0:
-                raise BadPayload(
+                raise BadRequest(
                     f"payload.audio: could not be decoded as {name}"
                     f" (ffmpeg: {_last_line(proc.stderr)})"
                 )
             out = proc.stdout
             pcm = np.frombuffer(out[: len(out) // 2 * 2], dtype="<i2")
         if len(pcm) == 0:
-            raise BadPayload("payload.audio: contains no audio")
+            raise BadRequest("payload.audio: contains no audio")
         if len(pcm) > limit:
-            raise BadPayload(
+            raise BadRequest(
                 f"payload.audio: longer than the {self.max_audio_s:g} s this node transcribes"
             )
         return pcm
@@ -733,7 +733,7 @@ class SpeechBackend:
             try:
                 if run.stop is None:
                     done = pw.whisper_full_n_segments(c)
-                    trio.from_thread.run(send, ProgressEvent("transcribing", done, None))
+                    trio.from_thread.run(send, Progress("transcribing", done, None))
             except BaseException as exc:  # noqa: BLE001 - Cancelled, or the sink failed
                 if run.stop is None:
                     run.stop = exc
@@ -753,7 +753,7 @@ class SpeechBackend:
         if run.stop is not None:
             raise run.stop
         if rc != 0:
-            raise BackendError(
+            raise ModelFailure(
                 f"speech: whisper.cpp failed (whisper_full returned {rc})", code="backend_failed"
             )
         n = pw.whisper_full_n_segments(ctx)
@@ -764,9 +764,9 @@ class SpeechBackend:
 
     # --------------------------------------------------------- text to speech
 
-    async def _speak(self, params: SpeechParams) -> ResultEvent:
+    async def _speak(self, params: SpeechParams) -> Result:
         if self._espeak is None:
-            raise BackendError(
+            raise ModelFailure(
                 "speech: text to speech is not available on this node (espeak-ng is not installed)",
                 code="backend_failed",
             )
@@ -782,17 +782,17 @@ class SpeechBackend:
                 check=False,
             )
         if scope.cancelled_caught:
-            raise BackendError(
+            raise ModelFailure(
                 f"speech: espeak-ng took longer than {TTS_TIMEOUT_S:.0f} s", code="backend_failed"
             )
         if proc.returncode != 0:
             err = _last_line(proc.stderr)
             if "voice" in err.lower():
-                raise BadPayload(f"payload.voice: espeak-ng has no voice {params.voice!r}")
-            raise BackendError(f"speech: espeak-ng failed ({err})", code="backend_failed")
+                raise BadRequest(f"payload.voice: espeak-ng has no voice {params.voice!r}")
+            raise ModelFailure(f"speech: espeak-ng failed ({err})", code="backend_failed")
         wav, rate, frames = _fix_streaming_wav(proc.stdout)
         elapsed = time.perf_counter() - start
-        return ResultEvent(
+        return Result(
             output={"audio": wav, "format": "wav", "sample_rate": rate},
             stats={
                 "chars": len(params.text),

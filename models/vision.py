@@ -62,11 +62,11 @@ import numpy as np
 import trio
 
 from .base import (
-    BackendError,
-    BadPayload,
+    ModelFailure,
+    BadRequest,
     EventSink,
     ModelLoadError,
-    ResultEvent,
+    Result,
     check_object,
     reject_unknown_keys,
     require_positive_int,
@@ -213,31 +213,31 @@ _SIZE_READERS = {"PNG": _png_size, "JPEG": _jpeg_size, "WEBP": _webp_size, "GIF"
 
 def _check_image(data: object, *, max_bytes: int, max_pixels: int) -> tuple[str, int, int]:
     """Type, size and header checks on untrusted image bytes, without
-    decoding: returns (format, width, height) or raises BadPayload."""
+    decoding: returns (format, width, height) or raises BadRequest."""
     if isinstance(data, bytearray):
         data = bytes(data)
     if not isinstance(data, bytes):
-        raise BadPayload(f"payload.image: expected binary image data, got {type(data).__name__}")
+        raise BadRequest(f"payload.image: expected binary image data, got {type(data).__name__}")
     if not data:
-        raise BadPayload("payload.image: empty")
+        raise BadRequest("payload.image: empty")
     if len(data) > max_bytes:
-        raise BadPayload(f"payload.image: {len(data)} bytes exceeds the limit of {max_bytes}")
+        raise BadRequest(f"payload.image: {len(data)} bytes exceeds the limit of {max_bytes}")
     fmt = image_format(data)
     if fmt is None:
-        raise BadPayload("payload.image: not a PNG, JPEG, WebP or GIF image")
+        raise BadRequest("payload.image: not a PNG, JPEG, WebP or GIF image")
     try:
         w, h = _SIZE_READERS[fmt](data)
     except (_HeaderError, struct.error, IndexError) as exc:
-        raise BadPayload(f"payload.image: corrupt {fmt} header ({exc})") from None
+        raise BadRequest(f"payload.image: corrupt {fmt} header ({exc})") from None
     _check_pixels(fmt, w, h, max_pixels)
     return fmt, w, h
 
 
 def _check_pixels(fmt: str, w: int, h: int, max_pixels: int) -> None:
     if w < 1 or h < 1:
-        raise BadPayload(f"payload.image: {fmt} header gives an empty image ({w}x{h})")
+        raise BadRequest(f"payload.image: {fmt} header gives an empty image ({w}x{h})")
     if w * h > max_pixels:
-        raise BadPayload(
+        raise BadRequest(
             f"payload.image: {w}x{h} is {w * h} pixels; the limit is {max_pixels}"
         )
 
@@ -274,7 +274,7 @@ def _to_rgb(im: Any) -> Any:
 
 def _decode_rgb(data: bytes, *, max_bytes: int, max_pixels: int, resize_to: int) -> Any:
     """Validate and decode untrusted image bytes into a PIL RGB image whose
-    longer side is at most resize_to. Raises BadPayload naming payload.image."""
+    longer side is at most resize_to. Raises BadRequest naming payload.image."""
     from PIL import Image, ImageOps
 
     if resize_to < 1:
@@ -293,10 +293,10 @@ def _decode_rgb(data: bytes, *, max_bytes: int, max_pixels: int, resize_to: int)
             if size != im.size:
                 im = im.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
             return im
-    except BadPayload:
+    except BadRequest:
         raise
     except Exception as exc:  # Pillow raises many types on hostile input
-        raise BadPayload(
+        raise BadRequest(
             f"payload.image: cannot decode the {fmt} image ({_one_line(exc)})"
         ) from None
 
@@ -308,7 +308,7 @@ def prepare_image(data: bytes, *, max_bytes: int, max_pixels: int, resize_to: in
     magic bytes; the pixel count is checked from the header before anything
     is decoded. The result is RGB (transparency flattened onto white, EXIF
     orientation applied), downscaled so the longer side is <= resize_to.
-    Raises BadPayload naming payload.image on any failure.
+    Raises BadRequest naming payload.image on any failure.
     """
     im = _decode_rgb(data, max_bytes=max_bytes, max_pixels=max_pixels, resize_to=resize_to)
     out = io.BytesIO()
@@ -335,7 +335,7 @@ class VisionParams:
 def parse_vision_payload(
     payload: Mapping[str, object], *, max_tokens_cap: int, max_image_bytes: int, max_pixels: int
 ) -> VisionParams:
-    """Validate a vision request payload; raise BadPayload naming the bad field.
+    """Validate a vision request payload; raise BadRequest naming the bad field.
 
     The image is checked (type by magic, byte size, header dimensions) but not
     decoded: `prepare_image` does that, off the event loop.
@@ -343,20 +343,20 @@ def parse_vision_payload(
     check_object(payload)
     reject_unknown_keys(payload, _ALLOWED_KEYS)
     if "prompt" not in payload:
-        raise BadPayload("payload.prompt: required")
+        raise BadRequest("payload.prompt: required")
     # prompt, max_tokens, temperature and seed mean what they mean for chat.
     chat = parse_chat_payload(
         {k: payload[k] for k in _CHAT_KEYS if k in payload}, max_tokens_cap=max_tokens_cap
     )
     prompt = chat.messages[0][1]
     if len(prompt) > MAX_PROMPT_CHARS:
-        raise BadPayload(
+        raise BadRequest(
             f"payload.prompt: expected 1..{MAX_PROMPT_CHARS} characters, got {len(prompt)}"
         )
     if MEDIA_MARKER in prompt:
-        raise BadPayload(f"payload.prompt: must not contain {MEDIA_MARKER}")
+        raise BadRequest(f"payload.prompt: must not contain {MEDIA_MARKER}")
     if "image" not in payload:
-        raise BadPayload("payload.image: required")
+        raise BadRequest("payload.image: required")
     image = payload["image"]
     fmt, w, h = _check_image(image, max_bytes=max_image_bytes, max_pixels=max_pixels)
     return VisionParams(
@@ -707,12 +707,12 @@ class VisionBackend:
 
     # ------------------------------------------------------------ generate
 
-    async def generate(self, payload: Mapping[str, object], send: EventSink) -> ResultEvent:
+    async def generate(self, payload: Mapping[str, object], send: EventSink) -> Result:
         """Answer a question about an image, streaming TokenEvents to `send`;
-        return the final ResultEvent.
+        return the final Result.
 
-        Raises BadPayload for an invalid payload (the image included),
-        BackendError("backend_failed") if llama.cpp fails, and trio.Cancelled
+        Raises BadRequest for an invalid payload (the image included),
+        ModelFailure("backend_failed") if llama.cpp fails, and trio.Cancelled
         (after the worker has stopped) if the calling task is cancelled.
         """
         params = parse_vision_payload(
@@ -724,7 +724,7 @@ class VisionBackend:
         async with self._lock:
             loaded = self._loaded
             if loaded is None:
-                raise BackendError("vision model is not loaded", code="backend_failed")
+                raise ModelFailure("vision model is not loaded", code="backend_failed")
             start = time.perf_counter()
             done, size, prepare_s = await stream_tokens(send, lambda pipe: trio.to_thread.run_sync(
                 self._generate_sync, loaded, params, pipe.put, abandon_on_cancel=False
@@ -733,7 +733,7 @@ class VisionBackend:
         stats = completion_stats(done, elapsed)
         stats["image_width"], stats["image_height"] = size
         stats["image_ms"] = round(prepare_s * 1000, 1)
-        return ResultEvent(output={"text": done.text, "model": self.model_name}, stats=stats)
+        return Result(output={"text": done.text, "model": self.model_name}, stats=stats)
 
     def _generate_sync(
         self, loaded: _Loaded, params: VisionParams, put: Callable[[str], None]

@@ -25,6 +25,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketReque
 from .config import REALMS
 from .http import serve_ui
 from .limits import client_network
+from ..realms.events import Code, QueryError, UserError, dumps
 from .queries import Refused, check_guid, check_nickname
 
 if TYPE_CHECKING:
@@ -37,11 +38,11 @@ MAX_INFLIGHT_PER_CONNECTION = 16
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 
-class BadRequest(Exception):
+class BadRequest(UserError):
     """A client message this node will not take; ``rid`` is echoed when it could be read."""
 
     def __init__(self, message: str, rid: Any = None) -> None:
-        super().__init__(message)
+        super().__init__(message, Code.BAD_REQUEST)
         self.rid = rid
 
 
@@ -134,8 +135,14 @@ class ControlSession:
         self.sysop = False
 
     async def send(self, message: dict[str, Any]) -> None:
+        try:
+            text = dumps(message, default=_json_default)
+        except ValueError:  # NaN or an infinity (from a peer's answer): never shown as a number
+            log.warning("refused to send a non-finite number to a client (op %s)", message.get("op"))
+            text = dumps({"op": "error", "rid": message.get("rid"), "code": Code.PROTOCOL_ERROR.value,
+                          "message": "the answer held a number that is not finite"})
         async with self.send_lock:
-            await self.ws.send_message(json.dumps(message, default=_json_default))
+            await self.ws.send_message(text)
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
@@ -167,8 +174,8 @@ class ControlSession:
             answer = await getattr(self, "op_" + op)(req, rid)
             if answer is not None:
                 await self.send({"op": op, "rid": rid, **answer})
-        except Refused as exc:
-            await self.send({"op": "error", "rid": rid, "code": exc.code, "message": exc.message})
+        except QueryError as exc:
+            await self.send({"op": "error", "rid": rid, "code": exc.code.value, "message": exc.message})
         except ConnectionClosed:
             pass
         finally:
@@ -274,6 +281,12 @@ class ControlSession:
             raise Refused("not_found", f"no query {query_id} of yours")
         result = await self.node.storage.get_result(query_id, row["user_guid"])
         events = await self.node.storage.query_events(query_id, row["user_guid"])
+        live = self.node.queries.live(query_id)
+        if live is not None:  # running: its newest steps are in memory until it ends
+            row["status"] = live.status
+            row["executor"] = live.executor or row["executor"]
+            events += [{"query_id": query_id, "status": e.status, "at": e.at, "executor": e.executor,
+                        "detail": e.detail} for e in live.history]
         return {"query": _row(row), "result": result, "events": events}
 
     async def op_cancel(self, req: dict[str, Any], rid: Any) -> dict[str, Any]:
@@ -292,6 +305,10 @@ class ControlSession:
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 10000:
             raise Refused("bad_request", "limit must be an integer 1..10000")
         rows = await self.node.storage.history(user, limit=limit)
+        for r in rows:
+            live = self.node.queries.live(r["id"])
+            if live is not None:  # running: its status is newer in memory than on disk
+                r["status"], r["executor"] = live.status, live.executor or r["executor"]
         return {"history": [_row(r) for r in rows]}
 
     # --- sysop -----------------------------------------------------------------------------------

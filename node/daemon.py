@@ -27,12 +27,15 @@ from ..p2p.mdns import LanDiscovery
 from ..p2p.relay import RelayLimits, RelayService
 from ..p2p.reachability import PROTOCOL_ID as DIALBACK_ID
 from ..p2p.reachability import DialBack, Reachability
-from ..p2p.peers import FailureKind, PeerState, PeerTable
-from ..p2p.query import IncomingQuery, PeerQueryError, QueryClient, QueryService, ServiceRefusal
+from ..p2p.peers import PeerState, PeerTable
+from ..p2p.query import IncomingQuery, QueryClient, QueryService
 from ..p2p.wire import PROTOCOL_ID
-from ..realms.router import Emit, Event, ExecutorError, Query, QueryFailed, RealmRouter
+from ..realms import events as ev
+from ..realms.events import Code, ExecutorFailure, FailureKind, QueryError, StorageFailure
+from ..realms.queue import Priority
+from ..realms.router import Query, RealmRouter, StreamEmit
 from .config import REALMS, Config
-from .executor import LocalRealms
+from .executor import LocalRealms, check_payload
 from .limits import RateLimiter
 from .queries import QueryManager, Refused, check_guid
 from .storage import Storage
@@ -45,6 +48,7 @@ REMEMBER_PEERS_FOR = 7 * 86400.0  # a restarted node redials peers seen within t
 REMEMBERED_PEERS = 64
 REMEMBER_INTERVAL = 2.0
 REMEMBER_REFRESH = 300.0
+OUTCOME_FLUSH = 1.0
 
 
 SYSOP_TOKEN_FILE = "sysop.token"
@@ -111,7 +115,10 @@ class Node:
                 half_life=cfg.router.score_half_life,
                 clock=trio.current_time,
             )
-            self.client = QueryClient(fh.host, self.peer_id, dial_timeout=cfg.p2p.dial_timeout)
+            self.client = QueryClient(
+                fh.host, self.peer_id, dial_timeout=cfg.p2p.dial_timeout, first_progress=cfg.router.first_progress,
+                hang_timeout=cfg.router.hang_timeout, verdict=self._verdict,
+            )
             self.realm_discovery = RealmDiscovery(fh, self.table, refresh=cfg.p2p.dht_refresh, dial=self._dial_quietly)
             self.router = RealmRouter(
                 self.table,
@@ -119,7 +126,6 @@ class Node:
                 self,
                 local_queue_limit=cfg.router.local_queue_limit,
                 max_attempts=cfg.router.max_attempts,
-                hang_timeout=cfg.router.hang_timeout,
                 discover=self.realm_discovery.discover,
             )
             for peer_id in await self.storage.blocked_peers():
@@ -127,6 +133,7 @@ class Node:
             self.maintenance = PeerMaintenance(
                 fh, self.table, dial_timeout=cfg.p2p.dial_timeout, bootstrap=cfg.p2p.bootstrap,
                 forget_after=cfg.p2p.forget_after, max_peers=MAX_PEERS, state_interval=cfg.p2p.health_interval / 2,
+                quiet_after=cfg.p2p.health_interval * 1.25,
             )
             self.maintenance.busy = lambda peer_id: peer_id in self._attempts
             self.queries = QueryManager(
@@ -136,6 +143,7 @@ class Node:
                 query_deadline=cfg.router.query_deadline,
                 max_payload_bytes=cfg.storage.max_payload_bytes,
                 max_active_per_user=cfg.limits.max_active,
+                check_payload=check_payload,
             )
             service = QueryService(self._serve_peer_query, on_violation=self._on_violation)
             fh.set_stream_handler(PROTOCOL_ID, service.handle_stream)
@@ -153,6 +161,7 @@ class Node:
             try:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(self.local.run)
+                    await nursery.start(self.client.run)
                     nursery.start_soon(self._advertise)
                     gossip = HealthGossip(
                         fh, self.identity, interval=cfg.p2p.health_interval,
@@ -167,6 +176,7 @@ class Node:
                     if cfg.p2p.mdns:
                         nursery.start_soon(LanDiscovery(fh, self._on_lan_peer).run)
                     nursery.start_soon(self._follow_reachability)
+                    nursery.start_soon(self._flush_outcomes)
                     await nursery.start(self.queries.run)
                     from .control import serve_control
 
@@ -192,6 +202,19 @@ class Node:
                 (self.data_dir / RUN_FILE).unlink()
         except (OSError, ValueError):
             pass
+
+    async def _flush_outcomes(self) -> None:
+        """Store the realm counters once a second (one transaction, however many queries)."""
+        failing = False
+        while True:
+            await trio.sleep(OUTCOME_FLUSH)
+            try:
+                await self.storage.flush_outcomes()
+                failing = False
+            except StorageFailure as exc:
+                if not failing:
+                    log.warning("cannot store realm counters (%s); kept in memory", exc.message)
+                failing = True
 
     # --- models and advertisement ------------------------------------------------------------
     async def _advertise(self) -> None:
@@ -303,65 +326,65 @@ class Node:
             self.realm_discovery.records_changed()
 
     # --- queries -----------------------------------------------------------------------------
-    async def execute(self, peer_id: str, query: Query, emit: Emit, *, hang_timeout: float) -> Event:
+    async def execute(self, peer_id: str, query: Query, emit: StreamEmit) -> ev.Result:
         """RemoteExecutor for the router: run ``query`` on ``peer_id`` over the query protocol."""
         if not self.fh.is_connected(peer_id):
             try:
                 await self.maintenance.dial(peer_id)
             except DialError as exc:
-                raise ExecutorError(FailureKind.UNREACHABLE, "unreachable", str(exc)) from None
-        def abandon() -> tuple[str, str] | None:
-            """An attempt on a peer that went stale (and sends no frames) is lost: move on now,
-            not after hang_timeout. A closed connection ends the stream by itself."""
-            entry = self.table.get(peer_id)
-            if entry is not None and self.table.state(entry) is PeerState.STALE:
-                return "hung", f"{peer_id} went stale (no health record for {self.table.record_age(entry) or 0:.1f}s)"
-            return None
-
+                raise ExecutorFailure(str(exc), Code.UNREACHABLE, kind=FailureKind.UNREACHABLE) from None
         self._attempts[peer_id] = self._attempts.get(peer_id, 0) + 1
         try:
             return await self.client.execute(
-                peer_id,
-                query_id=query.query_id,
-                realm=query.realm,
-                payload=query.payload,
-                deadline_s=query.deadline_s,
-                emit=emit,
-                hang_timeout=hang_timeout,
-                abandon=abandon,
+                peer_id, query_id=query.query_id, realm=query.realm, payload=query.payload,
+                deadline_s=query.deadline_s, emit=emit,
             )
-        except PeerQueryError as exc:
-            raise ExecutorError(FailureKind(exc.kind), exc.code, exc.message) from None
         finally:
             left = self._attempts.pop(peer_id, 1) - 1
             if left:
                 self._attempts[peer_id] = left
 
-    async def _serve_peer_query(self, incoming: IncomingQuery, emit: Emit) -> Event:
+    def _verdict(self, peer_id: str) -> tuple[FailureKind, str] | None:
+        """Whether this node's attempts on ``peer_id`` are lost, on evidence other than the
+        stream itself: the peer went stale, unresponsive or away."""
+        entry = self.table.get(peer_id)
+        if entry is None:
+            return None
+        state = self.table.state(entry)
+        if state is PeerState.STALE:
+            return FailureKind.HUNG, f"{peer_id} went stale (no health record for {self.table.record_age(entry) or 0:.1f}s)"
+        if state is PeerState.UNRESPONSIVE:
+            return FailureKind.HUNG, f"{peer_id} is unresponsive ({entry.unresponsive})"
+        if not self.fh.is_connected(peer_id):
+            return FailureKind.DEAD, f"{peer_id} disconnected"
+        return None
+
+    async def _serve_peer_query(self, incoming: IncomingQuery, emit: StreamEmit) -> ev.Result:
         req = incoming.request
         entry = self.table.get(incoming.peer_id)
         if entry is not None and entry.blocked:
-            raise ServiceRefusal("busy", "this node does not serve you")
+            raise ExecutorFailure("this node does not serve you", Code.BUSY)
         wait = self.peer_limiter.take(incoming.peer_id)
         if wait > 0:
             limits = self.config.limits
             if self.peer_limiter.first_refusal(incoming.peer_id):
                 log.warning("rate-limited peer %s (%g queries/min, burst %d)",
                             incoming.peer_id, limits.peer_queries_per_minute, limits.peer_burst)
-            raise ServiceRefusal(
-                "busy",
+            raise ExecutorFailure(
                 f"rate limited: more than {limits.peer_queries_per_minute:g} queries per minute from "
                 f"your node (burst {limits.peer_burst}); try again in {max(wait, 0.1):.1f} s",
+                Code.BUSY, retry_after=max(wait, 0.05),
             )
-        query = Query(req.query_id, req.realm, dict(req.payload), req.deadline_ms / 1000.0, incoming.peer_id)
-        log.info("query %s (%s) from peer %s", req.query_id, req.realm, incoming.peer_id)
+        query = Query(req.query_id, req.realm, dict(req.payload), req.deadline_ms / 1000.0, incoming.peer_id,
+                      priority=Priority.PEER)
+        log.debug("query %s (%s) from peer %s", req.query_id, req.realm, incoming.peer_id)
         try:
             result = await self.local.execute(query, emit)
-        except ExecutorError as exc:
-            raise ServiceRefusal(exc.code, exc.message) from None
+        except QueryError:
+            raise
         except Exception as exc:
             log.error("query %s failed inside this node: %s: %s", req.query_id, type(exc).__name__, exc)
-            raise ServiceRefusal("internal", f"{type(exc).__name__}") from None
+            raise QueryError(f"{type(exc).__name__}", Code.INTERNAL) from None
         self._queries_served += 1
         return result
 
@@ -508,4 +531,4 @@ class Node:
         }
 
 
-__all__ = ["Node", "QueryFailed", "RUN_FILE"]
+__all__ = ["Node", "RUN_FILE"]

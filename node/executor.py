@@ -23,9 +23,10 @@ from typing import Any
 import trio
 
 from ..p2p.health import RealmStatus
-from ..p2p.peers import FailureKind
+from ..realms import events as ev
+from ..realms.events import BadRequest, Code, ExecutorFailure, Fault, ModelFailure, QueryError
 from ..realms.queue import QueueFull, RealmQueue
-from ..realms.router import Emit, Event, ExecutorError, Query
+from ..realms.router import Query, StreamEmit
 from .config import Config, RealmConfig
 
 log = logging.getLogger("rentahal.node")
@@ -66,6 +67,7 @@ class LocalRealms:
         self.storage: Any = None  # set by the node once storage is open
         self.peer_id = ""
         self.watchdog_grace = WATCHDOG_GRACE
+        self._status_changed = trio.Event()
         self._nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -85,6 +87,15 @@ class LocalRealms:
         slot = self.slots.get(realm)
         return slot.queue.depth if slot else 0
 
+    def loading(self, realm: str) -> bool:
+        slot = self.slots.get(realm)
+        return slot is not None and slot.status in ("loading", "restarting") and realm not in self.disabled
+
+    async def wait_loaded(self, realm: str) -> None:
+        """Until the realm's model has loaded (or failed to)."""
+        while self.loading(realm):
+            await self._status_changed.wait()
+
     def not_served_reason(self, realm: str) -> str:
         slot = self.slots.get(realm)
         if slot is None:
@@ -97,63 +108,54 @@ class LocalRealms:
             "restarting": "backend restarting after it got stuck",
         }.get(slot.status, slot.status)
 
-    async def execute(self, query: Query, emit: Emit) -> Event:
+    async def execute(self, query: Query, emit: StreamEmit) -> ev.Result:
+        """Run ``query`` here: wait for a slot (reporting the position), stream the backend's
+        events, return its result with the cost. Raises QueryError."""
         slot = self.slots.get(query.realm)
         if slot is None or not self.serves(query.realm):
-            raise ExecutorError(
-                FailureKind.REFUSED, "realm_not_served", f"{query.realm}: {self.not_served_reason(query.realm)}"
-            )
-        from ..models.base import BackendError, ProgressEvent, TokenEvent
+            raise ExecutorFailure(f"{query.realm}: {self.not_served_reason(query.realm)}", Code.REALM_NOT_SERVED)
 
         async def accepted(position: int, eta_ms: int | None) -> None:
-            await emit({"type": "accepted", "position": position, "eta_ms": eta_ms})
-
-        async def send(ev: TokenEvent | ProgressEvent) -> None:
-            if isinstance(ev, TokenEvent):
-                await emit({"type": "token", "text": ev.text, "index": ev.index})
-            else:
-                await emit({"type": "progress", "stage": ev.stage, "done": ev.done, "total": ev.total})
+            await emit(ev.Accepted(position, eta_ms))
 
         for_peer = query.origin != self.peer_id
         started = trio.current_time()
+        outcome = "failed"
         try:
             with trio.fail_after(query.deadline_s):
-                async with slot.queue.admit(query.query_id, accepted, priority=query.priority):
+                async with slot.queue.admit(query.query_id, accepted, priority=query.priority,
+                                            owner=query.origin if for_peer else ""):
                     backend = slot.backend
                     if backend is None or slot.status != "ready":  # restarted while we waited
-                        raise ExecutorError(
-                            FailureKind.REFUSED, "busy", f"{query.realm}: {self.not_served_reason(query.realm)}"
-                        )
-                    await emit({"type": "progress", "stage": "running", "done": 0, "total": None})
-                    result = await self._guarded(slot, lambda: backend.generate(query.payload, send))
-        except QueueFull as exc:
-            raise ExecutorError(FailureKind.REFUSED, "queue_full", str(exc)) from None
-        except BackendError as exc:
-            await self._record(query.realm, for_peer=for_peer, ok=False)
-            raise ExecutorError(FailureKind.REFUSED, exc.code, str(exc)) from None
-        except trio.TooSlowError:
-            await self._record(query.realm, for_peer=for_peer, ok=False)
-            raise ExecutorError(
-                FailureKind.REFUSED, "deadline_exceeded", f"deadline of {query.deadline_s:.1f}s passed"
-            ) from None
-        except trio.Cancelled:
-            with trio.CancelScope(shield=True):
-                await self._record(query.realm, for_peer=for_peer, ok=False, cancelled=True)
+                        raise ExecutorFailure(f"{query.realm}: {self.not_served_reason(query.realm)}", Code.BUSY,
+                                              retry_after=1.0)
+                    result: ev.Result = await self._guarded(slot, lambda: backend.generate(query.payload, emit))
+            outcome = "ok"
+        except QueueFull:
+            outcome = "refused"
             raise
-        except ExecutorError:
+        except QueryError as exc:
+            if exc.fault in (Fault.USER, Fault.NOBODY):
+                outcome = "rejected"
+            raise
+        except trio.TooSlowError:
+            raise ExecutorFailure(f"deadline of {query.deadline_s:.1f}s passed", Code.DEADLINE_EXCEEDED) from None
+        except trio.Cancelled:
+            outcome = "cancelled"
             raise
         except Exception as exc:  # a backend bug: this query fails, the node goes on
             log.error("%s: backend error: %s: %s", query.realm, type(exc).__name__, exc)
-            await self._record(query.realm, for_peer=for_peer, ok=False)
-            raise ExecutorError(FailureKind.REFUSED, "internal", f"{query.realm} backend error") from None
+            raise ModelFailure(f"{query.realm} backend error", Code.INTERNAL) from None
+        finally:
+            if outcome in ("failed", "cancelled"):  # a refusal or a bad request is no outcome
+                self._record(query.realm, for_peer=for_peer, ok=False, cancelled=outcome == "cancelled")
         ms = (trio.current_time() - started) * 1000.0
         rc = slot.config
         cost = rc.cost_per_query + rc.cost_per_second * ms / 1000.0 + (
             rc.cost_per_token * float(result.stats.get("tokens", 0))
         )
-        stats = {**result.stats, "cost": round(cost, 6)}
-        await self._record(query.realm, for_peer=for_peer, ok=True, ms=ms, cost=cost)
-        return {"type": "result", "output": result.output, "stats": stats}
+        self._record(query.realm, for_peer=for_peer, ok=True, ms=ms, cost=cost)
+        return ev.Result(result.output, {**result.stats, "cost": round(cost, 6)})
 
     async def _guarded(self, slot: RealmSlot, call: Callable[[], Awaitable[Any]]) -> Any:
         """Run a backend call in a task of ours; if it outlives its cancellation, it is stuck."""
@@ -196,9 +198,9 @@ class LocalRealms:
         assert self._nursery is not None
         self._nursery.start_soon(self._load_logged, slot)
 
-    async def _record(self, realm: str, **outcome: Any) -> None:
+    def _record(self, realm: str, **outcome: Any) -> None:
         if self.storage is not None:
-            await self.storage.record_outcome(realm, **outcome)
+            self.storage.record_outcome(realm, **outcome)
 
     # --- loading -----------------------------------------------------------------------------
     async def load_all(self) -> None:
@@ -209,6 +211,13 @@ class LocalRealms:
         self.loaded.set()
 
     async def _load_logged(self, slot: RealmSlot) -> None:
+        try:
+            await self._load_and_report(slot)
+        finally:
+            done, self._status_changed = self._status_changed, trio.Event()
+            done.set()
+
+    async def _load_and_report(self, slot: RealmSlot) -> None:
         try:
             await self._load(slot)
         except BackendUnavailable as exc:
@@ -225,6 +234,9 @@ class LocalRealms:
     async def _load(self, slot: RealmSlot) -> None:
         factory = BACKENDS[slot.name]
         backend = await factory(self, slot.config)
+        # Test hook: a tiny model loads in a second; a real one can take minutes. Set in the
+        # environment of a test that needs a slow load (tests/test_query_path.py), never in use.
+        await trio.sleep(float(os.environ.get("RENTAHAL_TEST_LOAD_DELAY", "0") or 0))
         await backend.load()
         slot.backend = backend
         slot.model = backend.model_name
@@ -283,6 +295,26 @@ class LocalRealms:
         done = sum(q.completed for q in ready)
         failed = sum(q.failed for q in ready)
         return 1.0 if done + failed == 0 else done / (done + failed)
+
+
+# --- a realm's payload rules, checked before a query is stored ---------------------------------
+def check_payload(realm: str, payload: dict[str, Any]) -> None:
+    """Raise BadRequest if ``payload`` breaks ``realm``'s own rules, with the widest limits any
+    executor may set (the one that runs it may allow less): a typo is the user's error, found
+    before the query is stored, never an executor's failure."""
+    from ..models import chat, imagine, speech, vision
+
+    big = 1 << 30
+    if realm == "chat":
+        chat.parse_chat_payload(payload, max_tokens_cap=big)
+    elif realm == "vision":
+        vision.parse_vision_payload(payload, max_tokens_cap=big, max_image_bytes=big, max_pixels=big)
+    elif realm == "imagine":
+        imagine.parse_imagine_payload(payload, max_steps=1000, max_pixels=64 * 1024 * 1024)
+    elif realm == "speech":
+        speech.parse_speech_payload(payload, max_audio_bytes=big, max_tts_chars=big)
+    else:
+        raise BadRequest(f"realm: unknown realm {realm!r}")
 
 
 # --- one factory per realm: the backend for a realm's config -----------------------------------

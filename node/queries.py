@@ -2,8 +2,10 @@
 
 A query is written as ``queued`` before anything else happens, then runs in a task owned by
 the node (not by the client's connection: a closed browser tab loses nothing). Status changes
-are recorded with timestamps, executor and failovers. After a crash, ``resume`` runs every
-unfinished query again; ``Storage.finish_query`` stores a result once, whatever happens.
+are kept in memory with timestamps, executor and failovers, and stored with the query's end: a
+query costs two write transactions. After a crash, ``run`` resumes every unfinished query;
+``Storage.finish_query`` stores a result once, whatever happens. A full disk delays the end of
+a query (the user is told ``storage_full``) and never stops the node.
 """
 
 from __future__ import annotations
@@ -20,8 +22,11 @@ import msgpack
 import trio
 
 from ..p2p import wire
+from ..realms import events as ev
+from ..realms.events import Code, QueryError, StorageFailure, StorageFull, UserError
 from ..realms.queue import Priority
-from ..realms.router import Event, Query, QueryFailed, RealmRouter
+from ..realms.router import LOCAL, Query, RealmRouter
+from .storage import QueryEvent
 
 if TYPE_CHECKING:
     from .storage import Storage
@@ -37,18 +42,17 @@ def _number(value: Any, default: float) -> float:
         return default
     return float(value)
 
-Subscriber = Callable[[Event], Awaitable[None]]
+Subscriber = Callable[[dict[str, Any]], Awaitable[None]]  # the event as JSON-ready data
+STORAGE_RETRY = 2.0  # seconds between tries to store an answer while storage is full
 GUID_RE = re.compile(r"[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}\Z")
 NICKNAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _.\-]{0,30}[A-Za-z0-9_.\-]?\Z")
 
 
-class Refused(Exception):
+class Refused(UserError):
     """A request this node will not take: ``code`` for programs, the message for people."""
 
     def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+        super().__init__(message, code)
 
 
 def check_guid(guid: object) -> str:
@@ -76,6 +80,13 @@ class ActiveQuery:
     subscribers: list[Subscriber] = field(default_factory=list)
     cancelled_by: str = ""
     status: str = "queued"
+    attempt: int = 0
+    executor: str | None = None
+    history: list[QueryEvent] = field(default_factory=list)  # stored when the query ends
+
+    def note(self, status: str, executor: str | None = None, detail: str = "") -> None:
+        self.status = status
+        self.history.append(QueryEvent(status, time.time(), executor, detail[:500]))
 
 
 class QueryManager:
@@ -88,6 +99,7 @@ class QueryManager:
         query_deadline: float,
         max_payload_bytes: int,
         max_active_per_user: int = 64,
+        check_payload: Callable[[str, dict[str, Any]], None] | None = None,
     ) -> None:
         self.storage = storage
         self.router = router
@@ -95,6 +107,7 @@ class QueryManager:
         self.query_deadline = query_deadline
         self.max_payload_bytes = max_payload_bytes
         self.max_active_per_user = max_active_per_user
+        self.check_payload = check_payload
         self.active: dict[str, ActiveQuery] = {}
         self._nursery: trio.Nursery | None = None
 
@@ -104,8 +117,9 @@ class QueryManager:
             self._nursery = nursery
             unfinished = await self.storage.unfinished_queries()
             for row in unfinished:
-                await self.storage.set_status(row["id"], row["user_guid"], "queued", detail="resumed after restart")
-                self._start(row["id"], row["user_guid"], row["realm"], row["payload"], row["priority"], row["deadline_at"])
+                active = self._start(row["id"], row["user_guid"], row["realm"], row["payload"], row["priority"],
+                                     row["deadline_at"])
+                active.note("queued", detail="resumed after restart")
             if unfinished:
                 log.info("resumed %d unfinished quer%s", len(unfinished), "y" if len(unfinished) == 1 else "ies")
             task_status.started()
@@ -115,8 +129,8 @@ class QueryManager:
         self, user_guid: str, realm: str, payload: dict[str, Any], *, sysop: bool = False,
         subscriber: Subscriber | None = None,
     ) -> str:
-        user = await self.storage.ensure_user(user_guid)
-        if user["banned"]:
+        user = await self.storage.get_user(user_guid)
+        if user is not None and user["banned"]:
             reason = f": {user['ban_reason']}" if user["ban_reason"] else ""
             raise Refused("banned", f"you are banned from this node{reason}")
         size = len(msgpack.packb(payload, use_bin_type=True))
@@ -130,6 +144,8 @@ class QueryManager:
             ))
         except wire.WireError as exc:
             raise Refused("bad_request", f"payload cannot be sent to a peer: {exc}") from None
+        if self.check_payload is not None:
+            self.check_payload(realm, payload)  # BadRequest before anything is stored
         mine = sum(1 for a in self.active.values() if a.user_guid == user_guid)
         if mine >= self.max_active_per_user:
             raise Refused("too_many", f"you already have {mine} queries running or queued here; wait for some")
@@ -147,90 +163,111 @@ class QueryManager:
     def _start(
         self, query_id: str, user_guid: str, realm: str, payload: dict[str, Any], priority: int,
         deadline_at: float, subscriber: Subscriber | None = None,
-    ) -> None:
+    ) -> ActiveQuery:
         assert self._nursery is not None, "QueryManager.run() is not running"
         active = ActiveQuery(query_id, user_guid, realm)
         if subscriber is not None:
             active.subscribers.append(subscriber)
         self.active[query_id] = active
         self._nursery.start_soon(self._run, active, payload, priority, deadline_at)
+        return active
 
-    async def _publish(self, active: ActiveQuery, event: Event) -> None:
+    async def _publish(self, active: ActiveQuery, event: ev.Event) -> None:
+        """Hand the event to every subscriber as JSON-ready data (the websocket edge's shape)."""
+        if not active.subscribers:
+            return
+        data = ev.to_dict(event, query_id=active.query_id, attempt=active.attempt)
         for sub in list(active.subscribers):
             try:
                 with trio.fail_after(SUBSCRIBER_TIMEOUT):
-                    await sub(event)
+                    await sub(data)
             except (Exception, trio.TooSlowError):
                 # A client that went away, or stopped reading, stops listening; the query goes on.
                 if sub in active.subscribers:
                     active.subscribers.remove(sub)
 
     async def _run(self, active: ActiveQuery, payload: dict[str, Any], priority: int, deadline_at: float) -> None:
-        qid, guid = active.query_id, active.user_guid
+        qid = active.query_id
         started = time.time()
 
-        async def emit(event: Event) -> None:
-            kind = event.get("type")
-            if kind == "executor":
-                active.status = "routed"
-                await self.storage.set_status(
-                    qid, guid, "routed", executor=event["executor"], attempts=event["attempt"]
-                )
-            elif kind in ("token", "progress") and active.status != "running":
-                active.status = "running"
-                await self.storage.set_status(qid, guid, "running")
-            elif kind == "failover":
-                await self.storage.set_status(
-                    qid, guid, "routed", executor=event["executor"],
-                    detail=f"failover: {event['kind']}: {event['message']}"[:500],
-                )
-            await self._publish(active, {**event, "query_id": qid})
+        async def emit(event: ev.Event) -> None:
+            if isinstance(event, ev.Routed):
+                active.attempt, active.executor = event.attempt, event.executor
+                active.note("routed", event.executor)
+            elif isinstance(event, ev.Failover):
+                active.note("routed", event.executor, f"failover: {event.kind.value}: {event.message}")
+            elif active.status != "running" and (
+                isinstance(event, (ev.Token, ev.Progress)) or (isinstance(event, ev.Accepted) and event.position == 0)
+            ):
+                active.note("running", active.executor)
+            await self._publish(active, event)
 
         try:
             with active.scope:
-                await self._publish(active, {"type": "queued", "query_id": qid, "realm": active.realm})
+                await self._publish(active, ev.Queued(active.realm))
                 left = deadline_at - time.time()
                 if left <= 0:
-                    raise QueryFailed("deadline_exceeded", "the query's deadline passed while the node was down")
+                    raise QueryError("the query's deadline passed while the node was down", Code.DEADLINE_EXCEEDED)
                 query = Query(qid, active.realm, payload, left, self.origin, priority=priority)
                 result = await self.router.run(query, emit)
-                stats = result.get("stats", {})
                 with trio.CancelScope(shield=True):  # an answer in hand is stored and sent, cancel or not
-                    stored = await self.storage.finish_query(
-                        qid, guid, output=result.get("output", {}), stats=stats,
-                        executor=result["executor"], failovers=result["failovers"],
-                        # a peer's stats are hostile input: numbers or nothing
-                        processing_ms=_number(stats.get("ms"), (time.time() - started) * 1000.0),
-                        cost=_number(stats.get("cost"), 0.0),
-                    )
-                    active.status = "done"
-                    if stored:
-                        log.info(
-                            "query %s (%s) answered by %s%s", qid, active.realm, result["executor"],
-                            f" after failover from {', '.join(result['failovers'])}" if result["failovers"] else "",
-                        )
-                    await self._publish(active, {"type": "result", "query_id": qid, **result})
+                    await self._store_result(active, result, started)
             if active.scope.cancelled_caught and active.status != "done":
-                with trio.CancelScope(shield=True):
-                    await self.storage.set_status(qid, guid, "cancelled", detail=f"by {active.cancelled_by}")
-                    await self._publish(active, {"type": "error", "query_id": qid, "code": "cancelled",
-                                                 "message": f"cancelled by {active.cancelled_by}"})
+                await self._end(active, Code.CANCELLED, f"cancelled by {active.cancelled_by}", "cancelled")
                 log.info("query %s cancelled by %s", qid, active.cancelled_by)
-        except QueryFailed as exc:
-            await self._fail(active, exc.code, exc.message)
-            log.info("query %s (%s) failed: %s: %s", qid, active.realm, exc.code, exc.message)
+        except QueryError as exc:
+            await self._end(active, exc.code, exc.message)
+            level = logging.DEBUG if exc.fault in (ev.Fault.USER, ev.Fault.NOBODY) else logging.INFO
+            log.log(level, "query %s (%s) failed: %s: %s", qid, active.realm, exc.code.value, exc.message)
         except Exception as exc:  # a bug or hostile data must end this query only, never the node
             log.error("query %s (%s) failed inside this node: %s: %s", qid, active.realm, type(exc).__name__, exc)
-            await self._fail(active, "internal", f"internal error ({type(exc).__name__})")
+            await self._end(active, Code.INTERNAL, f"internal error ({type(exc).__name__})")
         finally:
             self.active.pop(qid, None)
 
-    async def _fail(self, active: ActiveQuery, code: str, message: str) -> None:
-        with trio.CancelScope(shield=True):
-            await self.storage.set_status(
-                active.query_id, active.user_guid, "failed", error_code=code, error_message=message[:1000]
+    async def _store_result(self, active: ActiveQuery, result: ev.Result, started: float) -> None:
+        stats = result.stats
+        stored = await self._persist(active, lambda: self.storage.finish_query(
+            active.query_id, active.user_guid, output=result.output, stats=stats,
+            executor=result.executor, failovers=list(result.failovers), attempts=result.attempt,
+            # a peer's stats are hostile input: numbers or nothing
+            processing_ms=_number(stats.get("ms"), (time.time() - started) * 1000.0),
+            cost=_number(stats.get("cost"), 0.0), events=active.history,
+        ))
+        active.status = "done"
+        if stored:
+            log.log(
+                logging.DEBUG if result.executor == LOCAL and not result.failovers else logging.INFO,
+                "query %s (%s) answered by %s%s", active.query_id, active.realm, result.executor,
+                f" after failover from {', '.join(result.failovers)}" if result.failovers else "",
             )
-            await self._publish(active, {"type": "error", "query_id": active.query_id, "code": code, "message": message})
+        await self._publish(active, result)
+
+    async def _end(self, active: ActiveQuery, code: Code, message: str, status: str = "failed") -> None:
+        with trio.CancelScope(shield=True):
+            await self._persist(active, lambda: self.storage.end_query(
+                active.query_id, active.user_guid, status, error_code=code.value, error_message=message[:1000],
+                executor=active.executor, attempts=active.attempt or None, events=active.history,
+            ))
+            await self._publish(active, ev.Failed(code, message))
+
+    async def _persist(self, active: ActiveQuery, write: Callable[[], Awaitable[bool]]) -> bool:
+        """Store the end of a query, waiting for space if storage is full: the node stays up,
+        the user is told, and the answer is stored (and delivered) once the disk has room."""
+        told = False
+        while True:
+            try:
+                return await write()
+            except StorageFailure as exc:
+                if not isinstance(exc, StorageFull):  # not a matter of waiting: give up on it
+                    log.error("query %s: cannot store its end: %s", active.query_id, exc.message)
+                    return False
+                if not told:
+                    told = True
+                    log.warning("query %s: cannot store its end (%s); retrying every %gs",
+                                active.query_id, exc.message, STORAGE_RETRY)
+                    await self._publish(active, ev.Progress(exc.code.value, 0, None))
+                await trio.sleep(STORAGE_RETRY)
 
     def subscribe(self, query_id: str, subscriber: Subscriber) -> bool:
         active = self.active.get(query_id)
@@ -240,6 +277,10 @@ class QueryManager:
             return False
         active.subscribers.append(subscriber)
         return True
+
+    def live(self, query_id: str) -> ActiveQuery | None:
+        """A query running now: its status and history are newer than what is stored."""
+        return self.active.get(query_id)
 
     def unsubscribe(self, query_id: str, subscriber: Subscriber) -> None:
         active = self.active.get(query_id)

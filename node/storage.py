@@ -3,13 +3,18 @@ node-wide database for peers, stats, settings and audit.
 
 Each database file has one connection, used only from worker threads and one call at a time
 (a `trio.CapacityLimiter(1)` per file): the event loop never waits on SQLite, calls to one file
-are serialized and different shards run in parallel. Other processes may open the same files:
+are serialized and different shards run in parallel. Writes to a file are group-committed: the
+writes that queue up while one transaction runs go together into the next one (each in its own
+savepoint, so one failing write does not undo the others). A query costs two write
+transactions: stored before it is routed, finished (with its status history) after. Realm
+counters are kept in memory and flushed once a second. A full disk raises ``StorageFull``. Other processes may open the same files:
 WAL, a busy timeout and `BEGIN IMMEDIATE` for every write keep them out of each other's way.
 Values are always bound parameters; SQL is only ever formatted with our own identifiers.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -19,12 +24,15 @@ import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import msgpack
 import trio
 from sqlite_utils import Database
+
+from ..realms.events import StorageFailure, StorageFull
 
 QUERY_STATUSES = ("queued", "routed", "running", "done", "failed", "cancelled")
 UNFINISHED = ("queued", "routed", "running")
@@ -38,8 +46,50 @@ Row = dict[str, Any]
 Migration = str | Callable[[Database], None]  # a SQL script, or a function of the database
 
 
-class StorageError(Exception):
+class StorageError(StorageFailure):
     """A storage problem the person running the node can act on; the message is one line."""
+
+
+def _classify(exc: Exception) -> Exception:
+    """SQLite's and the OS's errors as this node's storage failures (one line each)."""
+    if isinstance(exc, StorageFailure):
+        return exc
+    text = str(exc)
+    if (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or "disk is full" in text:
+        return StorageFull(f"storage full: {text}")
+    if isinstance(exc, (sqlite3.Error, OSError)):
+        return StorageError(f"storage failed: {text or type(exc).__name__}")
+    return exc
+
+
+@dataclass
+class _Write:
+    fn: Callable[[Database], Any]
+    done: bool = False
+    value: Any = None
+    error: Exception | None = None
+
+
+def _commit(db: Database, batch: list[_Write]) -> None:
+    """Run the batch in one transaction, each write in a savepoint of its own."""
+    try:
+        with _write(db):
+            for w in batch:
+                db.conn.execute("SAVEPOINT w")
+                try:
+                    w.value = w.fn(db)
+                    db.conn.execute("RELEASE w")
+                except Exception as exc:
+                    if not db.conn.in_transaction:  # SQLite undid it all (e.g. a full disk)
+                        raise
+                    db.conn.execute("ROLLBACK TO w")
+                    db.conn.execute("RELEASE w")
+                    w.error = _classify(exc)
+    except Exception as exc:  # BEGIN or COMMIT failed: none of them happened
+        for w in batch:
+            w.error, w.value = _classify(exc), None
+    for w in batch:
+        w.done = True
 
 
 MIGRATIONS_SHARD: list[Migration] = [
@@ -178,18 +228,36 @@ class _File:
 
     def __init__(self, path: Path, db: Database) -> None:
         self.path, self.db, self.limiter = path, db, trio.CapacityLimiter(1)
+        self._pending: list[_Write] = []
+        self._writing = False
+        self._batch_done = trio.Event()
 
     async def run(self, fn: Callable[[Database], T]) -> T:
-        return await trio.to_thread.run_sync(fn, self.db, limiter=self.limiter)
+        try:
+            return await trio.to_thread.run_sync(fn, self.db, limiter=self.limiter)
+        except Exception as exc:
+            raise _classify(exc) from None
 
     async def write(self, fn: Callable[[Database], T]) -> T:
-        """`fn` inside one write transaction."""
-
-        def atomic(db: Database) -> T:
-            with _write(db):
-                return fn(db)
-
-        return await self.run(atomic)
+        """`fn` inside a write transaction, committed together with the writes queued beside it."""
+        w = _Write(fn)
+        self._pending.append(w)
+        while not w.done:
+            if self._writing:  # another task commits the current batch; ours is in the next
+                await self._batch_done.wait()
+                continue
+            self._writing = True
+            batch, self._pending = self._pending, []
+            try:
+                with trio.CancelScope(shield=True):  # a batch in flight finishes, whoever asked
+                    await trio.to_thread.run_sync(_commit, self.db, batch, limiter=self.limiter)
+            finally:
+                self._writing = False
+                done, self._batch_done = self._batch_done, trio.Event()
+                done.set()
+        if w.error is not None:
+            raise w.error
+        return w.value  # type: ignore[no-any-return]
 
     async def execute(self, sql: str, params: tuple[Any, ...] = ()) -> int:
         """One statement (its own transaction); returns the number of rows changed."""
@@ -233,6 +301,23 @@ def _query(row: Row) -> Row:
     return row
 
 
+@dataclass(frozen=True)
+class QueryEvent:
+    """One step of a query's status history, kept in memory until the query ends."""
+
+    status: str
+    at: float
+    executor: str | None = None
+    detail: str = ""
+
+
+def _log_events(db: Database, query_id: str, events: list[QueryEvent]) -> None:
+    db.conn.executemany(
+        "INSERT INTO query_events (query_id, status, at, executor, detail) VALUES (?, ?, ?, ?, ?)",
+        [(query_id, e.status, e.at, e.executor, e.detail) for e in events],
+    )
+
+
 def _one(db: Database, sql: str, params: tuple[Any, ...]) -> Row | None:
     return next(db.query(sql, params), None)
 
@@ -274,6 +359,8 @@ def _open_node(db_dir: Path, shards: int) -> Database:
 class Storage:
     def __init__(self, data_dir: Path, node: _File, shards: list[_File]) -> None:
         self.data_dir, self._node, self._shards, self._closed = data_dir, node, shards, False
+        # realm -> [served_local, served_for_peers, failures, cancelled, ms, cost, [(ms, at)]]
+        self._outcomes: dict[str, list[Any]] = {}
 
     @classmethod
     async def open(cls, data_dir: Path, shards: int) -> Storage:
@@ -303,6 +390,10 @@ class Storage:
             return
         self._closed = True
         with trio.CancelScope(shield=True):  # a cancelled close would leak the connections
+            try:
+                await self.flush_outcomes()
+            except StorageFailure:
+                pass
             for f in [*self._shards, self._node]:
                 await f.run(lambda db: db.close())
 
@@ -381,21 +472,20 @@ class Storage:
 
         def write(db: Database) -> None:
             blob = _pack(payload)  # in the worker thread: payloads can be megabytes
-            with _write(db):
-                sql = "INSERT OR IGNORE INTO users (guid, created_at) VALUES (?, ?)"
-                db.execute(sql, (user_guid, at))
-                try:
-                    db.execute(
-                        "INSERT INTO queries (id, user_guid, realm, payload, priority, status, "
-                        "created_at, updated_at, deadline_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (query_id, user_guid, realm, blob, priority, "queued", at, at, deadline_at),
-                    )
-                except sqlite3.IntegrityError as e:
-                    raise StorageError(f"cannot store query {query_id!r}: {e}") from e
-                sql = "INSERT INTO query_events (query_id, status, at) VALUES (?, 'queued', ?)"
-                db.execute(sql, (query_id, at))
+            sql = "INSERT OR IGNORE INTO users (guid, created_at) VALUES (?, ?)"
+            db.execute(sql, (user_guid, at))
+            try:
+                db.execute(
+                    "INSERT INTO queries (id, user_guid, realm, payload, priority, status, "
+                    "created_at, updated_at, deadline_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (query_id, user_guid, realm, blob, priority, "queued", at, at, deadline_at),
+                )
+            except sqlite3.IntegrityError as e:
+                raise StorageError(f"cannot store query {query_id!r}: {e}") from e
+            sql = "INSERT INTO query_events (query_id, status, at) VALUES (?, 'queued', ?)"
+            db.execute(sql, (query_id, at))
 
-        await self._shard(user_guid).run(write)
+        await self._shard(user_guid).write(write)
 
     async def set_status(
         self,
@@ -446,22 +536,20 @@ class Storage:
         failovers: list[str],
         processing_ms: float,
         cost: float,
+        attempts: int = 0,
+        events: list[QueryEvent] = (),  # type: ignore[assignment]
     ) -> bool:
-        """Stores the result, marks the query done and adds to the user's totals, all at once.
-        Returns False, changing nothing, if the query already has a result."""
+        """Stores the result and the status history since it was stored, marks the query done
+        and adds to the user's totals, in one transaction. Returns False, changing nothing, if
+        the query already has a result."""
         now = time.time()
 
         def write(db: Database) -> bool:
-            blob = _pack(output)
-            with _write(db):
-                return store(db, blob)
-
-        def store(db: Database, blob: bytes) -> bool:
             try:
                 cur = db.execute(
                     "INSERT OR IGNORE INTO results (query_id, output, stats, created_at) "
                     "VALUES (?, ?, ?, ?)",
-                    (query_id, blob, json.dumps(stats), now),
+                    (query_id, _pack(output), json.dumps(stats), now),
                 )
             except sqlite3.IntegrityError as e:  # the foreign key: no such query
                 raise StorageError(f"cannot store a result for query {query_id!r}: {e}") from e
@@ -469,16 +557,13 @@ class Storage:
                 return False
             cur = db.execute(
                 "UPDATE queries SET status = 'done', updated_at = ?, executor = ?, failovers = ?, "
-                "processing_ms = ?, cost = ?, error_code = NULL, error_message = NULL "
-                "WHERE id = ? AND user_guid = ?",
-                (now, executor, json.dumps(failovers), processing_ms, cost, query_id, user_guid),
+                "processing_ms = ?, cost = ?, attempts = max(attempts, ?), error_code = NULL, "
+                "error_message = NULL WHERE id = ? AND user_guid = ?",
+                (now, executor, json.dumps(failovers), processing_ms, cost, attempts, query_id, user_guid),
             )
             if cur.rowcount == 0:
                 raise StorageError(f"no query {query_id!r} for user {user_guid!r}")
-            sql = (
-                "INSERT INTO query_events (query_id, status, at, executor) VALUES (?, 'done', ?, ?)"
-            )
-            db.execute(sql, (query_id, now, executor))
+            _log_events(db, query_id, [*events, QueryEvent("done", now, executor)])
             db.execute(
                 "UPDATE users SET queries = queries + 1, total_cost = total_cost + ?, "
                 "total_ms = total_ms + ? WHERE guid = ?",
@@ -486,7 +571,40 @@ class Storage:
             )
             return True
 
-        return await self._shard(user_guid).run(write)
+        return await self._shard(user_guid).write(write)
+
+    async def end_query(
+        self,
+        query_id: str,
+        user_guid: str,
+        status: str,
+        *,
+        error_code: str,
+        error_message: str,
+        executor: str | None = None,
+        attempts: int | None = None,
+        failovers: list[str] | None = None,
+        events: list[QueryEvent] = (),  # type: ignore[assignment]
+    ) -> bool:
+        """Marks an unfinished query failed or cancelled, with its status history, in one
+        transaction; False (changing nothing) if it has finished already."""
+        if status not in ("failed", "cancelled"):
+            raise ValueError(f"not an end status: {status!r}")
+        now, fo = time.time(), None if failovers is None else json.dumps(failovers)
+
+        def write(db: Database) -> bool:
+            cur = db.execute(
+                "UPDATE queries SET status = ?, updated_at = ?, executor = coalesce(?, executor), "
+                "attempts = coalesce(?, attempts), failovers = coalesce(?, failovers), "
+                "error_code = ?, error_message = ? WHERE id = ? AND user_guid = ? AND status IN (?, ?, ?)",
+                (status, now, executor, attempts, fo, error_code, error_message, query_id, user_guid, *UNFINISHED),
+            )
+            if cur.rowcount == 0:
+                return False
+            _log_events(db, query_id, [*events, QueryEvent(status, now, executor, error_message[:500])])
+            return True
+
+        return await self._shard(user_guid).write(write)
 
     async def get_query(self, query_id: str, user_guid: str | None = None) -> Row | None:
         def read(db: Database) -> Row | None:
@@ -549,7 +667,7 @@ class Storage:
         """Newest first."""
         return await self._node.rows("SELECT * FROM audit ORDER BY id DESC LIMIT ?", (limit,))
 
-    async def record_outcome(
+    def record_outcome(
         self,
         realm: str,
         *,
@@ -559,35 +677,55 @@ class Storage:
         ms: float = 0.0,
         cost: float = 0.0,
     ) -> None:
-        """Counts one outcome. Time and cost are added (and feed p95) only for a served query."""
+        """Counts one outcome in memory (``flush_outcomes`` stores them). Time and cost are added
+        (and feed p95) only for a served query."""
         served = ok and not cancelled
-        counts = (served and not for_peer, served and for_peer, not ok and not cancelled, cancelled)
-        ms, cost, now = (ms, cost, time.time()) if served else (0.0, 0.0, time.time())
+        c = self._outcomes.setdefault(realm, [0, 0, 0, 0, 0.0, 0.0, []])
+        for i, yes in enumerate((served and not for_peer, served and for_peer, not ok and not cancelled, cancelled)):
+            c[i] += int(yes)
+        if served:
+            c[4] += ms
+            c[5] += cost
+            c[6].append((ms, time.time()))
+
+    async def flush_outcomes(self) -> None:
+        """Store the counted outcomes in one transaction; kept for the next try if it fails."""
+        if not self._outcomes:
+            return
+        outcomes, self._outcomes = self._outcomes, {}
 
         def write(db: Database) -> None:
-            db.execute(
-                "INSERT INTO realm_stats (realm, served_local, served_for_peers, failures, "
-                "cancelled, total_ms, total_cost) VALUES (?, ?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT (realm) DO UPDATE SET "
-                "served_local = served_local + excluded.served_local, "
-                "served_for_peers = served_for_peers + excluded.served_for_peers, "
-                "failures = failures + excluded.failures, "
-                "cancelled = cancelled + excluded.cancelled, "
-                "total_ms = total_ms + excluded.total_ms, "
-                "total_cost = total_cost + excluded.total_cost",
-                (realm, *map(int, counts), ms, cost),
-            )
-            if served:
+            for realm, (local, peers, failures, cancelled, ms, cost, durations) in outcomes.items():
                 db.execute(
-                    "INSERT INTO durations (realm, ms, at) VALUES (?, ?, ?)", (realm, ms, now)
+                    "INSERT INTO realm_stats (realm, served_local, served_for_peers, failures, "
+                    "cancelled, total_ms, total_cost) VALUES (?, ?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT (realm) DO UPDATE SET "
+                    "served_local = served_local + excluded.served_local, "
+                    "served_for_peers = served_for_peers + excluded.served_for_peers, "
+                    "failures = failures + excluded.failures, "
+                    "cancelled = cancelled + excluded.cancelled, "
+                    "total_ms = total_ms + excluded.total_ms, "
+                    "total_cost = total_cost + excluded.total_cost",
+                    (realm, local, peers, failures, cancelled, ms, cost),
                 )
-                db.execute(
-                    "DELETE FROM durations WHERE realm = ? AND id <= (SELECT id FROM durations "
-                    "WHERE realm = ? ORDER BY id DESC LIMIT 1 OFFSET ?)",
-                    (realm, realm, DURATIONS_KEPT),
-                )
+                if durations:
+                    db.conn.executemany("INSERT INTO durations (realm, ms, at) VALUES (?, ?, ?)",
+                                        [(realm, d, at) for d, at in durations[-DURATIONS_KEPT:]])
+                    db.execute(
+                        "DELETE FROM durations WHERE realm = ? AND id <= (SELECT id FROM durations "
+                        "WHERE realm = ? ORDER BY id DESC LIMIT 1 OFFSET ?)",
+                        (realm, realm, DURATIONS_KEPT),
+                    )
 
-        await self._node.write(write)
+        try:
+            await self._node.write(write)
+        except StorageFailure:
+            for realm, c in outcomes.items():  # put back what could not be stored
+                mine = self._outcomes.setdefault(realm, [0, 0, 0, 0, 0.0, 0.0, []])
+                for i in range(6):
+                    mine[i] += c[i]
+                mine[6][:0] = c[6][-DURATIONS_KEPT:]
+            raise
 
     async def stats(self) -> dict[str, Row]:
         """Per realm: served_local, served_for_peers, failures, cancelled, avg_ms, p95_ms
@@ -607,6 +745,7 @@ class Storage:
                 }
             return out
 
+        await self.flush_outcomes()
         return await self._node.run(read)
 
     async def set_peer_blocked(self, peer_id: str, blocked: bool) -> None:

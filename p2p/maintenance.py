@@ -23,6 +23,8 @@ log = logging.getLogger("rentahal.p2p")
 
 PING_INTERVAL = 5.0
 PING_TIMEOUT = 3.0
+PROBE_EVERY = 0.25  # how often quiet peers are looked for
+PROBE_TIMEOUT = 0.5  # a quiet peer that does not answer a ping within this is unresponsive
 DEAD_AFTER_STALE = 6.0  # seconds a connected peer may be stale before its connection is closed
 BOOTSTRAP_REDIAL_MAX = 5.0
 SWEEP_INTERVAL = 1.0
@@ -45,10 +47,12 @@ class PeerMaintenance:
         forget_after: float = 600.0,
         max_peers: int = 5000,
         state_interval: float = 0.5,
+        quiet_after: float = 1.25,
     ) -> None:
         self.fh = fh
         self.table = table
         self.dial_timeout = dial_timeout
+        self.quiet_after = quiet_after  # no health record for this long: probe the connection
         self.bootstrap = tuple(bootstrap)
         self.forget_after = forget_after
         self.max_peers = max_peers
@@ -235,29 +239,49 @@ class PeerMaintenance:
                     log.debug("connection down: %s", ev.peer_id)
 
     async def _ping_peers(self) -> None:
-        """RTTs for the score. One ping in flight per peer: a ping stuck on a dead connection
-        holds up no other."""
+        """RTTs for the score, and the cheap probe that finds a frozen peer: one whose health
+        record is late gets a ping on its open connection, and is unresponsive (out of
+        routing) if it does not answer within PROBE_TIMEOUT. One ping in flight per peer: a
+        ping stuck on a dead connection holds up no other."""
         from libp2p.host.ping import PingService
         from libp2p.peer.id import ID
 
         pinger = PingService(self.fh.host)
         in_flight: set[str] = set()
+        last_ping: dict[str, float] = {}
 
-        async def ping(pid: str) -> None:
+        async def ping(pid: str, timeout: float, quiet: float | None) -> None:
+            answered = False
             try:
-                with trio.move_on_after(PING_TIMEOUT):
+                with trio.move_on_after(timeout):
                     # The library rounds RTTs to whole milliseconds; time it ourselves.
                     t0 = trio.current_time()
                     if await pinger.ping(ID.from_base58(pid)):
+                        answered = True
                         self.table.record_rtt(pid, (trio.current_time() - t0) * 1000.0)
             except Exception:
                 pass
             finally:
                 in_flight.discard(pid)
+            if quiet is not None and not answered:
+                self.table.mark_unresponsive(
+                    pid, f"no health record for {quiet:.1f}s and no answer to a ping in {timeout:g}s")
 
         async with trio.open_nursery() as nursery:
             while True:
-                await trio.sleep(PING_INTERVAL)
+                await trio.sleep(PROBE_EVERY)
+                now = trio.current_time()
                 for pid in self.fh.connected_peers() - in_flight:
-                    in_flight.add(pid)
-                    nursery.start_soon(ping, pid)
+                    entry = self.table.get(pid)
+                    age = self.table.record_age(entry) if entry is not None else None
+                    quiet = age is not None and age > self.quiet_after and not entry.unresponsive
+                    since = now - last_ping.get(pid, -1e9)
+                    if (quiet and since >= 2 * PROBE_TIMEOUT) or since >= PING_INTERVAL:
+                        in_flight.add(pid)
+                        last_ping[pid] = now
+                        nursery.start_soon(ping, pid, PROBE_TIMEOUT if quiet else PING_TIMEOUT,
+                                           age if quiet else None)
+                if len(last_ping) > 4 * len(in_flight) + 1024:
+                    connected = self.fh.connected_peers()
+                    for pid in [p for p in last_ping if p not in connected]:
+                        del last_ping[pid]

@@ -14,7 +14,10 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..realms.events import FailureKind
 from .health import HealthRecord
+
+__all__ = ["FailureKind", "PeerEntry", "PeerState", "PeerTable"]
 
 
 class PeerState(str, enum.Enum):
@@ -25,14 +28,7 @@ class PeerState(str, enum.Enum):
     BLOCKED = "blocked"
     UNREACHABLE = "unreachable"  # its records arrive by gossip, but this node cannot dial it
     PENDING = "pending"  # a fresh record, but no connection yet: not routed to until there is one
-
-
-class FailureKind(str, enum.Enum):
-    DEAD = "dead"  # connection or stream died
-    HUNG = "hung"  # nothing received within the hang timeout
-    REFUSED = "refused"  # answered with an error frame (queue full, realm not served, ...)
-    PROTOCOL = "protocol"  # sent something malformed
-    UNREACHABLE = "unreachable"  # no connection could be made, directly or through a relay
+    UNRESPONSIVE = "unresponsive"  # connected, but an attempt or a probe got no answer in time
 
 
 @dataclass
@@ -59,6 +55,7 @@ class PeerEntry:
     connected_at: float = 0.0  # local clock when the current connection opened
     relayed: bool = False  # the open connection goes through a relay
     unreachable: str = ""  # why the last dial failed; cleared by a connection
+    unresponsive: str = ""  # why it is thought frozen; cleared by its next record or connection
 
 
 @dataclass(frozen=True)
@@ -128,6 +125,7 @@ class PeerTable:
         e = self.entry(peer_id)
         if connected and not e.connected:
             e.connected_at = self.clock()
+            e.unresponsive = ""  # a new connection: judge it afresh
         e.connected = connected
         e.relayed = relayed and connected
         if connected:
@@ -154,6 +152,7 @@ class PeerTable:
             return False
         e.record = record
         e.record_at = self.clock()
+        e.unresponsive = ""  # it signed a record a moment ago: not frozen
         if record.addrs:
             e.addrs = record.addrs[:16]
         return True
@@ -178,7 +177,10 @@ class PeerTable:
         e.last_failure = f"{kind.value}: {detail}" if detail else kind.value
         if kind is FailureKind.PROTOCOL:
             e.violations += 1
-        if e.consecutive_failures >= self.breaker_failures:
+        if kind is FailureKind.HUNG:  # out of routing until it shows it is alive
+            e.unresponsive = detail or "an attempt got no frame in time"
+        # Keepalives without progress are no accident: its circuit opens at once.
+        if e.consecutive_failures >= self.breaker_failures or kind is FailureKind.STALLED:
             e.breaker_backoff = (
                 self.breaker_backoff
                 if e.breaker_backoff == 0.0
@@ -217,7 +219,15 @@ class PeerTable:
             return PeerState.UNREACHABLE if e.unreachable else PeerState.PENDING
         if e.breaker_until > now:
             return PeerState.CIRCUIT_OPEN
+        if e.unresponsive:
+            return PeerState.UNRESPONSIVE
         return PeerState.LIVE
+
+    def mark_unresponsive(self, peer_id: str, reason: str) -> None:
+        """A probe on its open connection went unanswered: out of routing until it answers."""
+        e = self._peers.get(peer_id)
+        if e is not None and e.connected:
+            e.unresponsive = reason
 
     def record_age(self, e: PeerEntry) -> float | None:
         return None if e.record_at is None else self.clock() - e.record_at
@@ -262,6 +272,8 @@ class PeerTable:
                 excluded.append(Exclusion(e.peer_id, f"unreachable: {e.unreachable}"))
             elif state is PeerState.PENDING:
                 excluded.append(Exclusion(e.peer_id, "not connected yet (being dialed)"))
+            elif state is PeerState.UNRESPONSIVE:
+                excluded.append(Exclusion(e.peer_id, f"unresponsive: {e.unresponsive}"))
             elif state is PeerState.CIRCUIT_OPEN:
                 left = e.breaker_until - self.clock()
                 excluded.append(

@@ -1,70 +1,49 @@
-"""The query protocol on libp2p streams: the executor's side and the requester's side.
+"""The query protocol on libp2p streams: a thin adapter around ``conversation``.
 
-The stream code only moves bytes between the socket and the sans-IO codec in ``wire``. Every
-wait on a peer has a deadline: a frozen peer never closes its stream, so "no frame for
-hang_timeout" is how a hung executor is detected (the executor sends keepalives while it works).
+Queries between two peers share one long-lived stream (frames carry ``query_id``). Every stream
+has exactly one writer task, fed by a channel: no task is ever cancelled inside a write, which
+on py-libp2p 0.8.1's Noise would kill the whole connection (a cancelled write leaves a nonce
+used). A broken stream fails only the queries it carried.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+import math
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import trio
 
+from ..realms import events as ev
+from ..realms.events import Code, ExecutorFailure, FailureKind
+from . import conversation as conv
 from . import wire
 
 log = logging.getLogger("rentahal.p2p.query")
 
-KEEPALIVE_INTERVAL = 0.5
-FIRST_FRAME_TIMEOUT = 10.0
 READ_CHUNK = 64 * 1024
-
-Event = dict[str, Any]
-Emit = Callable[[Event], Awaitable[None]]
-
-
-class ServiceRefusal(Exception):
-    """Raised by the executor's handler to answer with an error frame."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-class PeerQueryError(Exception):
-    """A remote attempt failed: ``kind`` is dead | hung | refused | protocol."""
-
-    def __init__(self, kind: str, code: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
-        self.code = code
-        self.message = message
-
-
-@dataclass(frozen=True)
-class IncomingQuery:
-    request: wire.QueryRequest
-    peer_id: str
-
-
-Handler = Callable[[IncomingQuery, Emit], Awaitable[Event]]
-Abandon = Callable[[], "tuple[str, str] | None"]  # () -> (failure kind, reason) once an attempt is lost
+WRITE_BATCH = 256 * 1024  # frames queued together go out in one write, up to this many bytes
+RESPONDER_QUEUE = 64  # frames an executor's stream buffers before its queries wait
+MAX_ACTIVE_PER_STREAM = 64
+MAX_BUFFERED_EVENTS = 4096  # per attempt, between the stream reader and the router
+IDLE_CLOSE = 60.0  # a requester closes its stream to a peer after this long without queries
 ABANDON_POLL = 0.1
-ABANDON_QUIET = 2 * KEEPALIVE_INTERVAL  # no frame for this long before a verdict counts
+ABANDON_QUIET = 2 * conv.KEEPALIVE  # no frame for this long before an outside verdict counts
+
+Emit = Callable[[ev.StreamEvent], Awaitable[None]]
+Verdict = Callable[[str], "tuple[FailureKind, str] | None"]  # peer -> why its attempts are lost
 ViolationHook = Callable[[str, str], None]
 
 
-def _stream_errors() -> tuple[type[BaseException], ...]:
+def stream_errors() -> tuple[type[BaseException], ...]:
     from libp2p.exceptions import BaseLibp2pError
 
     return (BaseLibp2pError, OSError, trio.BrokenResourceError, trio.ClosedResourceError)
 
 
-async def _messages(stream: Any, decoder: wire.FrameDecoder) -> AsyncIterator[wire.Message]:
+async def _messages(stream: Any, decoder: wire.FrameDecoder) -> Any:
     """Yield messages from ``stream`` until EOF; WireError propagates."""
     from libp2p.network.stream.exceptions import StreamEOF
 
@@ -83,307 +62,363 @@ async def _messages(stream: Any, decoder: wire.FrameDecoder) -> AsyncIterator[wi
         decoder.feed(data)
 
 
-def event_to_message(query_id: str, event: Event) -> wire.Message | None:
-    kind = event.get("type")
-    if kind == "token":
-        return wire.Token(query_id=query_id, text=event["text"], index=event["index"])
-    if kind == "progress":
-        return wire.Progress(
-            query_id=query_id, stage=event["stage"], done=event["done"], total=event.get("total")
-        )
-    if kind == "accepted":
-        return wire.Accepted(
-            query_id=query_id, position=event["position"], eta_ms=event.get("eta_ms")
-        )
-    return None
+class FrameWriter:
+    """The one task that writes to a stream. Others queue encoded frames; it writes whatever
+    has queued up in one go. A write error marks the writer broken and ends ``run``."""
+
+    def __init__(self, stream: Any, capacity: float, max_frame: int) -> None:
+        self.stream = stream
+        self.max_frame = max_frame
+        self._send, self._receive = trio.open_memory_channel[bytes](capacity)
+        self.broken: BaseException | None = None
+
+    def encode(self, msg: wire.Message) -> bytes:
+        try:
+            return wire.encode(msg, max_frame=self.max_frame)
+        except wire.WireError as exc:
+            raise ev.LocalProtocolError(f"cannot send {type(msg).__name__}: {exc}", exc.code) from None
+
+    async def send(self, msg: wire.Message) -> None:
+        """Queue a frame, waiting while the queue is full (the peer reads slowly)."""
+        await self._send.send(self.encode(msg))
+
+    def send_nowait(self, msg: wire.Message, frame: bytes | None = None) -> bool:
+        """Queue a frame if there is room; False if not (or the writer is gone)."""
+        try:
+            self._send.send_nowait(frame if frame is not None else self.encode(msg))
+            return True
+        except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+            return False
+
+    async def run(self) -> None:
+        try:
+            async for data in self._receive:
+                batch = [data]
+                size = len(data)
+                while size < WRITE_BATCH:
+                    try:
+                        more = self._receive.receive_nowait()
+                    except trio.WouldBlock:
+                        break
+                    batch.append(more)
+                    size += len(more)
+                await self.stream.write(b"".join(batch) if len(batch) > 1 else data)
+        except stream_errors() as exc:
+            self.broken = exc
+        finally:
+            self._receive.close()
 
 
-def message_to_event(msg: wire.Message) -> Event | None:
-    if isinstance(msg, wire.Token):
-        return {"type": "token", "text": msg.text, "index": msg.index}
-    if isinstance(msg, wire.Progress):
-        if msg.stage == "keepalive":
-            return None
-        return {"type": "progress", "stage": msg.stage, "done": msg.done, "total": msg.total}
-    if isinstance(msg, wire.Accepted):
-        return {"type": "accepted", "position": msg.position, "eta_ms": msg.eta_ms}
-    return None
+async def _reset(stream: Any) -> None:
+    with trio.CancelScope(shield=True), trio.move_on_after(1):
+        try:
+            await stream.reset()
+        except Exception:
+            pass
+
+
+# --- the executor's side -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class IncomingQuery:
+    request: wire.QueryRequest
+    peer_id: str
+
+
+Handler = Callable[[IncomingQuery, Emit], Awaitable[ev.Result]]
 
 
 class QueryService:
-    """The executor's side: one task per incoming stream."""
+    """Serves the queries peers send on their streams to this node."""
 
     def __init__(
-        self,
-        handler: Handler,
-        *,
-        on_violation: ViolationHook | None = None,
-        max_frame: int = wire.DEFAULT_MAX_FRAME,
+        self, handler: Handler, *, on_violation: ViolationHook | None = None,
+        max_frame: int = wire.DEFAULT_MAX_FRAME, max_active: int = MAX_ACTIVE_PER_STREAM,
     ) -> None:
         self.handler = handler
         self.on_violation = on_violation
         self.max_frame = max_frame
+        self.max_active = max_active
 
     async def handle_stream(self, stream: Any) -> None:
-        """Serve one request; whatever happens ends this stream only (libp2p runs handlers in
-        the connection's own task group: an escaping error would take the connection down)."""
+        """Serve one stream until the requester closes it; whatever happens ends this stream
+        only (libp2p runs handlers in the connection's task group)."""
+        peer_id = stream.muxed_conn.peer_id.to_base58()
         try:
-            await self._handle(stream)
+            await self._serve(stream, peer_id)
+        except wire.WireError as exc:
+            self._violation(peer_id, str(exc))
+            writer = FrameWriter(stream, 1, self.max_frame)
+            if not isinstance(exc, wire.FrameTooLarge):
+                with trio.move_on_after(1):
+                    try:
+                        await stream.write(writer.encode(wire.error_for(exc)))
+                    except Exception:
+                        pass
+            await _reset(stream)
         except Exception as exc:  # stream errors arrive wrapped in an ExceptionGroup from trio
-            log.info("query stream ended abnormally: %s", type(exc).__name__)
+            log.debug("query stream from %s ended: %s", peer_id, type(exc).__name__)
+            await _reset(stream)
+
+    async def _serve(self, stream: Any, peer_id: str) -> None:
+        responder = conv.Responder(max_active=self.max_active)
+        writer = FrameWriter(stream, RESPONDER_QUEUE, self.max_frame)
+        scopes: dict[str, trio.CancelScope] = {}
+        violation: list[str] = []
+        failure: Exception | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._write, writer, nursery.cancel_scope)
+            nursery.start_soon(self._keepalives, responder, writer)
+            try:
+                async for msg in _messages(stream, wire.FrameDecoder(max_frame=self.max_frame)):
+                    for action in responder.receive(msg, trio.current_time()):
+                        if isinstance(action, conv.Start):
+                            scopes[action.request.query_id] = scope = trio.CancelScope()
+                            nursery.start_soon(self._run, action.request, peer_id, responder, writer, scope, scopes)
+                        elif isinstance(action, conv.Stop):
+                            scopes[action.query_id].cancel()
+                        elif isinstance(action, conv.Send):
+                            writer.send_nowait(action.message)
+                        elif isinstance(action, conv.Reset):
+                            violation.append(action.reason)
+                    if violation:
+                        break
+            except Exception as exc:  # raised outside the nursery, not wrapped in a group
+                failure = exc
+            # EOF or a violation: the requester is gone or unwelcome; its queries stop.
+            nursery.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+        if violation:
+            self._violation(peer_id, violation[0])
+            await _reset(stream)
+        else:
             with trio.move_on_after(1):
                 try:
-                    await stream.reset()
+                    await stream.close()
                 except Exception:
                     pass
 
-    async def _handle(self, stream: Any) -> None:
-        peer_id = stream.muxed_conn.peer_id.to_base58()
-        decoder = wire.FrameDecoder(max_frame=self.max_frame)
-        send_lock = trio.Lock()
-        last_sent = [trio.current_time()]
+    @staticmethod
+    async def _write(writer: FrameWriter, session: trio.CancelScope) -> None:
+        await writer.run()
+        session.cancel()  # the stream cannot carry answers any more
 
-        async def send(msg: wire.Message) -> None:
-            data = wire.encode(msg, max_frame=self.max_frame)
-            async with send_lock:
-                await stream.write(data)
-                last_sent[0] = trio.current_time()
+    @staticmethod
+    async def _keepalives(responder: conv.Responder, writer: FrameWriter) -> None:
+        while True:
+            due = responder.next_deadline()
+            await trio.sleep_until(due if due is not None else trio.current_time() + conv.KEEPALIVE)
+            for action in responder.tick(trio.current_time()):
+                if isinstance(action, conv.Send):
+                    writer.send_nowait(action.message)  # a full queue is busy enough to need none
 
-        messages = _messages(stream, decoder)
+    async def _run(
+        self, req: wire.QueryRequest, peer_id: str, responder: conv.Responder, writer: FrameWriter,
+        scope: trio.CancelScope, scopes: dict[str, trio.CancelScope],
+    ) -> None:
+        qid = req.query_id
+
+        async def emit(event: ev.StreamEvent) -> None:
+            await writer.send(conv.to_message(qid, event))
+            responder.sent(qid, trio.current_time())
+
+        answer: wire.Message | None = None
         try:
-            with trio.fail_after(FIRST_FRAME_TIMEOUT):
-                first = await messages.__anext__()
-            if not isinstance(first, wire.QueryRequest):
-                raise wire.InvalidField("t", f"first frame must be a request, got {type(first).__name__}")
-        except (wire.WireError, StopAsyncIteration, trio.TooSlowError) as exc:
-            await self._reject(stream, peer_id, exc, send)
-            return
-        except _stream_errors():
-            return
-        qid = first.query_id
-
-        async def emit(event: Event) -> None:
-            msg = event_to_message(qid, event)
-            if msg is not None:
-                await send(msg)
-
-        async def keepalive() -> None:
-            while True:
-                await trio.sleep(KEEPALIVE_INTERVAL)
-                if trio.current_time() - last_sent[0] >= KEEPALIVE_INTERVAL:
-                    await send(wire.Progress(query_id=qid, stage="keepalive", done=0, total=None))
-
-        async def watch_requester(cancel: trio.CancelScope) -> None:
-            # Any frame after the request is a Cancel (or a violation); EOF means the requester
-            # is gone: either way the work stops.
-            try:
-                async for msg in messages:
-                    if not isinstance(msg, wire.Cancel):
-                        self._violation(peer_id, f"unexpected {type(msg).__name__} frame")
-                    break
-            except wire.WireError as exc:
-                self._violation(peer_id, str(exc))
-            except _stream_errors():
-                pass
-            cancel.cancel()
-
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(keepalive)
-                nursery.start_soon(watch_requester, nursery.cancel_scope)
+            with scope:  # cancelled: the requester withdrew, no answer is wanted
                 try:
-                    with trio.fail_after(first.deadline_ms / 1000.0):
-                        result = await self.handler(IncomingQuery(first, peer_id), emit)
-                    try:
-                        answer: wire.Message = wire.Result(
-                            query_id=qid, output=result.get("output", {}), stats=result.get("stats", {})
-                        )
-                        wire.encode(answer, max_frame=self.max_frame)
-                    except wire.WireError as exc:  # e.g. a result larger than a frame
-                        log.error("query %s: result cannot be sent: %s", qid, exc)
-                        answer = wire.Error(query_id=qid, code=wire.ErrorCode.INTERNAL, message=f"result cannot be sent: {exc}"[:1000])
-                    await send(answer)
-                except ServiceRefusal as exc:
-                    await send(wire.Error(query_id=qid, code=wire.ErrorCode(exc.code), message=exc.message[:1000]))
+                    with trio.fail_after(req.deadline_ms / 1000.0):
+                        result = await self.handler(IncomingQuery(req, peer_id), emit)
+                    answer = wire.Result(qid, result.output, result.stats)
+                    writer.encode(answer)  # e.g. a result larger than a frame
+                except ev.LocalProtocolError as exc:
+                    log.error("query %s: result cannot be sent: %s", qid, exc)
+                    answer = wire.Error(qid, Code.INTERNAL, f"result cannot be sent: {exc}"[:1000])
+                except ev.QueryError as exc:
+                    answer = conv.error_message(qid, exc)
                 except trio.TooSlowError:
-                    await send(
-                        wire.Error(
-                            query_id=qid,
-                            code=wire.ErrorCode.DEADLINE_EXCEEDED,
-                            message=f"deadline of {first.deadline_ms} ms passed",
-                        )
-                    )
-                nursery.cancel_scope.cancel()
-            with trio.move_on_after(2):
-                await stream.close()
-        except _stream_errors() as exc:
-            log.info("query %s from %s: stream lost (%s)", qid, peer_id, type(exc).__name__)
+                    answer = wire.Error(qid, Code.DEADLINE_EXCEEDED, f"deadline of {req.deadline_ms} ms passed")
+                await writer.send(answer)
+        finally:
+            responder.finished(qid)
+            scopes.pop(qid, None)
 
     def _violation(self, peer_id: str, reason: str) -> None:
         log.warning("protocol violation by %s: %s", peer_id, reason)
         if self.on_violation is not None:
             self.on_violation(peer_id, reason)
 
-    async def _reject(self, stream: Any, peer_id: str, exc: BaseException, send: Any) -> None:
-        if isinstance(exc, wire.WireError):
-            reason = str(exc)
-            err = wire.error_for(exc)
-        elif isinstance(exc, trio.TooSlowError):
-            reason = "no request within the first-frame timeout"
-            err = wire.Error(query_id="", code=wire.ErrorCode.BAD_REQUEST, message=reason)
-        else:
-            reason = "stream closed before a request"
-            err = None
-        self._violation(peer_id, reason)
-        with trio.move_on_after(1):
-            try:
-                if err is not None and not isinstance(exc, wire.FrameTooLarge):
-                    await send(err)
-                await stream.reset()
-            except _stream_errors():
-                pass
+
+# --- the requester's side ----------------------------------------------------------------------
+class _Session:
+    """This node's stream to one peer, with the attempts running on it."""
+
+    def __init__(self, peer_id: str, stream: Any, conversation: conv.Requester, max_frame: int) -> None:
+        self.peer_id = peer_id
+        self.stream = stream
+        self.conv = conversation
+        self.writer = FrameWriter(stream, math.inf, max_frame)
+        self.waiters: dict[str, trio.MemorySendChannel[conv.Action]] = {}
+        self.changed = trio.Event()
+        self.idle_since = trio.current_time()
+        self.done = False
+
+    def dispatch(self, actions: list[conv.Action]) -> None:
+        for action in actions:
+            if isinstance(action, conv.Send):
+                self.writer.send_nowait(action.message, action.frame)  # unbounded: never refused while open
+            elif isinstance(action, conv.Reset):
+                log.warning("protocol violation by executor %s: %s", self.peer_id, action.reason)
+            else:
+                waiter = self.waiters.get(action.query_id)  # type: ignore[union-attr]
+                if waiter is not None:
+                    try:
+                        waiter.send_nowait(action)
+                    except trio.WouldBlock:  # this node's consumer fell far behind
+                        self.dispatch(self.conv.cancel(action.query_id))  # type: ignore[union-attr]
+                        waiter.close()
+        self.changed.set()
+        self.changed = trio.Event()
 
 
 class QueryClient:
-    """The requester's side: send one request to a peer and relay its events."""
+    """Runs this node's attempts on peers, one shared stream per peer."""
 
-    def __init__(self, host: Any, origin: str, *, dial_timeout: float, max_frame: int = wire.DEFAULT_MAX_FRAME) -> None:
+    def __init__(
+        self, host: Any, origin: str, *, dial_timeout: float, first_progress: float, hang_timeout: float,
+        verdict: Verdict | None = None, max_frame: int = wire.DEFAULT_MAX_FRAME,
+    ) -> None:
         self.host = host
         self.origin = origin
         self.dial_timeout = dial_timeout
+        self.first_progress = first_progress
+        self.hang_timeout = hang_timeout
+        self.verdict = verdict
         self.max_frame = max_frame
+        self.sessions: dict[str, _Session] = {}
+        self._opening: dict[str, trio.Lock] = {}
+        self._nursery: trio.Nursery | None = None
 
-    async def execute(
-        self,
-        peer_id: str,
-        *,
-        query_id: str,
-        realm: str,
-        payload: dict[str, Any],
-        deadline_s: float,
-        emit: Emit,
-        hang_timeout: float,
-        abandon: Abandon | None = None,
-    ) -> Event:
-        """Run a query on ``peer_id``. ``abandon``, polled while waiting for the next frame,
-        returns (kind, reason) once the attempt is known lost (the peer went stale or its
-        connection closed): the attempt then ends at once instead of at ``hang_timeout``."""
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Own the sessions' tasks."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    async def _session(self, peer_id: str) -> _Session:
         from libp2p.peer.id import ID
 
-        request = wire.QueryRequest(
-            version=wire.PROTOCOL_VERSION,
-            query_id=query_id,
-            realm=realm,
-            payload=payload,
-            deadline_ms=max(1, int(deadline_s * 1000)),
-            origin=self.origin,
-        )
-        try:
-            frame = wire.encode(request, max_frame=self.max_frame)
-        except wire.WireError as exc:
-            raise PeerQueryError("refused", "bad_request", f"request cannot be sent: {exc}") from None
-        try:
-            with trio.fail_after(self.dial_timeout):
-                stream = await self.host.new_stream(ID.from_base58(peer_id), [wire.PROTOCOL_ID])
-            with trio.fail_after(hang_timeout):
-                await stream.write(frame)
-        except trio.TooSlowError:
-            raise PeerQueryError("hung", "busy", f"could not open a stream within {self.dial_timeout:g}s") from None
-        except _stream_errors() as exc:
-            raise PeerQueryError("dead", "busy", f"could not open a stream: {exc or type(exc).__name__}") from None
-        try:
-            answer = await self._read_answer(stream, query_id, emit, hang_timeout, abandon)
-        except BaseException:
-            # Cancelled, hung or broken: tell the executor (best effort) and drop the stream.
-            with trio.CancelScope(shield=True), trio.move_on_after(1):
-                try:
-                    await stream.write(wire.encode(wire.Cancel(query_id=query_id)))
-                except _stream_errors():
-                    pass
-                try:
-                    await stream.reset()
-                except _stream_errors():
-                    pass
-            raise
-        with trio.move_on_after(1):  # done with this stream: don't leave it half-open
+        session = self.sessions.get(peer_id)
+        if session is not None and not session.done:
+            return session
+        lock = self._opening.setdefault(peer_id, trio.Lock())
+        async with lock:
+            session = self.sessions.get(peer_id)
+            if session is not None and not session.done:
+                return session
             try:
-                await stream.close()
-            except _stream_errors():
-                pass
-        return answer
-
-    async def _read_answer(
-        self, stream: Any, query_id: str, emit: Emit, hang_timeout: float, abandon: Abandon | None
-    ) -> Event:
-        decoder = wire.FrameDecoder(max_frame=self.max_frame)
-        messages = _messages(stream, decoder)
-        waiting: list[trio.CancelScope] = []  # the current read, the only thing the watcher cancels
-        lost: list[tuple[str, str]] = []
-
-        last_frame = [trio.current_time()]
-
-        async def watch() -> None:
-            assert abandon is not None
-            while not lost:
-                await trio.sleep(ABANDON_POLL)
-                # Frames still arriving outrank what anyone says about the executor.
-                if trio.current_time() - last_frame[0] < ABANDON_QUIET:
-                    continue
-                try:
-                    verdict = abandon()
-                except Exception as exc:  # a bug in the check must not fail the query
-                    log.debug("abandon check failed: %s", exc)
-                    continue
-                if verdict is not None:
-                    lost.append(verdict)
-                    for scope in waiting:
-                        scope.cancel()
-
-        failure: Exception | None = None
-        async with trio.open_nursery() as nursery:
-            if abandon is not None:
-                nursery.start_soon(watch)
-            try:
-                answer = await self._read_loop(messages, query_id, emit, hang_timeout, waiting, lost, last_frame)
-            except Exception as exc:  # raised outside the nursery: not wrapped in a group
-                failure = exc
-            finally:
-                nursery.cancel_scope.cancel()
-        if failure is not None:
-            raise failure
-        return answer
-
-    async def _read_loop(
-        self, messages: Any, query_id: str, emit: Emit, hang_timeout: float,
-        waiting: list[trio.CancelScope], lost: list[tuple[str, str]], last_frame: list[float],
-    ) -> Event:
-        while True:
-            try:
-                with trio.CancelScope() as scope:
-                    if lost:
-                        scope.cancel()
-                    waiting[:] = [scope]
-                    with trio.fail_after(hang_timeout):
-                        msg = await messages.__anext__()
-                waiting.clear()
-                last_frame[0] = trio.current_time()
-                if scope.cancelled_caught:
-                    kind, reason = lost[0]
-                    raise PeerQueryError(kind, "deadline_exceeded", f"attempt abandoned: {reason}")
+                with trio.fail_after(self.dial_timeout):
+                    stream = await self.host.new_stream(ID.from_base58(peer_id), [wire.PROTOCOL_ID])
             except trio.TooSlowError:
-                raise PeerQueryError("hung", "deadline_exceeded", f"no frame for {hang_timeout:g}s") from None
-            except StopAsyncIteration:
-                raise PeerQueryError("dead", "backend_failed", "stream ended before a result") from None
-            except wire.WireError as exc:
-                raise PeerQueryError("protocol", exc.code.value, f"malformed answer: {exc}") from None
-            except _stream_errors() as exc:
-                raise PeerQueryError("dead", "backend_failed", f"stream lost ({type(exc).__name__})") from None
-            if msg.query_id != query_id and not (isinstance(msg, wire.Error) and msg.query_id == ""):
-                raise PeerQueryError("protocol", "bad_request", f"answer for another query {msg.query_id!r}")
-            if isinstance(msg, wire.Result):
-                return {"output": msg.output, "stats": msg.stats}
-            if isinstance(msg, wire.Error):
-                raise PeerQueryError("refused", msg.code.value, msg.message)
-            event = message_to_event(msg)
-            if event is not None:
-                await emit(event)
+                raise ExecutorFailure(f"could not open a stream within {self.dial_timeout:g}s", Code.BUSY,
+                                      kind=FailureKind.HUNG) from None
+            except stream_errors() as exc:
+                raise ExecutorFailure(f"could not open a stream: {exc or type(exc).__name__}", Code.UNREACHABLE,
+                                      kind=FailureKind.DEAD) from None
+            finally:
+                if not lock.statistics().tasks_waiting:
+                    self._opening.pop(peer_id, None)
+            session = _Session(
+                peer_id, stream,
+                conv.Requester(self.origin, self.first_progress, self.hang_timeout, self.max_frame),
+                self.max_frame,
+            )
+            self.sessions[peer_id] = session
+            assert self._nursery is not None, "QueryClient.run() is not running"
+            self._nursery.start_soon(self._run_session, session)
+            return session
+
+    async def _run_session(self, session: _Session) -> None:
+        reason = "closed"
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._watch_writer, session, nursery.cancel_scope)
+                nursery.start_soon(self._timers, session, nursery.cancel_scope)
+                try:
+                    async for msg in _messages(session.stream, wire.FrameDecoder(max_frame=self.max_frame)):
+                        session.dispatch(session.conv.receive(msg, trio.current_time()))
+                        if session.conv.broken:
+                            reason = session.conv.broken
+                            break
+                    else:
+                        reason = "the executor closed the stream"
+                except wire.WireError as exc:
+                    reason = f"malformed answer: {exc}"
+                    session.dispatch(session.conv.violation(reason))
+                except stream_errors() as exc:
+                    reason = f"{type(exc).__name__}"
+                nursery.cancel_scope.cancel()
+        finally:
+            session.done = True
+            if self.sessions.get(session.peer_id) is session:
+                del self.sessions[session.peer_id]
+            session.dispatch(session.conv.lost(reason))
+            await _reset(session.stream)
+
+    @staticmethod
+    async def _watch_writer(session: _Session, scope: trio.CancelScope) -> None:
+        await session.writer.run()
+        scope.cancel()
+
+    async def _timers(self, session: _Session, scope: trio.CancelScope) -> None:
+        """Hang and first-progress budgets; outside verdicts on the peer; idle close."""
+        c = session.conv
+        while True:
+            now = trio.current_time()
+            if not c.active:
+                if now - session.idle_since >= IDLE_CLOSE:
+                    scope.cancel()
+                    return
+                with trio.move_on_at(session.idle_since + IDLE_CLOSE):
+                    await session.changed.wait()
+                continue
+            due = c.next_deadline()
+            wake = now + ABANDON_POLL if self.verdict is not None else (due or now + 1.0)
+            with trio.move_on_at(min(due, wake) if due is not None else wake):
+                await session.changed.wait()
+            now = trio.current_time()
+            session.dispatch(c.tick(now))
+            if self.verdict is not None and c.active:
+                verdict = self.verdict(session.peer_id)
+                if verdict is not None:
+                    for qid in list(c.active):
+                        # Frames still arriving outrank what anyone says about the executor.
+                        if c.quiet_for(qid, now) >= ABANDON_QUIET:
+                            session.dispatch(c.abandon(qid, *verdict))
+            if not c.active:
+                session.idle_since = now
+
+    async def execute(
+        self, peer_id: str, *, query_id: str, realm: str, payload: dict[str, Any], deadline_s: float,
+        emit: Emit,
+    ) -> ev.Result:
+        """Run one attempt on ``peer_id``: stream events to ``emit``, return its result or raise
+        ExecutorFailure (LocalProtocolError if the request itself cannot be sent)."""
+        session = await self._session(peer_id)
+        send, receive = trio.open_memory_channel[conv.Action](MAX_BUFFERED_EVENTS)
+        session.waiters[query_id] = send
+        try:
+            session.dispatch(session.conv.start(query_id, realm, payload, deadline_s, trio.current_time()))
+            async for action in receive:
+                if isinstance(action, conv.Deliver):
+                    await emit(action.event)
+                elif isinstance(action, conv.Complete):
+                    return action.result
+                elif isinstance(action, conv.Fail):
+                    raise action.failure
+            raise ev.QueryError("this node fell behind reading the answer", Code.INTERNAL)
+        finally:
+            if session.waiters.get(query_id) is send:
+                del session.waiters[query_id]
+            if query_id in session.conv.active:  # cancelled or given up here: tell the executor
+                session.dispatch(session.conv.cancel(query_id))

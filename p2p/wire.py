@@ -7,7 +7,6 @@ is a :class:`WireError`, and buffering is bounded by ``max_frame``. No I/O happe
 
 from __future__ import annotations
 
-import enum
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -15,8 +14,10 @@ from typing import Any
 
 import msgpack
 
-PROTOCOL_ID = "/rentahal/query/1.0.0"
-PROTOCOL_VERSION = 1
+from ..realms.events import Code, RemoteProtocolError
+
+PROTOCOL_ID = "/rentahal/query/2.0.0"
+PROTOCOL_VERSION = 2
 DEFAULT_MAX_FRAME = 8 * 1024 * 1024
 MAX_DEPTH = 8  # container levels in payload/output, the top-level map included
 MAX_TOKEN_BYTES = 64 * 1024  # UTF-8 bytes of Token.text
@@ -32,25 +33,10 @@ _REALM_RE = re.compile(r"[a-z0-9_-]{1,32}")
 _ORIGIN_RE = re.compile(r"[1-9A-HJ-NP-Za-km-z]{1,128}")
 
 
-class ErrorCode(str, enum.Enum):
-    """Machine-readable error codes carried by :class:`Error` frames."""
-
-    BAD_REQUEST = "bad_request"
-    UNSUPPORTED_VERSION = "unsupported_version"
-    REALM_NOT_SERVED = "realm_not_served"
-    QUEUE_FULL = "queue_full"
-    DEADLINE_EXCEEDED = "deadline_exceeded"
-    BACKEND_FAILED = "backend_failed"
-    CANCELLED = "cancelled"
-    FRAME_TOO_LARGE = "frame_too_large"
-    BUSY = "busy"
-    INTERNAL = "internal"
-
-
-class WireError(Exception):
+class WireError(RemoteProtocolError):
     """Base of every codec error; ``code`` is what to send back, ``query_id`` if readable."""
 
-    code: ErrorCode = ErrorCode.BAD_REQUEST
+    default_code = Code.BAD_REQUEST
 
     def __init__(self, message: str, query_id: str = "") -> None:
         super().__init__(message)
@@ -58,7 +44,7 @@ class WireError(Exception):
 
 
 class FrameTooLarge(WireError):
-    code = ErrorCode.FRAME_TOO_LARGE
+    default_code = Code.FRAME_TOO_LARGE
 
 
 class MalformedFrame(WireError):
@@ -76,7 +62,7 @@ class InvalidField(WireError):
 
 
 class UnsupportedVersion(WireError):
-    code = ErrorCode.UNSUPPORTED_VERSION
+    default_code = Code.UNSUPPORTED_VERSION
 
 
 class TruncatedFrame(WireError):
@@ -127,12 +113,13 @@ class Result:
 @dataclass(frozen=True, slots=True)
 class Error:
     query_id: str  # "" when the failing frame had no readable id
-    code: ErrorCode
+    code: Code
     message: str
+    retry_after_ms: int | None = None  # queue_full / busy: when capacity is expected back
 
-    def __post_init__(self) -> None:  # a plain str code becomes ErrorCode: equal => same hash
-        if isinstance(self.code, str) and self.code in ErrorCode._value2member_map_:
-            object.__setattr__(self, "code", ErrorCode(self.code))
+    def __post_init__(self) -> None:  # a plain str code becomes Code: equal => same hash
+        if isinstance(self.code, str) and self.code in Code._value2member_map_:
+            object.__setattr__(self, "code", Code(self.code))
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,7 +190,7 @@ def _version(key: str, v: Any) -> int:
     if type(v) is bool or not isinstance(v, int):
         raise InvalidField(key, f"expected int, got {type(v).__name__}")
     if v != PROTOCOL_VERSION:
-        raise UnsupportedVersion(f"protocol version {_show(v)} not supported (want 1)")
+        raise UnsupportedVersion(f"protocol version {_show(v)} not supported (want {PROTOCOL_VERSION})")
     return v
 
 
@@ -243,12 +230,9 @@ def _stats(key: str, v: Any) -> dict[str, int | float | str | None]:
     return v
 
 
-def _code(key: str, v: Any) -> ErrorCode:
-    if isinstance(v, str):
-        try:
-            return ErrorCode(v)
-        except ValueError:
-            pass
+def _code(key: str, v: Any) -> Code:
+    if isinstance(v, str) and v in Code._value2member_map_ and Code(v).on_wire:
+        return Code(v)
     raise InvalidField(key, f"unknown error code {_show(v)}")
 
 
@@ -282,9 +266,11 @@ _SPECS: dict[str, tuple[type, tuple[tuple[str, str, _Check], ...]]] = {
         ("query_id", "id", _str(0, 64, _ID_RE, '"" or 1..64 chars of [A-Za-z0-9_-]')),
         ("code", "code", _code),
         ("message", "message", _str(0, MAX_ERROR_MESSAGE)),
+        ("retry_after_ms", "retry_after_ms", _int(0, MAX_DEADLINE_MS, optional=True)),
     )),
     "cancel": (Cancel, (("query_id", "id", _ID),)),
 }  # fmt: skip
+_OMITTED_IF_NONE = frozenset({"retry_after_ms"})  # added in version 2; absent means None
 _BY_CLASS = {cls: (t, fields) for t, (cls, fields) in _SPECS.items()}
 
 
@@ -307,6 +293,9 @@ def _from_map(m: dict[Any, Any]) -> Message:
         values = {}
         for attr, key, check in fields:
             if key not in m:
+                if key in _OMITTED_IF_NONE:
+                    values[attr] = None
+                    continue
                 raise InvalidField(key, "missing field")
             values[attr] = check(key, m[key])
     except WireError as e:
@@ -330,7 +319,9 @@ def encode(msg: Message, *, max_frame: int = DEFAULT_MAX_FRAME) -> bytes:
     m: dict[str, Any] = {"t": t}
     for attr, key, check in fields:
         v = check(key, getattr(msg, attr))
-        m[key] = v.value if isinstance(v, ErrorCode) else v
+        if v is None and key in _OMITTED_IF_NONE:
+            continue
+        m[key] = v.value if isinstance(v, Code) else v
     body = msgpack.packb(m, use_bin_type=True)
     if len(body) > max_frame:
         raise FrameTooLarge(f"frame of {len(body)} bytes exceeds max_frame {max_frame}")

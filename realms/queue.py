@@ -1,9 +1,13 @@
 """A realm's local queue: bounded, priority classes, FIFO within a class, ``slots`` at a time.
 
-Lower priority numbers go first: the sysop's queries, then everyone's (there is room between
-them for credit-based classes later). A full queue refuses at once ("queue full"), which the
-router takes as a reason to try a peer. A waiting query is told its position and an ETA from
-measured service times, again whenever its position changes. A query cancelled while waiting
+Lower priority numbers go first: the sysop's queries, then this node's users', then peers'
+(there is room between them for credit-based classes later). A peer may hold at most
+``per_peer`` places (waiting or running), and peers together at most ``limit`` waiting places of
+their own: a flooding peer cannot keep this node's users waiting. A full queue refuses at once
+("queue full", with a retry-after from measured service times), which the router takes as a
+reason to try a peer or to come back later. A waiting query is told its position and an ETA from
+measured service times, again whenever its position changes (1 = next in line), and position 0
+when it starts to run. A query cancelled while waiting
 leaves the line; one cancelled while running frees its slot on the way out.
 """
 
@@ -18,16 +22,19 @@ from dataclasses import dataclass, field
 
 import trio
 
+from .events import Code, ExecutorFailure, Fault, QueryError
+
 PositionReport = Callable[[int, "int | None"], Awaitable[None]]
 
 
 class Priority(enum.IntEnum):
     SYSOP = 0
     NORMAL = 10
+    PEER = 20
 
 
-class QueueFull(Exception):
-    pass
+class QueueFull(ExecutorFailure):
+    default_code = Code.QUEUE_FULL
 
 
 @dataclass(order=True)
@@ -35,15 +42,18 @@ class _Ticket:
     priority: int
     seq: int
     query_id: str = field(compare=False)
+    owner: str = field(default="", compare=False)
     granted: trio.Event = field(default_factory=trio.Event, compare=False)
     moved: trio.Event = field(default_factory=trio.Event, compare=False)
 
 
 class RealmQueue:
-    def __init__(self, realm: str, *, slots: int, limit: int) -> None:
+    def __init__(self, realm: str, *, slots: int, limit: int, per_peer: int = 0) -> None:
         self.realm = realm
         self.slots = slots
         self.limit = limit
+        self.per_peer = per_peer or slots + 2
+        self._held: dict[str, int] = {}  # peer -> places it holds, waiting or running
         self._waiting: list[_Ticket] = []  # kept sorted: (priority, arrival)
         self._seq = itertools.count()
         self.running = 0
@@ -68,10 +78,14 @@ class RealmQueue:
         total = self.completed + self.failed
         return 1.0 if total == 0 else self.completed / total
 
+    def retry_after(self) -> float:
+        """Seconds until a place is likely to free up: one service time over the slots."""
+        return max(self.service_ms / 1000.0 / self.slots, 0.05) if self._service_ms else 0.5
+
     def eta_ms(self, position: int) -> int | None:
         if not self._service_ms:
             return None
-        return int(self.service_ms * (position // self.slots + 1))
+        return int(self.service_ms * (max(position - 1, 0) // self.slots + 1))
 
     def position_of(self, query_id: str) -> int | None:
         return next((i for i, t in enumerate(self._waiting) if t.query_id == query_id), None)
@@ -89,14 +103,29 @@ class RealmQueue:
             ticket.granted.set()
         self._changed()
 
+    def _refuse(self, priority: int, owner: str) -> str | None:
+        if owner and self._held.get(owner, 0) >= self.per_peer:
+            return f"{self.realm}: your node holds {self.per_peer} places here already"
+        if self.running < self.slots:
+            return None
+        mine = sum(1 for t in self._waiting if (t.priority >= Priority.PEER) == (priority >= Priority.PEER))
+        if mine >= self.limit:
+            return f"{self.realm} queue full ({len(self._waiting)} waiting, {self.slots} running)"
+        return None
+
     @asynccontextmanager
     async def admit(
-        self, query_id: str, on_position: PositionReport, *, priority: int = Priority.NORMAL
+        self, query_id: str, on_position: PositionReport, *, priority: int = Priority.NORMAL,
+        owner: str = "",
     ) -> AsyncIterator[None]:
-        """Wait for a slot, reporting the position; hold the slot for the body."""
-        if self.running >= self.slots and len(self._waiting) >= self.limit:
-            raise QueueFull(f"{self.realm} queue full ({len(self._waiting)} waiting, {self.slots} running)")
-        ticket = _Ticket(int(priority), next(self._seq), query_id)
+        """Wait for a slot, reporting the position; hold the slot for the body. ``owner`` is
+        the peer a query is run for ("" for this node's own users)."""
+        refusal = self._refuse(int(priority), owner)
+        if refusal is not None:
+            raise QueueFull(refusal, retry_after=self.retry_after())
+        if owner:
+            self._held[owner] = self._held.get(owner, 0) + 1
+        ticket = _Ticket(int(priority), next(self._seq), query_id, owner)
         self._waiting.append(ticket)
         self._waiting.sort()
         self._changed()
@@ -104,7 +133,8 @@ class RealmQueue:
         try:
             reported: int | None = None
             while not ticket.granted.is_set():
-                position = self.position_of(query_id)
+                at = self.position_of(query_id)
+                position = None if at is None else at + 1  # 1 = next in line; 0 = running
                 if position is not None and position != reported:
                     reported = position
                     await on_position(position, self.eta_ms(position))
@@ -117,13 +147,14 @@ class RealmQueue:
 
                     nursery.start_soon(until, ticket.granted)
                     nursery.start_soon(until, moved)
-            if reported is None:
+            if reported != 0:  # position 0: running now
                 await on_position(0, self.eta_ms(0))
         except BaseException:
             if ticket.granted.is_set():
-                self._release(query_id)
+                self._release(ticket)
             else:
                 self._waiting.remove(ticket)
+                self._unhold(owner)
                 self._changed()
             raise
         started = trio.current_time()
@@ -134,15 +165,26 @@ class RealmQueue:
         except trio.Cancelled:
             outcome = "cancelled"
             raise
+        except QueryError as exc:
+            if exc.fault in (Fault.USER, Fault.NOBODY):  # a bad request is not a failure here
+                outcome = "rejected"
+            raise
         finally:
-            self._release(query_id)
+            self._release(ticket)
             if outcome == "ok":
                 self.completed += 1
                 self._service_ms.append((trio.current_time() - started) * 1000.0)
             elif outcome == "failed":
                 self.failed += 1
 
-    def _release(self, query_id: str) -> None:
+    def _unhold(self, owner: str) -> None:
+        if owner:
+            left = self._held.pop(owner, 1) - 1
+            if left:
+                self._held[owner] = left
+
+    def _release(self, ticket: _Ticket) -> None:
         self.running -= 1
-        self.running_ids.discard(query_id)
+        self.running_ids.discard(ticket.query_id)
+        self._unhold(ticket.owner)
         self._grant()

@@ -16,19 +16,16 @@ from typing import Any, Protocol
 
 import trio
 
-from ..p2p.peers import FailureKind, PeerTable
+from ..p2p.peers import PeerTable
+from . import events as ev
+from .events import Code, ExecutorFailure, FailureKind, Fault, QueryError
 
 log = logging.getLogger("rentahal.router")
 
 LOCAL = "local"
-Event = dict[str, Any]
-Emit = Callable[[Event], Awaitable[None]]
-
-# Refusal codes after which another executor may well succeed.
-RETRYABLE_CODES = frozenset(
-    {"queue_full", "realm_not_served", "busy", "unreachable", "backend_failed", "deadline_exceeded",
-     "internal"}
-)
+Emit = Callable[[ev.Event], Awaitable[None]]
+StreamEmit = Callable[[ev.StreamEvent], Awaitable[None]]
+MAX_BACKPRESSURE_RETRIES = 50  # busy/queue_full answers one query may wait out
 
 
 @dataclass(frozen=True)
@@ -41,23 +38,6 @@ class Query:
     priority: int = 10  # realms.queue.Priority.NORMAL; lower runs first
 
 
-class ExecutorError(Exception):
-    """An attempt failed. ``kind`` says how, ``code`` is the wire error code where there is one."""
-
-    def __init__(self, kind: FailureKind, code: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
-        self.code = code
-        self.message = message
-
-
-class QueryFailed(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
 class LocalExecutor(Protocol):
     def serves(self, realm: str) -> bool: ...
 
@@ -65,13 +45,15 @@ class LocalExecutor(Protocol):
 
     def not_served_reason(self, realm: str) -> str: ...
 
-    async def execute(self, query: Query, emit: Emit) -> Event: ...
+    def loading(self, realm: str) -> bool: ...
+
+    async def wait_loaded(self, realm: str) -> None: ...
+
+    async def execute(self, query: Query, emit: StreamEmit) -> ev.Result: ...
 
 
 class RemoteExecutor(Protocol):
-    async def execute(
-        self, peer_id: str, query: Query, emit: Emit, *, hang_timeout: float
-    ) -> Event: ...
+    async def execute(self, peer_id: str, query: Query, emit: StreamEmit) -> ev.Result: ...
 
 
 @dataclass(frozen=True)
@@ -106,7 +88,6 @@ class RealmRouter:
         *,
         local_queue_limit: int,
         max_attempts: int,
-        hang_timeout: float,
         discover: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
         self.table = table
@@ -114,7 +95,6 @@ class RealmRouter:
         self.remote = remote
         self.local_queue_limit = local_queue_limit
         self.max_attempts = max_attempts
-        self.hang_timeout = hang_timeout
         self.discover = discover
 
     def _path(self, peer_id: str) -> str:
@@ -140,75 +120,98 @@ class RealmRouter:
             out.insert(0, RouteEntry(LOCAL, 0.0, self.local.not_served_reason(realm)))
         return RoutePlan(realm, entries, out)
 
-    async def run(self, query: Query, emit: Emit) -> Event:
-        """Run ``query`` on the best executor, failing over; return the result event."""
+    async def run(self, query: Query, emit: Emit) -> ev.Result:
+        """Run ``query`` on the best executor, failing over; return the answer. Raises
+        QueryError: the last executor's failure, or ``deadline_exceeded``."""
         deadline_at = trio.current_time() + query.deadline_s
         plan = self.plan(query.realm)
+        if not plan.candidates and self.local.loading(query.realm):
+            # Its model is loading here (a restart resumes queries before models are up): wait.
+            with trio.move_on_at(deadline_at):
+                await self.local.wait_loaded(query.realm)
+            plan = self.plan(query.realm)
         if not plan.candidates and self.discover is not None:
             with trio.move_on_at(min(deadline_at, trio.current_time() + 5.0)):
                 await self.discover(query.realm)
             plan = self.plan(query.realm)
         if not plan.candidates:
             reasons = "; ".join(f"{x.executor[:16]}: {x.note}" for x in plan.excluded) or "no peers known"
-            raise QueryFailed("realm_not_served", f"no executor for realm {query.realm!r} ({reasons})")
+            raise QueryError(f"no executor for realm {query.realm!r} ({reasons})", Code.REALM_NOT_SERVED)
+        # (not before, executor): an executor that answered busy comes back after its retry-after
+        line: list[tuple[float, str]] = [(0.0, c.executor) for c in plan.candidates[: self.max_attempts]]
         tried: list[str] = []
-        last_error = ""
-        last_code = "internal"
+        attempt = 0
+        waits = 0
+        last: QueryError | None = None
+        current = ""
         with trio.move_on_at(deadline_at) as deadline:
-            for entry in plan.candidates[: self.max_attempts]:
-                attempt = len(tried) + 1
+            while line:
+                line.sort(key=lambda x: x[0])  # stable: ranked order among the ready ones
+                not_before, executor = line.pop(0)
+                current = ""  # waiting out a retry-after is nobody's fault
+                await trio.sleep_until(not_before)
+                attempt += 1
+                current = executor
                 # Each executor gets the time that is left, not the whole budget again.
                 attempt_query = replace(query, deadline_s=max(deadline_at - trio.current_time(), 0.001))
-                await emit({"type": "executor", "executor": entry.executor, "attempt": attempt})
+                await emit(ev.Routed(executor, attempt))
                 started = trio.current_time()
                 first_event_at: list[float] = []
 
-                async def relay(event: Event, _attempt: int = attempt) -> None:
+                async def relay(event: ev.StreamEvent) -> None:
                     if not first_event_at:
                         first_event_at.append(trio.current_time())
-                    await emit({**event, "attempt": _attempt})
+                    await emit(event)
 
                 try:
-                    if entry.executor == LOCAL:
+                    if executor == LOCAL:
                         result = await self.local.execute(attempt_query, relay)
                     else:
-                        result = await self.remote.execute(
-                            entry.executor, attempt_query, relay, hang_timeout=self.hang_timeout
-                        )
-                except ExecutorError as exc:
-                    tried.append(entry.executor)
-                    last_error, last_code = exc.message, exc.code
-                    if entry.executor != LOCAL:
-                        opened = self.table.record_failure(entry.executor, exc.kind, exc.message)
-                        if opened:
-                            log.warning("circuit opened for %s after %s", entry.executor, exc.kind.value)
-                    if exc.kind is FailureKind.REFUSED and exc.code not in RETRYABLE_CODES:
-                        raise QueryFailed(exc.code, exc.message) from None
-                    log.warning(
-                        "query %s: executor %s failed (%s: %s); failing over",
-                        query.query_id, entry.executor, exc.kind.value, exc.message,
-                    )
-                    await emit(
-                        {
-                            "type": "failover",
-                            "executor": entry.executor,
-                            "attempt": attempt,
-                            "kind": exc.kind.value,
-                            "code": exc.code,
-                            "message": exc.message,
-                        }
-                    )
+                        result = await self.remote.execute(executor, attempt_query, relay)
+                except ExecutorFailure as exc:
+                    last = exc
+                    retry_at = self._retry_at(exc, deadline_at)
+                    if retry_at is not None and waits < MAX_BACKPRESSURE_RETRIES:
+                        # Healthy but full: back in line after its retry-after, not a failure.
+                        waits += 1
+                        line.append((retry_at, executor))
+                        log.debug("query %s: %s is %s; back in line in %.2fs", query.query_id, executor,
+                                  exc.code.value, retry_at - trio.current_time())
+                        continue
+                    tried.append(executor)
+                    if exc.fault in (Fault.USER, Fault.NOBODY):  # the request is wrong, or withdrawn
+                        raise
+                    if executor != LOCAL:
+                        self._count_failure(executor, exc.kind, exc.message)
+                    if not exc.retryable:
+                        raise
+                    log.info("query %s: executor %s failed (%s: %s); failing over",
+                             query.query_id, executor, exc.kind.value, exc.message)
+                    await emit(ev.Failover(executor, attempt, exc.kind, exc.code, exc.message))
                     continue
-                if entry.executor != LOCAL:
+                if executor != LOCAL:
                     latency = (first_event_at[0] if first_event_at else trio.current_time()) - started
-                    self.table.record_success(entry.executor, latency * 1000.0)
-                return {**result, "executor": entry.executor, "attempt": attempt, "failovers": tried}
+                    self.table.record_success(executor, latency * 1000.0)
+                return replace(result, executor=executor, attempt=attempt, failovers=tuple(tried))
         if deadline.cancelled_caught:
-            raise QueryFailed(
-                "deadline_exceeded",
-                f"query deadline of {query.deadline_s:g}s passed after trying {len(tried) + 1} executor(s)",
+            if current and current != LOCAL:  # the deadline ran out on this peer: its failure
+                self._count_failure(current, FailureKind.HUNG, f"spent the query's {query.deadline_s:g}s deadline")
+            raise QueryError(
+                f"query deadline of {query.deadline_s:g}s passed after {attempt} attempt(s)",
+                Code.DEADLINE_EXCEEDED,
             )
-        raise QueryFailed(
-            last_code if last_code in RETRYABLE_CODES else "backend_failed",
-            f"all {len(tried)} executor(s) failed; last: {last_error}",
-        )
+        assert last is not None
+        raise QueryError(f"all {len(tried)} executor(s) failed; last: {last.message}",
+                         last.code if last.retryable else Code.BACKEND_FAILED)
+
+    @staticmethod
+    def _retry_at(exc: ExecutorFailure, deadline_at: float) -> float | None:
+        """When to ask a busy executor again, if its hint leaves time before the deadline."""
+        if not exc.code.back_pressure or exc.retry_after is None:
+            return None
+        at = trio.current_time() + max(exc.retry_after, 0.01)
+        return at if at < deadline_at else None
+
+    def _count_failure(self, peer_id: str, kind: FailureKind, message: str) -> None:
+        if self.table.record_failure(peer_id, kind, message):
+            log.warning("circuit opened for %s after %s", peer_id, kind.value)

@@ -13,7 +13,7 @@ backend. For each realm three paths are measured:
 (b) the same payload submitted to node B (which serves the realm) on B's own websocket, tokens
     streamed to the client (the default, `stream=True`);
 (c) the same payload submitted to node A (`--serve none`, bootstrapped from B), so the query and
-    every event travel A -> B -> A over `/rentahal/query/1.0.0` (libp2p, Noise, Yamux).
+    every event travel A -> B -> A over `/rentahal/query/2.0.0` (libp2p, Noise, Yamux).
 
 Both nodes stay up while a realm is measured, and the three paths take turns request by request
 (a, b, c, a, b, c, ...) after one untimed warm-up request each, so drift in the machine's load
@@ -164,7 +164,7 @@ Runner = Callable[[dict[str, Any]], Awaitable[Sample]]
 
 
 def direct_runner(realm: str, backend: Any, pids: tuple[int, ...]) -> Runner:
-    from rentahal.models.base import ProgressEvent, TokenEvent
+    from rentahal.models.base import Progress, Token
 
     async def one(payload: dict[str, Any]) -> Sample:
         events = 0
@@ -172,8 +172,8 @@ def direct_runner(realm: str, backend: Any, pids: tuple[int, ...]) -> Runner:
 
         async def sink(ev: Any) -> None:
             nonlocal events, first
-            step = isinstance(ev, ProgressEvent) and ev.stage == "denoising"
-            if isinstance(ev, TokenEvent) or step:
+            step = isinstance(ev, Progress) and ev.stage == "denoising"
+            if isinstance(ev, Token) or step:
                 events += 1
                 if first is None:
                     first = time.perf_counter() - t0

@@ -15,7 +15,7 @@ Measured one after another on this machine, each after its own warm-up, timed wi
 3. Local node query: node B (``serve="chat"``) started with ``scripts/federation.py``, the chat
    payload submitted to B's own websocket.
 4. Routed query: node A (``serve="none"``, bootstrap B); the payload submitted to A's websocket
-   travels A -> B over ``/rentahal/query/1.0.0``.
+   travels A -> B over ``/rentahal/query/2.0.0``.
 
 Prints a markdown section; with ``--out`` it also replaces that section of the file (from its
 heading to the next ``## `` heading or the end), leaving every other section as it was.
@@ -395,10 +395,10 @@ def _row(label: str, t: Timing) -> str:
 # event of each kind as the websocket client saw it, so every phase includes its websocket delivery.
 PHASES = (
     ("taking the query",
-     "submit → `executor` event (the node takes the query, picks a route)", None, "executor"),
+     "submit → `routed` event (the node takes the query, picks a route)", None, "routed"),
     ("reaching `accepted`",
      "→ `accepted` (local: queue admission; routed: stream opened, request sent, B admits it)",
-     "executor", "accepted"),
+     "routed", "accepted"),
     ("the first token", "→ first token", "accepted", "token"),
     ("token streaming", "first → last token", "token", "last_token"),
     ("the result", "last token → result", "last_token", "result"),
@@ -478,7 +478,7 @@ def render(r: Results, info: dict[str, str]) -> str:
         _row("A. raw py-libp2p echo, new stream per request", r.new_stream),
         _row(f"B. direct llama-cpp-python (`ChatBackend`), {T} tokens", r.llama),
         _row("local node query: websocket → B → llama.cpp", r.local),
-        _row("routed query: websocket → A → B over `/rentahal/query/1.0.0`", r.routed),
+        _row("routed query: websocket → A → B over `/rentahal/query/2.0.0`", r.routed),
         "",
         "| derived (from the p50s above) | value |",
         "| --- | ---: |",

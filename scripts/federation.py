@@ -35,6 +35,7 @@ class NodeProcess:
         name: str = "",
         netns: str = "",
         listen: str | None = "/ip4/127.0.0.1/tcp/0",
+        env: dict[str, str] | None = None,
     ) -> None:
         self.data_dir = data_dir
         self.serve = serve
@@ -43,6 +44,7 @@ class NodeProcess:
         self.name = name or data_dir.name
         self.netns = netns  # run inside this network namespace (a testbed host), CLI included
         self.listen = listen  # None: the node's default (node.toml's p2p.listen)
+        self.env = dict(env or {})  # added to this process's environment
         self.proc: subprocess.Popen[str] | None = None
         self.lines: list[str] = []
         self._cond = threading.Condition()
@@ -62,7 +64,7 @@ class NodeProcess:
             args += ["--bootstrap", b]
         for k, v in self.settings.items():
             args += ["--set", f"{k}={v}"]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         self.proc = subprocess.Popen(
             args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env
         )
@@ -172,6 +174,12 @@ class Federation:
 
     def start(self, name: str, **kw: Any) -> NodeProcess:
         return self.start_many([name], **kw)[0]
+
+    def launch(self, name: str, **kw: Any) -> NodeProcess:
+        """Start a node without waiting for it (``wait_ready`` later)."""
+        node = NodeProcess(self.root / name, name=name, **kw)
+        self.nodes.append(node)
+        return node.launch()
 
     def start_many(self, names: list[str], **kw: Any) -> list[NodeProcess]:
         """Launch several nodes at once (start-up is mostly imports), then wait for each."""

@@ -8,21 +8,21 @@ from typing import Any
 
 import pytest
 
-from rentahal.models.base import ModelLoadError, ProgressEvent, TokenEvent
+from rentahal.models.base import ModelLoadError, Progress, Token
 
 
 class Collector:
     """An event sink that keeps every event it is sent, in order."""
 
     def __init__(self) -> None:
-        self.events: list[TokenEvent | ProgressEvent] = []
+        self.events: list[Token | Progress] = []
 
-    async def __call__(self, ev: TokenEvent | ProgressEvent) -> None:
+    async def __call__(self, ev: Token | Progress) -> None:
         self.events.append(ev)
 
     @property
-    def tokens(self) -> list[TokenEvent]:
-        return [e for e in self.events if isinstance(e, TokenEvent)]
+    def tokens(self) -> list[Token]:
+        return [e for e in self.events if isinstance(e, Token)]
 
     @property
     def text(self) -> str:

@@ -16,12 +16,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from rentahal.models.base import (
-    BackendError,
-    BadPayload,
+    ModelFailure,
+    BadRequest,
     ModelLoadError,
-    ProgressEvent,
-    ResultEvent,
-    TokenEvent,
+    Progress,
+    Result,
+    Token,
 )
 from rentahal.models.chat import (
     MAX_TOKEN_EVENT_CHARS,
@@ -80,7 +80,7 @@ async def test_tiny_model_loads_as_smoke_test(backend: ChatBackend) -> None:
 async def test_stream_concatenation_equals_result(backend: ChatBackend) -> None:
     sink = Collector()
     result = await backend.generate({**PROMPT, "max_tokens": 40, "seed": 3}, sink)
-    assert isinstance(result, ResultEvent)
+    assert isinstance(result, Result)
     assert sink.tokens, "no tokens were streamed"
     assert [e.index for e in sink.tokens] == list(range(len(sink.tokens)))
     assert all(e.text for e in sink.tokens)
@@ -156,7 +156,7 @@ async def test_stop_string_cuts_output(backend: ChatBackend) -> None:
 
 
 async def test_generations_are_serialised(backend: ChatBackend) -> None:
-    results: list[ResultEvent] = []
+    results: list[Result] = []
 
     async def one(seed: int) -> None:
         results.append(
@@ -179,7 +179,7 @@ async def test_cancellation_stops_the_worker(tiny_path: Path, canceller: str) ->
         at_cancel: list[int] = []
         fifth = trio.Event()
         with trio.CancelScope() as scope:
-            async def sink(ev: TokenEvent | ProgressEvent) -> None:
+            async def sink(ev: Token | Progress) -> None:
                 nonlocal seen
                 seen += 1
                 if seen == 5:
@@ -213,14 +213,14 @@ async def test_cancellation_stops_the_worker(tiny_path: Path, canceller: str) ->
 
 async def test_generate_before_load_fails_cleanly(tiny_path: Path) -> None:
     b = ChatBackend(tiny_path)
-    with pytest.raises(BackendError) as info:
+    with pytest.raises(ModelFailure) as info:
         await b.generate(PROMPT, Collector())
     assert info.value.code == "backend_failed"
 
 
 async def test_prompt_longer_than_context_is_bad_request(tiny_path: Path) -> None:
     async with loaded(ChatBackend(tiny_path, n_ctx=64, threads=1)) as b:
-        with pytest.raises(BadPayload, match=r"payload\.prompt: .*context"):
+        with pytest.raises(BadRequest, match=r"payload\.prompt: .*context"):
             await b.generate({"prompt": "a long prompt " * 20}, Collector())
         ok = await b.generate({"prompt": "hi", "max_tokens": 5, "ignore_eos": True}, Collector())
         assert ok.stats["tokens"] == 5
@@ -278,7 +278,7 @@ BAD_PAYLOADS = [
 
 @pytest.mark.parametrize(("payload", "field"), BAD_PAYLOADS, ids=lambda v: repr(v)[:40])
 def test_bad_payload_names_the_field(payload: dict, field: str) -> None:
-    with pytest.raises(BadPayload) as info:
+    with pytest.raises(BadRequest) as info:
         parse_chat_payload(payload, max_tokens_cap=512)
     assert field in str(info.value)
     assert info.value.code == "bad_request"
@@ -287,13 +287,13 @@ def test_bad_payload_names_the_field(payload: dict, field: str) -> None:
 
 def test_bad_payload_message_format() -> None:
     expected = r"^payload\.max_tokens: expected an integer 1\.\.512, got -3$"
-    with pytest.raises(BadPayload, match=expected):
+    with pytest.raises(BadRequest, match=expected):
         parse_chat_payload({"prompt": "a", "max_tokens": -3}, max_tokens_cap=512)
 
 
 async def test_generate_rejects_bad_payload_before_touching_the_model(tiny_path: Path) -> None:
     b = ChatBackend(tiny_path)  # not loaded: validation comes first
-    with pytest.raises(BadPayload, match="payload.temperature"):
+    with pytest.raises(BadRequest, match="payload.temperature"):
         await b.generate({"prompt": "a", "temperature": 9}, Collector())
 
 
@@ -332,11 +332,11 @@ async def test_truncated_gguf(tiny_path: Path, tmp_path: Path) -> None:
 async def test_a_busy_sink_gets_the_pieces_that_piled_up_as_one_event() -> None:
     """The worker never waits for the sink: while the sink is busy with the first piece, the
     worker puts the other 99, and they go out as one event, in order."""
-    seen: list[TokenEvent] = []
+    seen: list[Token] = []
     sink_has_first = threading.Event()
     release = trio.Event()
 
-    async def sink(ev: TokenEvent | ProgressEvent) -> None:
+    async def sink(ev: Token | Progress) -> None:
         seen.append(ev)
         if len(seen) == 1:
             sink_has_first.set()
@@ -366,7 +366,7 @@ def test_coalesced_events_keep_the_text_and_stay_under_the_cap(pieces: list[str]
 async def test_a_failing_sink_stops_the_generation_with_its_own_error(backend: ChatBackend) -> None:
     calls = 0
 
-    async def sink(ev: TokenEvent | ProgressEvent) -> None:
+    async def sink(ev: Token | Progress) -> None:
         nonlocal calls
         calls += 1
         if calls == 3:

@@ -8,12 +8,16 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
-from rentahal.models.base import ResultEvent
+from rentahal.models.base import BadRequest, Result
 from rentahal.node import executor as executor_mod
 from rentahal.node.config import load_config
 from rentahal.node.executor import LocalRealms
-from rentahal.realms.router import ExecutorError, Query
+from rentahal.realms import events as ev
+from rentahal.realms.events import Code, ExecutorFailure, ModelFailure, QueryError
+from rentahal.realms.queue import QueueFull
+from rentahal.realms.router import Query
 
 
 def make_local(tmp_path: Path, **overrides: str) -> LocalRealms:
@@ -25,9 +29,10 @@ def query(payload: dict[str, Any], deadline_s: float = 30.0, qid: str = "q1") ->
     return Query(qid, "chat", payload, deadline_s, origin="")
 
 
-async def events_sink(events: list[dict[str, Any]]):
-    async def emit(ev: dict[str, Any]) -> None:
-        events.append(ev)
+def events_sink(events: list[ev.StreamEvent]):
+    async def emit(event: ev.StreamEvent) -> None:
+        assert isinstance(event, (ev.Accepted, ev.Progress, ev.Token)), event
+        events.append(event)
 
     return emit
 
@@ -38,21 +43,29 @@ async def test_real_chat_backend_runs_and_a_deadline_stops_it_without_a_restart(
         await nursery.start(local.run)
         await local.loaded.wait()
         assert local.serves("chat") and local.slots["chat"].smoke_test
-        events: list[dict[str, Any]] = []
-        result = await local.execute(query({"prompt": "hi", "max_tokens": 8, "ignore_eos": True}), await events_sink(events))
-        assert result["stats"]["tokens"] == 8
-        assert [e["type"] for e in events[:2]] == ["accepted", "progress"]
+        assert not local.loading("chat")
+        await local.wait_loaded("chat")  # returns at once: loaded
+        events: list[ev.StreamEvent] = []
+        result = await local.execute(query({"prompt": "hi", "max_tokens": 8, "ignore_eos": True}), events_sink(events))
+        assert isinstance(result, ev.Result)
+        assert result.stats["tokens"] == 8 and "cost" in result.stats
+        # Accepted at position 0 (running now: a free slot), then the backend's stream.
+        assert events[0] == ev.Accepted(0, None)
+        tokens = [e for e in events if isinstance(e, ev.Token)]
+        # (pieces that arrive close together are batched into one Token event)
+        assert 1 <= len(tokens) <= 8 and [t.index for t in tokens] == list(range(len(tokens)))
+        assert not any(isinstance(e, ev.Accepted) for e in events[1:])
 
-        with pytest.raises(ExecutorError) as err:
+        with pytest.raises(ExecutorFailure) as err:
             await local.execute(
                 query({"prompt": "hi", "max_tokens": 100000, "ignore_eos": True}, deadline_s=0.3, qid="q2"),
-                await events_sink([]),
+                events_sink([]),
             )
-        assert err.value.code == "deadline_exceeded"
+        assert err.value.code is Code.DEADLINE_EXCEEDED
         # The backend honoured the cancellation: it is not considered stuck.
         assert local.slots["chat"].status == "ready"
-        result = await local.execute(query({"prompt": "again", "max_tokens": 4, "ignore_eos": True}, qid="q3"), await events_sink([]))
-        assert result["stats"]["tokens"] == 4
+        result = await local.execute(query({"prompt": "again", "max_tokens": 4, "ignore_eos": True}, qid="q3"), events_sink([]))
+        assert result.stats["tokens"] == 4
         nursery.cancel_scope.cancel()
 
 
@@ -69,9 +82,9 @@ class HungBackend:
     async def load(self) -> None:
         pass
 
-    async def generate(self, payload: Any, send: Any) -> ResultEvent:
+    async def generate(self, payload: Any, send: Any) -> Result:
         await trio.to_thread.run_sync(self.release.wait, abandon_on_cancel=False)
-        return ResultEvent(output={"text": "late"}, stats={})
+        return Result(output={"text": "late"}, stats={})
 
     async def aclose(self) -> None:
         pass
@@ -80,8 +93,8 @@ class HungBackend:
 class QuickBackend(HungBackend):
     model_name = "fresh"
 
-    async def generate(self, payload: Any, send: Any) -> ResultEvent:
-        return ResultEvent(output={"text": "ok"}, stats={"tokens": 1})
+    async def generate(self, payload: Any, send: Any) -> Result:
+        return Result(output={"text": "ok"}, stats={"tokens": 1})
 
 
 async def test_watchdog_fails_a_stuck_query_and_restarts_the_backend(
@@ -105,19 +118,108 @@ async def test_watchdog_fails_a_stuck_query_and_restarts_the_backend(
             assert local.slots["chat"].model == "hung"
             monkeypatch.setitem(executor_mod.BACKENDS, "chat", fresh_backend)
             started = trio.current_time()
-            with pytest.raises(ExecutorError) as err:
-                await local.execute(query({"prompt": "x"}, deadline_s=0.2), await events_sink([]))
-            assert err.value.code == "deadline_exceeded"
+            with pytest.raises(ExecutorFailure) as err:
+                await local.execute(query({"prompt": "x"}, deadline_s=0.2), events_sink([]))
+            assert err.value.code is Code.DEADLINE_EXCEEDED
             assert trio.current_time() - started < 0.2 + 0.3 + 1.0  # deadline + grace, not forever
-            # The stuck instance was dropped and a fresh one loaded; the slot was freed.
+            # The stuck instance was dropped and a fresh one is loading in its place: the router
+            # can see that and wait for it.
+            assert local.loading("chat") or local.serves("chat")
             with trio.fail_after(5):
-                while not local.serves("chat"):
-                    await trio.sleep(0.01)
+                await local.wait_loaded("chat")
+            assert local.serves("chat") and not local.loading("chat")
             assert local.slots["chat"].model == "fresh"
             assert local.slots["chat"].queue.depth == 0
-            result = await local.execute(query({"prompt": "x"}, qid="q9"), await events_sink([]))
-            assert result["output"] == {"text": "ok"}
+            result = await local.execute(query({"prompt": "x"}, qid="q9"), events_sink([]))
+            assert result.output == {"text": "ok"}
             release.set()  # let the abandoned thread end so the nursery can close
             nursery.cancel_scope.cancel()
     finally:
         release.set()
+
+
+class GateBackend(QuickBackend):
+    """Holds each generation until its gate opens; fails as the payload asks."""
+
+    model_name = "gate"
+    gate: trio.Event
+
+    async def generate(self, payload: Any, send: Any) -> Result:
+        if payload.get("bad"):
+            raise BadRequest("payload.bad: not allowed")
+        if payload.get("crash"):
+            raise RuntimeError("segfault, nearly")
+        await type(self).gate.wait()
+        await send(ev.Token("ok", 0))
+        return Result(output={"text": "ok"}, stats={"tokens": 1})
+
+
+class Outcomes:
+    """Stands in for storage: ``record_outcome`` is synchronous."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict[str, Any]] = []
+
+    def record_outcome(self, realm: str, **outcome: Any) -> None:
+        self.calls.append({"realm": realm, **outcome})
+
+
+async def test_positions_refusals_and_what_is_recorded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    GateBackend.gate = trio.Event()
+
+    async def gate_backend(_local: Any, _rc: Any) -> Any:
+        return GateBackend(threading.Event())
+
+    monkeypatch.setitem(executor_mod.BACKENDS, "chat", gate_backend)
+    local = make_local(tmp_path, **{"realms.chat.slots": "1", "realms.chat.queue_limit": "1"})
+    local.storage = outcomes = Outcomes()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(local.run)
+        await local.loaded.wait()
+        assert local.serves("chat")
+
+        # A user's bad request is raised as such and is no failure of this executor.
+        with pytest.raises(QueryError) as err:
+            await local.execute(query({"bad": True}, qid="bad"), events_sink([]))
+        assert err.value.code is Code.BAD_REQUEST and not isinstance(err.value, ExecutorFailure)
+        assert outcomes.calls == []
+
+        first: list[ev.StreamEvent] = []
+        second: list[ev.StreamEvent] = []
+        results: dict[str, ev.Result] = {}
+
+        async def run(qid: str, events: list[ev.StreamEvent]) -> None:
+            results[qid] = await local.execute(query({"prompt": qid}, qid=qid), events_sink(events))
+
+        nursery.start_soon(run, "a", first)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(run, "b", second)
+        await trio.testing.wait_all_tasks_blocked()
+        assert first == [ev.Accepted(0, None)]  # running now
+        assert second == [ev.Accepted(1, None)]  # waiting: next in line
+
+        # One running and one waiting fill this queue: a third is refused at once, with a hint.
+        with pytest.raises(QueueFull) as full:
+            await local.execute(query({"prompt": "c"}, qid="c"), events_sink([]))
+        assert full.value.code is Code.QUEUE_FULL and full.value.code.back_pressure
+        assert full.value.retry_after is not None and full.value.retry_after > 0
+        assert outcomes.calls == []  # a refusal is no outcome
+
+        GateBackend.gate.set()
+        with trio.fail_after(5):
+            while len(results) < 2:
+                await trio.sleep(0.01)
+        assert first[1:] == [ev.Token("ok", 0)]
+        assert second[1:] == [ev.Accepted(0, second[1].eta_ms), ev.Token("ok", 0)]  # then it ran
+        assert results["a"].output == {"text": "ok"} and "cost" in results["a"].stats
+
+        # A crash inside the backend is this executor's failure, and is recorded as one.
+        with pytest.raises(ModelFailure) as crash:
+            await local.execute(query({"crash": True}, qid="d"), events_sink([]))
+        assert crash.value.code is Code.INTERNAL
+
+        assert [(c["ok"], c.get("cancelled", False)) for c in outcomes.calls] == [
+            (True, False), (True, False), (False, False),
+        ]
+        assert all(c["realm"] == "chat" and c["for_peer"] is False for c in outcomes.calls)
+        nursery.cancel_scope.cancel()

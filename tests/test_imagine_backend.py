@@ -22,12 +22,12 @@ import PIL.Image as PIL_Image
 import torch
 
 from rentahal.models.base import (  # noqa: E402
-    BackendError,
-    BadPayload,
+    ModelFailure,
+    BadRequest,
     ModelLoadError,
-    ProgressEvent,
-    ResultEvent,
-    TokenEvent,
+    Progress,
+    Result,
+    Token,
 )
 from rentahal.models.imagine import (  # noqa: E402
     MAX_SEED,
@@ -195,7 +195,7 @@ async def test_not_a_pipeline_is_a_load_error(tmp_path: Path, make, expect: str)
         await b.load()
     assert expect in info.value.message
     assert "\n" not in info.value.message
-    with pytest.raises(BackendError, match="not loaded"):
+    with pytest.raises(ModelFailure, match="not loaded"):
         await b.generate(SMALL, Collector())
 
 
@@ -225,8 +225,8 @@ def test_constructor_rejects_bad_settings(tiny_dir: Path) -> None:
 async def test_generate_64x64_in_4_steps(backend: ImagineBackend) -> None:
     sink = Collector()
     result = await backend.generate({**SMALL, "seed": 7}, sink)
-    assert isinstance(result, ResultEvent)
-    assert sink.events == [ProgressEvent("denoising", i, 4) for i in range(1, 5)]
+    assert isinstance(result, Result)
+    assert sink.events == [Progress("denoising", i, 4) for i in range(1, 5)]
     image = decode(result.output["image"])
     assert image.size == (64, 64) and image.mode == "RGB"
     out = result.output
@@ -278,9 +278,9 @@ async def test_cancel_stops_within_one_step(backend: ImagineBackend) -> None:
     try:
         with trio.CancelScope() as scope:
 
-            async def cancel_after_two(ev: TokenEvent | ProgressEvent) -> None:
+            async def cancel_after_two(ev: Token | Progress) -> None:
                 await sink(ev)
-                if isinstance(ev, ProgressEvent) and ev.done == 2:
+                if isinstance(ev, Progress) and ev.done == 2:
                     scope.cancel()
 
             try:
@@ -293,7 +293,7 @@ async def test_cancel_stops_within_one_step(backend: ImagineBackend) -> None:
         for h in hooks:
             h.remove()
     assert raised and scope.cancelled_caught and not finished
-    assert sink.events == [ProgressEvent("denoising", 1, 30), ProgressEvent("denoising", 2, 30)]
+    assert sink.events == [Progress("denoising", 1, 30), Progress("denoising", 2, 30)]
     assert 2 <= len(unet_calls) <= 3  # stopped within one step of the cancel
     assert decodes == []  # and did not go on to decode a half-denoised image
 
@@ -308,7 +308,7 @@ async def test_sink_error_passes_through_unchanged(backend: ImagineBackend) -> N
     class SinkGone(Exception):
         pass
 
-    async def broken(ev: TokenEvent | ProgressEvent) -> None:
+    async def broken(ev: Token | Progress) -> None:
         raise SinkGone("client went away")
 
     with pytest.raises(SinkGone):
@@ -321,7 +321,7 @@ async def test_one_generation_at_a_time(backend: ImagineBackend) -> None:
     log: list[tuple[str, int]] = []
 
     def tagged(tag: str):
-        async def sink(ev: TokenEvent | ProgressEvent) -> None:
+        async def sink(ev: Token | Progress) -> None:
             log.append((tag, ev.done))  # type: ignore[union-attr]
 
         return sink
@@ -399,23 +399,23 @@ def test_defaults_and_limits() -> None:
     ],
 )
 def test_bad_field_is_named(change: dict, field: str) -> None:
-    with pytest.raises(BadPayload) as info:
+    with pytest.raises(BadRequest) as info:
         parse({**SMALL, **change})
     assert field in info.value.message
     assert info.value.code == "bad_request"
 
 
 def test_missing_prompt_and_non_object() -> None:
-    with pytest.raises(BadPayload, match="payload.prompt: required"):
+    with pytest.raises(BadRequest, match="payload.prompt: required"):
         parse({"steps": 4})
-    with pytest.raises(BadPayload, match="payload: expected an object"):
+    with pytest.raises(BadRequest, match="payload: expected an object"):
         parse(["prompt"])
 
 
 async def test_generate_validates_before_running(backend: ImagineBackend) -> None:
     sink = Collector()
-    with pytest.raises(BadPayload, match="payload.steps"):
+    with pytest.raises(BadRequest, match="payload.steps"):
         await backend.generate({**SMALL, "steps": MAX_STEPS + 1}, sink)
-    with pytest.raises(BadPayload, match="unknown field"):
+    with pytest.raises(BadRequest, match="unknown field"):
         await backend.generate({**SMALL, "scheduler": "x"}, sink)
     assert sink.events == []

@@ -39,7 +39,7 @@ def test_js_libp2p_peer_finds_the_chat_provider_and_hears_health_gossip(federati
     assert kinds["key"]["cid"] == realm_cid("chat") and kinds["key"]["equal"]
     assert kinds["connected"]["encryption"] == "/noise" and kinds["connected"]["multiplexer"] == "/yamux/1.0.0"
     protocols = kinds["remote-protocols"]["protocols"]
-    assert {"/ipfs/kad/1.0.0", "/meshsub/1.1.0", "/rentahal/query/1.0.0"} <= set(protocols)
+    assert {"/ipfs/kad/1.0.0", "/meshsub/1.1.0", "/rentahal/query/2.0.0"} <= set(protocols)
     provider = next(x for x in lines if x["kind"] == "provider" and x["matches"])
     assert provider["peer"] == node.peer_id
     assert any(x["kind"] == "health" and x["from"] == node.peer_id and x["type"] == "signed" for x in lines)

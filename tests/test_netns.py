@@ -186,7 +186,7 @@ def test_cut_uplink_mid_answer_fails_over_once_and_the_home_comes_back(
     first = ""
     for line in q.stdout:  # wait for the first token, then unplug that executor's home
         msg = json.loads(line)
-        if msg.get("op") == "event" and msg["event"]["type"] == "executor":
+        if msg.get("op") == "event" and msg["event"]["type"] == "routed":
             first = msg["event"]["executor"]
         if msg.get("op") == "event" and msg["event"]["type"] == "token":
             break

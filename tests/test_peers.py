@@ -155,7 +155,7 @@ def test_breaker_opens_after_exactly_n_failures(clock: FakeClock) -> None:
     table.apply_record(rec(A))
     table.apply_record(rec(B))
     assert table.record_failure(A, FailureKind.DEAD, "stream reset") is False
-    assert table.record_failure(A, FailureKind.HUNG) is False
+    assert table.record_failure(A, FailureKind.REFUSED) is False
     assert state_of(table, A) is PeerState.LIVE
     assert table.record_failure(A, FailureKind.DEAD, "stream reset") is True
     assert state_of(table, A) is PeerState.CIRCUIT_OPEN
@@ -181,7 +181,7 @@ def test_breaker_half_open_doubles_and_caps(clock: FakeClock) -> None:
         clock.advance(0.01)
         assert state_of(table, A) is PeerState.LIVE  # half-open: eligible for one more try
         assert ranked(table) == [A]
-        assert table.record_failure(A, FailureKind.HUNG) is True  # the try fails: re-opened
+        assert table.record_failure(A, FailureKind.DEAD) is True  # the try fails: re-opened
 
 
 def test_success_resets_the_breaker(clock: FakeClock) -> None:
@@ -349,3 +349,24 @@ def test_a_record_alone_does_not_make_a_peer_routable(clock: FakeClock) -> None:
     assert state_of(table, A) is PeerState.LIVE
     table.set_connected(A, False)  # the connection closed (a killed peer): out of routing at once
     assert state_of(table, A) is PeerState.PENDING
+
+
+def test_an_attempt_without_frames_makes_a_peer_unresponsive_until_its_next_record(clock: FakeClock) -> None:
+    table = make_table(clock, stale_after=1e6)
+    table.apply_record(rec(A))
+    table.apply_record(rec(B))
+    assert table.record_failure(A, FailureKind.HUNG, "no frame for 1.5s") is False
+    assert state_of(table, A) is PeerState.UNRESPONSIVE
+    assert ranked(table) == [B]
+    assert reasons(table)[A] == "unresponsive: no frame for 1.5s"
+    table.apply_record(rec(A, seq=2))  # it signed a record since: alive
+    assert state_of(table, A) is PeerState.LIVE
+    table.mark_unresponsive(A, "ping unanswered for 0.5s")
+    assert state_of(table, A) is PeerState.UNRESPONSIVE
+
+
+def test_keepalives_without_progress_open_the_circuit_at_once(clock: FakeClock) -> None:
+    table = make_table(clock, stale_after=1e6)
+    table.apply_record(rec(A))
+    assert table.record_failure(A, FailureKind.STALLED, "no progress within 5s") is True
+    assert state_of(table, A) is PeerState.CIRCUIT_OPEN

@@ -59,7 +59,7 @@ async def test_queue_is_bounded_and_fifo(autojump_clock: trio.testing.MockClock)
         for name in "bcd":
             releases[name].set()
     assert ran == ["a", "b", "c", "d"]
-    assert {n: p for n, (p, _) in accepted.items()} == {"a": 0, "b": 0, "c": 1, "d": 1}
+    assert {n: p for n, (p, _) in accepted.items()} == {"a": 0, "b": 1, "c": 2, "d": 2}
     assert (queue.running, queue.waiting, queue.completed, queue.failed) == (0, 0, 4, 0)
 
 
@@ -96,7 +96,7 @@ async def test_queue_runs_at_most_slots_at_once(autojump_clock: trio.testing.Moc
         for i in range(6):
             await nursery.start(job, f"q{i}")
     assert peak == 2
-    assert positions == [0, 0, 0, 1, 2, 3]
+    assert positions == [0, 0, 1, 2, 3, 4]
     assert trio.current_time() - start == pytest.approx(3.0)
     assert queue.completed == 6
     assert queue.service_ms == pytest.approx(1000.0)
@@ -113,8 +113,9 @@ async def test_queue_eta(autojump_clock: trio.testing.MockClock) -> None:
     async with queue.admit("a", on_accepted):
         await trio.sleep(2.0)
     assert seen == [None]
-    assert queue.eta_ms(0) == 2000
-    assert queue.eta_ms(1) == 4000
+    assert queue.eta_ms(0) == 2000  # running now: one service time
+    assert queue.eta_ms(1) == 2000  # next in line: starts when the running one is done
+    assert queue.eta_ms(2) == 4000  # one more ahead of it
     async with queue.admit("b", on_accepted):
         pass
     assert seen[1] is not None and seen[1] > 0
@@ -180,7 +181,7 @@ async def test_queue_order_matches_reported_positions_with_slow_clients(
         await nursery.start(client, "fast", 0.0)
         await trio.sleep(2.0)
         release.set()
-    assert reported == {"holder": 0, "slow": 0, "fast": 1}  # as promised: slow before fast
+    assert reported == {"holder": 0, "slow": 1, "fast": 2}  # as promised: slow before fast
     assert ran == ["holder", "slow", "fast"]
 
 
@@ -216,9 +217,9 @@ async def test_sysop_queries_overtake_normal_ones_and_positions_are_updated(
         release.set()
     assert ran == ["holder", "sysop", "n1", "n2"]
     # n1 was told 0, then pushed back to 1 by the sysop's query (then it got its slot).
-    assert reports["n1"][:2] == [0, 1]
-    assert reports["n2"][:2] == [1, 2]
-    assert reports["sysop"] == [0]
+    assert reports["n1"][:2] == [1, 2]
+    assert reports["n2"][:2] == [2, 3]
+    assert reports["sysop"] == [1, 0]  # next in line, then running
 
 
 async def test_cancelled_running_query_frees_its_slot_and_is_not_a_failure(
@@ -237,3 +238,58 @@ async def test_cancelled_running_query_frees_its_slot_and_is_not_a_failure(
     assert queue.running_ids == set()
     async with queue.admit("b", quiet):
         assert queue.running == 1
+
+
+async def test_a_flooding_peer_cannot_keep_local_users_waiting(autojump_clock: trio.testing.MockClock) -> None:
+    """Peers queue behind this node's own users, hold at most per_peer places, and fill only
+    their own share of the waiting line: a local user waits for the running query at most."""
+    queue = RealmQueue("chat", slots=1, limit=3, per_peer=2)
+    ran: list[str] = []
+    release = trio.Event()
+
+    async def job(name: str, priority: int, owner: str,
+                  task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        started = False
+
+        async def on_accepted(position: int, eta_ms: int | None) -> None:
+            nonlocal started
+            if not started:
+                started = True
+                task_status.started()
+
+        async with queue.admit(name, on_accepted, priority=priority, owner=owner):
+            ran.append(name)
+            await release.wait()
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(job, "p1", Priority.PEER, "peerX")
+        await nursery.start(job, "p2", Priority.PEER, "peerX")
+        with pytest.raises(QueueFull) as info:  # peerX holds its 2 places
+            async with queue.admit("p3", _never_accepted, priority=Priority.PEER, owner="peerX"):
+                pass
+        assert info.value.code.value == "queue_full" and info.value.retry_after is not None
+        await nursery.start(job, "q1", Priority.PEER, "peerY")
+        await nursery.start(job, "q2", Priority.PEER, "peerZ")
+        with pytest.raises(QueueFull):  # peers' share of the line (3) is full
+            async with queue.admit("q3", _never_accepted, priority=Priority.PEER, owner="peerW"):
+                pass
+        await nursery.start(job, "local", Priority.NORMAL, "")  # still room for this node's user
+        release.set()
+    assert ran[:2] == ["p1", "local"]
+
+
+async def test_a_bad_request_is_not_counted_as_a_failure(autojump_clock: trio.testing.MockClock) -> None:
+    from rentahal.realms.events import BadRequest, ModelFailure
+
+    queue = RealmQueue("chat", slots=1, limit=2)
+
+    async def ok(position: int, eta_ms: int | None) -> None:
+        pass
+
+    with pytest.raises(BadRequest):
+        async with queue.admit("typo", ok):
+            raise BadRequest("payload: unknown field(s) 'promt'")
+    with pytest.raises(ModelFailure):
+        async with queue.admit("crash", ok):
+            raise ModelFailure("llama.cpp failed")
+    assert (queue.completed, queue.failed, queue.running) == (0, 1, 0)

@@ -1,13 +1,15 @@
-"""Tests for the realm router (rentahal.realms.router) and the local realm queue (rentahal.realms.queue).
+"""Tests for the realm router (rentahal.realms.router).
 
-The router is pure logic over two interfaces, so the executors here are small in-test stand-ins;
-the peer table is the real one, fed with real signed and verified health records, on trio's
-MockClock (``autojump_clock`` is pytest-trio's own fixture).
+The router is pure logic over two interfaces, so the executors here are small in-test stand-ins
+that stream and return the typed events of ``rentahal.realms.events``; the peer table is the real
+one, fed with real signed and verified health records, on trio's MockClock (``autojump_clock`` is
+pytest-trio's own fixture).
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import pytest
 import trio
@@ -16,34 +18,34 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from rentahal.p2p.health import HealthRecord, RealmStatus, sign_record, verify_record
 from rentahal.p2p.identity import Identity
-from rentahal.p2p.peers import FailureKind, PeerTable
-from rentahal.realms.router import (
-    LOCAL,
-    Emit,
-    Event,
-    ExecutorError,
-    Query,
-    QueryFailed,
-    RealmRouter,
-)
+from rentahal.p2p.peers import PeerTable
+from rentahal.realms import events as ev
+from rentahal.realms.events import Code, ExecutorFailure, FailureKind, Fault, QueryError
+from rentahal.realms.router import LOCAL, Query, RealmRouter, StreamEmit
 
 SELF = Identity(Ed25519PrivateKey.generate())
 PEERS = [Identity(Ed25519PrivateKey.generate()) for _ in range(4)]
 P1, P2, P3, P4 = (p.peer_id for p in PEERS)
 NOT_SERVED = "not served here (serve = false)"
 
-Behaviour = Callable[[str, Query, Emit], Awaitable[Event]]
+Behaviour = Callable[[str, Query, StreamEmit], Awaitable[ev.Result]]
+E = TypeVar("E")
 
 
 # --- stand-ins ----------------------------------------------------------------------------------
 
 
 class FakeLocal:
-    def __init__(self, *, serves: bool = True, depth: int = 0, behaviour: Behaviour | None = None) -> None:
+    def __init__(
+        self, *, serves: bool = True, depth: int = 0, behaviour: Behaviour | None = None, loading: bool = False
+    ) -> None:
         self._serves = serves
+        self._loading = loading
+        self._loaded = trio.Event()
         self.depth = depth
         self.behaviour = behaviour or answer("local")
         self.calls = 0
+        self.waited_for: list[str] = []
 
     def serves(self, realm: str) -> bool:
         return self._serves
@@ -52,22 +54,34 @@ class FakeLocal:
         return self.depth
 
     def not_served_reason(self, realm: str) -> str:
-        return NOT_SERVED
+        return "model still loading" if self._loading else NOT_SERVED
 
-    async def execute(self, query: Query, emit: Emit) -> Event:
+    def loading(self, realm: str) -> bool:
+        return self._loading
+
+    async def wait_loaded(self, realm: str) -> None:
+        self.waited_for.append(realm)
+        await self._loaded.wait()
+
+    def finish_loading(self, *, serves: bool = True) -> None:
+        self._loading = False
+        self._serves = serves
+        self._loaded.set()
+
+    async def execute(self, query: Query, emit: StreamEmit) -> ev.Result:
         self.calls += 1
         return await self.behaviour(LOCAL, query, emit)
 
 
 class FakeRemote:
-    """Per-peer behaviours; records each call with the hang timeout it was given."""
+    """Per-peer behaviours; records each call with the deadline the attempt was given."""
 
     def __init__(self, behaviours: dict[str, Behaviour] | None = None) -> None:
         self.behaviours = behaviours or {}
         self.calls: list[tuple[str, float]] = []
 
-    async def execute(self, peer_id: str, query: Query, emit: Emit, *, hang_timeout: float) -> Event:
-        self.calls.append((peer_id, hang_timeout))
+    async def execute(self, peer_id: str, query: Query, emit: StreamEmit) -> ev.Result:
+        self.calls.append((peer_id, query.deadline_s))
         return await self.behaviours.get(peer_id, answer(peer_id))(peer_id, query, emit)
 
     @property
@@ -76,39 +90,56 @@ class FakeRemote:
 
 
 def answer(text: str, *, tokens: int = 2, delay: float = 0.0) -> Behaviour:
-    async def run(who: str, query: Query, emit: Emit) -> Event:
+    async def run(who: str, query: Query, emit: StreamEmit) -> ev.Result:
         await trio.sleep(delay)
         for i in range(tokens):
-            await emit({"type": "token", "text": f"{text}{i}", "index": i})
-        return {"type": "result", "output": text, "stats": {"by": who}}
+            await emit(ev.Token(f"{text}{i}", i))
+        return ev.Result({"text": text}, {"by": who})
 
     return run
 
 
-def fail(kind: FailureKind, code: str, message: str = "boom", *, tokens: int = 0) -> Behaviour:
-    async def run(who: str, query: Query, emit: Emit) -> Event:
+def fail(
+    kind: FailureKind, code: Code, message: str = "boom", *, tokens: int = 0, retry_after: float | None = None
+) -> Behaviour:
+    async def run(who: str, query: Query, emit: StreamEmit) -> ev.Result:
         for i in range(tokens):
-            await emit({"type": "token", "text": f"partial{i}", "index": i})
-        raise ExecutorError(kind, code, f"{who}: {message}")
+            await emit(ev.Token(f"partial{i}", i))
+        raise ExecutorFailure(f"{who}: {message}", code, kind=kind, retry_after=retry_after)
 
     return run
 
 
-async def hang(who: str, query: Query, emit: Emit) -> Event:
-    await emit({"type": "accepted", "position": 0, "eta_ms": None})
+def busy_then(times: int, retry_after: float, then: Behaviour) -> Behaviour:
+    """Answers busy (with a retry-after) ``times`` times, then behaves as ``then``."""
+    left = [times]
+
+    async def run(who: str, query: Query, emit: StreamEmit) -> ev.Result:
+        if left[0] > 0:
+            left[0] -= 1
+            raise ExecutorFailure(f"{who}: all slots busy", Code.BUSY, kind=FailureKind.REFUSED,
+                                  retry_after=retry_after)
+        return await then(who, query, emit)
+
+    return run
+
+
+async def hang(who: str, query: Query, emit: StreamEmit) -> ev.Result:
+    await emit(ev.Accepted(0))
     await trio.sleep_forever()
     raise AssertionError("unreachable")
 
 
 class Events:
     def __init__(self) -> None:
-        self.events: list[Event] = []
+        self.events: list[ev.Event] = []
 
-    async def __call__(self, event: Event) -> None:
+    async def __call__(self, event: ev.Event) -> None:
+        assert isinstance(event, (ev.Routed, ev.Failover, ev.Accepted, ev.Progress, ev.Token)), event
         self.events.append(event)
 
-    def of(self, type_: str) -> list[Event]:
-        return [e for e in self.events if e["type"] == type_]
+    def of(self, type_: type[E]) -> list[E]:
+        return [e for e in self.events if isinstance(e, type_)]
 
 
 # --- fixtures -----------------------------------------------------------------------------------
@@ -158,7 +189,6 @@ def make_router(
         remote,
         local_queue_limit=local_queue_limit,
         max_attempts=max_attempts,
-        hang_timeout=7.5,
         discover=discover,
     )
 
@@ -169,6 +199,14 @@ def query(deadline_s: float = 60.0, realm: str = "chat") -> Query:
 
 def ranked_peers(table: PeerTable, realm: str = "chat") -> list[str]:
     return [c.peer_id for c in table.candidates(realm)[0]]
+
+
+def assert_no_failure(table: PeerTable, peer_id: str) -> None:
+    entry = table.get(peer_id)
+    assert entry is not None
+    assert entry.failures == 0.0 and entry.consecutive_failures == 0
+    assert entry.last_failure == "" and entry.unresponsive == ""
+    assert entry.breaker_until == 0.0
 
 
 # --- planning -----------------------------------------------------------------------------------
@@ -187,11 +225,13 @@ async def test_local_first_when_served_and_queue_short(autojump_clock: trio.test
 
     events = Events()
     result = await router.run(query(), events)
-    assert result["executor"] == LOCAL and result["output"] == "local"
-    assert result["attempt"] == 1 and result["failovers"] == []
+    assert isinstance(result, ev.Result)
+    assert result.executor == LOCAL and result.output == {"text": "local"}
+    assert result.stats == {"by": LOCAL}
+    assert result.attempt == 1 and result.failovers == ()
     assert local.calls == 1 and remote.calls == []
-    assert events.of("executor") == [{"type": "executor", "executor": LOCAL, "attempt": 1}]
-    assert [e["attempt"] for e in events.of("token")] == [1, 1]
+    # The attempt is announced once, then the executor's stream passes through untouched.
+    assert events.events == [ev.Routed(LOCAL, 1), ev.Token("local0", 0), ev.Token("local1", 1)]
     # A local answer says nothing about peers.
     assert table.get(P1).successes == 0.0
 
@@ -208,20 +248,20 @@ async def test_peers_first_when_local_queue_at_limit(autojump_clock: trio.testin
     assert "limit 2" in plan.candidates[-1].note
     assert plan.to_json()["candidates"][-1]["executor"] == LOCAL
 
-    result = await router.run(query(), Events())
-    assert result["executor"] == P1
+    result = await router.run(query(deadline_s=45.0), Events())
+    assert result.executor == P1
     assert remote.called == [P1] and local.calls == 0
-    assert remote.calls[0][1] == 7.5  # the router passes its hang timeout on
+    assert remote.calls[0][1] == pytest.approx(45.0)  # the attempt carries the query's deadline
 
 
 async def test_local_is_the_last_resort_when_overloaded(autojump_clock: trio.testing.MockClock) -> None:
     table = make_table()
     announce(table, PEERS[0])
     local = FakeLocal(depth=5)
-    remote = FakeRemote({P1: fail(FailureKind.DEAD, "backend_failed")})
+    remote = FakeRemote({P1: fail(FailureKind.DEAD, Code.BACKEND_FAILED)})
     result = await make_router(table, local, remote).run(query(), Events())
-    assert result["executor"] == LOCAL
-    assert result["failovers"] == [P1]
+    assert result.executor == LOCAL
+    assert result.failovers == (P1,)
     assert local.calls == 1
 
 
@@ -238,8 +278,8 @@ async def test_local_excluded_with_reason_when_not_served(autojump_clock: trio.t
     assert plan.to_json()["excluded"][0] == {"executor": LOCAL, "reason": NOT_SERVED}
 
     result = await router.run(query(), Events())
-    assert result["executor"] == P1
-    assert local.calls == 0
+    assert result.executor == P1
+    assert local.calls == 0 and local.waited_for == []
 
 
 # --- failover -----------------------------------------------------------------------------------
@@ -252,7 +292,7 @@ async def test_failover_from_a_dead_peer(autojump_clock: trio.testing.MockClock)
     assert ranked_peers(table) == [P1, P2]
     remote = FakeRemote(
         {
-            P1: fail(FailureKind.DEAD, "backend_failed", "stream reset", tokens=3),
+            P1: fail(FailureKind.DEAD, Code.BACKEND_FAILED, "stream reset", tokens=3),
             P2: answer("second", delay=0.25),
         }
     )
@@ -261,22 +301,25 @@ async def test_failover_from_a_dead_peer(autojump_clock: trio.testing.MockClock)
 
     result = await router.run(query(), events)
 
-    assert result["executor"] == P2
-    assert result["output"] == "second"
-    assert result["failovers"] == [P1]
-    assert result["attempt"] == 2
+    assert result.executor == P2
+    assert result.output == {"text": "second"}
+    assert result.failovers == (P1,)
+    assert result.attempt == 2
     assert remote.called == [P1, P2]
-    assert [e["executor"] for e in events.of("executor")] == [P1, P2]
-    (failover,) = events.of("failover")
-    assert failover["executor"] == P1 and failover["attempt"] == 1
-    assert failover["kind"] == "dead" and failover["code"] == "backend_failed"
-    assert "stream reset" in failover["message"]
-    # Tokens are tagged with their attempt, so the client can drop the dead one's partial answer.
-    assert [(e["text"], e["attempt"]) for e in events.of("token")] == [
-        ("partial0", 1), ("partial1", 1), ("partial2", 1), ("second0", 2), ("second1", 2),
-    ]
-    types = [e["type"] for e in events.events]
-    assert types.index("failover") < types.index("executor", 1)
+    assert events.of(ev.Routed) == [ev.Routed(P1, 1), ev.Routed(P2, 2)]
+    (failover,) = events.of(ev.Failover)
+    assert failover.executor == P1 and failover.attempt == 1
+    assert failover.kind is FailureKind.DEAD and failover.code is Code.BACKEND_FAILED
+    assert "stream reset" in failover.message
+    # Tokens pass through untouched; each follows the Routed of its attempt and the dead one's
+    # partial answer ends with its Failover, so the client can drop it.
+    assert events.events == [
+        ev.Routed(P1, 1),
+        ev.Token("partial0", 0), ev.Token("partial1", 1), ev.Token("partial2", 2),
+        failover,
+        ev.Routed(P2, 2),
+        ev.Token("second0", 0), ev.Token("second1", 1),
+    ]  # fmt: skip
 
     first, second = table.get(P1), table.get(P2)
     assert first.failures == pytest.approx(1.0) and first.consecutive_failures == 1
@@ -290,18 +333,25 @@ async def test_repeated_failures_open_the_circuit_and_reorder(autojump_clock: tr
     table = make_table()
     announce(table, PEERS[0], depth=0)
     announce(table, PEERS[1], depth=1)
-    remote = FakeRemote({P1: fail(FailureKind.HUNG, "deadline_exceeded", "no frame")})
+    remote = FakeRemote({P1: fail(FailureKind.HUNG, Code.DEADLINE_EXCEEDED, "no frame")})
     router = make_router(table, FakeLocal(serves=False), remote)
     for i in range(3):
         assert router.plan("chat").candidates[0].executor == P1
         result = await router.run(query(), Events())
-        assert result["executor"] == P2
-    # Third failure opened P1's breaker: it is no longer tried at all.
+        assert result.executor == P2
+        assert table.get(P1).consecutive_failures == i + 1
+        if i < 2:
+            # A hung peer is out of routing at once, until it shows it is alive...
+            plan = router.plan("chat")
+            assert [c.executor for c in plan.candidates] == [P2]
+            assert any(x.executor == P1 and "unresponsive" in x.note for x in plan.excluded)
+        announce(table, PEERS[0], depth=0)  # ...with a fresh health record
+    # The third failure in a row opened P1's breaker: even a fresh record does not bring it back.
     plan = router.plan("chat")
     assert [c.executor for c in plan.candidates] == [P2]
     assert any(x.executor == P1 and "circuit" in x.note for x in plan.excluded)
     remote.calls.clear()
-    assert (await router.run(query(), Events()))["failovers"] == []
+    assert (await router.run(query(), Events())).failovers == ()
     assert remote.called == [P2]
 
 
@@ -314,13 +364,13 @@ async def test_query_deadline_cuts_a_hung_executor(autojump_clock: trio.testing.
     events = Events()
 
     start = trio.current_time()
-    with pytest.raises(QueryFailed) as info:
+    with pytest.raises(QueryError) as info:
         await router.run(query(deadline_s=30.0), events)
-    assert info.value.code == "deadline_exceeded"
+    assert info.value.code is Code.DEADLINE_EXCEEDED
     assert "30s" in info.value.message
     assert trio.current_time() - start == pytest.approx(30.0)
     assert remote.called == [P1]  # the deadline is for the whole query, not per attempt
-    assert events.of("accepted") == [{"type": "accepted", "position": 0, "eta_ms": None, "attempt": 1}]
+    assert events.events == [ev.Routed(P1, 1), ev.Accepted(0, None)]
 
 
 async def test_deadline_spans_failovers(autojump_clock: trio.testing.MockClock) -> None:
@@ -328,67 +378,92 @@ async def test_deadline_spans_failovers(autojump_clock: trio.testing.MockClock) 
     announce(table, PEERS[0])
     announce(table, PEERS[1], depth=5)
 
-    async def slow_death(who: str, q: Query, emit: Emit) -> Event:
+    async def slow_death(who: str, q: Query, emit: StreamEmit) -> ev.Result:
         await trio.sleep(20.0)
-        raise ExecutorError(FailureKind.HUNG, "deadline_exceeded", "no frame for 20s")
+        raise ExecutorFailure("no frame for 20s", Code.DEADLINE_EXCEEDED, kind=FailureKind.HUNG)
 
     remote = FakeRemote({P1: slow_death, P2: hang})
     start = trio.current_time()
-    with pytest.raises(QueryFailed) as info:
+    with pytest.raises(QueryError) as info:
         await make_router(table, FakeLocal(serves=False), remote).run(query(deadline_s=30.0), Events())
-    assert info.value.code == "deadline_exceeded"
+    assert info.value.code is Code.DEADLINE_EXCEEDED
     assert trio.current_time() - start == pytest.approx(30.0)
     assert remote.called == [P1, P2]
+    # Each attempt gets the time that is left, not the whole budget again.
+    assert [d for _, d in remote.calls] == [pytest.approx(30.0), pytest.approx(10.0)]
 
 
-async def test_non_retryable_refusal_does_not_fail_over(autojump_clock: trio.testing.MockClock) -> None:
+async def test_non_retryable_failure_is_raised_without_failover(autojump_clock: trio.testing.MockClock) -> None:
     table = make_table()
     announce(table, PEERS[0])
     announce(table, PEERS[1], depth=5)
-    remote = FakeRemote({P1: fail(FailureKind.REFUSED, "bad_request", "prompt too long")})
+    # Neither the user's fault nor one another executor could fix: the peer's run was cancelled.
+    remote = FakeRemote({P1: fail(FailureKind.REFUSED, Code.CANCELLED, "cancelled by its sysop")})
     local = FakeLocal(depth=10)
     events = Events()
-    with pytest.raises(QueryFailed) as info:
+    with pytest.raises(QueryError) as info:
         await make_router(table, local, remote, local_queue_limit=2).run(query(), events)
-    assert info.value.code == "bad_request"
-    assert "prompt too long" in info.value.message
+    assert not Code.CANCELLED.retryable and Code.CANCELLED.fault is not Fault.USER
+    assert info.value.code is Code.CANCELLED
+    assert "cancelled by its sysop" in info.value.message
     assert remote.called == [P1] and local.calls == 0
-    assert events.of("failover") == []
+    assert events.of(ev.Failover) == []
 
 
 async def test_local_bad_request_does_not_fail_over(autojump_clock: trio.testing.MockClock) -> None:
     table = make_table()
     announce(table, PEERS[0])
     remote = FakeRemote()
-    local = FakeLocal(behaviour=fail(FailureKind.REFUSED, "bad_request", "no prompt"))
-    with pytest.raises(QueryFailed) as info:
-        await make_router(table, local, remote).run(query(), Events())
-    assert info.value.code == "bad_request"
-    assert remote.calls == []
+    local = FakeLocal(behaviour=fail(FailureKind.REFUSED, Code.BAD_REQUEST, "no prompt"))
+    events = Events()
+    with pytest.raises(QueryError) as info:
+        await make_router(table, local, remote).run(query(), events)
+    assert info.value.code is Code.BAD_REQUEST
+    assert "no prompt" in info.value.message
+    assert remote.calls == [] and local.calls == 1
+    assert events.of(ev.Failover) == []
+    assert_no_failure(table, P1)
 
 
-async def test_queue_full_refusal_fails_over(autojump_clock: trio.testing.MockClock) -> None:
+async def test_queue_full_without_a_hint_fails_over(autojump_clock: trio.testing.MockClock) -> None:
     table = make_table()
     announce(table, PEERS[0])
     remote = FakeRemote()
-    local = FakeLocal(behaviour=fail(FailureKind.REFUSED, "queue_full", "chat queue is full"))
+    local = FakeLocal(behaviour=fail(FailureKind.REFUSED, Code.QUEUE_FULL, "chat queue is full"))
     events = Events()
     result = await make_router(table, local, remote).run(query(), events)
-    assert result["executor"] == P1
-    assert result["failovers"] == [LOCAL]
-    assert events.of("failover")[0]["code"] == "queue_full"
+    assert result.executor == P1
+    assert result.failovers == (LOCAL,)
+    assert events.of(ev.Failover)[0].code is Code.QUEUE_FULL
     assert table.get(P1).successes == pytest.approx(1.0)
 
 
-async def test_remote_queue_full_fails_over_and_counts_against_the_peer(
+async def test_local_queue_full_with_a_hint_lets_a_peer_go_first(autojump_clock: trio.testing.MockClock) -> None:
+    table = make_table()
+    announce(table, PEERS[0])
+    remote = FakeRemote()
+    local = FakeLocal(behaviour=fail(FailureKind.REFUSED, Code.QUEUE_FULL, "chat queue is full", retry_after=2.0))
+    events = Events()
+    start = trio.current_time()
+    result = await make_router(table, local, remote).run(query(), events)
+    # Back-pressure is no failure: the ready peer runs at once, without a failover.
+    assert result.executor == P1 and result.attempt == 2
+    assert result.failovers == ()
+    assert events.of(ev.Routed) == [ev.Routed(LOCAL, 1), ev.Routed(P1, 2)]
+    assert events.of(ev.Failover) == []
+    assert trio.current_time() - start == pytest.approx(0.0)
+    assert local.calls == 1 and remote.called == [P1]
+
+
+async def test_remote_queue_full_without_a_hint_counts_against_the_peer(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     table = make_table()
     announce(table, PEERS[0])
     announce(table, PEERS[1], depth=5)
-    remote = FakeRemote({P1: fail(FailureKind.REFUSED, "queue_full")})
+    remote = FakeRemote({P1: fail(FailureKind.REFUSED, Code.QUEUE_FULL)})
     result = await make_router(table, FakeLocal(serves=False), remote).run(query(), Events())
-    assert result["executor"] == P2
+    assert result.executor == P2
     assert table.get(P1).consecutive_failures == 1
     assert table.get(P1).last_failure.startswith("refused")
 
@@ -400,18 +475,18 @@ async def test_max_attempts_caps_the_executors_tried(autojump_clock: trio.testin
     assert ranked_peers(table) == [P1, P2, P3, P4]
     remote = FakeRemote(
         {
-            P1: fail(FailureKind.DEAD, "backend_failed"),
-            P2: fail(FailureKind.REFUSED, "busy", "too busy"),
+            P1: fail(FailureKind.DEAD, Code.BACKEND_FAILED),
+            P2: fail(FailureKind.REFUSED, Code.BUSY, "too busy"),  # no retry-after: a failure
             P3: answer("never reached"),
         }
     )
     events = Events()
-    with pytest.raises(QueryFailed) as info:
+    with pytest.raises(QueryError) as info:
         await make_router(table, FakeLocal(serves=False), remote, max_attempts=2).run(query(), events)
     assert remote.called == [P1, P2]
-    assert info.value.code == "busy"  # the last (retryable) code
+    assert info.value.code is Code.BUSY  # the last (retryable) code
     assert "all 2 executor(s) failed" in info.value.message and "too busy" in info.value.message
-    assert len(events.of("failover")) == 2
+    assert len(events.of(ev.Failover)) == 2
 
 
 async def test_all_executors_failing(autojump_clock: trio.testing.MockClock) -> None:
@@ -420,21 +495,122 @@ async def test_all_executors_failing(autojump_clock: trio.testing.MockClock) -> 
     announce(table, PEERS[1], depth=1)
     remote = FakeRemote(
         {
-            P1: fail(FailureKind.HUNG, "deadline_exceeded"),
-            P2: fail(FailureKind.PROTOCOL, "bad_request", "malformed answer"),
+            P1: fail(FailureKind.HUNG, Code.DEADLINE_EXCEEDED),
+            P2: fail(FailureKind.PROTOCOL, Code.PROTOCOL_ERROR, "malformed answer"),
         }
     )
-    local = FakeLocal(depth=9, behaviour=fail(FailureKind.DEAD, "backend_failed", "model crashed"))
-    with pytest.raises(QueryFailed) as info:
+    local = FakeLocal(depth=9, behaviour=fail(FailureKind.DEAD, Code.BACKEND_FAILED, "model crashed"))
+    with pytest.raises(QueryError) as info:
         await make_router(table, local, remote, max_attempts=5).run(query(), Events())
     assert remote.called == [P1, P2] and local.calls == 1
-    assert info.value.code == "backend_failed"
+    assert info.value.code is Code.BACKEND_FAILED
     assert "all 3 executor(s) failed" in info.value.message and "model crashed" in info.value.message
     # A protocol error is a failure (not a refusal): it fails over, and counts as a violation.
     assert table.get(P2).violations == 1
 
 
-# --- discovery ----------------------------------------------------------------------------------
+# --- back-pressure, user faults and deadlines on a peer ------------------------------------------
+
+
+async def test_busy_peer_is_waited_for_and_not_counted(autojump_clock: trio.testing.MockClock) -> None:
+    table = make_table()
+    announce(table, PEERS[0])
+    remote = FakeRemote({P1: busy_then(2, 0.2, answer("patient"))})
+    events = Events()
+    start = trio.current_time()
+    result = await make_router(table, FakeLocal(serves=False), remote).run(query(deadline_s=30.0), events)
+    waited = trio.current_time() - start
+
+    assert result.executor == P1 and result.output == {"text": "patient"}
+    assert result.attempt == 3 and result.failovers == ()
+    assert remote.called == [P1, P1, P1]
+    assert waited >= 0.4 - 1e-9 and waited == pytest.approx(0.4)  # two retry-afters of 0.2 s
+    assert events.of(ev.Routed) == [ev.Routed(P1, 1), ev.Routed(P1, 2), ev.Routed(P1, 3)]
+    assert events.of(ev.Failover) == []
+    entry = table.get(P1)
+    assert entry.failures == 0.0 and entry.consecutive_failures == 0 and entry.last_failure == ""
+    assert entry.successes == pytest.approx(1.0)
+
+
+async def test_busy_past_the_deadline_moves_on(autojump_clock: trio.testing.MockClock) -> None:
+    table = make_table()
+    announce(table, PEERS[0])
+    announce(table, PEERS[1], depth=5)
+    assert ranked_peers(table) == [P1, P2]
+    remote = FakeRemote({P1: busy_then(1, 120.0, answer("too late"))})
+    events = Events()
+    start = trio.current_time()
+    result = await make_router(table, FakeLocal(serves=False), remote).run(query(deadline_s=30.0), events)
+
+    assert result.executor == P2 and result.attempt == 2
+    assert result.failovers == (P1,)
+    assert remote.called == [P1, P2]  # P1 is not asked again
+    assert trio.current_time() - start == pytest.approx(0.0)  # nor waited for
+    (failover,) = events.of(ev.Failover)
+    assert failover.executor == P1 and failover.code is Code.BUSY
+
+
+async def test_peer_bad_request_is_raised_at_once_and_not_held_against_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    table = make_table()
+    announce(table, PEERS[0])
+    announce(table, PEERS[1], depth=5)
+    remote = FakeRemote({P1: fail(FailureKind.REFUSED, Code.BAD_REQUEST, "prompt too long")})
+    local = FakeLocal(depth=10)  # overloaded: the last resort, after both peers
+    router = make_router(table, local, remote, local_queue_limit=2)
+    events = Events()
+    start = trio.current_time()
+    with pytest.raises(QueryError) as info:
+        await router.run(query(), events)
+
+    assert info.value.code is Code.BAD_REQUEST and info.value.fault is Fault.USER
+    assert "prompt too long" in info.value.message
+    assert trio.current_time() - start == pytest.approx(0.0)
+    assert remote.called == [P1] and local.calls == 0  # no other executor would do better
+    assert events.events == [ev.Routed(P1, 1)]
+    assert_no_failure(table, P1)
+    assert router.plan("chat").candidates[0].executor == P1  # still first in line
+
+
+async def test_deadline_running_out_on_a_peer_counts_as_hung(autojump_clock: trio.testing.MockClock) -> None:
+    table = make_table()
+    announce(table, PEERS[0])
+    announce(table, PEERS[1], depth=5)
+    remote = FakeRemote({P1: hang})
+    router = make_router(table, FakeLocal(serves=False), remote)
+    with pytest.raises(QueryError) as info:
+        await router.run(query(deadline_s=10.0), Events())
+
+    assert info.value.code is Code.DEADLINE_EXCEEDED
+    assert remote.called == [P1]
+    entry = table.get(P1)
+    assert entry.failures == pytest.approx(1.0) and entry.consecutive_failures == 1
+    assert entry.last_failure.startswith("hung")
+    assert entry.successes == 0.0
+    # Out of routing until it shows it is alive; P2, never tried, has nothing against it.
+    assert [c.executor for c in router.plan("chat").candidates] == [P2]
+    assert_no_failure(table, P2)
+
+
+async def test_busy_peer_that_then_hangs_is_blamed_for_the_deadline(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    table = make_table()
+    announce(table, PEERS[0])
+    remote = FakeRemote({P1: busy_then(1, 0.5, hang)})
+    local = FakeLocal(depth=5, behaviour=busy_then(1, 0.9, answer("local")))
+    # P1 is busy (back at 0.5 s) and then hangs; local is busy until 0.9 s and the query's
+    # deadline is 0.7 s: the deadline runs out on P1's second attempt, not on a wait.
+    with pytest.raises(QueryError) as info:
+        await make_router(table, local, remote).run(query(deadline_s=0.7), Events())
+    assert info.value.code is Code.DEADLINE_EXCEEDED
+    assert remote.called == [P1, P1] and local.calls == 1
+    assert table.get(P1).consecutive_failures == 1  # the hang, not the busy answer
+    assert table.get(P1).last_failure.startswith("hung")
+
+
+# --- discovery and loading ----------------------------------------------------------------------
 
 
 async def test_discover_fills_the_table(autojump_clock: trio.testing.MockClock) -> None:
@@ -450,7 +626,7 @@ async def test_discover_fills_the_table(autojump_clock: trio.testing.MockClock) 
     router = make_router(table, FakeLocal(serves=False), remote, discover=discover)
     result = await router.run(query(realm="vision"), Events())
     assert asked == ["vision"]
-    assert result["executor"] == P3
+    assert result.executor == P3
     assert remote.called == [P3]
 
 
@@ -463,10 +639,10 @@ async def test_discover_finding_nothing(autojump_clock: trio.testing.MockClock) 
         asked.append(realm)
 
     remote = FakeRemote()
-    with pytest.raises(QueryFailed) as info:
+    with pytest.raises(QueryError) as info:
         await make_router(table, FakeLocal(serves=False), remote, discover=discover).run(query(), Events())
     assert asked == ["chat"]
-    assert info.value.code == "realm_not_served"
+    assert info.value.code is Code.REALM_NOT_SERVED
     assert NOT_SERVED in info.value.message
     assert "no health record yet" in info.value.message
     assert remote.calls == []
@@ -481,19 +657,19 @@ async def test_discover_is_bounded(autojump_clock: trio.testing.MockClock) -> No
         await trio.sleep_forever()
 
     start = trio.current_time()
-    with pytest.raises(QueryFailed) as info:
+    with pytest.raises(QueryError) as info:
         await make_router(table, FakeLocal(serves=False), FakeRemote(), discover=discover).run(
             query(deadline_s=60.0), Events()
         )
-    assert info.value.code == "realm_not_served"
+    assert info.value.code is Code.REALM_NOT_SERVED
     assert asked == ["chat"]
     assert trio.current_time() - start == pytest.approx(5.0)
 
 
 async def test_no_discover_hook_no_candidates(autojump_clock: trio.testing.MockClock) -> None:
-    with pytest.raises(QueryFailed) as info:
+    with pytest.raises(QueryError) as info:
         await make_router(make_table(), FakeLocal(serves=False), FakeRemote()).run(query(), Events())
-    assert info.value.code == "realm_not_served"
+    assert info.value.code is Code.REALM_NOT_SERVED
     assert "local" in info.value.message and NOT_SERVED in info.value.message
 
 
@@ -504,7 +680,7 @@ async def test_discover_not_called_when_there_is_a_candidate(autojump_clock: tri
         asked.append(realm)
 
     result = await make_router(make_table(), FakeLocal(), FakeRemote(), discover=discover).run(query(), Events())
-    assert result["executor"] == LOCAL
+    assert result.executor == LOCAL
     assert asked == []
 
 
@@ -517,9 +693,50 @@ async def test_query_deadline_includes_discovery(autojump_clock: trio.testing.Mo
 
     remote = FakeRemote({P1: hang})
     start = trio.current_time()
-    with pytest.raises(QueryFailed) as info:
+    with pytest.raises(QueryError) as info:
         await make_router(table, FakeLocal(serves=False), remote, discover=discover).run(
             query(deadline_s=10.0), Events()
         )
-    assert info.value.code == "deadline_exceeded"
-    assert trio.current_time() - start == pytest.approx(10.0)  # today: 14.0
+    assert info.value.code is Code.DEADLINE_EXCEEDED
+    assert trio.current_time() - start == pytest.approx(10.0)
+    assert remote.calls == [(P1, pytest.approx(6.0))]  # what discovery left of the deadline
+
+
+async def test_waits_for_a_loading_local_model(autojump_clock: trio.testing.MockClock) -> None:
+    table = make_table()
+    local = FakeLocal(serves=False, loading=True)
+    asked: list[str] = []
+
+    async def discover(realm: str) -> None:
+        asked.append(realm)
+
+    router = make_router(table, local, FakeRemote(), discover=discover)
+    assert router.plan("chat").candidates == []
+    events = Events()
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+
+        async def load() -> None:
+            await trio.sleep(3.0)
+            local.finish_loading()
+
+        nursery.start_soon(load)
+        result = await router.run(query(deadline_s=30.0), events)
+
+    assert local.waited_for == ["chat"]
+    assert trio.current_time() - start == pytest.approx(3.0)
+    assert result.executor == LOCAL and result.output == {"text": "local"}
+    assert local.calls == 1
+    assert events.of(ev.Routed) == [ev.Routed(LOCAL, 1)]
+    assert asked == []  # it had a candidate once loaded: no discovery
+
+
+async def test_loading_local_model_is_waited_for_within_the_deadline(autojump_clock: trio.testing.MockClock) -> None:
+    local = FakeLocal(serves=False, loading=True)  # never finishes loading
+    start = trio.current_time()
+    with pytest.raises(QueryError) as info:
+        await make_router(make_table(), local, FakeRemote()).run(query(deadline_s=8.0), Events())
+    assert info.value.code is Code.REALM_NOT_SERVED
+    assert "model still loading" in info.value.message
+    assert trio.current_time() - start == pytest.approx(8.0)
+    assert local.calls == 0

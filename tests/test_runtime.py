@@ -71,10 +71,12 @@ async def test_kill_9_with_queued_and_running_queries_loses_nothing(federation: 
             statuses = [e["status"] for e in got["events"]]
             assert statuses.count("done") == 1, statuses
             assert "queued" in statuses
-        # The two interrupted queries ran again from the start, on the restarted node.
-        for qid in running:
-            statuses = [e["status"] for e in (await client.call("get_query", query_id=qid))["events"]]
-            assert statuses.count("running") == 2 and statuses.count("done") == 1
+        # Every one ran again from the start on the restarted node (a run's steps are stored
+        # with its end, so the interrupted runs left only their stored "queued").
+        for qid in ids:
+            events = (await client.call("get_query", query_id=qid))["events"]
+            assert "resumed after restart" in [e["detail"] for e in events]
+            assert [e["status"] for e in events].count("running") == 1
         stats = (await client.call("stats"))["stats"]["chat"]
         assert stats["served_local"] == 22 and stats["queue_depth"] == 0
 
@@ -133,13 +135,17 @@ async def _fill(client: Any, n: int) -> list[Any]:
 
 
 async def test_full_queue_sends_the_query_to_a_peer_or_says_queue_full(federation: Federation) -> None:
+    """A full queue says when to come back: the query waits for a place, or goes to a peer
+    meanwhile (it would fail queue_full only if no place freed up within its deadline: the
+    router's tests show that)."""
     small = {"realms.chat.slots": "1", "realms.chat.queue_limit": "1"}
     alone = chat_node(federation, "alone", **small)
     async with connect(alone.ui) as client:
         await _fill(client, 2)
         msgs = [m async for m in client.stream("submit_query", realm="chat", payload={"prompt": "hi"})]
-        assert msgs[-1]["op"] == "error" and msgs[-1]["code"] == "queue_full"
-        assert "queue full" in msgs[-1]["message"]
+        # Refused queue_full at first, it came back after the retry-after until a place was free.
+        assert msgs[-1]["op"] == "result" and msgs[-1]["result"]["attempt"] > 1, msgs[-1]
+        assert msgs[-1]["result"]["executor"] == "local" and msgs[-1]["result"]["failovers"] == []
 
     helper = chat_node(federation, "helper")
     busy = federation.start("busy", serve="chat", bootstrap=(helper.addr,),
@@ -150,9 +156,9 @@ async def test_full_queue_sends_the_query_to_a_peer_or_says_queue_full(federatio
         msgs = [m async for m in client.stream("submit_query", realm="chat", payload={"prompt": "hi", "max_tokens": 8})]
         assert msgs[-1]["op"] == "result", msgs[-1]
         result = msgs[-1]["result"]
-        assert result["executor"] == helper.peer_id and result["failovers"] == ["local"]
-        failover = next(m["event"] for m in msgs if m.get("event", {}).get("type") == "failover")
-        assert failover["code"] == "queue_full"
+        # Local said queue_full with a retry-after: the helper, ready now, answered meanwhile.
+        assert result["executor"] == helper.peer_id and result["attempt"] == 2 and result["failovers"] == []
+        assert not [m for m in msgs if m.get("event", {}).get("type") == "failover"]
 
 
 async def test_bans_nicknames_and_sysop_token_are_enforced(federation: Federation) -> None:

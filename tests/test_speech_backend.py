@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import trio
 
-from rentahal.models.base import BackendError, BadPayload, ProgressEvent
+from rentahal.models.base import ModelFailure, BadRequest, Progress
 from rentahal.models.speech import (
     SpeechBackend,
     SpeechParams,
@@ -125,7 +125,7 @@ async def test_loads_and_transcribes_spoken_wav(
     assert result.output["language"] == "en" and result.output["model"] == SMOKE_TEST_MODEL_NAME
     assert result.stats["segments"] >= 1
     assert sink.events
-    assert all(isinstance(e, ProgressEvent) and e.stage == "transcribing" for e in sink.events)
+    assert all(isinstance(e, Progress) and e.stage == "transcribing" for e in sink.events)
     assert [e.done for e in sink.events] == list(range(1, len(sink.events) + 1))
     assert abs(result.stats["audio_s"] - 1.03) < 0.1
     assert result.stats["realtime_factor"] > 0 and result.stats["ms"] > 0
@@ -145,28 +145,28 @@ async def test_other_formats_are_converted(
 async def test_too_long_audio_is_refused(tiny_path: Path, media: dict[str, bytes]) -> None:
     async with loaded(SpeechBackend(tiny_path, threads=1, max_audio_s=0.5)) as b:
         for fmt in ("wav", "wav16k", "webm"):  # converted, read directly, converted
-            with pytest.raises(BadPayload, match=r"^payload\.audio: longer than the 0\.5 s"):
+            with pytest.raises(BadRequest, match=r"^payload\.audio: longer than the 0\.5 s"):
                 await b.generate({"audio": media[fmt]}, Collector())
 
 
 async def test_undecodable_audio_is_a_bad_payload(backend: SpeechBackend) -> None:
     fake_webm = b"\x1a\x45\xdf\xa3" + bytes(range(256)) * 4
     expected = r"^payload\.audio: could not be decoded as WebM \(ffmpeg: "
-    with pytest.raises(BadPayload, match=expected):
+    with pytest.raises(BadRequest, match=expected):
         await backend.generate({"audio": fake_webm}, Collector())
     silent_wav = _wav16k(b"")
-    with pytest.raises(BadPayload, match=r"^payload\.audio: contains no audio"):
+    with pytest.raises(BadRequest, match=r"^payload\.audio: contains no audio"):
         await backend.generate({"audio": silent_wav}, Collector())
 
 
 async def test_cancel_stops_whisper_and_backend_still_works(
     backend: SpeechBackend, media: dict[str, bytes]
 ) -> None:
-    seen: list[ProgressEvent] = []
+    seen: list[Progress] = []
     cancelled_at: list[float] = []
     with trio.CancelScope() as scope:
 
-        async def send(ev: ProgressEvent) -> None:
+        async def send(ev: Progress) -> None:
             seen.append(ev)
             cancelled_at.append(time.perf_counter())
             scope.cancel()  # withdraw the request after the first 30 s window
@@ -200,11 +200,11 @@ async def test_transcriptions_queue_and_tts_runs_alongside(
 
 async def test_closed_backend_refuses(tiny_path: Path, media: dict[str, bytes]) -> None:
     b = SpeechBackend(tiny_path, threads=1)
-    with pytest.raises(BackendError, match="not loaded"):
+    with pytest.raises(ModelFailure, match="not loaded"):
         await b.generate({"audio": media["wav"]}, Collector())
     await b.load()
     await b.aclose()
-    with pytest.raises(BackendError, match="not loaded") as info:
+    with pytest.raises(ModelFailure, match="not loaded") as info:
         await b.generate({"audio": media["wav"]}, Collector())
     assert info.value.code == "backend_failed"
 
@@ -217,10 +217,10 @@ async def test_without_espeak_and_ffmpeg_stt_still_works(
         assert not b.tts_available and not b.ffmpeg_available
         result = await b.generate({"audio": media["wav16k"]}, Collector())  # no conversion needed
         assert isinstance(result.output["text"], str)
-        with pytest.raises(BackendError, match="ffmpeg is not installed") as info:
+        with pytest.raises(ModelFailure, match="ffmpeg is not installed") as info:
             await b.generate({"audio": media["webm"]}, Collector())
         assert info.value.code == "backend_failed"
-        with pytest.raises(BackendError, match="espeak-ng is not installed") as info:
+        with pytest.raises(ModelFailure, match="espeak-ng is not installed") as info:
             await b.generate({"text": "hello"}, Collector())
         assert info.value.code == "backend_failed"
 
@@ -248,7 +248,7 @@ async def test_text_to_speech_makes_a_wav(backend: SpeechBackend) -> None:
 
 
 async def test_unknown_voice_is_a_bad_payload(backend: SpeechBackend) -> None:
-    with pytest.raises(BadPayload, match=r"^payload\.voice: espeak-ng has no voice 'zz-nope'"):
+    with pytest.raises(BadRequest, match=r"^payload\.voice: espeak-ng has no voice 'zz-nope'"):
         await backend.generate({"text": "hi", "voice": "zz-nope"}, Collector())
 
 
@@ -287,7 +287,7 @@ async def test_unknown_voice_is_a_bad_payload(backend: SpeechBackend) -> None:
     ],
 )
 def test_bad_payloads_name_the_field(payload: dict, message: str) -> None:
-    with pytest.raises(BadPayload, match=message) as info:
+    with pytest.raises(BadRequest, match=message) as info:
         parse_speech_payload(payload, **LIMITS)
     assert info.value.code == "bad_request"
 
@@ -304,7 +304,7 @@ def test_good_payloads_parse() -> None:
 
 
 async def test_bad_payload_through_generate(backend: SpeechBackend) -> None:
-    with pytest.raises(BadPayload, match=r"^payload\.audio: unsupported format"):
+    with pytest.raises(BadRequest, match=r"^payload\.audio: unsupported format"):
         await backend.generate({"audio": np.random.default_rng(0).bytes(4096)}, Collector())
 
 

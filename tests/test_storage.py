@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -448,10 +449,10 @@ async def test_queries_users_and_history(tmp_path: Path) -> None:
 async def test_node_wide_tables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     st = await Storage.open(tmp_path, 1)
     for ms in range(1, 101):
-        await st.record_outcome("chat", for_peer=ms % 4 == 0, ok=True, ms=float(ms), cost=0.5)
-    await st.record_outcome("chat", for_peer=False, ok=False, ms=9999.0, cost=7.0)
-    await st.record_outcome("chat", for_peer=True, ok=False, cancelled=True, ms=9999.0)
-    await st.record_outcome("vision", for_peer=True, ok=False)
+        st.record_outcome("chat", for_peer=ms % 4 == 0, ok=True, ms=float(ms), cost=0.5)
+    st.record_outcome("chat", for_peer=False, ok=False, ms=9999.0, cost=7.0)
+    st.record_outcome("chat", for_peer=True, ok=False, cancelled=True, ms=9999.0)
+    st.record_outcome("vision", for_peer=True, ok=False)
     stats = await st.stats()
     assert stats["chat"] == {
         "served_local": 75,
@@ -466,9 +467,9 @@ async def test_node_wide_tables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
 
     monkeypatch.setattr(storage_mod, "DURATIONS_KEPT", 10)
     for _ in range(3):
-        await st.record_outcome("speech", for_peer=False, ok=True, ms=1000.0)
+        st.record_outcome("speech", for_peer=False, ok=True, ms=1000.0)
     for _ in range(10):
-        await st.record_outcome("speech", for_peer=False, ok=True, ms=1.0)
+        st.record_outcome("speech", for_peer=False, ok=True, ms=1.0)
     assert (await st.stats())["speech"]["p95_ms"] == 1.0  # the slow ones aged out
 
     for i in range(5):
@@ -502,3 +503,110 @@ def test_shard_for_is_stable() -> None:
     assert [shard_for("bob", n) for n in (4, 7, 64)] == [2, 1, 26]
     assert shard_for("ünïcode-✓", 64) == 62
     assert int("2bd806c97f0e00af", 16) % 7 == shard_for("alice", 7)
+
+
+# --- group commit, the two writes of a query, a full disk ----------------------------------------
+
+
+async def test_concurrent_writes_share_transactions_and_a_failing_one_undoes_only_itself(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    batches: list[int] = []
+    commit = storage_mod._commit
+
+    def counting(db: Any, batch: list[Any]) -> None:
+        batches.append(len(batch))
+        commit(db, batch)
+
+    monkeypatch.setattr(storage_mod, "_commit", counting)
+    st = await Storage.open(tmp_path, 1)
+    try:
+        errors: list[Exception] = []
+
+        async def one(i: int) -> None:
+            try:
+                await st.insert_query(query_id="dup" if i % 10 == 9 else f"q{i}", user_guid="u",
+                                      realm="chat", payload={"i": i}, priority=10, deadline_at=1e12)
+            except StorageError as exc:
+                errors.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(100):
+                nursery.start_soon(one, i)
+        stored = {r["id"] for r in await st.unfinished_queries()}
+    finally:
+        await st.aclose()
+    assert sum(batches) == 100 and len(batches) < 50  # grouped, not one transaction each
+    assert len(errors) == 9  # the duplicate ids: refused one by one, nothing else undone
+    assert stored == {f"q{i}" for i in range(100) if i % 10 != 9} | {"dup"}
+
+
+async def test_a_query_is_two_write_transactions_with_its_history(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from rentahal.node.storage import QueryEvent
+
+    st = await Storage.open(tmp_path, 2)
+    try:
+        batches: list[int] = []
+        commit = storage_mod._commit
+        monkeypatch.setattr(storage_mod, "_commit", lambda db, b: (batches.append(len(b)), commit(db, b))[1])
+        await st.insert_query(query_id="q1", user_guid="u", realm="chat", payload={}, priority=10,
+                              deadline_at=1e12)
+        history = [QueryEvent("routed", 1.0, "peerA"), QueryEvent("running", 2.0, "peerA"),
+                   QueryEvent("routed", 3.0, "local", "failover: dead: stream lost")]
+        assert await st.finish_query("q1", "u", output={"text": "x"}, stats={}, executor="local",
+                                     failovers=["peerA"], processing_ms=5.0, cost=0.0, attempts=2,
+                                     events=history)
+        assert batches == [1, 1]
+        events = await st.query_events("q1", "u")
+        row = await st.get_query("q1", "u")
+    finally:
+        await st.aclose()
+    assert [e["status"] for e in events] == ["queued", "routed", "running", "routed", "done"]
+    assert events[3]["detail"] == "failover: dead: stream lost"
+    assert (row["status"], row["attempts"], row["failovers"]) == ("done", 2, ["peerA"])
+
+
+async def test_a_full_disk_is_storage_full_and_nothing_is_half_written(tmp_path: Path) -> None:
+    """SQLite's own "database or disk is full", made by capping the file's page count."""
+    from rentahal.realms.events import StorageFull
+
+    st = await Storage.open(tmp_path, 1)
+    try:
+        await st.insert_query(query_id="q1", user_guid="u", realm="chat", payload={}, priority=10,
+                              deadline_at=1e12)
+        shard = st._shards[0]
+        pages = await shard.run(lambda db: db.execute("PRAGMA page_count").fetchone()[0])
+        await shard.run(lambda db: db.execute(f"PRAGMA max_page_count = {pages}"))
+        with pytest.raises(StorageFull) as info:
+            await st.finish_query("q1", "u", output={"text": "x" * 200_000}, stats={}, executor="local",
+                                  failovers=[], processing_ms=1.0, cost=0.0)
+        assert info.value.code.value == "storage_full" and "full" in info.value.message
+        assert (await st.get_query("q1", "u"))["status"] == "queued"  # the query is still there
+        await shard.run(lambda db: db.execute("PRAGMA max_page_count = 1073741823"))  # space is back
+        assert await st.finish_query("q1", "u", output={"text": "x" * 200_000}, stats={}, executor="local",
+                                     failovers=[], processing_ms=1.0, cost=0.0)
+        assert (await st.get_result("q1", "u"))["output"] == {"text": "x" * 200_000}
+    finally:
+        await st.aclose()
+
+
+async def test_realm_counters_survive_a_failed_flush(tmp_path: Path) -> None:
+    from rentahal.realms.events import StorageFailure
+
+    st = await Storage.open(tmp_path, 1)
+    try:
+        st.record_outcome("chat", for_peer=False, ok=True, ms=10.0, cost=1.0)
+        pages = await st._node.run(lambda db: db.execute("PRAGMA page_count").fetchone()[0])
+        await st._node.run(lambda db: db.execute(f"PRAGMA max_page_count = {pages}"))
+        for i in range(300):  # enough to need a new page
+            st.record_outcome(f"realm{i}", for_peer=False, ok=True, ms=1.0)
+        with pytest.raises(StorageFailure):
+            await st.flush_outcomes()
+        await st._node.run(lambda db: db.execute("PRAGMA max_page_count = 1073741823"))
+        stats = await st.stats()
+    finally:
+        await st.aclose()
+    assert stats["chat"]["served_local"] == 1 and stats["chat"]["total_cost"] == 1.0
+    assert len(stats) == 301

@@ -19,11 +19,11 @@ import trio
 from PIL import Image
 
 from rentahal.models.base import (
-    BackendError,
-    BadPayload,
-    ProgressEvent,
-    ResultEvent,
-    TokenEvent,
+    ModelFailure,
+    BadRequest,
+    Progress,
+    Result,
+    Token,
 )
 from rentahal.models.tiny import SMOKE_TEST_MODEL_NAME, write_gguf_atomically, write_tiny_llama
 from rentahal.models.tiny_vision import write_tiny_mmproj, write_tiny_vision
@@ -104,7 +104,7 @@ async def test_tiny_pair_loads_as_smoke_test(backend: VisionBackend) -> None:
 async def test_stream_concatenation_equals_result(backend: VisionBackend) -> None:
     sink = Collector()
     result = await backend.generate(ask(max_tokens=30, seed=3), sink)
-    assert isinstance(result, ResultEvent)
+    assert isinstance(result, Result)
     assert sink.tokens, "no tokens were streamed"
     assert [e.index for e in sink.tokens] == list(range(len(sink.tokens)))
     assert all(e.text for e in sink.tokens)
@@ -210,7 +210,7 @@ async def test_model_without_chat_template_gets_llava_format(
 
 
 async def test_generations_are_serialised(backend: VisionBackend) -> None:
-    results: list[ResultEvent] = []
+    results: list[Result] = []
 
     async def one(seed: int) -> None:
         results.append(
@@ -231,7 +231,7 @@ async def test_cancellation_stops_the_worker(tiny_pair: tuple[Path, Path]) -> No
         seen = 0
         at_cancel: list[int] = []
         with trio.CancelScope() as scope:
-            async def sink(ev: TokenEvent | ProgressEvent) -> None:
+            async def sink(ev: Token | Progress) -> None:
                 nonlocal seen
                 seen += 1
                 if seen == 3:
@@ -252,14 +252,14 @@ async def test_cancellation_stops_the_worker(tiny_pair: tuple[Path, Path]) -> No
 async def test_prompt_longer_than_context_is_bad_request(tiny_pair: tuple[Path, Path]) -> None:
     # n_ctx=256: llama.cpp's smallest
     async with loaded(VisionBackend(*tiny_pair, n_ctx=256, threads=1)) as b:
-        with pytest.raises(BadPayload, match=r"^payload\.prompt: .*context holds 256$"):
+        with pytest.raises(BadRequest, match=r"^payload\.prompt: .*context holds 256$"):
             await b.generate(ask(prompt="a long prompt " * 100), Collector())
         ok = await b.generate(ask(prompt="hi", max_tokens=5, temperature=0), Collector())
         assert ok.stats["tokens"] == 5
 
 
 async def test_generate_before_load_fails_cleanly(tiny_pair: tuple[Path, Path]) -> None:
-    with pytest.raises(BackendError) as info:
+    with pytest.raises(ModelFailure) as info:
         await VisionBackend(*tiny_pair).generate(ask(), Collector())
     assert info.value.code == "backend_failed"
     assert "not loaded" in str(info.value)
@@ -269,15 +269,15 @@ async def test_generate_rejects_bad_payload_before_touching_the_model(
     tiny_pair: tuple[Path, Path],
 ) -> None:
     b = VisionBackend(*tiny_pair)  # not loaded: validation comes first
-    with pytest.raises(BadPayload, match="payload.image"):
+    with pytest.raises(BadRequest, match="payload.image"):
         await b.generate(ask(b"not an image"), Collector())
 
 
 async def test_undecodable_image_is_bad_request(backend: VisionBackend) -> None:
     # A valid header (so it passes validation) over a broken body fails when
-    # the worker decodes it: a BadPayload, and the backend carries on.
+    # the worker decodes it: a BadRequest, and the backend carries on.
     broken = png(size=(300, 200))[:120]
-    with pytest.raises(BadPayload, match=r"^payload\.image: cannot decode the PNG image"):
+    with pytest.raises(BadRequest, match=r"^payload\.image: cannot decode the PNG image"):
         await backend.generate(ask(broken), Collector())
     ok = await backend.generate(ask(max_tokens=5, temperature=0), Collector())
     assert ok.stats["tokens"] == 5
@@ -380,12 +380,12 @@ def gif_bomb() -> bytes:
 )
 def test_decompression_bombs_are_refused_from_the_header(bomb: bytes, dims: str) -> None:
     assert len(bomb) < 200
-    with pytest.raises(BadPayload) as info:
+    with pytest.raises(BadRequest) as info:
         prepare_image(bomb, **LIMITS)
     # The size check's message, not a decoder's: nothing was decoded.
     assert str(info.value).startswith(f"payload.image: {dims} is ")
     assert "the limit is 16777216" in str(info.value)
-    with pytest.raises(BadPayload, match=f"^payload.image: {dims} is "):
+    with pytest.raises(BadRequest, match=f"^payload.image: {dims} is "):
         parse_vision_payload(ask(bomb), max_tokens_cap=512, max_image_bytes=2**20,
                              max_pixels=4096 * 4096)
 
@@ -393,7 +393,7 @@ def test_decompression_bombs_are_refused_from_the_header(bomb: bytes, dims: str)
 def test_pixel_limit_is_configurable() -> None:
     data = png(size=(100, 100))
     prepare_image(data, max_bytes=2**20, max_pixels=10_000, resize_to=64)
-    with pytest.raises(BadPayload, match=r"^payload\.image: 100x100 is 10000 pixels; "
+    with pytest.raises(BadRequest, match=r"^payload\.image: 100x100 is 10000 pixels; "
                                          r"the limit is 9999$"):
         prepare_image(data, max_bytes=2**20, max_pixels=9_999, resize_to=64)
 
@@ -415,7 +415,7 @@ def test_pixel_limit_is_configurable() -> None:
          "truncated", "bmp", "str"],
 )
 def test_bad_images_are_refused(data: bytes, message: str) -> None:
-    with pytest.raises(BadPayload) as info:
+    with pytest.raises(BadRequest) as info:
         prepare_image(data, **LIMITS)
     assert str(info.value).startswith("payload.image: ")
     assert message in str(info.value)
@@ -425,7 +425,7 @@ def test_bad_images_are_refused(data: bytes, message: str) -> None:
 def test_oversized_bytes_are_refused() -> None:
     data = png(size=(300, 300))
     prepare_image(data, max_bytes=len(data), max_pixels=2**24, resize_to=64)
-    with pytest.raises(BadPayload, match=rf"^payload\.image: {len(data)} bytes exceeds "
+    with pytest.raises(BadRequest, match=rf"^payload\.image: {len(data)} bytes exceeds "
                                          rf"the limit of {len(data) - 1}$"):
         prepare_image(data, max_bytes=len(data) - 1, max_pixels=2**24, resize_to=64)
 
@@ -480,7 +480,7 @@ BAD_PAYLOADS = [
 def test_bad_payload_names_the_field(payload: dict, field: str) -> None:
     if "image" not in payload and field != "payload.image":
         payload = {**payload, "image": png()}
-    with pytest.raises(BadPayload) as info:
+    with pytest.raises(BadRequest) as info:
         parse(payload)
     assert field in str(info.value)
     assert info.value.code == "bad_request"
@@ -488,7 +488,7 @@ def test_bad_payload_names_the_field(payload: dict, field: str) -> None:
 
 
 def test_payload_must_be_a_mapping() -> None:
-    with pytest.raises(BadPayload, match=r"^payload: expected an object, got list$"):
+    with pytest.raises(BadRequest, match=r"^payload: expected an object, got list$"):
         parse([])  # type: ignore[arg-type]
 
 

@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rentahal.p2p import wire
+from rentahal.realms.events import Code
 from rentahal.p2p.wire import (
     DEFAULT_MAX_FRAME,
     PROTOCOL_ID,
@@ -18,7 +19,7 @@ from rentahal.p2p.wire import (
     Accepted,
     Cancel,
     Error,
-    ErrorCode,
+
     FrameDecoder,
     FrameTooLarge,
     InvalidField,
@@ -66,7 +67,7 @@ def nested(depth: int) -> dict[str, Any]:
 
 
 VALID: dict[str, dict[str, Any]] = {
-    "req": {"t": "req", "v": 1, "id": "q-1", "realm": "chat", "payload": {"prompt": "hi"},
+    "req": {"t": "req", "v": 2, "id": "q-1", "realm": "chat", "payload": {"prompt": "hi"},
             "deadline_ms": 30_000, "origin": "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"},
     "accepted": {"t": "accepted", "id": "q-1", "position": 0, "eta_ms": None},
     "progress": {"t": "progress", "id": "q-1", "stage": "load", "done": 1, "total": 3},
@@ -84,7 +85,7 @@ def with_(t: str, /, **changes: Any) -> dict[str, Any]:
     return m
 
 
-def expect(exc_type: type[WireError], data: bytes, code: ErrorCode | None = None) -> WireError:
+def expect(exc_type: type[WireError], data: bytes, code: Code | None = None) -> WireError:
     with pytest.raises(exc_type) as info:
         decode_one(data)
     err = info.value
@@ -129,7 +130,8 @@ messages = st.one_of(
     st.builds(Progress, ids, st.text(min_size=1, max_size=64), counts, st.none() | counts),
     st.builds(Token, ids, st.text(max_size=200), counts),
     st.builds(Result, ids, trees, stats),
-    st.builds(Error, st.just("") | ids, st.sampled_from(ErrorCode), st.text(max_size=1000)),
+    st.builds(Error, st.just("") | ids, st.sampled_from([c for c in Code if c.on_wire]), st.text(max_size=1000),
+              st.none() | st.integers(0, 86_400_000)),
     st.builds(Cancel, ids),
 )
 
@@ -144,8 +146,8 @@ def chunked(data: bytes, cuts: list[int]) -> list[bytes]:
 
 
 def test_constants() -> None:
-    assert PROTOCOL_ID == "/rentahal/query/1.0.0"
-    assert PROTOCOL_VERSION == 1
+    assert PROTOCOL_ID == "/rentahal/query/2.0.0"
+    assert PROTOCOL_VERSION == 2
     assert DEFAULT_MAX_FRAME == 8 * 1024 * 1024
 
 
@@ -180,9 +182,9 @@ def test_each_type_decodes_from_plain_map(t: str) -> None:
 
 def test_error_code_is_enum_and_str_codes_normalise() -> None:
     msg = decode_one(frame(VALID["error"]))
-    assert isinstance(msg, Error) and msg.code is ErrorCode.BUSY
+    assert isinstance(msg, Error) and msg.code is Code.BUSY
     made = Error("q-1", "busy", "try later")  # type: ignore[arg-type]
-    assert made.code is ErrorCode.BUSY and made == msg and hash(made) == hash(msg)
+    assert made.code is Code.BUSY and made == msg and hash(made) == hash(msg)
 
 
 def test_partial_frames_need_more_bytes() -> None:
@@ -197,7 +199,7 @@ def test_partial_frames_need_more_bytes() -> None:
 
 def test_empty_strings_where_allowed() -> None:
     assert decode_one(encode(Token("q", "", 0))) == Token("q", "", 0)
-    anonymous = Error("", ErrorCode.INTERNAL, "")
+    anonymous = Error("", Code.INTERNAL, "")
     assert decode_one(encode(anonymous)) == anonymous
 
 
@@ -212,7 +214,7 @@ def test_eof_mid_frame_is_truncated() -> None:
         assert dec.next_message() is None
         with pytest.raises(TruncatedFrame) as info:
             dec.eof()
-        assert info.value.code is ErrorCode.BAD_REQUEST
+        assert info.value.code is Code.BAD_REQUEST
     dec = FrameDecoder()
     dec.feed(data)
     assert dec.next_message() == Cancel("abc")
@@ -226,7 +228,7 @@ def test_oversized_header_rejected_before_body() -> None:
     assert dec.buffered == 4
     with pytest.raises(FrameTooLarge) as info:
         dec.next_message()
-    assert info.value.code is ErrorCode.FRAME_TOO_LARGE
+    assert info.value.code is Code.FRAME_TOO_LARGE
     ok = FrameDecoder(max_frame=1024)
     ok.feed((1024).to_bytes(4, "big"))
     assert ok.next_message() is None  # at the cap: waits for the body
@@ -255,7 +257,7 @@ def test_encode_respects_max_frame() -> None:
     assert len(encode(msg, max_frame=1024)) > 200
     with pytest.raises(FrameTooLarge) as info:
         encode(msg, max_frame=100)
-    assert info.value.code is ErrorCode.FRAME_TOO_LARGE
+    assert info.value.code is Code.FRAME_TOO_LARGE
     with pytest.raises(FrameTooLarge):
         decode_body(encode(msg)[4:], max_frame=100)
 
@@ -313,7 +315,7 @@ def test_small_frame_claiming_huge_object(body: bytes) -> None:
 def test_unknown_type() -> None:
     for t in ("bogus", "REQ", 5, None, b"req"):
         err = expect(UnknownMessageType, frame(with_("cancel", t=t)))
-        assert err.code is ErrorCode.BAD_REQUEST
+        assert err.code is Code.BAD_REQUEST
     missing = dict(VALID["cancel"])
     del missing["t"]
     assert expect(InvalidField, frame(missing)).field == "t"  # type: ignore[attr-defined]
@@ -402,11 +404,11 @@ def test_error_message_names_the_problem() -> None:
 
 
 def test_unsupported_version() -> None:
-    for v in (0, 2, 99):
+    for v in (0, 1, 3, 99):
         err = expect(UnsupportedVersion, frame(with_("req", v=v)))
-        assert err.code is ErrorCode.UNSUPPORTED_VERSION
+        assert err.code is Code.UNSUPPORTED_VERSION
     # a newer peer's request with new fields still fails on version, not on shape
-    expect(UnsupportedVersion, frame(with_("req", v=2, priority=1)))
+    expect(UnsupportedVersion, frame(with_("req", v=3, priority=1)))
     for v in (True, "1", 1.0, None):
         err = expect(InvalidField, frame(with_("req", v=v)))
         assert isinstance(err, InvalidField) and err.field == "v"
@@ -441,18 +443,18 @@ def test_payload_keys_and_values(payload: dict[Any, Any]) -> None:
 # --- outgoing validation -----------------------------------------------------------------------
 
 
-REQ = QueryRequest(1, "q-1", "chat", {"p": 1}, 1000, "Qm1")
+REQ = QueryRequest(2, "q-1", "chat", {"p": 1}, 1000, "Qm1")
 
 
 @pytest.mark.parametrize("msg", [
-    QueryRequest(1, "q-1", "CHAT!", {}, 1000, "Qm1"),
-    QueryRequest(1, "q-1", "chat", {"p": (1, 2)}, 1000, "Qm1"),
-    QueryRequest(1, "q-1", "chat", {"p": 2**64}, 1000, "Qm1"),
-    QueryRequest(1, "q-1", "chat", {"p": "\ud800"}, 1000, "Qm1"),
-    QueryRequest(1, "q-1", "chat", {1: "x"}, 1000, "Qm1"),  # type: ignore[dict-item]
-    QueryRequest(1, "q-1", "chat", nested(wire.MAX_DEPTH + 1), 1000, "Qm1"),
-    QueryRequest(1, "q-1", "chat", {}, 0, "Qm1"),
-    QueryRequest(1, "", "chat", {}, 1, "Qm1"),
+    QueryRequest(2, "q-1", "CHAT!", {}, 1000, "Qm1"),
+    QueryRequest(2, "q-1", "chat", {"p": (1, 2)}, 1000, "Qm1"),
+    QueryRequest(2, "q-1", "chat", {"p": 2**64}, 1000, "Qm1"),
+    QueryRequest(2, "q-1", "chat", {"p": "\ud800"}, 1000, "Qm1"),
+    QueryRequest(2, "q-1", "chat", {1: "x"}, 1000, "Qm1"),  # type: ignore[dict-item]
+    QueryRequest(2, "q-1", "chat", nested(wire.MAX_DEPTH + 1), 1000, "Qm1"),
+    QueryRequest(2, "q-1", "chat", {}, 0, "Qm1"),
+    QueryRequest(2, "", "chat", {}, 1, "Qm1"),
     Accepted("q", True),  # type: ignore[arg-type]
     Accepted("q", 0, -1),
     Progress("q", "", 0),
@@ -460,8 +462,8 @@ REQ = QueryRequest(1, "q-1", "chat", {"p": 1}, 1000, "Qm1")
     Token("q", "x" * (64 * 1024 + 1), 0),
     Result("q", {}, {"x": [1]}),  # type: ignore[dict-item]
     Error("q", "nope", "m"),  # type: ignore[arg-type]
-    Error("q", ErrorCode.BUSY, "m" * 1001),
-    Error("q q", ErrorCode.BUSY, "m"),
+    Error("q", Code.BUSY, "m" * 1001),
+    Error("q q", Code.BUSY, "m"),
     Cancel(5),  # type: ignore[arg-type]
 ])
 def test_encode_rejects_invalid_messages(msg: wire.Message) -> None:
@@ -471,7 +473,7 @@ def test_encode_rejects_invalid_messages(msg: wire.Message) -> None:
 
 def test_encode_rejects_wrong_version_and_non_messages() -> None:
     with pytest.raises(UnsupportedVersion):
-        encode(QueryRequest(2, "q-1", "chat", {}, 1000, "Qm1"))
+        encode(QueryRequest(1, "q-1", "chat", {}, 1000, "Qm1"))
     with pytest.raises(UnknownMessageType):
         encode(object())  # type: ignore[arg-type]
     assert decode_one(encode(REQ)) == REQ
@@ -520,10 +522,10 @@ def test_error_for_builds_sendable_reply() -> None:
     with pytest.raises(WireError) as info:
         dec.next_message()
     reply = error_for(info.value)
-    assert reply == Error("abc", ErrorCode.UNSUPPORTED_VERSION, str(info.value))
+    assert reply == Error("abc", Code.UNSUPPORTED_VERSION, str(info.value))
     assert decode_one(encode(reply)) == reply
     assert error_for(FrameTooLarge("big"), "q9").query_id == "q9"
-    assert error_for(FrameTooLarge("big"), "q9").code is ErrorCode.FRAME_TOO_LARGE
+    assert error_for(FrameTooLarge("big"), "q9").code is Code.FRAME_TOO_LARGE
     assert error_for(MalformedFrame("bad"), "not valid!").query_id == ""
     long = error_for(InvalidField("x", "y" * 5000))
     assert len(long.message) == 1000
@@ -541,7 +543,7 @@ def drain(dec: FrameDecoder, chunks: list[bytes]) -> None:
                 pass
         dec.eof()
     except WireError as e:
-        assert isinstance(e.code, ErrorCode)
+        assert isinstance(e.code, Code)
         assert isinstance(error_for(e), Error)
 
 

@@ -244,21 +244,26 @@ class Slot {
       case 'queued':
         this.say(`${q.note}queued`);
         break;
-      case 'executor':
+      case 'routed':
         q.attempt = isNum(ev.attempt) ? ev.attempt : q.attempt + 1;
         a.dataset.executor = String(ev.executor);
         this.say(`${q.note}sent to ${execName(ev.executor)} (attempt ${q.attempt})`);
         break;
       case 'accepted': {
+        if (ev.position === 0) {  // position 0: running now
+          a.dataset.state = 'running';
+          this.say(`${q.note}running on ${where}…`);
+          break;
+        }
         const eta = isNum(ev.eta_ms) ? `, ETA ~${fmtMs(ev.eta_ms)}` : '';
-        this.say(`${q.note}in the queue at ${where}: ${ev.position} ahead${eta}`);
+        const ahead = isNum(ev.position) ? ev.position - 1 : '?';
+        this.say(`${q.note}in the queue at ${where}: ${ahead} ahead${eta}`);
         break;
       }
       case 'progress':
         a.dataset.state = 'running';
         if (q.view.progress) q.view.progress(ev);
-        if (ev.stage === 'running') this.say(`${q.note}running on ${where}…`);
-        else this.say(q.note + (isNum(ev.total) ? `${ev.stage}: step ${ev.done}/${ev.total}` : `${ev.stage}…`));
+        this.say(q.note + (isNum(ev.total) ? `${ev.stage}: step ${ev.done}/${ev.total}` : `${ev.stage}…`));
         break;
       case 'token':
         if (a.dataset.state !== 'running') this.say(`${q.note}generating on ${where}…`);
