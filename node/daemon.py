@@ -118,6 +118,7 @@ class Node:
             self.client = QueryClient(
                 fh.host, self.peer_id, dial_timeout=cfg.p2p.dial_timeout, first_progress=cfg.router.first_progress,
                 hang_timeout=cfg.router.hang_timeout, verdict=self._verdict,
+                on_broken=self.table.mark_unresponsive,
             )
             self.realm_discovery = RealmDiscovery(fh, self.table, refresh=cfg.p2p.dht_refresh, dial=self._dial_quietly)
             self.router = RealmRouter(

@@ -152,12 +152,13 @@ class QueryManager:
         query_id = uuid.uuid4().hex
         priority = Priority.SYSOP if sysop else Priority.NORMAL
         deadline_at = time.time() + self.query_deadline
-        await self.storage.insert_query(
-            query_id=query_id, user_guid=user_guid, realm=realm, payload=payload,
-            priority=int(priority), deadline_at=deadline_at,
-        )
-        # Stored: from here on the query cannot be lost.
-        self._start(query_id, user_guid, realm, payload, int(priority), deadline_at, subscriber)
+        with trio.CancelScope(shield=True):  # stored means started: a client gone meanwhile changes nothing
+            await self.storage.insert_query(
+                query_id=query_id, user_guid=user_guid, realm=realm, payload=payload,
+                priority=int(priority), deadline_at=deadline_at,
+            )
+            # Stored: from here on the query cannot be lost.
+            self._start(query_id, user_guid, realm, payload, int(priority), deadline_at, subscriber)
         return query_id
 
     def _start(

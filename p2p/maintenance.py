@@ -248,7 +248,7 @@ class PeerMaintenance:
 
         pinger = PingService(self.fh.host)
         in_flight: set[str] = set()
-        last_ping: dict[str, float] = {}
+        last_ping: dict[str, float] = {}  # when the current (or last) ping was sent
 
         async def ping(pid: str, timeout: float, quiet: float | None) -> None:
             answered = False
@@ -271,11 +271,16 @@ class PeerMaintenance:
             while True:
                 await trio.sleep(PROBE_EVERY)
                 now = trio.current_time()
-                for pid in self.fh.connected_peers() - in_flight:
+                for pid in self.fh.connected_peers():
                     entry = self.table.get(pid)
                     age = self.table.record_age(entry) if entry is not None else None
                     quiet = age is not None and age > self.quiet_after and not entry.unresponsive
                     since = now - last_ping.get(pid, -1e9)
+                    if pid in in_flight:
+                        if quiet and since >= PROBE_TIMEOUT:  # a routine ping unanswered this long
+                            self.table.mark_unresponsive(
+                                pid, f"no health record for {age:.1f}s and no answer to a ping in {since:.1f}s")
+                        continue
                     if (quiet and since >= 2 * PROBE_TIMEOUT) or since >= PING_INTERVAL:
                         in_flight.add(pid)
                         last_ping[pid] = now

@@ -285,7 +285,8 @@ class QueryClient:
 
     def __init__(
         self, host: Any, origin: str, *, dial_timeout: float, first_progress: float, hang_timeout: float,
-        verdict: Verdict | None = None, max_frame: int = wire.DEFAULT_MAX_FRAME,
+        verdict: Verdict | None = None, on_broken: ViolationHook | None = None,
+        max_frame: int = wire.DEFAULT_MAX_FRAME,
     ) -> None:
         self.host = host
         self.origin = origin
@@ -293,6 +294,7 @@ class QueryClient:
         self.first_progress = first_progress
         self.hang_timeout = hang_timeout
         self.verdict = verdict
+        self.on_broken = on_broken  # (peer, reason): its stream broke (not closed by either side)
         self.max_frame = max_frame
         self.sessions: dict[str, _Session] = {}
         self._opening: dict[str, trio.Lock] = {}
@@ -352,11 +354,17 @@ class QueryClient:
                             break
                     else:
                         reason = "the executor closed the stream"
+                        if self.on_broken is not None:
+                            self.on_broken(session.peer_id, reason)
                 except wire.WireError as exc:
                     reason = f"malformed answer: {exc}"
                     session.dispatch(session.conv.violation(reason))
                 except stream_errors() as exc:
                     reason = f"{type(exc).__name__}"
+                    # The stream broke under us: the connection is likely gone, and libp2p
+                    # announces that a few hundred ms later. The node need not wait for it.
+                    if self.on_broken is not None:
+                        self.on_broken(session.peer_id, f"its stream broke ({reason})")
                 nursery.cancel_scope.cancel()
         finally:
             session.done = True
