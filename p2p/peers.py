@@ -179,6 +179,8 @@ class PeerTable:
             e.violations += 1
         if kind is FailureKind.HUNG:  # out of routing until it shows it is alive
             e.unresponsive = detail or "an attempt got no frame in time"
+        if e.breaker_until > self.clock():
+            return False  # open already: failures of attempts begun before it opened change nothing
         # Keepalives without progress are no accident: its circuit opens at once.
         if e.consecutive_failures >= self.breaker_failures or kind is FailureKind.STALLED:
             e.breaker_backoff = (

@@ -370,3 +370,14 @@ def test_keepalives_without_progress_open_the_circuit_at_once(clock: FakeClock) 
     table.apply_record(rec(A))
     assert table.record_failure(A, FailureKind.STALLED, "no progress within 5s") is True
     assert state_of(table, A) is PeerState.CIRCUIT_OPEN
+
+
+def test_failures_while_the_circuit_is_open_do_not_stretch_it(clock: FakeClock) -> None:
+    """Ten attempts started before the breaker opened fail together: one open period, not
+    a backoff doubled ten times."""
+    table = make_table(clock, stale_after=1e6)
+    table.apply_record(rec(A))
+    opened = [table.record_failure(A, FailureKind.DEAD) for _ in range(12)]
+    assert opened.count(True) == 1
+    assert table.get(A).breaker_backoff == 10.0
+    assert table.get(A).breaker_until == pytest.approx(clock() + 10.0)
