@@ -221,8 +221,8 @@ class LimitsConfig:
     burst: int = _int(10, 1, 100000)
     loopback: bool = _bool(False)
     max_active: int = _int(64, 1, 100000)
-    peer_queries_per_minute: float = _float(1200.0, 0.0, 1e6)
-    peer_burst: int = _int(200, 1, 100000)
+    peer_queries_per_minute: float = _float(60000.0, 0.0, 1e6)
+    peer_burst: int = _int(1000, 1, 100000)
 
 
 @dataclass(frozen=True)

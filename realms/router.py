@@ -10,6 +10,7 @@ neither sockets nor models.
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
@@ -26,6 +27,7 @@ LOCAL = "local"
 Emit = Callable[[ev.Event], Awaitable[None]]
 StreamEmit = Callable[[ev.StreamEvent], Awaitable[None]]
 MAX_BACKPRESSURE_RETRIES = 50  # busy/queue_full answers one query may wait out
+BACKOFF_CAP = 5.0  # seconds: the longest wait a doubled retry-after reaches
 
 
 @dataclass(frozen=True)
@@ -142,6 +144,7 @@ class RealmRouter:
         tried: list[str] = []
         attempt = 0
         waits = 0
+        busy_count: dict[str, int] = {}
         last: QueryError | None = None
         current = ""
         with trio.move_on_at(deadline_at) as deadline:
@@ -170,8 +173,9 @@ class RealmRouter:
                         result = await self.remote.execute(executor, attempt_query, relay)
                 except ExecutorFailure as exc:
                     last = exc
-                    retry_at = self._retry_at(exc, deadline_at)
+                    retry_at = self._retry_at(exc, deadline_at, busy_count.get(executor, 0))
                     if retry_at is not None and waits < MAX_BACKPRESSURE_RETRIES:
+                        busy_count[executor] = busy_count.get(executor, 0) + 1
                         # Healthy but full: back in line after its retry-after, not a failure.
                         waits += 1
                         line.append((retry_at, executor))
@@ -205,11 +209,14 @@ class RealmRouter:
                          last.code if last.retryable else Code.BACKEND_FAILED)
 
     @staticmethod
-    def _retry_at(exc: ExecutorFailure, deadline_at: float) -> float | None:
-        """When to ask a busy executor again, if its hint leaves time before the deadline."""
+    def _retry_at(exc: ExecutorFailure, deadline_at: float, repeats: int) -> float | None:
+        """When to ask a busy executor again, if its hint leaves time before the deadline: its
+        retry-after, doubled on each repeat (to 5 s at most) and spread by a random quarter, so
+        that the queries it turned away together do not all come back at the same moment."""
         if not exc.code.back_pressure or exc.retry_after is None:
             return None
-        at = trio.current_time() + max(exc.retry_after, 0.01)
+        wait = min(max(exc.retry_after, 0.01) * 2 ** min(repeats, 10), max(exc.retry_after, BACKOFF_CAP))
+        at = trio.current_time() + wait * random.uniform(1.0, 1.25)
         return at if at < deadline_at else None
 
     def _count_failure(self, peer_id: str, kind: FailureKind, message: str) -> None:

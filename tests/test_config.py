@@ -53,6 +53,7 @@ def test_defaults_without_file(tmp_path: Path) -> None:
     assert cfg.p2p.listen == ("/ip4/0.0.0.0/tcp/4001",)
     assert cfg.p2p.bootstrap == ()
     assert cfg.router.hang_timeout == 1.5 and cfg.router.first_progress == 5.0
+    assert (cfg.limits.peer_queries_per_minute, cfg.limits.peer_burst) == (60000.0, 1000)
     assert cfg.ui.host == "127.0.0.1" and cfg.ui.port == 8765
     assert tuple(cfg.realms) == REALMS
     assert cfg.served_realms() == ("chat",)
