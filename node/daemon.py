@@ -394,6 +394,7 @@ class Node:
         guid = check_guid(guid)
         if not await self.storage.set_banned(guid, banned, reason):
             raise Refused("not_found", f"no user {guid}")
+        self.queries.ban_changed(guid, banned, reason if banned else "")
         await self.storage.audit("sysop", "ban" if banned else "unban", guid, reason)
         log.info("sysop: %s user %s%s", "banned" if banned else "unbanned", guid, f" ({reason})" if reason else "")
 

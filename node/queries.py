@@ -35,6 +35,7 @@ log = logging.getLogger("rentahal.queries")
 
 SUBSCRIBER_TIMEOUT = 10.0  # a client that does not take an event within this stops listening
 MAX_SUBSCRIBERS = 8
+MAX_BANS_CACHED = 65536
 
 
 def _number(value: Any, default: float) -> float:
@@ -108,6 +109,7 @@ class QueryManager:
         self.max_payload_bytes = max_payload_bytes
         self.max_active_per_user = max_active_per_user
         self.check_payload = check_payload
+        self._bans: dict[str, tuple[bool, str]] = {}  # user -> (banned, reason), as stored
         self.active: dict[str, ActiveQuery] = {}
         self._nursery: trio.Nursery | None = None
 
@@ -129,10 +131,12 @@ class QueryManager:
         self, user_guid: str, realm: str, payload: dict[str, Any], *, sysop: bool = False,
         subscriber: Subscriber | None = None,
     ) -> str:
-        user = await self.storage.get_user(user_guid)
-        if user is not None and user["banned"]:
-            reason = f": {user['ban_reason']}" if user["ban_reason"] else ""
-            raise Refused("banned", f"you are banned from this node{reason}")
+        ban = self._bans.get(user_guid)
+        if ban is None:  # read once, then kept: the sysop's ban and unban update it
+            user = await self.storage.get_user(user_guid)
+            ban = self._remember_ban(user_guid, bool(user and user["banned"]), user["ban_reason"] if user else "")
+        if ban[0]:
+            raise Refused("banned", f"you are banned from this node{': ' + ban[1] if ban[1] else ''}")
         size = len(msgpack.packb(payload, use_bin_type=True))
         if size > self.max_payload_bytes:
             raise Refused("too_large", f"payload is {size} bytes; this node takes at most {self.max_payload_bytes}")
@@ -160,6 +164,16 @@ class QueryManager:
             # Stored: from here on the query cannot be lost.
             self._start(query_id, user_guid, realm, payload, int(priority), deadline_at, subscriber)
         return query_id
+
+    def _remember_ban(self, guid: str, banned: bool, reason: str) -> tuple[bool, str]:
+        if len(self._bans) >= MAX_BANS_CACHED:
+            self._bans.clear()
+        self._bans[guid] = (banned, reason)
+        return banned, reason
+
+    def ban_changed(self, guid: str, banned: bool, reason: str) -> None:
+        """The sysop banned or unbanned a user (stored already)."""
+        self._remember_ban(guid, banned, reason)
 
     def _start(
         self, query_id: str, user_guid: str, realm: str, payload: dict[str, Any], priority: int,
