@@ -10,7 +10,8 @@ Measured one after another on this machine, each after its own warm-up, timed wi
 1. Baseline A, raw py-libp2p: a child process (this script behind the hidden ``--echo-server``
    flag) runs a host built by ``open_federation_host`` that echoes length-prefixed frames on
    ``/bench/echo/1.0.0``; this process dials it and times (a) request/response on one
-   long-lived stream and (b) a new stream per request, which is what the query protocol does.
+   long-lived stream, which is what the query protocol does (queries to a peer share one
+   stream), and (b) a new stream per request, what its version 1 did.
 2. Baseline B, direct llama-cpp-python: ``ChatBackend`` on the tiny smoke-test model, in process.
 3. Local node query: node B (``serve="chat"``) started with ``scripts/federation.py``, the chat
    payload submitted to B's own websocket.
@@ -421,7 +422,7 @@ def _median_gen_ms(results: list[dict[str, Any]], key: str = "") -> float:
 def render(r: Results, info: dict[str, str]) -> str:
     T = r.tokens
     routing = r.routed.p50_ms - r.local.p50_ms
-    routing_x = routing / r.new_stream.p50_ms
+    routing_x = routing / r.one_stream.p50_ms  # queries share one long-lived stream now
     node_over = r.local.p50_ms - r.llama.p50_ms
     local_execs = Counter(res["executor"] for res in r.local.results)
     routed_execs = Counter(res["executor"] for res in r.routed.results)
@@ -483,7 +484,7 @@ def render(r: Results, info: dict[str, str]) -> str:
         "| derived (from the p50s above) | value |",
         "| --- | ---: |",
         f"| routing overhead = routed − local | {routing:.2f} ms |",
-        f"| routing overhead ÷ raw new-stream round trip | {routing_x:.1f}× |",
+        f"| routing overhead ÷ raw round trip on a long-lived stream | {routing_x:.1f}× |",
         f"| local node overhead = local − direct llama.cpp | {node_over:.2f} ms "
         f"({r.local.p50_ms / r.llama.p50_ms:.2f}× direct) |",
         "",
@@ -503,12 +504,12 @@ def render(r: Results, info: dict[str, str]) -> str:
         f"Tokens per request (all three chat rows): {dict(sorted(tok_counts.items()))}.",
         "",
         f"Of the routed p50 ({total:.2f} ms), {share}: the largest part is {dominant}. "
-        f"The hop costs {routing_x:.1f}× a bare new-stream echo (the floor, since every query "
-        f"opens a stream); by phase, most of the difference is in {diffs[0][1]} "
+        f"The hop costs {routing_x:.1f}× a bare echo on a long-lived stream (the floor: queries "
+        f"to a peer share one stream); by phase, most of the difference is in {diffs[0][1]} "
         f"({diffs[0][0]:+.2f} ms) and {diffs[1][1]} ({diffs[1][0]:+.2f} ms). "
-        f"Reaching `accepted` is the stream set-up (a new stream with multistream-select, the "
-        f"request, B's `accepted` frame back: {accepted_diff / r.new_stream.p50_ms:.1f}× a bare "
-        f"new-stream echo); token streaming is {stream_diff:+.2f} ms, and B's own `generate()` "
+        f"Reaching `accepted` is one round trip through both nodes (the request, B admits it, "
+        f"B's `accepted` frame back: {accepted_diff / r.one_stream.p50_ms:.1f}× a bare "
+        f"echo); token streaming is {stream_diff:+.2f} ms, and B's own `generate()` "
         f"time goes from {gen_local:.2f} ms (local) to {gen_routed:.2f} ms (routed)"
         + (
             ": B's generating thread does not wait for the frames, but writing them is Python "

@@ -388,3 +388,26 @@ async def test_an_error_reaches_the_requester_with_its_code(autojump_clock: trio
 
     f = await run_client(refuses, body)
     assert (f.code, f.kind, f.retry_after, f.message) == (Code.QUEUE_FULL, FailureKind.REFUSED, 0.3, "chat queue full")
+
+
+async def test_an_executor_past_the_request_deadline_answers_deadline_exceeded(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _peer_ids(monkeypatch)
+
+    async def slow(incoming: IncomingQuery, emit: Any) -> ev.Result:
+        await emit(ev.Accepted(0, None))
+        while True:  # working, with progress, but not done in time
+            await trio.sleep(0.2)
+            await emit(ev.Progress("denoising", 1, None))
+
+    async def body(client: QueryClient, host: MemoryHost) -> Any:
+        started = trio.current_time()
+        with pytest.raises(ExecutorFailure) as info:
+            await client.execute("QmExec", query_id="q1", realm="chat", payload={"prompt": "x"},
+                                 deadline_s=3.0, emit=Collect())
+        return info.value, trio.current_time() - started
+
+    f, took = await run_client(slow, body)
+    assert (f.code, f.kind) == (Code.DEADLINE_EXCEEDED, FailureKind.REFUSED)
+    assert "3000 ms" in f.message and 3.0 <= took < 3.1
