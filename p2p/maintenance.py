@@ -207,6 +207,8 @@ class PeerMaintenance:
                         log.info("peer %s is live (serves: %s)", e.peer_id, realms or "none")
                     elif state in (PeerState.STALE, PeerState.UNREACHABLE, PeerState.CIRCUIT_OPEN):
                         log.warning("peer %s is %s", e.peer_id, state.value)
+                    elif state is PeerState.UNRESPONSIVE:
+                        log.warning("peer %s is unresponsive: %s", e.peer_id, e.unresponsive)
                     elif state is PeerState.BLOCKED:
                         log.info("peer %s is blocked", e.peer_id)
                     last[e.peer_id] = (state, realms)

@@ -148,7 +148,7 @@ class RealmRouter:
         last: QueryError | None = None
         current = ""
         with trio.move_on_at(deadline_at) as deadline:
-            while line:
+            while line or self._refill(line, query.realm, tried):
                 line.sort(key=lambda x: x[0])  # stable: ranked order among the ready ones
                 not_before, executor = line.pop(0)
                 current = ""  # waiting out a retry-after is nobody's fault
@@ -207,6 +207,14 @@ class RealmRouter:
         assert last is not None
         raise QueryError(f"all {len(tried)} executor(s) failed; last: {last.message}",
                          last.code if last.retryable else Code.BACKEND_FAILED)
+
+    def _refill(self, line: list[tuple[float, str]], realm: str, tried: list[str]) -> bool:
+        """Every executor in line has failed: add any that became a candidate meanwhile (a peer
+        back from a moment of silence), up to ``max_attempts`` executors in all."""
+        room = self.max_attempts - len(tried)
+        fresh = [c.executor for c in self.plan(realm).candidates if c.executor not in tried][:max(room, 0)]
+        line.extend((0.0, executor) for executor in fresh)
+        return bool(fresh)
 
     @staticmethod
     def _retry_at(exc: ExecutorFailure, deadline_at: float, repeats: int) -> float | None:

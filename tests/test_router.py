@@ -740,3 +740,25 @@ async def test_loading_local_model_is_waited_for_within_the_deadline(autojump_cl
     assert "model still loading" in info.value.message
     assert trio.current_time() - start == pytest.approx(8.0)
     assert local.calls == 0
+
+
+async def test_a_peer_back_in_routing_meanwhile_is_tried_when_the_line_runs_out(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """P2 was out of routing (silent for a moment) when the query started; P1 fails; by then P2
+    is a candidate again and answers, instead of the query failing with "all 1 failed"."""
+    table = make_table()
+    announce(table, PEERS[0])
+    announce(table, PEERS[1])
+    table.mark_unresponsive(P2, "a late record")
+
+    async def p1_fails_once_p2_is_back(who: str, q: Query, emit: StreamEmit) -> ev.Result:
+        await trio.sleep(1.0)
+        announce(table, PEERS[1])  # P2's next record: alive after all
+        raise ExecutorFailure("p1: stream lost", Code.BACKEND_FAILED, kind=FailureKind.DEAD)
+
+    remote = FakeRemote({P1: p1_fails_once_p2_is_back})
+    router = make_router(table, FakeLocal(serves=False), remote)
+    assert ranked_peers(table) == [P1]
+    result = await router.run(query(), Events())
+    assert result.executor == P2 and result.failovers == (P1,) and remote.called == [P1, P2]
