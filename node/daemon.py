@@ -49,6 +49,8 @@ REMEMBERED_PEERS = 64
 REMEMBER_INTERVAL = 2.0
 REMEMBER_REFRESH = 300.0
 OUTCOME_FLUSH = 1.0
+WATCH_EXECUTORS = 0.5  # how often live executors without an open query stream are looked for
+MAX_WATCHED = 64  # executors a node holds an idle query stream to
 
 
 SYSOP_TOKEN_FILE = "sysop.token"
@@ -134,7 +136,7 @@ class Node:
             self.maintenance = PeerMaintenance(
                 fh, self.table, dial_timeout=cfg.p2p.dial_timeout, bootstrap=cfg.p2p.bootstrap,
                 forget_after=cfg.p2p.forget_after, max_peers=MAX_PEERS, state_interval=cfg.p2p.health_interval / 2,
-                quiet_after=cfg.p2p.health_interval * 1.25,
+                quiet_after=cfg.p2p.health_interval * 1.1,
             )
             self.maintenance.busy = lambda peer_id: peer_id in self._attempts
             self.queries = QueryManager(
@@ -178,6 +180,7 @@ class Node:
                         nursery.start_soon(LanDiscovery(fh, self._on_lan_peer).run)
                     nursery.start_soon(self._follow_reachability)
                     nursery.start_soon(self._flush_outcomes)
+                    nursery.start_soon(self._watch_executors)
                     await nursery.start(self.queries.run)
                     from .control import serve_control
 
@@ -203,6 +206,32 @@ class Node:
                 (self.data_dir / RUN_FILE).unlink()
         except (OSError, ValueError):
             pass
+
+    async def _watch_executors(self) -> None:
+        """Keep a query stream open to every live peer that serves a realm: a dead executor is
+        then out of routing the moment that stream breaks, not when libp2p reports the closed
+        connection (~0.2 s later), and a query to it needs no stream set-up."""
+
+        async def watch(peer_id: str) -> None:
+            try:
+                await self.client.watch(peer_id)
+            except ExecutorFailure as exc:
+                log.debug("could not open a query stream to %s: %s", peer_id, exc.message)
+            finally:
+                opening.discard(peer_id)
+
+        opening: set[str] = set()
+        async with trio.open_nursery() as nursery:
+            while True:
+                for e in self.table:
+                    pid = e.peer_id
+                    if len(self.client.keep) + len(opening) >= MAX_WATCHED:
+                        break
+                    if (pid not in self.client.sessions and pid not in opening and e.record is not None
+                            and e.record.realms and self.table.state(e) is PeerState.LIVE):
+                        opening.add(pid)
+                        nursery.start_soon(watch, pid)
+                await trio.sleep(WATCH_EXECUTORS)
 
     async def _flush_outcomes(self) -> None:
         """Store the realm counters once a second (one transaction, however many queries)."""

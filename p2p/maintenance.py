@@ -23,7 +23,7 @@ log = logging.getLogger("rentahal.p2p")
 
 PING_INTERVAL = 5.0
 PING_TIMEOUT = 3.0
-PROBE_EVERY = 0.25  # how often quiet peers are looked for
+PROBE_EVERY = 0.1  # how often quiet peers are looked for
 PROBE_TIMEOUT = 0.5  # a quiet peer that does not answer a ping within this is unresponsive
 DEAD_AFTER_STALE = 6.0  # seconds a connected peer may be stale before its connection is closed
 BOOTSTRAP_REDIAL_MAX = 5.0
@@ -47,7 +47,7 @@ class PeerMaintenance:
         forget_after: float = 600.0,
         max_peers: int = 5000,
         state_interval: float = 0.5,
-        quiet_after: float = 1.25,
+        quiet_after: float = 1.1,
     ) -> None:
         self.fh = fh
         self.table = table

@@ -167,13 +167,16 @@ class QueryService:
         failure: Exception | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._write, writer, nursery.cancel_scope)
-            nursery.start_soon(self._keepalives, responder, writer)
+            started = [trio.Event()]
+            nursery.start_soon(self._keepalives, responder, writer, started)
             try:
                 async for msg in _messages(stream, wire.FrameDecoder(max_frame=self.max_frame)):
                     for action in responder.receive(msg, trio.current_time()):
                         if isinstance(action, conv.Start):
                             scopes[action.request.query_id] = scope = trio.CancelScope()
                             nursery.start_soon(self._run, action.request, peer_id, responder, writer, scope, scopes)
+                            started[0].set()
+                            started[0] = trio.Event()
                         elif isinstance(action, conv.Stop):
                             scopes[action.query_id].cancel()
                         elif isinstance(action, conv.Send):
@@ -204,10 +207,13 @@ class QueryService:
         session.cancel()  # the stream cannot carry answers any more
 
     @staticmethod
-    async def _keepalives(responder: conv.Responder, writer: FrameWriter) -> None:
+    async def _keepalives(responder: conv.Responder, writer: FrameWriter, started: list[trio.Event]) -> None:
         while True:
             due = responder.next_deadline()
-            await trio.sleep_until(due if due is not None else trio.current_time() + conv.KEEPALIVE)
+            if due is None:  # an idle stream: nothing to keep alive until a query starts
+                await started[0].wait()
+                continue
+            await trio.sleep_until(due)
             for action in responder.tick(trio.current_time()):
                 if isinstance(action, conv.Send):
                     writer.send_nowait(action.message)  # a full queue is busy enough to need none
@@ -297,6 +303,7 @@ class QueryClient:
         self.on_broken = on_broken  # (peer, reason): its stream broke (not closed by either side)
         self.max_frame = max_frame
         self.sessions: dict[str, _Session] = {}
+        self.keep: set[str] = set()  # peers whose stream stays open while idle (see watch)
         self._opening: dict[str, trio.Lock] = {}
         self._nursery: trio.Nursery | None = None
 
@@ -370,6 +377,7 @@ class QueryClient:
             session.done = True
             if self.sessions.get(session.peer_id) is session:
                 del self.sessions[session.peer_id]
+                self.keep.discard(session.peer_id)  # watched again once it is live again
             session.dispatch(session.conv.lost(reason))
             await _reset(session.stream)
 
@@ -384,7 +392,7 @@ class QueryClient:
         while True:
             now = trio.current_time()
             if not c.active:
-                if now - session.idle_since >= IDLE_CLOSE:
+                if now - session.idle_since >= IDLE_CLOSE and session.peer_id not in self.keep:
                     scope.cancel()
                     return
                 with trio.move_on_at(session.idle_since + IDLE_CLOSE):
@@ -405,6 +413,17 @@ class QueryClient:
                             session.dispatch(c.abandon(qid, *verdict))
             if not c.active:
                 session.idle_since = now
+
+    async def watch(self, peer_id: str) -> None:
+        """Hold a stream open to ``peer_id`` while idle: the first sign of a dead connection is
+        this stream breaking (reported through ``on_broken`` at once), and the next query to it
+        needs no stream set-up. Errors are the caller's to ignore."""
+        self.keep.add(peer_id)
+        try:
+            await self._session(peer_id)
+        except ExecutorFailure:
+            self.keep.discard(peer_id)
+            raise
 
     async def execute(
         self, peer_id: str, *, query_id: str, realm: str, payload: dict[str, Any], deadline_s: float,
