@@ -49,7 +49,7 @@ REMEMBERED_PEERS = 64
 REMEMBER_INTERVAL = 2.0
 REMEMBER_REFRESH = 300.0
 OUTCOME_FLUSH = 1.0
-WATCH_EXECUTORS = 0.5  # how often live executors without an open query stream are looked for
+WATCH_EXECUTORS = 0.2  # how often live executors without an open query stream are looked for
 MAX_WATCHED = 64  # executors a node holds an idle query stream to
 
 
