@@ -251,8 +251,8 @@ class QueryManager:
         ))
         active.status = "done"
         if stored:
-            log.log(
-                logging.DEBUG if result.executor == LOCAL and not result.failovers else logging.INFO,
+            log.log(  # one line per query is too many for a busy node: failovers only
+                logging.INFO if result.failovers else logging.DEBUG,
                 "query %s (%s) answered by %s%s", active.query_id, active.realm, result.executor,
                 f" after failover from {', '.join(result.failovers)}" if result.failovers else "",
             )
