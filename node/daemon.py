@@ -51,6 +51,7 @@ REMEMBER_REFRESH = 300.0
 OUTCOME_FLUSH = 1.0
 WATCH_EXECUTORS = 0.2  # how often live executors without an open query stream are looked for
 MAX_WATCHED = 64  # executors a node holds an idle query stream to
+WATCH_RETRY = 10.0  # seconds before a peer that refused a query stream is tried again
 
 
 SYSOP_TOKEN_FILE = "sysop.token"
@@ -217,20 +218,27 @@ class Node:
                 await self.client.watch(peer_id)
             except ExecutorFailure as exc:
                 log.debug("could not open a query stream to %s: %s", peer_id, exc.message)
+                not_before[peer_id] = trio.current_time() + WATCH_RETRY  # it may not speak it
             finally:
                 opening.discard(peer_id)
 
         opening: set[str] = set()
+        not_before: dict[str, float] = {}
         async with trio.open_nursery() as nursery:
             while True:
                 for e in self.table:
                     pid = e.peer_id
                     if len(self.client.keep) + len(opening) >= MAX_WATCHED:
                         break
+                    if not_before.get(pid, 0.0) > trio.current_time():
+                        continue
                     if (pid not in self.client.sessions and pid not in opening and e.record is not None
                             and e.record.realms and self.table.state(e) is PeerState.LIVE):
                         opening.add(pid)
                         nursery.start_soon(watch, pid)
+                if len(not_before) > MAX_WATCHED * 4:
+                    now = trio.current_time()
+                    not_before = {p: t for p, t in not_before.items() if t > now}
                 await trio.sleep(WATCH_EXECUTORS)
 
     async def _flush_outcomes(self) -> None:

@@ -25,7 +25,7 @@ from ..p2p import wire
 from ..realms import events as ev
 from ..realms.events import Code, QueryError, StorageFailure, StorageFull, UserError
 from ..realms.queue import Priority
-from ..realms.router import LOCAL, Query, RealmRouter
+from ..realms.router import Query, RealmRouter
 from .storage import QueryEvent
 
 if TYPE_CHECKING:
