@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,9 @@ REMEMBER_INTERVAL = 2.0
 REMEMBER_REFRESH = 300.0
 OUTCOME_FLUSH = 1.0
 WATCH_EXECUTORS = 0.2  # how often live executors without an open query stream are looked for
+VIOLATION_WINDOW = 60.0
+VIOLATION_LIMIT = 20  # protocol violations in a window before a peer is blocked
+VIOLATION_BLOCK = 600.0  # seconds it stays blocked
 MAX_WATCHED = 64  # executors a node holds an idle query stream to
 WATCH_RETRY = 10.0  # seconds before a peer that refused a query stream is tried again
 
@@ -88,6 +92,7 @@ class Node:
         self._queries_served = 0
         self.sysop_token = read_sysop_token(data_dir)
         self._attempts: dict[str, int] = {}  # peer -> our queries running on it now
+        self._violations: dict[str, deque[float]] = {}  # peer -> times of its recent violations
         self.submit_limiter = RateLimiter(config.limits.queries_per_minute, config.limits.burst)
         self.peer_limiter = RateLimiter(config.limits.peer_queries_per_minute, config.limits.peer_burst)
 
@@ -149,7 +154,8 @@ class Node:
                 max_active_per_user=cfg.limits.max_active,
                 check_payload=check_payload,
             )
-            service = QueryService(self._serve_peer_query, on_violation=self._on_violation)
+            service = QueryService(self._serve_peer_query, on_violation=self._on_violation,
+                                   refuse=self.table.is_blocked)
             fh.set_stream_handler(PROTOCOL_ID, service.handle_stream)
             self.dialback = DialBack(fh)
             p2p = cfg.p2p
@@ -399,8 +405,7 @@ class Node:
 
     async def _serve_peer_query(self, incoming: IncomingQuery, emit: StreamEmit) -> ev.Result:
         req = incoming.request
-        entry = self.table.get(incoming.peer_id)
-        if entry is not None and entry.blocked:
+        if self.table.is_blocked(incoming.peer_id):
             raise ExecutorFailure("this node does not serve you", Code.BUSY)
         wait = self.peer_limiter.take(incoming.peer_id)
         if wait > 0:
@@ -465,8 +470,31 @@ class Node:
             out[realm] = {**row, "queue_depth": slot.queue.depth, "running": slot.queue.running}
         return out
 
-    def _on_violation(self, peer_id: str, reason: str) -> None:
+    async def _on_violation(self, peer_id: str, reason: str) -> None:
+        """Count a protocol violation: one log line per peer per minute, and past
+        VIOLATION_LIMIT in a minute the peer is disconnected and blocked for a while."""
         self.table.record_failure(peer_id, FailureKind.PROTOCOL, reason)
+        now = trio.current_time()
+        if len(self._violations) > MAX_PEERS:
+            self._violations.clear()
+        times = self._violations.setdefault(peer_id, deque())
+        times.append(now)
+        while times and times[0] < now - VIOLATION_WINDOW:
+            times.popleft()
+        if len(times) == 1:  # the first in a minute: said once, however many follow
+            log.warning("protocol violation by %s: %s", peer_id, reason)
+        if len(times) >= VIOLATION_LIMIT and not self.table.is_blocked(peer_id):
+            self.table.penalize(peer_id, VIOLATION_BLOCK, f"{len(times)} protocol violations in "
+                                f"{VIOLATION_WINDOW:g}s (last: {reason[:100]})")
+            log.warning("blocked peer %s for %gs: %d protocol violations in %gs", peer_id, VIOLATION_BLOCK,
+                        len(times), VIOLATION_WINDOW)
+            from libp2p.peer.id import ID
+
+            with trio.move_on_after(2):
+                try:
+                    await self.fh.host.disconnect(ID.from_base58(peer_id))
+                except Exception as exc:  # it may be gone already
+                    log.debug("disconnecting %s: %s", peer_id, exc)
 
     # --- reports for the CLI and UI ----------------------------------------------------------
     def peers_report(self) -> list[dict[str, Any]]:
@@ -494,6 +522,8 @@ class Node:
                     "failures": e.consecutive_failures,
                     "last_failure": e.last_failure,
                     "violations": e.violations,
+                    "blocked": ("by the sysop" if e.blocked else
+                                e.penalty_reason if self.table.is_blocked(e.peer_id) else None),
                     "sources": sorted(e.sources),
                 }
             )

@@ -47,7 +47,9 @@ class PeerEntry:
     breaker_until: float = 0.0
     breaker_backoff: float = 0.0
     violations: int = 0
-    blocked: bool = False
+    blocked: bool = False  # by the sysop
+    penalty_until: float = 0.0  # blocked by this node itself until then (local clock)
+    penalty_reason: str = ""
     last_failure: str = ""
     sources: set[str] = field(default_factory=set)
     verified: tuple[str, ...] = ()  # addresses this node connected to it on (most recent last)
@@ -199,6 +201,16 @@ class PeerTable:
     def set_blocked(self, peer_id: str, blocked: bool) -> None:
         self.entry(peer_id).blocked = blocked
 
+    def penalize(self, peer_id: str, seconds: float, reason: str) -> None:
+        """Block ``peer_id`` for ``seconds`` on this node's own judgement (repeated violations)."""
+        e = self.entry(peer_id)
+        e.penalty_until = max(e.penalty_until, self.clock() + seconds)
+        e.penalty_reason = reason
+
+    def is_blocked(self, peer_id: str) -> bool:
+        e = self._peers.get(peer_id)
+        return e is not None and (e.blocked or e.penalty_until > self.clock())
+
     def _decay(self, e: PeerEntry) -> None:
         now = self.clock()
         factor = 0.5 ** ((now - e.decayed_at) / self.half_life)
@@ -209,7 +221,7 @@ class PeerTable:
     # --- what we conclude --------------------------------------------------------------------
     def state(self, e: PeerEntry) -> PeerState:
         now = self.clock()
-        if e.blocked:
+        if e.blocked or e.penalty_until > now:
             return PeerState.BLOCKED
         if e.record_at is None:
             return PeerState.UNKNOWN
@@ -262,7 +274,8 @@ class PeerTable:
             state = self.state(e)
             serves = e.record is not None and e.record.realm(realm) is not None
             if state is PeerState.BLOCKED:
-                excluded.append(Exclusion(e.peer_id, "blocked by the sysop"))
+                excluded.append(Exclusion(e.peer_id, "blocked by the sysop" if e.blocked else
+                                          f"blocked for {e.penalty_until - self.clock():.0f}s more: {e.penalty_reason}"))
             elif state is PeerState.UNKNOWN:
                 excluded.append(Exclusion(e.peer_id, "no health record yet"))
             elif not serves:

@@ -35,6 +35,7 @@ ABANDON_QUIET = 2 * conv.KEEPALIVE  # no frame for this long before an outside v
 Emit = Callable[[ev.StreamEvent], Awaitable[None]]
 Verdict = Callable[[str], "tuple[FailureKind, str] | None"]  # peer -> why its attempts are lost
 ViolationHook = Callable[[str, str], None]
+AsyncViolationHook = Callable[[str, str], Awaitable[None]]
 
 
 def stream_errors() -> tuple[type[BaseException], ...]:
@@ -131,11 +132,13 @@ class QueryService:
     """Serves the queries peers send on their streams to this node."""
 
     def __init__(
-        self, handler: Handler, *, on_violation: ViolationHook | None = None,
+        self, handler: Handler, *, on_violation: AsyncViolationHook | None = None,
+        refuse: Callable[[str], bool] | None = None,
         max_frame: int = wire.DEFAULT_MAX_FRAME, max_active: int = MAX_ACTIVE_PER_STREAM,
     ) -> None:
         self.handler = handler
-        self.on_violation = on_violation
+        self.on_violation = on_violation  # counts, logs and, past a limit, drops the peer
+        self.refuse = refuse  # a peer whose streams are reset unread (blocked)
         self.max_frame = max_frame
         self.max_active = max_active
 
@@ -143,10 +146,13 @@ class QueryService:
         """Serve one stream until the requester closes it; whatever happens ends this stream
         only (libp2p runs handlers in the connection's task group)."""
         peer_id = stream.muxed_conn.peer_id.to_base58()
+        if self.refuse is not None and self.refuse(peer_id):
+            await _reset(stream)
+            return
         try:
             await self._serve(stream, peer_id)
         except wire.WireError as exc:
-            self._violation(peer_id, str(exc))
+            await self._violation(peer_id, str(exc))
             writer = FrameWriter(stream, 1, self.max_frame)
             if not isinstance(exc, wire.FrameTooLarge):
                 with trio.move_on_after(1):
@@ -192,7 +198,7 @@ class QueryService:
         if failure is not None:
             raise failure
         if violation:
-            self._violation(peer_id, violation[0])
+            await self._violation(peer_id, violation[0])
             await _reset(stream)
         else:
             with trio.move_on_after(1):
@@ -248,10 +254,11 @@ class QueryService:
             responder.finished(qid)
             scopes.pop(qid, None)
 
-    def _violation(self, peer_id: str, reason: str) -> None:
-        log.warning("protocol violation by %s: %s", peer_id, reason)
+    async def _violation(self, peer_id: str, reason: str) -> None:
         if self.on_violation is not None:
-            self.on_violation(peer_id, reason)
+            await self.on_violation(peer_id, reason)
+        else:
+            log.warning("protocol violation by %s: %s", peer_id, reason)
 
 
 # --- the requester's side ----------------------------------------------------------------------

@@ -273,3 +273,45 @@ async def test_forged_or_replayed_record_is_not_relayed_onward(node: NodeProcess
             nursery.cancel_scope.cancel()
         assert forged not in seen
         assert seen.count(genuine) == 1, "the replayed record was relayed"
+
+
+async def test_a_peer_sending_junk_streams_is_logged_once_then_disconnected_and_blocked(node: NodeProcess) -> None:
+    """Many malformed streams: a log line or two, not one per stream; past the limit the peer is
+    disconnected, blocked (with the reason in `peers`), and its new streams are reset unread. The
+    node goes on serving everyone else."""
+    from libp2p.peer.id import ID
+
+    async with probe_host() as (fh, me):
+        await fh.dial(node.addr, timeout=15)
+        mark = node.mark()
+        sent = 0
+        with trio.fail_after(60):
+            while fh.is_connected(node.peer_id) and sent < 200:
+                try:
+                    stream = await fh.host.new_stream(ID.from_base58(node.peer_id), [wire.PROTOCOL_ID])
+                    await stream.write(b"\x00\x00\x00\x05hello")
+                    await _read_all(stream)
+                except Exception:
+                    break  # the connection went away under us: that is the point
+                sent += 1
+        assert sent < 60, sent  # cut off well before 200
+        peer = await eventually(lambda: (p := node.peer(me.peer_id)) and p["state"] == "blocked" and p)
+        assert "protocol violations" in peer["blocked"]
+        lines = [x for x in node.lines[mark:] if "protocol violation by" in x and me.peer_id in x]
+        assert 1 <= len(lines) <= 2, lines
+        assert any(f"blocked peer {me.peer_id}" in x for x in node.lines[mark:])
+        # Back again: its streams are reset before anything is read or answered.
+        await fh.dial(node.addr, timeout=15)
+        from libp2p.network.stream.exceptions import StreamReset
+
+        stream = await _raw_query_stream(fh, node)
+        try:
+            await stream.write(wire.encode(wire.QueryRequest(
+                wire.PROTOCOL_VERSION, "q9", "chat", {"prompt": "hi", "max_tokens": 2}, 30_000, me.peer_id)))
+            messages, ending = await _read_all(stream)
+        except StreamReset:  # reset before the request could even be written
+            messages, ending = [], "reset"
+        assert messages == [] and ending in ("reset", "eof")
+    # An honest client is served as before.
+    res = await trio.to_thread.run_sync(lambda: node.cli("query", "chat", "hello", "--max-tokens", "4"))
+    assert res.stdout.strip()

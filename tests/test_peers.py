@@ -381,3 +381,14 @@ def test_failures_while_the_circuit_is_open_do_not_stretch_it(clock: FakeClock) 
     assert opened.count(True) == 1
     assert table.get(A).breaker_backoff == 10.0
     assert table.get(A).breaker_until == pytest.approx(clock() + 10.0)
+
+
+def test_a_penalized_peer_is_blocked_for_a_while_with_its_reason(clock: FakeClock) -> None:
+    table = make_table(clock, stale_after=1e6)
+    table.apply_record(rec(A))
+    table.penalize(A, 600.0, "20 protocol violations in 60s")
+    assert table.is_blocked(A) and state_of(table, A) is PeerState.BLOCKED
+    assert reasons(table)[A] == "blocked for 600s more: 20 protocol violations in 60s"
+    clock.advance(600.01)
+    table.apply_record(rec(A, seq=2))
+    assert not table.is_blocked(A) and state_of(table, A) is PeerState.LIVE
