@@ -252,6 +252,9 @@ def peers(data_dir: Optional[Path] = DataDir, as_json: bool = typer.Option(False
         age = "-" if p["record_age_s"] is None else f"{p['record_age_s']:.1f}s"
         rtt = "-" if p["rtt_ms"] is None else f"{p['rtt_ms']:.1f}ms"
         why = f"  ({p['unreachable']})" if p.get("unreachable") else ""
+        why += f"  (blocked: {p['blocked']})" if p.get("blocked") else ""
+        why += f"  trusted for {','.join(p['trusted'])}" if p.get("trusted") else ""
+        why += f"  allowed {','.join(p['allowed'])}" if p.get("allowed") else ""
         typer.echo(f"{p['peer_id']:<52} {p['state']:<13} {p['score']:>6.1f} {age:>6} {rtt:>8} "
                    f"{p.get('path') or '-':<8} {','.join(p['realms']) or '-'}{why}")
 

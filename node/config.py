@@ -161,6 +161,23 @@ def _multiaddrs(default: tuple[str, ...], *, need_peer: bool, announce: bool = F
     return _opt(default, check)
 
 
+_PEER_ID = re.compile(r"[1-9A-HJ-NP-Za-km-z]{32,128}")
+
+
+def _peer_ids() -> Any:
+    """A list of base58 libp2p peer IDs (an empty list: nobody singled out)."""
+
+    def check(v: Any) -> tuple[str, ...]:
+        if not isinstance(v, list | tuple):
+            raise _Bad(f"expected a list of peer IDs, got {_show(v)}")
+        for i, item in enumerate(v):
+            if not (isinstance(item, str) and _PEER_ID.fullmatch(item)):
+                raise _Bad(f"item {i}: expected a base58 peer ID, got {_show(item)}")
+        return tuple(v)
+
+    return _opt((), check)
+
+
 # --- the configuration objects ---------------------------------------------------------------
 
 
@@ -241,6 +258,8 @@ class RealmConfig:
     cost_per_query: float = _float(0.0, 0.0, 1e9)
     cost_per_second: float = _float(0.0, 0.0, 1e9)
     cost_per_token: float = _float(0.0, 0.0, 1e9)
+    allow: tuple[str, ...] = _peer_ids()  # serve this realm to these peers only (empty: to all)
+    trusted: tuple[str, ...] = _peer_ids()  # route this realm to these peers only (empty: any)
 
 
 def _default_realms() -> Mapping[str, RealmConfig]:

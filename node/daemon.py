@@ -135,6 +135,7 @@ class Node:
                 self,
                 local_queue_limit=cfg.router.local_queue_limit,
                 max_attempts=cfg.router.max_attempts,
+                trusted={r: frozenset(rc.trusted) for r, rc in cfg.realms.items() if rc.trusted},
                 discover=self.realm_discovery.discover,
             )
             for peer_id in await self.storage.blocked_peers():
@@ -418,6 +419,10 @@ class Node:
                 f"your node (burst {limits.peer_burst}); try again in {max(wait, 0.1):.1f} s",
                 Code.BUSY, retry_after=max(wait, 0.05),
             )
+        rc = self.config.realms.get(req.realm)
+        if rc is not None and rc.allow and incoming.peer_id not in rc.allow:
+            raise ExecutorFailure(f"{req.realm} is private on this node: your node is not on its allow list",
+                                  Code.REALM_NOT_SERVED)
         query = Query(req.query_id, req.realm, dict(req.payload), req.deadline_ms / 1000.0, incoming.peer_id,
                       priority=Priority.PEER)
         log.debug("query %s (%s) from peer %s", req.query_id, req.realm, incoming.peer_id)
@@ -522,6 +527,8 @@ class Node:
                     "failures": e.consecutive_failures,
                     "last_failure": e.last_failure,
                     "violations": e.violations,
+                    "trusted": [r for r, rc in self.config.realms.items() if e.peer_id in rc.trusted],
+                    "allowed": [r for r, rc in self.config.realms.items() if e.peer_id in rc.allow],
                     "blocked": ("by the sysop" if e.blocked else
                                 e.penalty_reason if self.table.is_blocked(e.peer_id) else None),
                     "sources": sorted(e.sources),

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -91,6 +91,7 @@ class RealmRouter:
         local_queue_limit: int,
         max_attempts: int,
         discover: Callable[[str], Awaitable[None]] | None = None,
+        trusted: Mapping[str, frozenset[str]] | None = None,
     ) -> None:
         self.table = table
         self.local = local
@@ -98,6 +99,7 @@ class RealmRouter:
         self.local_queue_limit = local_queue_limit
         self.max_attempts = max_attempts
         self.discover = discover
+        self.trusted = dict(trusted or {})  # realm -> the only peers it may be routed to
 
     def _path(self, peer_id: str) -> str:
         e = self.table.get(peer_id)
@@ -107,8 +109,13 @@ class RealmRouter:
 
     def plan(self, realm: str) -> RoutePlan:
         peers, excluded = self.table.candidates(realm)
-        entries = [RouteEntry(c.peer_id, c.score, self._path(c.peer_id)) for c in peers]
         out = [RouteEntry(x.peer_id, 0.0, x.reason) for x in excluded]
+        trusted = self.trusted.get(realm)
+        if trusted:  # a private federation: only the peers named in realms.<realm>.trusted
+            out += [RouteEntry(c.peer_id, 0.0, f"not trusted for {realm} (realms.{realm}.trusted)")
+                    for c in peers if c.peer_id not in trusted]
+            peers = [c for c in peers if c.peer_id in trusted]
+        entries = [RouteEntry(c.peer_id, c.score, self._path(c.peer_id)) for c in peers]
         if self.local.serves(realm):
             depth = self.local.queue_depth(realm)
             if depth < self.local_queue_limit:

@@ -149,3 +149,30 @@ async def test_a_corrupt_model_leaves_its_realm_unserved_and_the_others_running(
     assert msgs[-1]["op"] == "error" and msgs[-1]["code"] == "realm_not_served"
     assert "broken.gguf" in msgs[-1]["message"]
     assert "Traceback" not in node.log()
+
+
+def test_private_realm_and_trusted_peers(federation: Federation) -> None:
+    """realms.chat.allow: B serves chat to A only; realms.chat.trusted: D routes chat to C only."""
+    a = federation.start("A", serve="none")
+    c = federation.start("C", serve="chat", bootstrap=(a.addr,))
+    b = federation.start("B", serve="chat", bootstrap=(a.addr,),
+                         settings={"realms.chat.allow": f'["{a.peer_id}"]'})
+    d = federation.start("D", serve="none", bootstrap=(a.addr,),
+                         settings={"realms.chat.trusted": f'["{c.peer_id}"]'})
+    for peer in (b, c):
+        d.wait_for(rf"peer {peer.peer_id} is live", 30)
+    # D trusts C alone for chat: B is out of its routing, with the reason, and C answers.
+    plan = d.cli_json("route", "chat")
+    assert [x["executor"] for x in plan["candidates"]] == [c.peer_id]
+    assert any(x["executor"] == b.peer_id and "not trusted" in x["reason"] for x in plan["excluded"])
+    assert f"answered by {c.peer_id}" in d.cli("query", "chat", "hi", "--max-tokens", "4").stderr
+    assert "trusted for chat" in d.cli("peers").stdout
+    # B serves chat to A alone. With C gone, E (not on B's list) is refused; A is answered by B.
+    assert c.stop() == 0
+    e = federation.start("E", serve="none", bootstrap=(a.addr,))
+    e.wait_for(rf"peer {b.peer_id} is live", 30)
+    a.wait_for(rf"peer {b.peer_id} is live", 30)
+    assert b.peer(a.peer_id)["allowed"] == ["chat"]
+    refused = e.cli("query", "chat", "hi", "--max-tokens", "4", check=False)
+    assert refused.returncode == 1 and "private on this node" in refused.stderr, refused.stderr
+    assert f"answered by {b.peer_id}" in a.cli("query", "chat", "hi", "--max-tokens", "4").stderr
