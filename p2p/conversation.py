@@ -206,9 +206,11 @@ class Requester:
         """Fail an attempt on outside evidence (the peer went stale or disconnected)."""
         if query_id not in self.active:
             return []
-        out = self.cancel(query_id)
-        return [Fail(query_id, ExecutorFailure(f"attempt abandoned: {reason}", Code.DEADLINE_EXCEEDED,
-                                               kind=kind))] + out
+        return self._give_up(query_id, f"attempt abandoned: {reason}", kind)
+
+    def _give_up(self, query_id: str, reason: str, kind: FailureKind) -> list[Action]:
+        """Tell the executor to stop, and fail the attempt here."""
+        return [Fail(query_id, ExecutorFailure(reason, Code.DEADLINE_EXCEEDED, kind=kind)), *self.cancel(query_id)]
 
     def lost(self, reason: str) -> list[Action]:
         """The stream broke: every attempt on it fails; the stream is done."""
@@ -237,8 +239,7 @@ class Requester:
                 reason, kind = f"no progress within {self.first_progress:g}s (keepalives only)", FailureKind.STALLED
             else:
                 reason, kind = f"no frame for {self.hang_timeout:g}s", FailureKind.HUNG
-            out += self.cancel(qid)
-            out.append(Fail(qid, ExecutorFailure(reason, Code.DEADLINE_EXCEEDED, kind=kind)))
+            out += self._give_up(qid, reason, kind)
         return out
 
 

@@ -356,6 +356,7 @@ class QueryClient:
 
     async def _run_session(self, session: _Session) -> None:
         reason = "closed"
+        ended_by_peer = ""
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._watch_writer, session, nursery.cancel_scope)
@@ -367,19 +368,18 @@ class QueryClient:
                             reason = session.conv.broken
                             break
                     else:
-                        reason = "the executor closed the stream"
-                        if self.on_broken is not None:
-                            self.on_broken(session.peer_id, reason)
+                        reason = ended_by_peer = "the executor closed the stream"
                 except wire.WireError as exc:
                     reason = f"malformed answer: {exc}"
                     session.dispatch(session.conv.violation(reason))
                 except stream_errors() as exc:
                     reason = f"{type(exc).__name__}"
-                    # The stream broke under us: the connection is likely gone, and libp2p
-                    # announces that a few hundred ms later. The node need not wait for it.
-                    if self.on_broken is not None:
-                        self.on_broken(session.peer_id, f"its stream broke ({reason})")
+                    ended_by_peer = f"its stream broke ({reason})"
                 nursery.cancel_scope.cancel()
+            # The connection is likely gone, and libp2p announces that ~0.2 s later: the node
+            # need not wait for it.
+            if ended_by_peer and self.on_broken is not None:
+                self.on_broken(session.peer_id, ended_by_peer)
         finally:
             session.done = True
             if self.sessions.get(session.peer_id) is session:

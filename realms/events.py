@@ -2,7 +2,7 @@
 
 Backends emit these events; the executor, the router and the query manager pass them on
 untouched. Only the edges convert: the wire codec (``p2p/wire.py``), the websocket JSON edge
-(:func:`to_json`), storage and the CLI.
+(:func:`to_dict`, sent with :func:`dumps`), storage and the CLI.
 
 Failures are one :class:`Code` vocabulary. A code knows whether another executor may well
 succeed (``retryable``), whose fault it is (``fault``: a user's bad request is never held
@@ -270,10 +270,6 @@ Event = Queued | Routed | Accepted | Progress | Token | Failover | Result | Fail
 
 _TYPE = {Queued: "queued", Routed: "routed", Accepted: "accepted", Progress: "progress",
          Token: "token", Failover: "failover", Result: "result", Failed: "error"}  # fmt: skip
-
-
-def type_name(event: Event) -> str:
-    return _TYPE[type(event)]
 
 
 def to_dict(event: Event, **extra: Any) -> dict[str, Any]:

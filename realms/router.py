@@ -150,8 +150,7 @@ class RealmRouter:
         line: list[tuple[float, str]] = [(0.0, c.executor) for c in plan.candidates[: self.max_attempts]]
         tried: list[str] = []
         attempt = 0
-        waits = 0
-        busy_count: dict[str, int] = {}
+        busy_count: dict[str, int] = {}  # executor -> back-pressure answers waited out
         last: QueryError | None = None
         current = ""
         with trio.move_on_at(deadline_at) as deadline:
@@ -181,10 +180,9 @@ class RealmRouter:
                 except ExecutorFailure as exc:
                     last = exc
                     retry_at = self._retry_at(exc, deadline_at, busy_count.get(executor, 0))
-                    if retry_at is not None and waits < MAX_BACKPRESSURE_RETRIES:
-                        busy_count[executor] = busy_count.get(executor, 0) + 1
+                    if retry_at is not None and sum(busy_count.values()) < MAX_BACKPRESSURE_RETRIES:
                         # Healthy but full: back in line after its retry-after, not a failure.
-                        waits += 1
+                        busy_count[executor] = busy_count.get(executor, 0) + 1
                         line.append((retry_at, executor))
                         log.debug("query %s: %s is %s; back in line in %.2fs", query.query_id, executor,
                                   exc.code.value, retry_at - trio.current_time())
