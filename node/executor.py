@@ -24,8 +24,8 @@ import trio
 
 from ..p2p.health import RealmStatus
 from ..realms import events as ev
-from ..realms.events import BadRequest, Code, ExecutorFailure, Fault, ModelFailure, QueryError
-from ..realms.queue import QueueFull, RealmQueue
+from ..realms.events import BadRequest, Code, ExecutorFailure, ModelFailure, QueryError
+from ..realms.queue import PositionReport, RealmQueue, outcome_of
 from ..realms.router import Query, StreamEmit
 from .config import Config, RealmConfig
 
@@ -120,7 +120,25 @@ class LocalRealms:
 
         for_peer = query.origin != self.peer_id
         started = trio.current_time()
-        outcome = "failed"
+        try:
+            result = await self._run(slot, query, emit, accepted, for_peer)
+        except BaseException as exc:
+            outcome = outcome_of(exc)
+            if outcome in ("failed", "cancelled"):  # a refusal or a bad request is no outcome
+                self._record(query.realm, for_peer=for_peer, ok=False, cancelled=outcome == "cancelled")
+            raise
+        ms = (trio.current_time() - started) * 1000.0
+        rc = slot.config
+        cost = rc.cost_per_query + rc.cost_per_second * ms / 1000.0 + (
+            rc.cost_per_token * float(result.stats.get("tokens", 0))
+        )
+        self._record(query.realm, for_peer=for_peer, ok=True, ms=ms, cost=cost)
+        return ev.Result(result.output, {**result.stats, "cost": round(cost, 6)})
+
+    async def _run(
+        self, slot: RealmSlot, query: Query, emit: StreamEmit, accepted: PositionReport, for_peer: bool,
+    ) -> ev.Result:
+        """The backend's answer once the queue admits the query; every failure a QueryError."""
         try:
             with trio.fail_after(query.deadline_s):
                 async with slot.queue.admit(query.query_id, accepted, priority=query.priority,
@@ -130,32 +148,14 @@ class LocalRealms:
                         raise ExecutorFailure(f"{query.realm}: {self.not_served_reason(query.realm)}", Code.BUSY,
                                               retry_after=1.0)
                     result: ev.Result = await self._guarded(slot, lambda: backend.generate(query.payload, emit))
-            outcome = "ok"
-        except QueueFull:
-            outcome = "refused"
-            raise
-        except QueryError as exc:
-            if exc.fault in (Fault.USER, Fault.NOBODY):
-                outcome = "rejected"
-            raise
+                    return result
         except trio.TooSlowError:
             raise ExecutorFailure(f"deadline of {query.deadline_s:.1f}s passed", Code.DEADLINE_EXCEEDED) from None
-        except trio.Cancelled:
-            outcome = "cancelled"
+        except (QueryError, trio.Cancelled):
             raise
         except Exception as exc:  # a backend bug: this query fails, the node goes on
             log.error("%s: backend error: %s: %s", query.realm, type(exc).__name__, exc)
             raise ModelFailure(f"{query.realm} backend error", Code.INTERNAL) from None
-        finally:
-            if outcome in ("failed", "cancelled"):  # a refusal or a bad request is no outcome
-                self._record(query.realm, for_peer=for_peer, ok=False, cancelled=outcome == "cancelled")
-        ms = (trio.current_time() - started) * 1000.0
-        rc = slot.config
-        cost = rc.cost_per_query + rc.cost_per_second * ms / 1000.0 + (
-            rc.cost_per_token * float(result.stats.get("tokens", 0))
-        )
-        self._record(query.realm, for_peer=for_peer, ok=True, ms=ms, cost=cost)
-        return ev.Result(result.output, {**result.stats, "cost": round(cost, 6)})
 
     async def _guarded(self, slot: RealmSlot, call: Callable[[], Awaitable[Any]]) -> Any:
         """Run a backend call in a task of ours; if it outlives its cancellation, it is stuck."""

@@ -37,6 +37,20 @@ class QueueFull(ExecutorFailure):
     default_code = Code.QUEUE_FULL
 
 
+def outcome_of(failure: BaseException | None) -> str:
+    """How a query ended, as this node's counters see it: ok; refused (a full queue); cancelled;
+    rejected (a bad request or a withdrawn one: no failure of this node); failed."""
+    if failure is None:
+        return "ok"
+    if isinstance(failure, QueueFull):
+        return "refused"
+    if isinstance(failure, trio.Cancelled):
+        return "cancelled"
+    if isinstance(failure, QueryError) and failure.fault in (Fault.USER, Fault.NOBODY):
+        return "rejected"
+    return "failed"
+
+
 @dataclass(order=True)
 class _Ticket:
     priority: int
@@ -158,19 +172,15 @@ class RealmQueue:
                 self._changed()
             raise
         started = trio.current_time()
-        outcome = "failed"
+        failure: BaseException | None = None
         try:
             yield
-            outcome = "ok"
-        except trio.Cancelled:
-            outcome = "cancelled"
-            raise
-        except QueryError as exc:
-            if exc.fault in (Fault.USER, Fault.NOBODY):  # a bad request is not a failure here
-                outcome = "rejected"
+        except BaseException as exc:
+            failure = exc
             raise
         finally:
             self._release(ticket)
+            outcome = outcome_of(failure)
             if outcome == "ok":
                 self.completed += 1
                 self._service_ms.append((trio.current_time() - started) * 1000.0)
