@@ -199,7 +199,10 @@ class P2PConfig:
     relay_bytes: int = _int(128 * 1024 * 1024, 1024, 1 << 40)
     relay_circuits: int = _int(4, 1, 1000)
     health_interval: float = _float(1.0, 0.2, 60.0)
-    stale_after: float = _float(3.5, 0.0, 3600.0, lo_open=True)
+    health_heartbeat: float = _float(5.0, 0.2, 600.0)
+    stale_after: float = _float(12.0, 0.0, 3600.0, lo_open=True)
+    gossip_per_second: float = _float(100.0, 1.0, 1e6)
+    introductions_per_minute: float = _float(60.0, 1.0, 1e6)
     dht_refresh: float = _float(300.0, 5.0, 86400.0)
     dial_timeout: float = _float(10.0, 0.0, 120.0, lo_open=True)
     forget_after: float = _float(600.0, 10.0, 30 * 86400.0)
@@ -240,6 +243,16 @@ class LimitsConfig:
     max_active: int = _int(64, 1, 100000)
     peer_queries_per_minute: float = _float(60000.0, 0.0, 1e6)
     peer_burst: int = _int(1000, 1, 100000)
+    peer_streams: int = _int(8, 1, 1024)
+    peer_buffer_bytes: int = _int(16 * 1024 * 1024, 64 * 1024, 1 << 34)
+    buffer_bytes: int = _int(64 * 1024 * 1024, 64 * 1024, 1 << 36)
+    inbound_per_ip: int = _int(16, 1, 100000)
+    pending_per_ip: int = _int(8, 1, 100000)
+    inbound_total: int = _int(256, 1, 1000000)
+    handshake_timeout: float = _float(10.0, 0.0, 600.0, lo_open=True)
+    ws_buffer_bytes: int = _int(64 * 1024 * 1024, 64 * 1024, 1 << 36)
+    ws_chat_bytes: int = _int(1024 * 1024, 1024, 1 << 30)
+    ws_request_bytes: int = _int(64 * 1024, 1024, 1 << 30)
 
 
 @dataclass(frozen=True)
@@ -290,9 +303,12 @@ _LEAVES: dict[str, Any] = {  # every valid dotted key -> its built-in default
     **{f"realms.{r}.{f.name}": f.default for r in REALMS for f in fields(RealmConfig)},
 }
 _CROSS = (  # (key, relation, other key, wording)
-    ("p2p.stale_after", operator.gt, "p2p.health_interval", "greater than"),
+    ("p2p.health_heartbeat", operator.ge, "p2p.health_interval", "at least"),
+    ("p2p.stale_after", operator.gt, "p2p.health_heartbeat", "greater than"),
     ("router.hang_timeout", operator.lt, "router.query_deadline", "less than"),
     ("router.breaker_backoff_max", operator.ge, "router.breaker_backoff", "at least"),
+    ("limits.buffer_bytes", operator.ge, "limits.peer_buffer_bytes", "at least"),
+    ("limits.inbound_per_ip", operator.ge, "limits.pending_per_ip", "at least"),
 )
 
 

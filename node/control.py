@@ -23,7 +23,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
 
 from .config import REALMS
-from .http import serve_ui
+from .http import MessageRefused, serve_ui
 from .limits import client_network
 from ..realms.events import Code, QueryError, UserError, dumps
 from .queries import Refused, check_guid, check_nickname
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("rentahal.control")
 
-MAX_MESSAGE = 16 * 1024 * 1024  # a payload of max_payload_bytes as base64, with room
+MEDIA_SLACK = 64 * 1024  # a media request's JSON around its base64 payload
 MAX_INFLIGHT_PER_CONNECTION = 16
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
@@ -88,10 +88,12 @@ async def serve_control(node: Node, *, task_status: trio.TaskStatus[str] = trio.
         except Exception as exc:
             log.error("websocket session failed: %s: %s", type(exc).__name__, exc)
 
+    limits = node.config.limits
     async with trio.open_nursery() as nursery:
         port = await nursery.start(
             lambda task_status: serve_ui(
-                handler, cfg.host, cfg.port, max_message_size=MAX_MESSAGE, task_status=task_status
+                handler, cfg.host, cfg.port, max_message_size=max(message_limits(node.config).values()),
+                message_budget=limits.ws_buffer_bytes, task_status=task_status,
             )
         )
         host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
@@ -123,6 +125,19 @@ def rate_key(client: str, guid: str, *, sysop: bool, limit_loopback: bool) -> tu
 
 
 
+def message_limits(config: Any) -> dict[str, int]:
+    """Largest websocket message per realm of a query ("" for every other request): a chat
+    prompt needs far less room than an image or a recording (max_payload_bytes, as base64)."""
+    limits = config.limits
+    media = 4 * -(-config.storage.max_payload_bytes // 3) + MEDIA_SLACK
+    return {"": limits.ws_request_bytes, "chat": limits.ws_chat_bytes,
+            **{realm: media for realm in REALMS if realm != "chat"}}
+
+
+def _size(raw: str | bytes) -> int:
+    return len(raw) if isinstance(raw, bytes) or raw.isascii() else len(raw.encode("utf-8", "surrogatepass"))
+
+
 class ControlSession:
     def __init__(self, node: Node, ws: WebSocketConnection, *, client: str = "127.0.0.1") -> None:
         self.node = node
@@ -133,6 +148,7 @@ class ControlSession:
         # Until the client says hello, it is an anonymous user of its own for this connection.
         self.guid = uuid.uuid4().hex
         self.sysop = False
+        self.limits = message_limits(node.config)
 
     async def send(self, message: dict[str, Any]) -> None:
         try:
@@ -149,22 +165,39 @@ class ControlSession:
             try:
                 while True:
                     raw = await self.ws.get_message()
+                    # A large message holds room in the websocket budget until it is handled.
+                    held = self.ws.take_reservation() if hasattr(self.ws, "take_reservation") else 0
                     try:
-                        req = parse_request(raw)
-                    except BadRequest as exc:
-                        await self.send({"op": "error", "rid": exc.rid, "code": "bad_request", "message": str(exc)})
-                        continue
-                    if self.inflight >= MAX_INFLIGHT_PER_CONNECTION:
-                        await self.send(
-                            {"op": "error", "rid": req.get("rid"), "code": "busy",
-                             "message": f"more than {MAX_INFLIGHT_PER_CONNECTION} requests in flight"}
-                        )
-                        continue
-                    nursery.start_soon(self.dispatch, req)
+                        if isinstance(raw, MessageRefused):  # dropped as it arrived: never parsed
+                            await self.send({"op": "error", "rid": None, "code": raw.code, "message": raw.reason})
+                            continue
+                        try:
+                            req = parse_request(raw)
+                        except BadRequest as exc:
+                            await self.send({"op": "error", "rid": exc.rid, "code": "bad_request", "message": str(exc)})
+                            continue
+                        realm = req.get("realm", "") if req["op"] == "submit_query" else ""
+                        limit = self.limits.get(realm, self.limits[""])
+                        if _size(raw) > limit:
+                            what = f"a {realm} query" if realm else f"a {req['op']} request"
+                            await self.send({"op": "error", "rid": req.get("rid"), "code": "too_large",
+                                             "message": f"{what} is at most {limit} bytes, got {_size(raw)}"})
+                            continue
+                        if self.inflight >= MAX_INFLIGHT_PER_CONNECTION:
+                            await self.send(
+                                {"op": "error", "rid": req.get("rid"), "code": "busy",
+                                 "message": f"more than {MAX_INFLIGHT_PER_CONNECTION} requests in flight"}
+                            )
+                            continue
+                        nursery.start_soon(self.dispatch, req, held)
+                        held = 0  # dispatch gives it back
+                    finally:
+                        if held:
+                            self.ws.release(held)
             except ConnectionClosed:
                 nursery.cancel_scope.cancel()
 
-    async def dispatch(self, req: dict[str, Any]) -> None:
+    async def dispatch(self, req: dict[str, Any], held: int = 0) -> None:
         rid = req.get("rid")
         op = req["op"]
         self.inflight += 1
@@ -180,6 +213,8 @@ class ControlSession:
             pass
         finally:
             self.inflight -= 1
+            if held:
+                self.ws.release(held)
 
     # --- who is asking ---------------------------------------------------------------------------
     async def op_hello(self, req: dict[str, Any], rid: Any) -> dict[str, Any]:

@@ -19,8 +19,9 @@ import trio
 from .. import __version__
 from ..p2p import addrs as addrlib
 from ..p2p.discovery import RealmDiscovery
-from ..p2p.gossip import HealthGossip
+from ..p2p.gossip import GossipBudget, HealthGossip
 from ..p2p.health import HealthRecord
+from ..p2p.budget import ByteBudget, ConnectionGate
 from ..p2p.host import DialError, FederationHost, open_federation_host
 from ..p2p.identity import Identity
 from ..p2p.maintenance import PeerMaintenance
@@ -112,7 +113,10 @@ class Node:
         self.local.peer_id = self.peer_id
         overrides = await self.storage.realm_overrides()
         self.local.disabled = {realm for realm, enabled in overrides.items() if not enabled}
-        async with open_federation_host(self.identity, cfg.p2p.listen, announce=cfg.p2p.announce) as fh:
+        lim = cfg.limits
+        gate = ConnectionGate(pending_per_ip=lim.pending_per_ip, open_per_ip=lim.inbound_per_ip, total=lim.inbound_total)
+        async with open_federation_host(self.identity, cfg.p2p.listen, announce=cfg.p2p.announce, gate=gate,
+                                        handshake_timeout=lim.handshake_timeout) as fh:
             self.fh = fh
             self.table = PeerTable(
                 self.peer_id,
@@ -143,7 +147,7 @@ class Node:
             self.maintenance = PeerMaintenance(
                 fh, self.table, dial_timeout=cfg.p2p.dial_timeout, bootstrap=cfg.p2p.bootstrap,
                 forget_after=cfg.p2p.forget_after, max_peers=MAX_PEERS, state_interval=cfg.p2p.health_interval / 2,
-                quiet_after=cfg.p2p.health_interval * 1.1,
+                quiet_after=cfg.p2p.health_heartbeat * 1.1,
             )
             self.maintenance.busy = lambda peer_id: peer_id in self._attempts
             self.queries = QueryManager(
@@ -156,7 +160,8 @@ class Node:
                 check_payload=check_payload,
             )
             service = QueryService(self._serve_peer_query, on_violation=self._on_violation,
-                                   refuse=self.table.is_blocked)
+                                   refuse=self.table.is_blocked, max_streams_per_peer=lim.peer_streams,
+                                   frame_budget=ByteBudget(lim.buffer_bytes, lim.peer_buffer_bytes))
             fh.set_stream_handler(PROTOCOL_ID, service.handle_stream)
             self.dialback = DialBack(fh)
             p2p = cfg.p2p
@@ -174,10 +179,17 @@ class Node:
                     await nursery.start(self.local.run)
                     await nursery.start(self.client.run)
                     nursery.start_soon(self._advertise)
-                    gossip = HealthGossip(
-                        fh, self.identity, interval=cfg.p2p.health_interval,
+                    self._violation_reports, violations = trio.open_memory_channel[tuple[str, str]](64)
+                    nursery.start_soon(self._count_reported_violations, violations)
+                    budget = GossipBudget(cfg.p2p.gossip_per_second, cfg.p2p.introductions_per_minute,
+                                          on_violation=self._report_violation)
+                    fh.pubsub.budget, fh.pubsub.refuse = budget, self.table.is_blocked
+                    self.gossip = gossip = HealthGossip(
+                        fh, self.identity, interval=cfg.p2p.health_interval, heartbeat=cfg.p2p.health_heartbeat,
                         make_record=self.health_record, on_record=self._take_record,
+                        known=lambda peer_id: self.table.get(peer_id) is not None, budget=budget,
                     )
+                    self.maintenance.on_connect = lambda peer_id: gossip.changed()
                     await nursery.start(gossip.run)
                     await nursery.start(self.relay.run)
                     await nursery.start(self.maintenance.run)
@@ -474,6 +486,18 @@ class Node:
             row = {**zero, **stored.get(realm, {})}
             out[realm] = {**row, "queue_depth": slot.queue.depth, "running": slot.queue.running}
         return out
+
+    def _report_violation(self, peer_id: str, reason: str) -> None:
+        """A violation seen where nothing may wait (pubsub's validator): counted soon after, or,
+        with 64 reports already waiting, dropped (the flood is counted well enough)."""
+        try:
+            self._violation_reports.send_nowait((peer_id, reason))
+        except trio.WouldBlock:
+            pass
+
+    async def _count_reported_violations(self, reports: trio.MemoryReceiveChannel[tuple[str, str]]) -> None:
+        async for peer_id, reason in reports:
+            await self._on_violation(peer_id, reason)
 
     async def _on_violation(self, peer_id: str, reason: str) -> None:
         """Count a protocol violation: one log line per peer per minute, and past

@@ -10,13 +10,17 @@ Files are read once at start; every answer closes its connection (the UI is thre
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib import resources
+from typing import Any
 
 import trio
-from trio_websocket import WebSocketRequest, wrap_server_stream
+from trio_websocket import WebSocketConnection, WebSocketRequest
+from wsproto import ConnectionType, WSConnection
 
+from ..p2p.budget import ByteBudget
 from .limits import client_network
 
 log = logging.getLogger("rentahal.http")
@@ -25,6 +29,9 @@ MAX_HEAD = 16 * 1024  # bytes of request line + headers
 HEAD_TIMEOUT = 10.0  # seconds a client may take to send its request head
 MAX_CONNECTIONS = 512  # open UI connections in all (each holds a file descriptor)
 MAX_CONNECTIONS_PER_CLIENT = 64  # per IPv4 address / IPv6 /64
+FREE_MESSAGE = 64 * 1024  # websocket messages below this need no room in the message budget
+MESSAGE_BUDGET = 64 * 1024 * 1024  # larger messages buffered at once, all clients together
+WS_RECEIVE_BYTES = 64 * 1024
 TYPES = {
     ".html": "text/html; charset=utf-8",
     ".js": "text/javascript; charset=utf-8",
@@ -151,13 +158,110 @@ def answer_http(head: RequestHead, files: dict[str, tuple[str, bytes]]) -> bytes
 WebSocketHandler = Callable[[WebSocketRequest, str], Awaitable[None]]  # (request, client address)
 
 
+@dataclass(frozen=True)
+class MessageRefused:
+    """What ``get_message`` returns in place of a message that was dropped as it arrived."""
+
+    reason: str  # one line
+    code: str = "too_large"  # or "busy": the budget for all clients was full
+
+
+def _weight(data: str | bytes) -> int:
+    """Bytes a message part may take in memory (a non-ASCII str up to 4 per character)."""
+    return len(data) if isinstance(data, bytes) or data.isascii() else 4 * len(data)
+
+
+class BudgetedWebSocket(WebSocketConnection):
+    """A server websocket whose messages are capped at ``max_message_size`` and, above
+    ``FREE_MESSAGE`` bytes, held only while ``budget`` has room: a message past either is
+    dropped part by part as it arrives (memory does not grow) and ``get_message`` returns a
+    :class:`MessageRefused` in its place; the connection stays up. A delivered message keeps
+    its reservation until the reader hands it back (:meth:`take_reservation`, :meth:`release`)."""
+
+    def __init__(self, stream: trio.abc.Stream, *, budget: ByteBudget, key: str, max_message_size: int) -> None:
+        super().__init__(stream, WSConnection(ConnectionType.SERVER), max_message_size=max_message_size,
+                         receive_buffer_size=WS_RECEIVE_BYTES)
+        self.budget = budget
+        self.key = key
+        self._reserved = 0  # for the message being received
+        self._delivered: deque[int] = deque()  # reservations of messages not yet taken
+        self._dropping = False  # inside a refused message: its remaining parts are dropped
+
+    def take_reservation(self) -> int:
+        """The bytes reserved for the message ``get_message`` returned last (0 for small ones):
+        the caller gives them back with :meth:`release` when it is done with that message."""
+        return self._delivered.popleft() if self._delivered else 0
+
+    def release(self, n: int) -> None:
+        if n:
+            self.budget.release(self.key, n)
+
+    def release_all(self) -> None:
+        """Whatever this connection still holds in the budget (the connection is over)."""
+        self.release(self._reserved + sum(self._delivered))
+        self._reserved = 0
+        self._delivered.clear()
+
+    def _refusal(self, size: int) -> MessageRefused | None:
+        if size > self._max_message_size:
+            return MessageRefused(f"message over {self._max_message_size} bytes, the most this node takes")
+        if size <= FREE_MESSAGE:
+            return None
+        if not self.budget.reserve(self.key, size - self._reserved):
+            return MessageRefused(f"message of over {FREE_MESSAGE} bytes refused: this node holds at most "
+                                  f"{self.budget.total} bytes of large messages at once; try again shortly",
+                                  "busy")
+        self._reserved = size
+        return None
+
+    async def _handle_message_event(self, event: Any) -> None:
+        if self._dropping:
+            self._dropping = not event.message_finished
+            return
+        why = self._refusal(self._message_size + _weight(event.data))
+        if why is not None:
+            self.release(self._reserved)
+            self._reserved = self._message_size = 0
+            self._message_parts = []
+            self._dropping = not event.message_finished
+            await self._deliver(why, 0)
+            return
+        self._message_size += _weight(event.data)
+        self._message_parts.append(event.data)
+        if event.message_finished:
+            parts, self._message_parts = self._message_parts, []
+            msg = b"".join(parts) if isinstance(event.data, bytes) else "".join(parts)  # type: ignore[arg-type]
+            held, self._reserved, self._message_size = self._reserved, 0, 0
+            await self._deliver(msg, held)
+
+    async def _deliver(self, msg: Any, held: int) -> None:
+        self._delivered.append(held)
+        try:
+            await self._send_channel.send(msg)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            self._delivered.pop()
+            self.release(held)
+
+
+async def open_websocket(nursery: trio.Nursery, stream: trio.abc.Stream, *, budget: ByteBudget, key: str,
+                         max_message_size: int) -> tuple[WebSocketRequest, BudgetedWebSocket]:
+    """trio-websocket's ``wrap_server_stream`` with a :class:`BudgetedWebSocket`."""
+    connection = BudgetedWebSocket(stream, budget=budget, key=key, max_message_size=max_message_size)
+    nursery.start_soon(connection._reader_task)
+    return await connection._get_request(), connection
+
+
 async def serve_ui(
     handler: WebSocketHandler, host: str, port: int, *, max_message_size: int,
     head_timeout: float = HEAD_TIMEOUT, files: dict[str, tuple[str, bytes]] | None = None,
     max_connections: int = MAX_CONNECTIONS, max_per_client: int = MAX_CONNECTIONS_PER_CLIENT,
+    message_budget: int = MESSAGE_BUDGET,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Listen on host:port; report the bound port through ``task_status``."""
+    """Listen on host:port; report the bound port through ``task_status``. A websocket message
+    is at most ``max_message_size`` bytes, and those over FREE_MESSAGE share ``message_budget``
+    bytes across all connections (see :class:`BudgetedWebSocket`)."""
+    budget = ByteBudget(message_budget)
     files = load_ui_files() if files is None else files
     if "/" not in files:
         log.warning("the web UI files are missing from this installation; only the websocket is served")
@@ -197,17 +301,23 @@ async def serve_ui(
         if head.headers.get("upgrade", "").lower() != "websocket":
             await _answer_and_close(stream, answer_http(head, files))
             return
-        async with trio.open_nursery() as nursery:
-            with trio.move_on_after(head_timeout) as scope:
-                request = await wrap_server_stream(
-                    nursery, ReplayStream(stream, head.raw), max_message_size=max_message_size
-                )
-            try:
-                if not scope.cancelled_caught:
-                    await handler(request, client)
-            finally:
-                nursery.cancel_scope.cancel()
-                await trio.aclose_forcefully(stream)
+        connection: BudgetedWebSocket | None = None
+        try:
+            async with trio.open_nursery() as nursery:
+                with trio.move_on_after(head_timeout) as scope:
+                    request, connection = await open_websocket(
+                        nursery, ReplayStream(stream, head.raw), budget=budget, key=client_network(client),
+                        max_message_size=max_message_size,
+                    )
+                try:
+                    if not scope.cancelled_caught:
+                        await handler(request, client)
+                finally:
+                    nursery.cancel_scope.cancel()
+                    await trio.aclose_forcefully(stream)
+        finally:
+            if connection is not None:
+                connection.release_all()
 
     listeners = await trio.open_tcp_listeners(port, host=host)
     task_status.started(listeners[0].socket.getsockname()[1])

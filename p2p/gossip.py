@@ -1,11 +1,17 @@
-"""Health gossip: publish this node's signed record about once a second; take others' records,
-validated **before** GossipSub relays them onward.
+"""Health gossip: publish this node's signed record when it changes (at most once per
+``interval``), at once when a peer connects, and otherwise every ``heartbeat`` seconds; take
+others' records, validated **before** GossipSub relays them onward.
 
-The topic validator runs inside the pubsub router, ahead of forwarding: a record that does not
-verify under its author's key, names another peer than the message's author, carries a timestamp
-far from this clock, or repeats a sequence number already seen from that author (a replay) is
-rejected, so this node never spreads it. An accepted record reaches the peer table from the
-validator itself (pubsub validates each message once). Rejections are logged once per (author, reason), with a bound on the memory used.
+Work a peer can make this node do is budgeted before it is done: every gossip message a
+forwarder sends is charged to that forwarder's token bucket ahead of any decoding or signature
+check (``BudgetedPubsub``), and a forwarder may introduce only so many peers this node has never
+heard of. The topic validator runs inside the pubsub router, ahead of forwarding: a record that
+does not verify under its author's key, names another peer than the message's author, carries a
+timestamp far from this clock, or repeats a sequence number already seen from that author (a
+replay) is rejected, so this node never spreads it, and an invalid one counts against the
+forwarder. Each signature is checked once: pubsub's strict signing verifies the message's
+signature by its author, so the record inside is not verified a second time. Rejections are
+logged once per (author, reason), with a bound on the memory used.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from typing import Any
 
 import trio
 
+from ..node.limits import RateLimiter
 from .health import HEALTH_TOPIC, HealthRecord, sign_record, verify_record
 from .host import FederationHost
 from .identity import Identity
@@ -38,11 +45,13 @@ class RecordCheck:
         self._last_seq: OrderedDict[str, int] = OrderedDict()
         self._warned: set[tuple[str, str]] = set()
         self.rejected = 0
+        self.last_reason = ""  # why the last check failed ("" for a replay: no fault of anyone's)
 
-    def check(self, author: str, data: bytes) -> HealthRecord | None:
+    def check(self, author: str, data: bytes, *, author_signed: bool = False) -> HealthRecord | None:
         """The verified record, or None (and one log line per author and reason)."""
+        self.last_reason = ""
         try:
-            record = verify_record(data, author=author)
+            record = verify_record(data, author=author, author_signed=author_signed)
         except Exception as exc:  # HealthRecordError, or a bug: never let gossip kill the node
             return self._reject(author, str(exc))
         skew = abs(record.timestamp - self.clock())
@@ -59,11 +68,80 @@ class RecordCheck:
 
     def _reject(self, author: str, reason: str, *, quiet: bool = False) -> None:
         self.rejected += 1
+        self.last_reason = "" if quiet else reason
         key = (author, reason.split(" ", 1)[0])
         if not quiet and key not in self._warned and len(self._warned) < MAX_WARNINGS:
             self._warned.add(key)
             log.warning("ignored health record from %s: %s", author, reason)
         return None
+
+
+Violation = Callable[[str, str], None]  # (peer ID, what it did): counted by the node
+
+
+class GossipBudget:
+    """Token buckets per forwarder on the gossip messages it sends (``per_second``, a burst of
+    twice that), and on the peers it introduces (``introductions_per_minute``). Over budget, a
+    message is dropped unread; the first drop in a window counts once against the forwarder."""
+
+    def __init__(self, per_second: float, introductions_per_minute: float, *,
+                 on_violation: Violation | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.messages = RateLimiter(per_second * 60.0, max(1, int(2 * per_second)), clock=clock)
+        self.introductions = RateLimiter(introductions_per_minute, max(1, int(introductions_per_minute)),
+                                         clock=clock)
+        self.on_violation = on_violation
+        self.clock = clock
+        self.dropped = 0
+        self.refused_introductions = 0
+        self._reported: OrderedDict[object, float] = OrderedDict()  # forwarder -> last report
+
+    def admit(self, forwarder: object) -> bool:
+        """One message from ``forwarder`` (a libp2p ID: hashing it is cheaper than naming it)."""
+        if self.messages.take(forwarder) == 0.0:
+            return True
+        self.dropped += 1
+        self._report(forwarder, "more gossip messages than the per-forwarder budget")
+        return False
+
+    def introduce(self, forwarder: str, author: str) -> bool:
+        """``forwarder`` relays the record of ``author``, a peer this node has not heard of."""
+        if self.introductions.take(forwarder) == 0.0:
+            return True
+        self.refused_introductions += 1
+        self._report(forwarder, f"introduces more new peers than the budget (e.g. {author})")
+        return False
+
+    def _report(self, forwarder: object, reason: str) -> None:
+        now = self.clock()
+        if now - self._reported.get(forwarder, -1e9) < 1.0:
+            return  # one count per second of flooding, however fast it floods
+        self._reported[forwarder] = now
+        self._reported.move_to_end(forwarder)
+        while len(self._reported) > MAX_AUTHORS:
+            self._reported.popitem(last=False)
+        if self.on_violation is not None:
+            self.on_violation(str(getattr(forwarder, "to_base58", lambda: forwarder)()), reason)
+
+
+def budgeted_pubsub_class() -> type:
+    """py-libp2p's Pubsub with ``push_msg`` charging the forwarder first (GossipBudget.admit)
+    and dropping messages from peers the node has blocked. Built on first use, so importing
+    this module does not import libp2p."""
+    from libp2p.pubsub.pubsub import Pubsub
+
+    class BudgetedPubsub(Pubsub):  # type: ignore[misc]
+        budget: GossipBudget | None = None
+        refuse: Callable[[str], bool] | None = None
+
+        async def push_msg(self, msg_forwarder: Any, msg: Any) -> None:
+            if msg_forwarder != self.my_id:
+                if self.budget is not None and not self.budget.admit(msg_forwarder):
+                    return
+                if self.refuse is not None and self.refuse(msg_forwarder.to_base58()):
+                    return
+            await super().push_msg(msg_forwarder, msg)
+
+    return BudgetedPubsub
 
 
 class HealthGossip:
@@ -73,15 +151,28 @@ class HealthGossip:
         identity: Identity,
         *,
         interval: float,
+        heartbeat: float,
         make_record: Callable[[int], HealthRecord],
         on_record: Callable[[HealthRecord], None],
+        known: Callable[[str], bool] = lambda peer_id: False,
+        budget: GossipBudget | None = None,
     ) -> None:
         self.fh = fh
         self.identity = identity
-        self.interval = interval
+        self.interval = interval  # the shortest gap between two records
+        self.heartbeat = heartbeat  # the longest gap: a record even when nothing changed
         self.make_record = make_record
         self.on_record = on_record
+        self.known = known  # has this node heard of the peer (no introduction needed)?
+        self.budget = budget
         self.checker = RecordCheck(identity.peer_id)
+        self._force = 0  # records to publish regardless of change
+        self.published = 0
+
+    def changed(self) -> None:
+        """A peer connected: publish at the next two looks, not at the heartbeat (the first may
+        go out before pubsub has learnt that the newcomer subscribes)."""
+        self._force = 2
 
     def _validate(self, forwarder: Any, msg: Any) -> bool:
         from libp2p.peer.id import ID
@@ -92,8 +183,17 @@ class HealthGossip:
             return False
         if author == self.identity.peer_id:
             return True  # our own record, published or delivered back
-        record = self.checker.check(author, msg.data)
+        via = forwarder.to_base58() if forwarder is not None else author
+        # A forwarder may name only so many strangers (peer IDs cost nothing; each one named
+        # would be dialed and kept in the table). The author itself needs no introduction.
+        if via != author and self.budget is not None and not self.known(author):
+            if not self.budget.introduce(via, author):
+                return False
+        record = self.checker.check(author, msg.data, author_signed=bool(self.fh.pubsub.strict_signing))
         if record is None:
+            if self.checker.last_reason and self.budget is not None and self.budget.on_violation is not None:
+                # An honest forwarder validates before relaying: an invalid record is its doing.
+                self.budget.on_violation(via, f"relayed an invalid health record: {self.checker.last_reason}")
             return False
         # Pubsub validates each message once (its seen-cache drops duplicates first), so the
         # record is taken here, verified once, rather than handed to the subscription reader.
@@ -113,11 +213,22 @@ class HealthGossip:
                 await sub.get()  # the records were taken by the validator; keep the queue drained
 
     async def _publish(self) -> None:
+        """Look at this node's record every ``interval``; sign and publish it when what it says
+        changed, when ``changed()`` was called, or ``heartbeat`` after the last one."""
         seq = int(time.time() * 1000)  # increases across restarts, so peers accept the new run
+        last_body: object = None
+        last_at = -1e9
         while True:
-            seq += 1
-            try:
-                await self.fh.pubsub.publish(HEALTH_TOPIC, sign_record(self.make_record(seq), self.identity))
-            except Exception as exc:
-                log.debug("health publish failed: %s", exc)
-            await trio.sleep(self.interval)
+            record = self.make_record(seq + 1)
+            body = {**record.to_body(), "seq": 0, "ts": 0}  # what it says, not when
+            now = trio.current_time()
+            if self._force or body != last_body or now - last_at >= self.heartbeat - 1e-3:
+                self._force = max(self._force - 1, 0)
+                seq += 1
+                try:
+                    await self.fh.pubsub.publish(HEALTH_TOPIC, sign_record(record, self.identity))
+                    self.published += 1
+                except Exception as exc:
+                    log.debug("health publish failed: %s", exc)
+                last_body, last_at = body, now
+            await trio.sleep(self.interval)  # never two records closer than this

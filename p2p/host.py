@@ -17,6 +17,7 @@ from typing import Any
 import trio
 
 from . import addrs as addrlib
+from .budget import ConnectionGate, network_key
 from .identity import Identity
 
 log = logging.getLogger("rentahal.p2p")
@@ -24,6 +25,7 @@ log = logging.getLogger("rentahal.p2p")
 REALM_KEY_PREFIX = "/rentahal/realm/"
 MAX_DIRECT = 4  # direct addresses tried per dial (a record may claim 16)
 MAX_CIRCUITS = 2  # relay addresses tried per dial
+HANDSHAKE_TIMEOUT = 10.0  # seconds an inbound connection may take to finish Noise + Yamux
 
 
 def realm_multihash(realm: str) -> bytes:
@@ -308,7 +310,8 @@ class FederationHost:
         self.host.set_stream_handler(protocol, handler)
 
 
-def _build_libp2p_host(identity: Identity, book: AddressBook) -> Any:
+def _build_libp2p_host(identity: Identity, book: AddressBook, gate: ConnectionGate | None = None,
+                       handshake_timeout: float = HANDSHAKE_TIMEOUT) -> Any:
     from libp2p import create_yamux_muxer_option, new_host
     from libp2p.crypto.x25519 import create_new_key_pair as new_x25519
     from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_ID
@@ -319,7 +322,65 @@ def _build_libp2p_host(identity: Identity, book: AddressBook) -> Any:
     host = new_host(key_pair=key_pair, sec_opt=noise_only, muxer_opt=create_yamux_muxer_option())
     book.host = host
     host.get_addrs = book.get_addrs  # see AddressBook.get_addrs
+    _gate_inbound(host.get_network(), gate or ConnectionGate(), handshake_timeout)
     return host
+
+
+def _gate_inbound(swarm: Any, gate: ConnectionGate, handshake_timeout: float) -> None:
+    """Admit inbound TCP connections by remote network before their handshake.
+
+    py-libp2p 0.8.1's own inbound handler (``Swarm._handle_inbound_connection``, which each
+    listener calls through the swarm) counts inbound connections in one pool for all addresses,
+    250 by default, and keeps a slot after the upgrade until the swarm stops: one address
+    holding idle sockets locked every other peer out. It is replaced here by one that asks
+    ``gate`` first (closing a refused socket at once, before any handshake work), runs the
+    library's upgrade (Noise, Yamux, ``add_conn``) under ``handshake_timeout``, and gives the
+    slot back when the connection closes."""
+    from libp2p.network.connection.raw_connection import RawConnection
+
+    swarm.connection_config.inbound_upgrade_timeout = handshake_timeout
+    swarm.connection_gate_for_inbound = gate  # for tests and reports
+
+    async def handle_inbound(read_write_closer: Any, maddr: Any) -> None:
+        try:
+            remote = read_write_closer.get_remote_address()
+        except Exception:
+            remote = None
+        key = network_key(str(remote[0])) if remote else "unknown"
+        why = gate.admit(key)
+        if why is not None:
+            if gate.should_log(key):
+                log.warning("refused inbound connections from %s: %s (said once a minute)", key, why)
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                try:
+                    await read_write_closer.close()
+                except Exception:
+                    pass
+            return
+        upgraded = False
+        raw_conn = None
+        try:
+            raw_conn = RawConnection(read_write_closer, False)
+            muxed = await swarm.upgrade_inbound_raw_conn(raw_conn, maddr)
+            gate.upgraded(key)
+            upgraded = True
+            closed = getattr(muxed, "event_closed", None)
+            if closed is not None:
+                await closed.wait()
+            else:  # a muxer without the event: look now and then
+                while not muxed.is_closed:
+                    await trio.sleep(1.0)
+        except Exception as exc:  # a failed handshake, a refused or lost connection
+            log.debug("inbound connection from %s ended: %s", key, exc)
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                try:
+                    await (raw_conn or read_write_closer).close()
+                except Exception:
+                    pass
+        finally:
+            gate.closed(key, upgraded=upgraded)
+
+    swarm._handle_inbound_connection = handle_inbound
 
 
 def check_port_free(listen: Sequence[str]) -> None:
@@ -349,23 +410,27 @@ def check_port_free(listen: Sequence[str]) -> None:
 @asynccontextmanager
 async def open_federation_host(
     identity: Identity, listen: Sequence[str], *, announce: Sequence[str] = (),
-    health_topic_heartbeat: float = 1.0,
+    health_topic_heartbeat: float = 1.0, gate: ConnectionGate | None = None,
+    handshake_timeout: float = HANDSHAKE_TIMEOUT,
 ) -> AsyncIterator[FederationHost]:
+    """``gate``: inbound connection limits by remote address (defaults: ConnectionGate())."""
     import multiaddr
     from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
     from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, GossipSub
-    from libp2p.pubsub.pubsub import Pubsub
     from libp2p.tools.anyio_service import background_trio_service
+
+    from .gossip import budgeted_pubsub_class
 
     quiet_libp2p_logs()
     check_port_free(listen)
     book = AddressBook(announce)
-    host = _build_libp2p_host(identity, book)
+    host = _build_libp2p_host(identity, book, gate, handshake_timeout)
     gossipsub = GossipSub(
         [PROTOCOL_ID_V11], degree=6, degree_low=4, degree_high=12,
         heartbeat_interval=int(max(1, health_topic_heartbeat)),
     )
-    pubsub = Pubsub(host, gossipsub, strict_signing=True)
+    # Pubsub whose push_msg charges each message to its forwarder first (p2p/gossip.py).
+    pubsub = budgeted_pubsub_class()(host, gossipsub, strict_signing=True)
     dht = KadDHT(host, DHTMode.SERVER)
     send, receive = trio.open_memory_channel[ConnectionEvent](256)
     host.get_network().register_notifee(_Notifee(send))

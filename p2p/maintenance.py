@@ -65,6 +65,8 @@ class PeerMaintenance:
         self._last_sweep = -1e9
         # Set by the node: does a query of ours run on this peer now? (its stream is the judge then)
         self.busy: Callable[[str], bool] = lambda peer_id: False
+        # Set by the node: a peer connected (this node's health record goes out to it at once).
+        self.on_connect: Callable[[str], None] = lambda peer_id: None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -234,6 +236,7 @@ class PeerMaintenance:
                     if ev.remote and addrlib.scope(ev.remote) == "loopback":
                         self._same_host.add(ev.peer_id)
                     nursery.start_soon(self.fh.add_dht_peer, ev.peer_id)
+                    self.on_connect(ev.peer_id)
                     log.debug("connection up: %s %s", ev.peer_id, ev.remote)
                 else:
                     still = self.fh.connection(ev.peer_id)

@@ -19,6 +19,9 @@ from .health import HealthRecord
 
 __all__ = ["FailureKind", "PeerEntry", "PeerState", "PeerTable"]
 
+PRIOR_SUCCESS = 0.25  # the success rate assumed of a peer never tried...
+PRIOR_WEIGHT = 2.0  # ...worth this many observations
+
 
 class PeerState(str, enum.Enum):
     LIVE = "live"
@@ -40,6 +43,7 @@ class PeerEntry:
     record_at: float | None = None  # local clock when the last record arrived
     successes: float = 0.0  # exponentially decayed counts
     failures: float = 0.0
+    answered: int = 0  # queries this node saw it answer (never decayed): proven once > 0
     decayed_at: float = 0.0
     latency_ms: float | None = None  # EWMA of time to first answer event
     rtt_ms: float | None = None
@@ -52,6 +56,7 @@ class PeerEntry:
     penalty_reason: str = ""
     last_failure: str = ""
     sources: set[str] = field(default_factory=set)
+    introduced_by: str = ""  # the peer whose gossip first named it (if not itself)
     verified: tuple[str, ...] = ()  # addresses this node connected to it on (most recent last)
     connected: bool = False
     connected_at: float = 0.0  # local clock when the current connection opened
@@ -134,9 +139,13 @@ class PeerTable:
             e.unreachable = ""
 
     def set_unreachable(self, peer_id: str, reason: str) -> None:
+        """A dial failed: a real failure of the peer (it advertised an address that does not
+        answer), counted in its observed success, though not towards the router's breaker."""
         e = self.entry(peer_id)
         if not e.connected:
             e.unreachable = reason or "dial failed"
+            self._decay(e)
+            e.failures += 1.0
 
     def dial_addrs(self, peer_id: str) -> tuple[str, ...]:
         """Addresses to dial: verified ones first (newest first), then what it claims."""
@@ -164,6 +173,7 @@ class PeerTable:
         e = self.entry(peer_id)
         self._decay(e)
         e.successes += 1.0
+        e.answered += 1
         e.consecutive_failures = 0
         e.breaker_until = 0.0
         e.breaker_backoff = 0.0
@@ -247,23 +257,37 @@ class PeerTable:
         return None if e.record_at is None else self.clock() - e.record_at
 
     def observed_success(self, e: PeerEntry) -> float:
-        """Decayed success rate with a uniform prior: 0.5 for a peer never tried."""
+        """Decayed success rate with a low prior (PRIOR_SUCCESS, PRIOR_WEIGHT): 0.25 for a peer
+        never tried. Peer IDs cost nothing, so a stranger starts below anyone that has answered."""
         self._decay(e)
-        return (e.successes + 1.0) / (e.successes + e.failures + 2.0)
+        return (e.successes + PRIOR_SUCCESS * PRIOR_WEIGHT) / (e.successes + e.failures + PRIOR_WEIGHT)
+
+    def confidence(self, e: PeerEntry) -> float:
+        """0..1: how far this node's own observations back the peer's claims about itself (its
+        success ratio, GPU, real model): 0 for a stranger, 0.5 after two answered queries."""
+        self._decay(e)
+        return e.successes / (e.successes + 2.0)
+
+    def proven(self, e: PeerEntry) -> bool:
+        """It has answered a query of this node's: ranked ahead of every unproven peer."""
+        return e.answered > 0
 
     def score(self, e: PeerEntry, realm: str) -> float:
         """Higher is better; 0..100. Explained field by field in the README."""
         status = e.record.realm(realm) if e.record else None
         if status is None:
             return 0.0
-        reliability = 0.7 * self.observed_success(e) + 0.3 * e.record.success_ratio
+        c = self.confidence(e)
+        # What it says of itself weighs as much as what this node saw confirms it.
+        reliability = (1.0 - 0.3 * c) * self.observed_success(e) + 0.3 * c * e.record.success_ratio
         load = status.queue_depth / max(status.slots, 1)
         latency_s = (e.latency_ms if e.latency_ms is not None else status.service_ms) / 1000.0
         score = 100.0 * reliability / (1.0 + load) / (1.0 + latency_s / 10.0)
-        if status.smoke_test:
-            score *= 0.5  # a real model beats a smoke-test model at equal health
+        if status.smoke_test or c < 1.0:
+            # A smoke-test model halves the score; "a real model" counts as observations confirm it.
+            score *= 0.5 if status.smoke_test else 0.5 + 0.5 * c
         if status.gpu:
-            score *= 1.2
+            score *= 1.0 + 0.2 * c
         return round(min(score, 100.0), 3) if math.isfinite(score) else 0.0
 
     def candidates(self, realm: str) -> tuple[list[Candidate], list[Exclusion]]:
@@ -296,7 +320,9 @@ class PeerTable:
                 )
             else:
                 ranked.append(Candidate(e.peer_id, self.score(e, realm)))
-        ranked.sort(key=lambda c: (-c.score, c.peer_id))
+        # Proven peers first: strangers, however good they claim to be, cannot crowd them out.
+        proven = {e.peer_id for e in self if self.proven(e)}
+        ranked.sort(key=lambda c: (c.peer_id not in proven, -c.score, c.peer_id))
         return ranked, excluded
 
     def prune(self, *, max_age: float, max_peers: int) -> int:

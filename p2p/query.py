@@ -20,6 +20,7 @@ from ..realms import events as ev
 from ..realms.events import Code, ExecutorFailure, FailureKind
 from . import conversation as conv
 from . import wire
+from .budget import FREE_BELOW, ByteBudget, Counter
 
 log = logging.getLogger("rentahal.p2p.query")
 
@@ -27,6 +28,9 @@ READ_CHUNK = 64 * 1024
 WRITE_BATCH = 256 * 1024  # frames queued together go out in one write, up to this many bytes
 RESPONDER_QUEUE = 64  # frames an executor's stream buffers before its queries wait
 MAX_ACTIVE_PER_STREAM = 64
+MAX_STREAMS_PER_PEER = 8  # query streams a peer may hold open here (an honest one uses one)
+FRAME_BUFFER_PER_PEER = 16 * 1024 * 1024  # bytes of unfinished frames buffered for one peer
+FRAME_BUFFER_TOTAL = 64 * 1024 * 1024  # ... and for all peers together
 MAX_BUFFERED_EVENTS = 4096  # per attempt, between the stream reader and the router
 IDLE_CLOSE = 60.0  # a requester closes its stream to a peer after this long without queries
 ABANDON_POLL = 0.1
@@ -135,12 +139,16 @@ class QueryService:
         self, handler: Handler, *, on_violation: AsyncViolationHook | None = None,
         refuse: Callable[[str], bool] | None = None,
         max_frame: int = wire.DEFAULT_MAX_FRAME, max_active: int = MAX_ACTIVE_PER_STREAM,
+        max_streams_per_peer: int = MAX_STREAMS_PER_PEER, frame_budget: ByteBudget | None = None,
     ) -> None:
         self.handler = handler
         self.on_violation = on_violation  # counts, logs and, past a limit, drops the peer
         self.refuse = refuse  # a peer whose streams are reset unread (blocked)
         self.max_frame = max_frame
         self.max_active = max_active
+        # Frames of FREE_BELOW bytes or more are buffered only once reserved here.
+        self.budget = frame_budget or ByteBudget(FRAME_BUFFER_TOTAL, FRAME_BUFFER_PER_PEER)
+        self.streams = Counter(max_streams_per_peer)
 
     async def handle_stream(self, stream: Any) -> None:
         """Serve one stream until the requester closes it; whatever happens ends this stream
@@ -148,6 +156,10 @@ class QueryService:
         peer_id = stream.muxed_conn.peer_id.to_base58()
         if self.refuse is not None and self.refuse(peer_id):
             await _reset(stream)
+            return
+        if not self.streams.take(peer_id):
+            await _reset(stream)
+            await self._violation(peer_id, f"more than {self.streams.per_key} query streams open at once")
             return
         try:
             await self._serve(stream, peer_id)
@@ -164,6 +176,8 @@ class QueryService:
         except Exception as exc:  # stream errors arrive wrapped in an ExceptionGroup from trio
             log.debug("query stream from %s ended: %s", peer_id, type(exc).__name__)
             await _reset(stream)
+        finally:
+            self.streams.give(peer_id)
 
     async def _serve(self, stream: Any, peer_id: str) -> None:
         responder = conv.Responder(max_active=self.max_active)
@@ -171,12 +185,14 @@ class QueryService:
         scopes: dict[str, trio.CancelScope] = {}
         violation: list[str] = []
         failure: Exception | None = None
+        decoder = wire.FrameDecoder(max_frame=self.max_frame, budget=self.budget, key=peer_id,
+                                    free_below=FREE_BELOW)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._write, writer, nursery.cancel_scope)
             started = [trio.Event()]
             nursery.start_soon(self._keepalives, responder, writer, started)
             try:
-                async for msg in _messages(stream, wire.FrameDecoder(max_frame=self.max_frame)):
+                async for msg in _messages(stream, decoder):
                     for action in responder.receive(msg, trio.current_time()):
                         if isinstance(action, conv.Start):
                             scopes[action.request.query_id] = scope = trio.CancelScope()
@@ -193,6 +209,8 @@ class QueryService:
                         break
             except Exception as exc:  # raised outside the nursery, not wrapped in a group
                 failure = exc
+            finally:
+                decoder.release()  # an unfinished frame's reservation, however the stream ended
             # EOF or a violation: the requester is gone or unwelcome; its queries stop.
             nursery.cancel_scope.cancel()
         if failure is not None:

@@ -8,13 +8,16 @@ is a :class:`WireError`, and buffering is bounded by ``max_frame``. No I/O happe
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 
 from ..realms.events import Code, RemoteProtocolError
+
+if TYPE_CHECKING:
+    from .budget import ByteBudget
 
 PROTOCOL_ID = "/rentahal/query/2.0.0"
 PROTOCOL_VERSION = 2
@@ -67,6 +70,12 @@ class UnsupportedVersion(WireError):
 
 class TruncatedFrame(WireError):
     """The stream ended inside a frame."""
+
+
+class OverBudget(WireError):
+    """A frame announced more bytes than this node will buffer for the peer right now."""
+
+    default_code = Code.BUSY
 
 
 @dataclass(frozen=True, slots=True)
@@ -357,19 +366,43 @@ class FrameDecoder:
     """Incremental decoder: ``feed()`` bytes, then drain with ``next_message()``/``messages()``.
 
     Drained after each feed, it holds at most ``max_frame + 4`` bytes plus the last chunk.
+    With a ``budget``, a frame of ``free_below`` bytes or more is buffered only once its
+    announced size is reserved there under ``key`` (else :class:`OverBudget`); the reservation
+    is released when the frame is complete, on any error and on :meth:`release`.
     After any error the decoder is poisoned and re-raises that error: reset the stream.
     """
 
-    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME, *, budget: ByteBudget | None = None,
+                 key: Hashable = "", free_below: int = 64 * 1024) -> None:
         _check_max_frame(max_frame)
         self.max_frame = max_frame
         self._buf = bytearray()
         self._error: WireError | None = None
+        self.budget = budget
+        self.key = key
+        self.free_below = free_below
+        self._reserved = 0  # bytes held in the budget for the frame being received
 
     def _fail(self, exc: WireError) -> WireError:
         self._error = exc
         self._buf.clear()
+        self.release()
         return exc
+
+    def release(self) -> None:
+        """Give back what the unfinished frame holds in the budget (idempotent): call it when
+        the stream ends, however it ends."""
+        if self._reserved and self.budget is not None:
+            self.budget.release(self.key, self._reserved)
+        self._reserved = 0
+
+    def _reserve(self, n: int) -> None:
+        if self.budget is None or n < self.free_below or self._reserved:
+            return
+        if not self.budget.reserve(self.key, n):
+            raise self._fail(OverBudget(f"frame of {n} bytes refused: "
+                                        f"{self.budget.why_not(self.key, n)}"))
+        self._reserved = n
 
     def _announced(self) -> int | None:
         if len(self._buf) < _HEADER:
@@ -380,8 +413,12 @@ class FrameDecoder:
         """Append received bytes. Bytes behind an oversized header are not kept."""
         if self._error is not None:
             raise self._error
-        self._buf += data
         n = self._announced()
+        if n is None and len(self._buf) + len(data) >= _HEADER:
+            n = int.from_bytes((bytes(self._buf) + data[:_HEADER])[:_HEADER], "big")
+        if n is not None and n <= self.max_frame:
+            self._reserve(n)  # before the bytes are kept
+        self._buf += data
         if n is not None and n > self.max_frame:
             del self._buf[_HEADER:]
 
@@ -398,9 +435,11 @@ class FrameDecoder:
         if n == 0:
             raise self._fail(MalformedFrame("zero-length frame"))
         if len(self._buf) < _HEADER + n:
+            self._reserve(n)  # its header may have come with the previous frame's end
             return None
         body = bytes(self._buf[_HEADER:_HEADER + n])
         del self._buf[:_HEADER + n]
+        self.release()
         try:
             return decode_body(body, max_frame=self.max_frame)
         except WireError as e:

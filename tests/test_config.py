@@ -162,8 +162,8 @@ def test_partial_file_keeps_other_defaults(tmp_path: Path) -> None:
             ["p2p.bootstrap: item 0:", "/p2p/"],
         ),
         (
-            "[p2p]\nhealth_interval = 5\nstale_after = 3.5",
-            ["p2p.stale_after: must be greater than p2p.health_interval"],
+            "[p2p]\nhealth_heartbeat = 5\nstale_after = 3.5",
+            ["p2p.stale_after: must be greater than p2p.health_heartbeat"],
         ),
         (
             "[router]\nquery_deadline = 10\nhang_timeout = 10",
@@ -247,10 +247,12 @@ def test_overrides_beat_file(tmp_path: Path) -> None:
 
 
 def test_apply_overrides() -> None:
-    cfg = apply_overrides(Config(), {"p2p.health_interval": "2", "p2p.stale_after": "7"})
-    assert (cfg.p2p.health_interval, cfg.p2p.stale_after) == (2.0, 7.0)
+    cfg = apply_overrides(Config(), {"p2p.health_heartbeat": "2", "p2p.stale_after": "7"})
+    assert (cfg.p2p.health_heartbeat, cfg.p2p.stale_after) == (2.0, 7.0)
     with pytest.raises(ConfigError, match=r"^command line: p2p.stale_after: must be greater"):
-        apply_overrides(Config(), {"p2p.health_interval": "5"})
+        apply_overrides(Config(), {"p2p.health_heartbeat": "15"})
+    with pytest.raises(ConfigError, match=r"^command line: p2p.health_heartbeat: must be at least"):
+        apply_overrides(Config(), {"p2p.health_interval": "8"})
 
 
 @pytest.mark.parametrize(

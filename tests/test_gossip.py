@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from rentahal.p2p.gossip import MAX_AUTHORS, RecordCheck
+from rentahal.p2p.gossip import MAX_AUTHORS, GossipBudget, RecordCheck
 from rentahal.p2p.health import HealthRecord, sign_record
 from rentahal.p2p.identity import Identity
 
@@ -51,3 +51,49 @@ def test_memory_of_authors_is_bounded() -> None:
     c._last_seq.update({f"fake{i}": 1 for i in range(MAX_AUTHORS)})
     c.check(ids[0].peer_id, signed(ids[0], 2))
     assert len(c._last_seq) == MAX_AUTHORS
+
+
+def test_record_checked_by_pubsub_is_not_verified_again_but_must_be_the_authors() -> None:
+    """Strict signing verified the message's signature by its author already: a record inside
+    it is parsed, not verified a second time; its key must still be the author's."""
+    c = checker()
+    body = signed(ALICE, 1)
+    tampered = bytearray(body)
+    tampered[-1] ^= 1  # the record's own signature broken
+    assert c.check(ALICE.peer_id, bytes(tampered)) is None
+    assert c.check(ALICE.peer_id, bytes(tampered), author_signed=True) is not None
+    assert c.check(MALLORY.peer_id, signed(ALICE, 2), author_signed=True) is None  # not Mallory's key
+    assert "published by" in c.last_reason
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_flooding_forwarder_is_cut_to_its_budget_and_reported_once_a_second() -> None:
+    clock = Clock()
+    reports: list[tuple[str, str]] = []
+    budget = GossipBudget(100.0, 60.0, on_violation=lambda p, r: reports.append((p, r)), clock=clock)
+    admitted = sum(budget.admit("flooder") for _ in range(100_000))
+    assert admitted == 200  # the burst: twice the per-second budget
+    assert budget.dropped == 100_000 - 200
+    assert len(reports) == 1 and reports[0][0] == "flooder" and "budget" in reports[0][1]
+    assert budget.admit("honest")  # another forwarder's budget is its own
+    clock.now += 1.0
+    assert sum(budget.admit("flooder") for _ in range(1000)) == 100  # refilled at 100/s
+    assert len(reports) == 2
+
+
+def test_a_forwarder_introduces_a_bounded_number_of_strangers() -> None:
+    clock = Clock()
+    reports: list[tuple[str, str]] = []
+    budget = GossipBudget(100.0, 12.0, on_violation=lambda p, r: reports.append((p, r)), clock=clock)
+    assert sum(budget.introduce("relay", f"sybil{i}") for i in range(1000)) == 12
+    assert budget.refused_introductions == 1000 - 12
+    assert reports and "new peers" in reports[0][1]
+    clock.now += 60.0
+    assert sum(budget.introduce("relay", f"later{i}") for i in range(100)) == 12

@@ -62,7 +62,11 @@ async def _gossip_claims(fh: FederationHost, me: Identity) -> None:
         await trio.sleep(0.5)
 
 
-def _answer_with_keepalives_only(fh: FederationHost) -> None:
+def _answer_with_keepalives_only(fh: FederationHost, *, honest_first: int = 0) -> None:
+    """Answer the first ``honest_first`` queries properly (so the asker learns to trust this
+    peer), then only ever send keepalives."""
+    honest = [honest_first]
+
     async def handle(stream: Any) -> None:
         running: set[str] = set()
 
@@ -76,7 +80,11 @@ def _answer_with_keepalives_only(fh: FederationHost) -> None:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(keepalives)
                 async for msg in _frames(stream):
-                    if isinstance(msg, wire.QueryRequest):
+                    if isinstance(msg, wire.QueryRequest) and honest[0] > 0:
+                        honest[0] -= 1
+                        await stream.write(wire.encode(wire.Accepted(msg.query_id, 0)))
+                        await stream.write(wire.encode(wire.Result(msg.query_id, {"text": "fine", "model": "m"}, {})))
+                    elif isinstance(msg, wire.QueryRequest):
                         running.add(msg.query_id)
                     elif isinstance(msg, wire.Cancel):
                         running.discard(msg.query_id)
@@ -92,14 +100,21 @@ async def _cli(node: NodeProcess, *args: str, check: bool = True) -> subprocess.
 
 
 async def test_a_peer_sending_only_keepalives_is_abandoned_and_its_circuit_opened(federation: Federation) -> None:
+    """A peer that answered well once (so it ranks first, ahead of an untried honest peer)
+    then sends nothing but keepalives."""
     a = federation.start("A", serve="none", settings={"router.first_progress": "2"})
-    b = federation.start("B", serve="chat", bootstrap=(a.addr,))
-    a.wait_for(rf"peer {b.peer_id} is live", 30)
     async with stranger() as (fh, me), trio.open_nursery() as nursery:
-        _answer_with_keepalives_only(fh)
+        _answer_with_keepalives_only(fh, honest_first=1)
         await fh.dial(a.addr, timeout=15)
         await fh.pubsub.subscribe(HEALTH_TOPIC)
         nursery.start_soon(_gossip_claims, fh, me)
+        with trio.fail_after(30):
+            while [c["executor"] for c in (await trio.to_thread.run_sync(a.cli_json, "route", "chat"))["candidates"]] \
+                    != [me.peer_id]:
+                await trio.sleep(0.3)  # polling the CLI, not synchronising
+        assert (await _cli(a, "query", "chat", "first", "--max-tokens", "8")).stdout.strip() == "fine"
+        b = await trio.to_thread.run_sync(lambda: federation.start("B", serve="chat", bootstrap=(a.addr,)))
+        await trio.to_thread.run_sync(lambda: a.wait_for(rf"peer {b.peer_id} is live", 30))
         with trio.fail_after(30):
             while [c["executor"] for c in (await trio.to_thread.run_sync(a.cli_json, "route", "chat"))["candidates"]] \
                     != [me.peer_id, b.peer_id]:

@@ -333,6 +333,8 @@ async def test_repeated_failures_open_the_circuit_and_reorder(autojump_clock: tr
     table = make_table()
     announce(table, PEERS[0], depth=0)
     announce(table, PEERS[1], depth=1)
+    for _ in range(20):  # long proven: it stays first after a failure or two
+        table.record_success(P1)
     remote = FakeRemote({P1: fail(FailureKind.HUNG, Code.DEADLINE_EXCEEDED, "no frame")})
     router = make_router(table, FakeLocal(serves=False), remote)
     for i in range(3):
