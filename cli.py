@@ -500,6 +500,19 @@ def history(
         return
     for r in rows:
         typer.echo(f"{r['id']}  {r['status']:<9} {r['realm']:<7} {(r.get('executor') or '-')[:20]:<20}  {(r.get('prompt') or '')[:40]!r}")
+        if r.get("suspect"):
+            typer.echo(f"    ! {r['suspect']}")
+
+
+@app.command()
+def report(
+    query_id: str,
+    data_dir: Optional[Path] = DataDir,
+    reason: str = typer.Option("", "--reason", help="What was wrong with the answer (at most 200 characters)"),
+) -> None:
+    """Report an answer as wrong: held against the peer that gave it, which is spot-checked at once."""
+    ans = _request(data_dir, {"op": "report", "query_id": query_id, "reason": reason})
+    typer.echo(f"reported the answer of {ans['executor']} to {query_id}; a spot-check of it is queued")
 
 
 @app.command()

@@ -213,6 +213,7 @@ class RouterConfig:
     query_deadline: float = _float(300.0, 1.0, 86400.0)
     hang_timeout: float = _float(1.5, 1.0, 3600.0)
     first_progress: float = _float(5.0, 0.5, 3600.0)
+    spot_check_every: float = _float(300.0, 0.0, 86400.0)
     max_attempts: int = _int(3, 1, 16)
     local_queue_limit: int = _int(4, 0, 10000)
     breaker_failures: int = _int(3, 1, 100)

@@ -322,7 +322,18 @@ class ControlSession:
             row["executor"] = live.executor or row["executor"]
             events += [{"query_id": query_id, "status": e.status, "at": e.at, "executor": e.executor,
                         "detail": e.detail} for e in live.history]
-        return {"query": _row(row), "result": result, "events": events}
+        return {"query": self._flagged(_row(row)), "result": result, "events": events}
+
+    async def op_report(self, req: dict[str, Any], rid: Any) -> dict[str, Any]:
+        """"This answer is wrong": held against the peer that gave it, which is spot-checked."""
+        query_id = _query_id(req)
+        row = await self.node.storage.get_query(query_id)
+        if row is None or (row["user_guid"] != self.guid and not self.sysop):
+            raise Refused("not_found", f"no query {query_id} of yours")
+        reason = req.get("reason", "")
+        if not isinstance(reason, str) or len(reason) > 200:
+            raise Refused("bad_request", "reason must be a string of at most 200 characters")
+        return self.node.report_answer(row, reason)
 
     async def op_cancel(self, req: dict[str, Any], rid: Any) -> dict[str, Any]:
         await self.node.cancel_query(_query_id(req), by_guid=self.guid, sysop=self.sysop)
@@ -344,7 +355,14 @@ class ControlSession:
             live = self.node.queries.live(r["id"])
             if live is not None:  # running: its status is newer in memory than on disk
                 r["status"], r["executor"] = live.status, live.executor or r["executor"]
-        return {"history": [_row(r) for r in rows]}
+        return {"history": [self._flagged(_row(r)) for r in rows]}
+
+    def _flagged(self, row: dict[str, Any]) -> dict[str, Any]:
+        """Tell the user when the peer that answered has since been caught answering wrong."""
+        caught = self.node.caught_reason(row.get("executor") or "")
+        if caught:
+            row["suspect"] = f"answered by a peer since caught: {caught}"
+        return row
 
     # --- sysop -----------------------------------------------------------------------------------
     async def op_users(self, req: dict[str, Any], rid: Any) -> dict[str, Any]:
@@ -390,6 +408,7 @@ OPS: dict[str, tuple[set[str], set[str]]] = {
     "watch": ({"query_id"}, set()),
     "get_query": ({"query_id"}, set()),
     "cancel": ({"query_id"}, set()),
+    "report": ({"query_id"}, {"reason"}),
     "history": (set(), {"user", "limit", "all"}),
     "users": (set(), set()),
     "ban": ({"guid"}, {"reason"}),

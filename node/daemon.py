@@ -11,6 +11,7 @@ import logging
 import os
 import time
 from collections import deque
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,8 @@ from ..p2p.wire import PROTOCOL_ID
 from ..realms import events as ev
 from ..realms.events import Code, ExecutorFailure, FailureKind, QueryError, StorageFailure
 from ..realms.queue import Priority
-from ..realms.router import Query, RealmRouter, StreamEmit
+from ..realms.router import LOCAL, Query, RealmRouter, StreamEmit
+from ..realms.spotcheck import SpotChecker
 from .config import REALMS, Config
 from .executor import LocalRealms, check_payload
 from .limits import RateLimiter
@@ -142,6 +144,7 @@ class Node:
                 trusted={r: frozenset(rc.trusted) for r, rc in cfg.realms.items() if rc.trusted},
                 discover=self.realm_discovery.discover,
             )
+            gate.refuse_peer = self.table.is_blocked
             for peer_id in await self.storage.blocked_peers():
                 self.table.set_blocked(peer_id, True)
             self.maintenance = PeerMaintenance(
@@ -191,6 +194,11 @@ class Node:
                     )
                     self.maintenance.on_connect = lambda peer_id: gossip.changed()
                     await nursery.start(gossip.run)
+                    self.spot = SpotChecker(
+                        self.table, self_id=self.peer_id, run_remote=self._canary_remote, run_local=self._canary_local,
+                        local_model=self._local_model, every=cfg.router.spot_check_every,
+                    )
+                    await nursery.start(self.spot.run)
                     await nursery.start(self.relay.run)
                     await nursery.start(self.maintenance.run)
                     nursery.start_soon(self._rejoin_remembered)
@@ -401,6 +409,39 @@ class Node:
             if left:
                 self._attempts[peer_id] = left
 
+    # --- spot-checks and reports ----------------------------------------------------------------
+    async def _canary_remote(self, peer_id: str, query: Query) -> ev.Result:
+        async def ignore(event: ev.StreamEvent) -> None:
+            pass
+
+        return await self.execute(peer_id, query, ignore)
+
+    async def _canary_local(self, query: Query) -> ev.Result:
+        async def ignore(event: ev.StreamEvent) -> None:
+            pass
+
+        return await self.local.execute(replace(query, priority=Priority.PEER), ignore)  # behind users
+
+    def _local_model(self, realm: str) -> str | None:
+        if not self.local.serves(realm):
+            return None
+        return next((s.model for s in self.local.realm_statuses() if s.name == realm), None)
+
+    def caught_reason(self, peer_id: str) -> str:
+        e = self.table.get(peer_id) if peer_id else None
+        return e.caught if e is not None else ""
+
+    def report_answer(self, row: dict[str, Any], reason: str) -> dict[str, Any]:
+        """A user says the answer to ``row`` was wrong."""
+        executor = row.get("executor") or ""
+        if not executor or executor == LOCAL or executor == self.peer_id:
+            raise Refused("bad_request", f"query {row['id']} was not answered by a peer "
+                          f"({'by this node' if executor else 'not answered'}): nothing to report")
+        self.table.record_report(executor, reason)
+        self.spot.check_now(executor)
+        log.info("user reported an answer of %s as wrong (query %s): %s", executor, row["id"], reason or "no reason given")
+        return {"query_id": row["id"], "executor": executor, "reported": True, "spot_check": "queued"}
+
     def _verdict(self, peer_id: str) -> tuple[FailureKind, str] | None:
         """Whether this node's attempts on ``peer_id`` are lost, on evidence other than the
         stream itself: the peer went stale, unresponsive or away."""
@@ -551,6 +592,10 @@ class Node:
                     "failures": e.consecutive_failures,
                     "last_failure": e.last_failure,
                     "violations": e.violations,
+                    "proven": self.table.proven(e),  # answered a query or a spot-check of this node's
+                    "spot_checked": e.spot_passed,
+                    "caught": e.caught or None,
+                    "reports": e.reports,
                     "trusted": [r for r, rc in self.config.realms.items() if e.peer_id in rc.trusted],
                     "allowed": [r for r, rc in self.config.realms.items() if e.peer_id in rc.allow],
                     "blocked": ("by the sysop" if e.blocked else
@@ -628,6 +673,14 @@ class Node:
             "ui": self.ui_url,
             "uptime_s": round(time.time() - self.started_at, 1),
             "queries_served_for_peers": self._queries_served,
+            "gossip": {  # what peers' gossip cost this node, and what it refused
+                "records_published": self.gossip.published,
+                "records_rejected": self.gossip.checker.rejected,
+                "messages_dropped": self.gossip.budget.dropped if self.gossip.budget else 0,
+                "streams_reset": self.gossip.budget.dropped_streams if self.gossip.budget else 0,
+                "introductions_refused": self.gossip.budget.refused_introductions if self.gossip.budget else 0,
+            },
+            "spot_checks": {"canaries_sent": self.spot.checks, "peers_caught": self.spot.caught},
         }
 
 

@@ -116,6 +116,9 @@ class ConnectionGate:
         self.inbound = 0
         self.refused = 0  # connections refused since start
         self.clock = clock
+        # Set by the node: a peer it has blocked (its connections are closed once the handshake
+        # has shown who it is, before any protocol runs on them).
+        self.refuse_peer: Callable[[str], bool] = lambda peer_id: False
         self._logged: dict[str, float] = {}
 
     def admit(self, key: str) -> str | None:

@@ -34,6 +34,9 @@ log = logging.getLogger("rentahal.p2p")
 MAX_RECORD_SKEW = 120.0  # seconds between a record's timestamp and this clock
 MAX_AUTHORS = 5000
 MAX_WARNINGS = 1000
+BYTES_PER_MESSAGE = 4096  # a forwarder's byte budget: this many per message of its budget
+COOL_DOWN = 10.0  # seconds a forwarder that flooded its stream has its new streams reset
+READ_CHUNK = 65536
 
 
 class RecordCheck:
@@ -87,11 +90,16 @@ class GossipBudget:
     def __init__(self, per_second: float, introductions_per_minute: float, *,
                  on_violation: Violation | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.messages = RateLimiter(per_second * 60.0, max(1, int(2 * per_second)), clock=clock)
+        # Bytes on a peer's pubsub stream: room for a full record per message, and the burst.
+        self.bytes_per_second = per_second * BYTES_PER_MESSAGE
+        self._bytes: OrderedDict[object, tuple[float, float]] = OrderedDict()  # key -> (tokens, at)
+        self._cooling: OrderedDict[object, float] = OrderedDict()  # key -> refused until
         self.introductions = RateLimiter(introductions_per_minute, max(1, int(introductions_per_minute)),
                                          clock=clock)
         self.on_violation = on_violation
         self.clock = clock
         self.dropped = 0
+        self.dropped_streams = 0
         self.refused_introductions = 0
         self._reported: OrderedDict[object, float] = OrderedDict()  # forwarder -> last report
 
@@ -102,6 +110,32 @@ class GossipBudget:
         self.dropped += 1
         self._report(forwarder, "more gossip messages than the per-forwarder budget")
         return False
+
+    def take_bytes(self, forwarder: object, n: int) -> bool:
+        """``n`` bytes read from ``forwarder``'s pubsub stream. Over its budget, the stream is
+        to be reset unread, and the forwarder's next streams too for COOL_DOWN seconds."""
+        now = self.clock()
+        cap = 2 * self.bytes_per_second
+        tokens, at = self._bytes.get(forwarder, (cap, now))
+        tokens = min(cap, tokens + (now - at) * self.bytes_per_second) - n
+        self._bytes[forwarder] = (tokens, now)
+        self._bytes.move_to_end(forwarder)
+        while len(self._bytes) > MAX_AUTHORS:
+            self._bytes.popitem(last=False)
+        if tokens >= 0:
+            return True
+        self._cooling[forwarder] = now + COOL_DOWN
+        self._cooling.move_to_end(forwarder)
+        while len(self._cooling) > MAX_AUTHORS:
+            self._cooling.popitem(last=False)
+        self.dropped_streams += 1
+        self._report(forwarder, f"more than {self.bytes_per_second:.0f} bytes a second of gossip")
+        return False
+
+    def cooling(self, forwarder: object) -> bool:
+        """Whether ``forwarder`` flooded its stream a moment ago (its new streams are refused)."""
+        until = self._cooling.get(forwarder)
+        return until is not None and until > self.clock()
 
     def introduce(self, forwarder: str, author: str) -> bool:
         """``forwarder`` relays the record of ``author``, a peer this node has not heard of."""
@@ -123,15 +157,68 @@ class GossipBudget:
             self.on_violation(str(getattr(forwarder, "to_base58", lambda: forwarder)()), reason)
 
 
+class _MeteredStream:
+    """A peer's pubsub stream as py-libp2p's reader sees it: read in chunks (the library reads
+    each message's length one byte at a time, and every read of a muxed stream may send a
+    window update), each chunk charged to the peer's byte budget before any of it is parsed.
+    Past the budget the stream is reset and reading stops."""
+
+    def __init__(self, stream: Any, budget: GossipBudget, key: object) -> None:
+        self._stream = stream
+        self._budget = budget
+        self._key = key
+        self._buf = bytearray()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+    async def read(self, n: int | None = None) -> bytes:
+        from libp2p.network.stream.exceptions import StreamEOF
+
+        if not self._buf:
+            data = await self._stream.read(READ_CHUNK)
+            if not data:
+                return b""
+            if not self._budget.take_bytes(self._key, len(data)):
+                with trio.move_on_after(1):
+                    try:
+                        await self._stream.reset()
+                    except Exception:
+                        pass
+                raise StreamEOF("gossip byte budget exceeded: stream reset")
+            self._buf += data
+        size = len(self._buf) if n is None or n < 0 else min(n, len(self._buf))
+        out = bytes(self._buf[:size])
+        del self._buf[:size]
+        return out
+
+
 def budgeted_pubsub_class() -> type:
-    """py-libp2p's Pubsub with ``push_msg`` charging the forwarder first (GossipBudget.admit)
-    and dropping messages from peers the node has blocked. Built on first use, so importing
-    this module does not import libp2p."""
+    """py-libp2p's Pubsub with every peer's stream metered (``_MeteredStream``), ``push_msg``
+    charging each message to its forwarder (GossipBudget.admit) before the library decodes or
+    verifies it, and nothing taken from peers the node has blocked. Built on first use, so
+    importing this module does not import libp2p."""
     from libp2p.pubsub.pubsub import Pubsub
 
     class BudgetedPubsub(Pubsub):  # type: ignore[misc]
         budget: GossipBudget | None = None
         refuse: Callable[[str], bool] | None = None
+
+        async def continuously_read_stream(self, stream: Any) -> None:
+            peer = stream.muxed_conn.peer_id
+            if self.budget is not None:
+                cooling = self.budget.cooling(peer)
+                if cooling or (self.refuse is not None and self.refuse(peer.to_base58())):
+                    if cooling and self.budget.on_violation is not None:  # each one counts
+                        self.budget.on_violation(peer.to_base58(), "opened a gossip stream while cut off for flooding")
+                    with trio.move_on_after(1):
+                        try:
+                            await stream.reset()
+                        except Exception:
+                            pass
+                    return
+                stream = _MeteredStream(stream, self.budget, peer)
+            await super().continuously_read_stream(stream)
 
         async def push_msg(self, msg_forwarder: Any, msg: Any) -> None:
             if msg_forwarder != self.my_id:

@@ -364,6 +364,15 @@ def _gate_inbound(swarm: Any, gate: ConnectionGate, handshake_timeout: float) ->
             muxed = await swarm.upgrade_inbound_raw_conn(raw_conn, maddr)
             gate.upgraded(key)
             upgraded = True
+            peer = getattr(muxed, "peer_id", None)
+            if peer is not None and gate.refuse_peer(peer.to_base58()):
+                gate.refused += 1
+                with trio.CancelScope(shield=True), trio.move_on_after(1):
+                    try:
+                        await muxed.close()
+                    except Exception:
+                        pass
+                return
             closed = getattr(muxed, "event_closed", None)
             if closed is not None:
                 await closed.wait()

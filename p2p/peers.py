@@ -44,6 +44,9 @@ class PeerEntry:
     successes: float = 0.0  # exponentially decayed counts
     failures: float = 0.0
     answered: int = 0  # queries this node saw it answer (never decayed): proven once > 0
+    spot_passed: bool = False  # its answer to a canary matched a reference (realms/spotcheck.py)
+    caught: str = ""  # why it is known to answer wrong (a spot-check), "" if it is not
+    reports: int = 0  # answers of its that this node's users reported as wrong
     decayed_at: float = 0.0
     latency_ms: float | None = None  # EWMA of time to first answer event
     rtt_ms: float | None = None
@@ -211,6 +214,28 @@ class PeerTable:
     def set_blocked(self, peer_id: str, blocked: bool) -> None:
         self.entry(peer_id).blocked = blocked
 
+    def record_spot_pass(self, peer_id: str) -> None:
+        """Its answer to a canary matched a reference: it counts as an answer, and as proven."""
+        self.record_success(peer_id)
+        self.entry(peer_id).spot_passed = True
+
+    def record_caught(self, peer_id: str, seconds: float, reason: str) -> None:
+        """It answered a canary wrong: blocked for ``seconds``, no longer proven."""
+        e = self.entry(peer_id)
+        e.caught, e.spot_passed, e.answered = reason, False, 0
+        self._decay(e)
+        e.failures += 5.0
+        self.penalize(peer_id, seconds, reason)
+
+    def record_report(self, peer_id: str, reason: str) -> None:
+        """A user of this node says an answer of ``peer_id`` was wrong: a failure in its score
+        (a spot-check, run at once, decides whether it is blocked)."""
+        e = self.entry(peer_id)
+        self._decay(e)
+        e.failures += 1.0
+        e.reports += 1
+        e.last_failure = f"reported wrong by a user: {reason}" if reason else "reported wrong by a user"
+
     def penalize(self, peer_id: str, seconds: float, reason: str) -> None:
         """Block ``peer_id`` for ``seconds`` on this node's own judgement (repeated violations)."""
         e = self.entry(peer_id)
@@ -269,8 +294,8 @@ class PeerTable:
         return e.successes / (e.successes + 2.0)
 
     def proven(self, e: PeerEntry) -> bool:
-        """It has answered a query of this node's: ranked ahead of every unproven peer."""
-        return e.answered > 0
+        """It has answered a query of this node's, or a spot-check: ranked ahead of strangers."""
+        return (e.answered > 0 or e.spot_passed) and not e.caught
 
     def score(self, e: PeerEntry, realm: str) -> float:
         """Higher is better; 0..100. Explained field by field in the README."""
