@@ -53,7 +53,7 @@ REMEMBERED_PEERS = 64
 REMEMBER_INTERVAL = 2.0
 REMEMBER_REFRESH = 300.0
 OUTCOME_FLUSH = 1.0
-WATCH_EXECUTORS = 0.2  # how often live executors without an open query stream are looked for
+WATCH_EXECUTORS = 0.5  # how often live executors without an open query stream are looked for
 VIOLATION_WINDOW = 60.0
 VIOLATION_LIMIT = 20  # protocol violations in a window before a peer is blocked
 VIOLATION_BLOCK = 600.0  # seconds it stays blocked
@@ -192,7 +192,7 @@ class Node:
                         make_record=self.health_record, on_record=self._take_record,
                         known=lambda peer_id: self.table.get(peer_id) is not None, budget=budget,
                     )
-                    self.maintenance.on_connect = lambda peer_id: gossip.changed()
+                    self.maintenance.on_connect = lambda peer_id: nursery.start_soon(gossip.peer_connected, peer_id)
                     await nursery.start(gossip.run)
                     self.spot = SpotChecker(
                         self.table, self_id=self.peer_id, run_remote=self._canary_remote, run_local=self._canary_local,
@@ -389,6 +389,7 @@ class Node:
     def _take_record(self, record: HealthRecord) -> None:
         if self.table.apply_record(record):
             self.realm_discovery.records_changed()
+            self.maintenance.record_arrived(record.peer_id)
 
     # --- queries -----------------------------------------------------------------------------
     async def execute(self, peer_id: str, query: Query, emit: StreamEmit) -> ev.Result:

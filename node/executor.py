@@ -327,12 +327,15 @@ def _gpu_layers(requested: int, model: Path, realm: str) -> int:
         n_layers = gguf_layer_count(model)
     except Exception:  # not readable here: llama.cpp will say what is wrong when it loads
         n_layers = None
+    # Without a llama.cpp built for a GPU there is nothing to plan, and no GPU to look for
+    # (without nvidia-smi, looking means importing torch: +225 MB and a second of a busy start).
+    offload = requested != 0 and llama_gpu_offload_supported()
     return plan_gpu_layers(
         requested,
         model_bytes=model.stat().st_size if model.exists() else 0,
         n_layers=n_layers,
-        gpus=detect_gpus(),
-        offload_supported=llama_gpu_offload_supported(),
+        gpus=detect_gpus() if offload else [],
+        offload_supported=offload,
         model_name=model.name,
         realm=realm,
     )

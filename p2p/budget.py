@@ -106,7 +106,7 @@ class ConnectionGate:
     ``open_per_ip`` connections in all (pending included); the node ``total`` inbound ones.
     """
 
-    def __init__(self, *, pending_per_ip: int = 8, open_per_ip: int = 16, total: int = 256,
+    def __init__(self, *, pending_per_ip: int = 16, open_per_ip: int = 32, total: int = 256,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if min(pending_per_ip, open_per_ip, total) < 1:
             raise ValueError("connection limits must be >= 1")

@@ -37,6 +37,7 @@ MAX_WARNINGS = 1000
 BYTES_PER_MESSAGE = 4096  # a forwarder's byte budget: this many per message of its budget
 COOL_DOWN = 10.0  # seconds a forwarder that flooded its stream has its new streams reset
 READ_CHUNK = 65536
+SUBSCRIPTION_WAIT = 3.0  # seconds a new peer's subscription is waited for before publishing to it
 
 
 class RecordCheck:
@@ -193,6 +194,29 @@ class _MeteredStream:
         return out
 
 
+def flood_publish_gossipsub_class() -> type:
+    """py-libp2p's GossipSub, but this node's own messages go to every peer subscribed to the
+    topic, not only to its mesh (go-libp2p's ``floodPublish``, on by default there): a node that
+    has just connected has an empty mesh until the next heartbeat's GRAFT, and its record would
+    otherwise reach nobody for a second. Relayed messages follow the mesh as before."""
+    from libp2p.pubsub.gossipsub import GossipSub
+
+    class FloodPublishGossipSub(GossipSub):  # type: ignore[misc]
+        def _get_peers_to_send(self, topic_ids: Any, msg_forwarder: Any, origin: Any,
+                               msg_id: bytes | None = None) -> Any:
+            topic_ids = list(topic_ids)
+            chosen = set(super()._get_peers_to_send(topic_ids, msg_forwarder, origin, msg_id))
+            yield from chosen
+            if self.pubsub is not None and origin == self.pubsub.my_id:
+                for topic in topic_ids:
+                    for peer in self.pubsub.peer_topics.get(topic, ()):
+                        if peer not in chosen and peer != msg_forwarder:
+                            chosen.add(peer)
+                            yield peer
+
+    return FloodPublishGossipSub
+
+
 def budgeted_pubsub_class() -> type:
     """py-libp2p's Pubsub with every peer's stream metered (``_MeteredStream``), ``push_msg``
     charging each message to its forwarder (GossipBudget.admit) before the library decodes or
@@ -254,12 +278,21 @@ class HealthGossip:
         self.budget = budget
         self.checker = RecordCheck(identity.peer_id)
         self._force = 0  # records to publish regardless of change
+        self._wake = trio.Event()
         self.published = 0
 
     def changed(self) -> None:
-        """A peer connected: publish at the next two looks, not at the heartbeat (the first may
-        go out before pubsub has learnt that the newcomer subscribes)."""
-        self._force = 2
+        """Publish at the next look, not at the heartbeat."""
+        self._force = 1
+        self._wake.set()
+
+    async def peer_connected(self, peer_id: str) -> None:
+        """A peer connected: publish this node's record as soon as pubsub knows that the peer
+        subscribes to the topic (a few round trips), so that it learns of this node at once."""
+        with trio.move_on_after(SUBSCRIPTION_WAIT):
+            while not any(p.to_base58() == peer_id for p in self.fh.pubsub.peer_topics.get(HEALTH_TOPIC, ())):
+                await trio.sleep(0.02)
+            self.changed()
 
     def _validate(self, forwarder: Any, msg: Any) -> bool:
         from libp2p.peer.id import ID
@@ -318,4 +351,7 @@ class HealthGossip:
                 except Exception as exc:
                     log.debug("health publish failed: %s", exc)
                 last_body, last_at = body, now
-            await trio.sleep(self.interval)  # never two records closer than this
+            await trio.sleep_until(last_at + self.interval)  # never two records closer than this
+            with trio.move_on_after(self.interval):  # look again then, or when a peer connects
+                await self._wake.wait()
+            self._wake = trio.Event()

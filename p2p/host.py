@@ -323,7 +323,21 @@ def _build_libp2p_host(identity: Identity, book: AddressBook, gate: ConnectionGa
     book.host = host
     host.get_addrs = book.get_addrs  # see AddressBook.get_addrs
     _gate_inbound(host.get_network(), gate or ConnectionGate(), handshake_timeout)
+    _no_auto_dialing(host.get_network())
     return host
+
+
+def _no_auto_dialing(swarm: Any) -> None:
+    """py-libp2p 0.8.1's swarm runs an AutoConnector that, below ``min_connections`` (50: any
+    federation smaller than that), dials every peer in the peerstore every 10 s and on every
+    disconnect: peers and addresses learned from identify and the DHT, that is, whatever a
+    stranger says. This node decides whom to dial (p2p/maintenance.py: peers with a fresh,
+    signed health record, with backoff), so the library's dialing is switched off."""
+
+    async def maybe_connect() -> None:
+        return None
+
+    swarm.auto_connector.maybe_connect = maybe_connect
 
 
 def _gate_inbound(swarm: Any, gate: ConnectionGate, handshake_timeout: float) -> None:
@@ -425,16 +439,16 @@ async def open_federation_host(
     """``gate``: inbound connection limits by remote address (defaults: ConnectionGate())."""
     import multiaddr
     from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
-    from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, GossipSub
+    from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11
     from libp2p.tools.anyio_service import background_trio_service
 
-    from .gossip import budgeted_pubsub_class
+    from .gossip import budgeted_pubsub_class, flood_publish_gossipsub_class
 
     quiet_libp2p_logs()
     check_port_free(listen)
     book = AddressBook(announce)
     host = _build_libp2p_host(identity, book, gate, handshake_timeout)
-    gossipsub = GossipSub(
+    gossipsub = flood_publish_gossipsub_class()(  # see p2p/gossip.py
         [PROTOCOL_ID_V11], degree=6, degree_low=4, degree_high=12,
         heartbeat_interval=int(max(1, health_topic_heartbeat)),
     )

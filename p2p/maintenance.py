@@ -21,9 +21,9 @@ from .peers import PeerState, PeerTable
 
 log = logging.getLogger("rentahal.p2p")
 
-PING_INTERVAL = 5.0
+PING_INTERVAL = 30.0
 PING_TIMEOUT = 3.0
-PROBE_EVERY = 0.1  # how often quiet peers are looked for
+PROBE_EVERY = 0.25  # how often quiet peers are looked for
 PROBE_TIMEOUT = 0.5  # a quiet peer that does not answer a ping within this is unresponsive
 DEAD_AFTER_STALE = 6.0  # seconds a connected peer may be stale before its connection is closed
 BOOTSTRAP_REDIAL_MAX = 5.0
@@ -67,6 +67,14 @@ class PeerMaintenance:
         self.busy: Callable[[str], bool] = lambda peer_id: False
         # Set by the node: a peer connected (this node's health record goes out to it at once).
         self.on_connect: Callable[[str], None] = lambda peer_id: None
+        self._wake = trio.Event()
+
+    def record_arrived(self, peer_id: str) -> None:
+        """A fresh record of a peer this node has no connection to: dial it now, not at the
+        next sweep."""
+        e = self.table.get(peer_id)
+        if e is not None and not e.connected and peer_id not in self._dialing:
+            self._wake.set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -78,7 +86,9 @@ class PeerMaintenance:
             task_status.started()
             while True:
                 self._sweep(nursery)
-                await trio.sleep(SWEEP_INTERVAL)
+                with trio.move_on_after(SWEEP_INTERVAL):
+                    await self._wake.wait()
+                self._wake = trio.Event()
 
     # --- dialing -----------------------------------------------------------------------------
     def usable_addrs(self, peer_id: str) -> list[str]:

@@ -38,7 +38,8 @@ from .router import Query
 log = logging.getLogger("rentahal.spotcheck")
 
 CAUGHT_BLOCK = 3600.0  # seconds a peer caught answering wrong stays out of routing
-FIRST_CHECK_DELAY = (1.0, 4.0)  # a new peer is checked this long (uniform) after it is live
+FIRST_CHECK_DELAY = (2.0, 20.0)  # a new peer is checked this long (uniform) after it is live: spread,
+# so that a federation meeting a newcomer does not send it all its canaries at once
 MAX_PARALLEL = 2  # checks in flight at once
 CANARY_DEADLINE = 60.0
 _WORDS = (
