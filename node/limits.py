@@ -10,7 +10,6 @@ used go first. (The caller keys IPv6 clients by their /64, so one host cannot ma
 
 from __future__ import annotations
 
-import ipaddress
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
@@ -81,13 +80,7 @@ class RateLimiter:
 
 def client_network(client: str) -> str:
     """What one remote client is counted as: its IPv4 address, or its IPv6 /64 (a host on a
-    SLAAC network can use any address of its /64)."""
-    try:
-        ip = ipaddress.ip_address(client)
-    except ValueError:
-        return client
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
-    return str(ip)
+    SLAAC network can use any address of its /64). The same rule as for peers' connections."""
+    from ..p2p.budget import network_key
+
+    return network_key(client)

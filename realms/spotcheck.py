@@ -205,7 +205,8 @@ class SpotChecker:
             self._due[key] = self.clock() + max(self.every, 1.0) * self.rng.uniform(0.75, 1.25)
 
     async def _ask(self, executor: str, realm: str, payload: dict[str, Any]) -> dict[str, Any] | None:
-        query = Query(f"spot-{uuid.uuid4().hex[:20]}", realm, payload, CANARY_DEADLINE, self.self_id)
+        # An id like any other query's: a canary must not be told apart from a user's query.
+        query = Query(uuid.uuid4().hex, realm, payload, CANARY_DEADLINE, self.self_id)
         self.checks += 1
         try:
             with trio.fail_after(CANARY_DEADLINE + 5):

@@ -25,6 +25,7 @@ import signal
 import statistics
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -55,9 +56,10 @@ async def soak(a: NodeProcess, execs: list[NodeProcess], minutes: float, kill_ev
     start = time.monotonic()
     end = start + minutes * 60.0
     counter = itertools.count()
+    guid = uuid.uuid4().hex  # one user: the queries are read back as theirs
 
     async def client(n: int) -> None:
-        async with connect(a.ui) as c:
+        async with connect(a.ui, guid=guid) as c:
             while time.monotonic() < end:
                 i = next(counter)
                 qid = ""
@@ -92,7 +94,7 @@ async def soak(a: NodeProcess, execs: list[NodeProcess], minutes: float, kill_ev
     assert a.proc is not None
     samples.append((time.monotonic() - start, rss_mb(a.proc.pid), open_fds(a.proc.pid)))
     # Read every query back from A's store: exactly one result each.
-    async with connect(a.ui) as c:
+    async with connect(a.ui, guid=guid) as c:
         stored: dict[str, Any] = {}
         for qid in submitted:
             stored[qid] = await c.call("get_query", query_id=qid)

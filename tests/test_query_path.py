@@ -11,40 +11,21 @@ import statistics
 import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from rentahal.p2p import wire
 from rentahal.p2p.health import HEALTH_TOPIC, HealthRecord, RealmStatus, sign_record
-from rentahal.p2p.host import FederationHost, open_federation_host
+from rentahal.p2p.host import FederationHost
 from rentahal.p2p.identity import Identity
 from rentahal.scripts.federation import Federation, NodeProcess, connect
 
+from .hostile import frames, stranger
+
 CHAT = {"realms.chat.max_tokens": "4000", "realms.chat.n_ctx": "4096"}
-
-
-@asynccontextmanager
-async def stranger() -> AsyncIterator[tuple[FederationHost, Identity]]:
-    me = Identity(Ed25519PrivateKey.generate())
-    async with open_federation_host(me, ["/ip4/127.0.0.1/tcp/0"]) as fh:
-        yield fh, me
-
-
-async def _frames(stream: Any) -> AsyncIterator[wire.Message]:
-    decoder = wire.FrameDecoder()
-    while True:
-        for msg in decoder.messages():
-            yield msg
-        data = await stream.read(65536)
-        if not data:
-            return
-        decoder.feed(data)
 
 
 async def _gossip_claims(fh: FederationHost, me: Identity) -> None:
@@ -79,7 +60,7 @@ def _answer_with_keepalives_only(fh: FederationHost, *, honest_first: int = 0) -
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(keepalives)
-                async for msg in _frames(stream):
+                async for msg in frames(stream):
                     if isinstance(msg, wire.QueryRequest) and honest[0] > 0:
                         honest[0] -= 1
                         await stream.write(wire.encode(wire.Accepted(msg.query_id, 0)))
@@ -172,7 +153,7 @@ async def test_a_flooding_peer_does_not_starve_local_users(federation: Federatio
 
         async def count() -> None:
             nonlocal refused, answered
-            async for msg in _frames(stream):
+            async for msg in frames(stream):
                 if isinstance(msg, wire.Error):
                     refused += 1
                 elif isinstance(msg, wire.Result):

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -16,13 +14,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from rentahal.p2p import wire
 from rentahal.p2p.health import HEALTH_TOPIC, HealthRecord, RealmStatus, sign_record
-from rentahal.p2p.host import FederationHost, open_federation_host
+from rentahal.p2p.host import FederationHost
 from rentahal.p2p.identity import Identity
 from rentahal.p2p.peers import PeerState, PeerTable
 from rentahal.realms import events as ev
 from rentahal.realms.router import Query
 from rentahal.realms.spotcheck import SpotChecker, agree, canary
 from rentahal.scripts.federation import Federation, NodeProcess
+
+from .hostile import frames, stranger
 
 # --- the judge, without sockets -----------------------------------------------------------------
 
@@ -123,30 +123,12 @@ async def test_a_reported_peer_is_checked_at_once_even_with_periodic_checks_off(
 # --- real node processes and a liar -------------------------------------------------------------
 
 
-@asynccontextmanager
-async def liar_host() -> AsyncIterator[tuple[FederationHost, Identity]]:
-    me = Identity(Ed25519PrivateKey.generate())
-    async with open_federation_host(me, ["/ip4/127.0.0.1/tcp/0"]) as fh:
-        yield fh, me
-
-
-async def _frames(stream: Any) -> AsyncIterator[wire.Message]:
-    decoder = wire.FrameDecoder()
-    while True:
-        for msg in decoder.messages():
-            yield msg
-        data = await stream.read(65536)
-        if not data:
-            return
-        decoder.feed(data)
-
-
 def _answer_junk(fh: FederationHost, model: str, served: list[str]) -> None:
     """Every query answered at once, well formed, and wrong."""
 
     async def handle(stream: Any) -> None:
         try:
-            async for msg in _frames(stream):
+            async for msg in frames(stream):
                 if isinstance(msg, wire.QueryRequest):
                     served.append(msg.query_id)
                     await stream.write(wire.encode(wire.Accepted(msg.query_id, 0)))
@@ -196,7 +178,7 @@ async def test_a_peer_answering_junk_is_caught_by_spot_checks_and_users_get_hone
 ) -> None:
     r, c, d, model = _honest_pair(federation)
     served: list[str] = []
-    async with liar_host() as (fh, me), trio.open_nursery() as nursery:
+    async with stranger() as (fh, me), trio.open_nursery() as nursery:
         _answer_junk(fh, model, served)
         await fh.dial(r.addr, timeout=15)
         await fh.pubsub.subscribe(HEALTH_TOPIC)
@@ -205,15 +187,15 @@ async def test_a_peer_answering_junk_is_caught_by_spot_checks_and_users_get_hone
         liar = await _poll(r, lambda: (p := r.peer(me.peer_id)) and p["state"] == "blocked" and p, 40)
         caught_after = time.monotonic() - started
         assert "spot-check wrong" in liar["caught"] and liar["blocked"] == liar["caught"]
-        assert any(x.startswith("spot-") for x in served)  # it was sent canaries
+        assert served  # it was sent canaries (no user had asked anything yet)
         plan = await trio.to_thread.run_sync(r.cli_json, "route", "chat")
         assert any(x["executor"] == me.peer_id and "spot-check" in x["reason"] for x in plan["excluded"])
         assert me.peer_id not in [x["executor"] for x in plan["candidates"]]
-        user_queries = len([x for x in served if not x.startswith("spot-")])
+        before = len(served)
         for i in range(10):
             res = await trio.to_thread.run_sync(lambda: r.cli("query", "chat", f"hello {i}", "--max-tokens", "4"))
             assert "junk" not in res.stdout
-        assert len([x for x in served if not x.startswith("spot-")]) == user_queries
+        assert len(served) == before  # blocked: neither users' queries nor canaries reach it
         print(f"liar caught {caught_after:.1f}s after it connected")
         nursery.cancel_scope.cancel()
 
@@ -221,7 +203,7 @@ async def test_a_peer_answering_junk_is_caught_by_spot_checks_and_users_get_hone
 async def test_a_user_reports_a_wrong_answer_and_the_peer_is_checked_and_caught(federation: Federation) -> None:
     """Periodic checks off, and the router told to trust only the liar for chat: a user gets
     junk, reports it, and the report's spot-check catches the liar; the history says so."""
-    async with liar_host() as (fh, me), trio.open_nursery() as nursery:
+    async with stranger() as (fh, me), trio.open_nursery() as nursery:
         r, c, d, model = _honest_pair(
             federation, **{"router.spot_check_every": "0", "realms.chat.trusted": json.dumps([me.peer_id])})
         served: list[str] = []
@@ -231,7 +213,7 @@ async def test_a_user_reports_a_wrong_answer_and_the_peer_is_checked_and_caught(
         nursery.start_soon(_claim, fh, me, model)
         await _poll(r, lambda: [x["executor"] for x in r.cli_json("route", "chat")["candidates"]] == [me.peer_id], 30)
         res = await trio.to_thread.run_sync(lambda: r.cli("query", "chat", "what is 2+2", "--max-tokens", "4"))
-        assert "junk" in res.stdout and not any(x.startswith("spot-") for x in served)
+        assert "junk" in res.stdout and len(served) == 1  # the user's query; no canary unasked
         (row,) = await trio.to_thread.run_sync(lambda: r.cli_json("history"))
         assert row["executor"] == me.peer_id and "suspect" not in row
         out = await trio.to_thread.run_sync(lambda: r.cli("report", row["id"], "--reason", "not an answer"))
