@@ -69,7 +69,8 @@ async def soak(a: NodeProcess, execs: list[NodeProcess], minutes: float, kill_ev
                         qid = msg["event"].get("query_id", "")
                         submitted.append(qid)
                     elif msg["op"] in ("result", "error"):
-                        outcomes[qid or f"unnamed-{i}"] = msg["op"] if msg["op"] == "result" else msg["code"]
+                        outcomes[qid or f"unnamed-{i}"] = (
+                            msg["op"] if msg["op"] == "result" else f"{msg['code']}: {msg['message'][:200]}")
 
     async def killer() -> None:
         for victim in itertools.cycle(execs):
@@ -102,7 +103,8 @@ async def soak(a: NodeProcess, execs: list[NodeProcess], minutes: float, kill_ev
     doubled = [q for q, got in stored.items() if [e["status"] for e in got["events"]].count("done") > 1]
     failed_over = sum(1 for got in stored.values() if got["result"] and got["result"].get("failovers"))
     return {"submitted": len(submitted), "answered": sum(1 for v in outcomes.values() if v == "result"),
-            "errors": sorted(v for v in outcomes.values() if v != "result"), "lost": lost, "doubled": doubled,
+            "errors": sorted(v.split(":", 1)[0] for v in outcomes.values() if v != "result"),
+            "error_messages": sorted(v for v in outcomes.values() if v != "result"), "lost": lost, "doubled": doubled,
             "failed_over": failed_over, "samples": samples, "kills": kills, "seconds": time.monotonic() - start}
 
 
@@ -152,6 +154,8 @@ def main() -> None:
     print(text)
     if r["lost"]:
         print("lost:", r["lost"][:20])
+        for m in r["error_messages"][:20]:
+            print("error:", m)
     if a.out:
         write_section(a.out, HEADING, text)
 
