@@ -32,8 +32,7 @@ DataDir = typer.Option(
     None, "--data-dir", envvar="RENTAHAL_HOME", help="Node data dir [default: ~/.rentahal]",
     show_default=False,
 )
-SYSOP_TOKEN_FILE = "sysop.token"
-CONFIG_FILE = "node.toml"
+from .node.datadir import CLI_GUID_FILE, CONFIG_FILE, RUN_FILE, SYSOP_TOKEN_FILE
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -46,8 +45,10 @@ def ensure_initialised(data_dir: Path) -> tuple[str, bool]:
     from .node.config import default_config_text
     from .p2p.identity import IdentityError, load_or_create_identity, write_private_file
 
+    from .node.datadir import DataDirError, make_private
+
     try:
-        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        make_private(data_dir)
         identity, created = load_or_create_identity(data_dir)
         config = data_dir / CONFIG_FILE
         if not config.exists():
@@ -55,7 +56,7 @@ def ensure_initialised(data_dir: Path) -> tuple[str, bool]:
         token = data_dir / SYSOP_TOKEN_FILE
         if not token.exists():
             write_private_file(token, (secrets.token_urlsafe(32) + "\n").encode())
-    except IdentityError as exc:
+    except (IdentityError, DataDirError) as exc:
         fail(str(exc))
     except OSError as exc:
         fail(f"cannot initialise {data_dir}: {exc.strerror or exc}")
@@ -86,7 +87,15 @@ def run(
 
     from .node.config import REALMS, ConfigError, load_config, parse_set_option
 
+    from .node.datadir import DataDirError, DataDirLock, make_private
+
     path = resolve_data_dir(data_dir)
+    os.umask(0o077)  # every file the node writes (databases, models, the run file) is private
+    try:
+        make_private(path)
+        lock = DataDirLock(path).acquire()  # held until the process exits
+    except DataDirError as exc:
+        fail(str(exc))
     ensure_initialised(path)
     overrides: dict[str, str] = {}
     try:
@@ -111,11 +120,27 @@ def run(
         config = load_config(path / CONFIG_FILE, overrides)
     except ConfigError as exc:
         fail(str(exc))
+    from .node.startup import check_ui_port, startup_failure
+    from .p2p.host import ListenError, check_port_free
+
+    try:  # before anything starts or logs: a taken port is one line, not a half-started node
+        check_port_free(config.p2p.listen)
+        check_ui_port(config.ui.host, config.ui.port)
+    except (OSError, ListenError) as exc:
+        fail(str(exc))
     setup_logging(config.node.log_level)
     try:
         trio.run(_run_node, config, path)
     except KeyboardInterrupt:
         pass
+    except BaseException as exc:  # noqa: BLE001 - a known cause is one line; a bug keeps its traceback
+        cause = startup_failure(exc)
+        if cause is None:
+            raise
+        logging.shutdown()
+        fail(cause)
+    finally:
+        lock.release()
 
 
 def setup_logging(level: str) -> None:
@@ -139,7 +164,6 @@ async def _run_node(config: Any, data_dir: Path) -> None:
     import trio
 
     from .node.daemon import Node
-    from .p2p.host import DialError
     from .p2p.identity import load_or_create_identity
 
     log = logging.getLogger("rentahal.node")
@@ -158,25 +182,14 @@ async def _run_node(config: Any, data_dir: Path) -> None:
                     timer.start()
 
             nursery.start_soon(stop_on_signal)
-            failed = False
-            try:
-                await node.run()
-            except DialError as exc:
-                log.error("%s", exc)
-                failed = True
-            except OSError as exc:
-                log.error("cannot start: %s", exc)
-                failed = True
-            if failed:  # raised outside the nursery, so it is an exit code, not an exception group
-                nursery.cancel_scope.cancel()
-    if failed:
-        raise SystemExit(2)
+            await node.run()  # a failure leaves as an exception group: `run` unwraps it
+            nursery.cancel_scope.cancel()
     log.info("stopped")
 
 
 # --- client commands -----------------------------------------------------------------------
 def _node_url(data_dir: Path) -> str:
-    run_file = data_dir / "node.run.json"
+    run_file = data_dir / RUN_FILE
     try:
         info = json.loads(run_file.read_text())
     except FileNotFoundError:
@@ -192,7 +205,7 @@ def _cli_guid(data_dir: Path) -> str:
 
     from .p2p.identity import write_private_file
 
-    path = data_dir / "cli.guid"
+    path = data_dir / CLI_GUID_FILE
     try:
         return path.read_text().strip()
     except FileNotFoundError:
@@ -605,9 +618,12 @@ def db_reshard(
     from .node.config import ConfigError, load_config
     from .node.storage import StorageError, reshard
 
+    from .node.datadir import holder
+
     path = resolve_data_dir(data_dir)
-    if (path / "node.run.json").exists():
-        fail(f"a node is running on {path}; stop it first")
+    pid = holder(path)
+    if pid:
+        fail(f"a node (pid {pid}) is running on {path}; stop it first")
     try:
         old, moved = reshard(path, shards)
     except StorageError as exc:

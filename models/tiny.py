@@ -131,8 +131,8 @@ def _weights(rng: np.random.Generator, types: list[int]) -> dict[str, np.ndarray
 
 def replace_atomically(path: Path, write: Callable[[Path], None]) -> Path:
     """Create the file `path` by `write(tmp)`, which writes a temporary file
-    in the same directory; that file is then fsynced, made readable (0644)
-    and moved into place with os.replace, so readers never see a half-written
+    in the same directory; that file is then fsynced, given the mode a new
+    file gets under the umask (0600 under the node's 077) and moved into place with os.replace, so readers never see a half-written
     file. On any failure the temporary file is removed. Returns `path`.
     """
     path = Path(path)
@@ -144,7 +144,9 @@ def replace_atomically(path: Path, write: Callable[[Path], None]) -> Path:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600 whatever the umask
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -39,6 +39,7 @@ from ..realms.queue import Priority
 from ..realms.router import LOCAL, Query, RealmRouter, StreamEmit
 from ..realms.spotcheck import SpotChecker
 from .config import REALMS, Config
+from .datadir import RUN_FILE, SYSOP_TOKEN_FILE
 from .executor import LocalRealms, check_payload
 from .limits import RateLimiter
 from .queries import QueryManager, Refused, check_guid
@@ -46,7 +47,6 @@ from .storage import Storage
 
 log = logging.getLogger("rentahal.node")
 
-RUN_FILE = "node.run.json"
 MAX_PEERS = 5000
 REMEMBER_PEERS_FOR = 7 * 86400.0  # a restarted node redials peers seen within this long
 REMEMBERED_PEERS = 64
@@ -59,9 +59,6 @@ VIOLATION_LIMIT = 20  # protocol violations in a window before a peer is blocked
 VIOLATION_BLOCK = 600.0  # seconds it stays blocked
 MAX_WATCHED = 64  # executors a node holds an idle query stream to
 WATCH_RETRY = 10.0  # seconds before a peer that refused a query stream is tried again
-
-
-SYSOP_TOKEN_FILE = "sysop.token"
 
 
 def read_sysop_token(data_dir: Path) -> str:

@@ -163,6 +163,17 @@ def _connect(path: Path) -> Database:
     )
     db = Database(conn, execute_plugins=False)
     db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+    # Before anything writes to it: a damaged file is named and left as it is, not "repaired".
+    try:
+        problems = [r[0] for r in conn.execute("PRAGMA quick_check")]
+    except sqlite3.DatabaseError as exc:
+        problems = [str(exc)]
+    if problems != ["ok"]:
+        conn.close()
+        raise StorageError(
+            f"{path} is damaged ({'; '.join(problems[:2])}); the node left it untouched: restore it "
+            "from a backup or move it aside ('rentahal-node db check' lists every file)"
+        )
     # Switching a new file to WAL can fail at once with "database is locked" (SQLite skips the
     # busy handler where waiting could deadlock) while another process creates the same file:
     # retry within the busy timeout. This runs in a worker thread, never on the event loop.
@@ -328,7 +339,9 @@ def _recorded_shards(db: Database) -> int | None:
 
 
 def _open_node(db_dir: Path, shards: int) -> Database:
-    db_dir.mkdir(parents=True, exist_ok=True)
+    if db_dir.exists() and not db_dir.is_dir():
+        raise StorageError(f"{db_dir} is a file, not the node's database folder: move it aside")
+    db_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     db = _open_file(db_dir / NODE_FILE, MIGRATIONS_NODE)
     try:
         with _write(db):

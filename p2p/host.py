@@ -48,6 +48,10 @@ class DialError(Exception):
     """A peer could not be reached; the message says which and why."""
 
 
+class ListenError(Exception):
+    """This node cannot listen where it was told (a taken port, an address not on this host)."""
+
+
 def quiet_libp2p_logs() -> None:
     """py-libp2p logs expected failures (a peer hanging up) as warnings with tracebacks."""
     for name in ("libp2p", "multiaddr", "async_service", "libp2p.kad_dht", "libp2p.pubsub"):
@@ -423,11 +427,11 @@ def check_port_free(listen: Sequence[str]) -> None:
                 s.bind((p.host, p.port))
             except OSError as exc:
                 if exc.errno == errno.EADDRINUSE:
-                    raise DialError(
+                    raise ListenError(
                         f"p2p.listen: {a} is already in use (another rentahal-node on this host? "
                         "give each node its own port)"
                     ) from None
-                raise DialError(f"p2p.listen: cannot listen on {a}: {exc.strerror or exc}") from None
+                raise ListenError(f"p2p.listen: cannot listen on {a}: {exc.strerror or exc}") from None
 
 
 @asynccontextmanager
@@ -460,7 +464,7 @@ async def open_federation_host(
     try:
         maddrs = [multiaddr.Multiaddr(a) for a in listen]
     except Exception as exc:
-        raise DialError(f"bad listen address in {list(listen)}: {exc}") from None
+        raise ListenError(f"p2p.listen: bad address in {list(listen)}: {exc}") from None
     async with host.run(maddrs):
         async with background_trio_service(pubsub), background_trio_service(gossipsub):
             async with background_trio_service(dht):

@@ -226,5 +226,5 @@ def test_second_node_on_a_taken_port_stops_with_one_line(federation: Federation,
         capture_output=True, text=True, timeout=60,
     )
     assert res.returncode == 2, res.stderr
-    errors = [line for line in res.stderr.splitlines() if "ERROR" in line]
-    assert len(errors) == 1 and "already in use" in errors[0] and "Traceback" not in res.stderr, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "already in use" in lines[0], res.stderr
