@@ -10,6 +10,7 @@ elsewhere cannot drive the node through the user's browser.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hmac
 import ipaddress
 import json
@@ -211,6 +212,11 @@ class ControlSession:
             await self.send({"op": "error", "rid": rid, "code": exc.code.value, "message": exc.message})
         except ConnectionClosed:
             pass
+        except Exception as exc:  # a bug here must cost this request, not the session
+            log.error("%s request failed: %s: %s", op, type(exc).__name__, exc)
+            with contextlib.suppress(ConnectionClosed):
+                await self.send({"op": "error", "rid": rid, "code": Code.INTERNAL.value,
+                                 "message": f"{op} failed inside this node ({type(exc).__name__}); see its log"})
         finally:
             self.inflight -= 1
             if held:
@@ -420,14 +426,30 @@ OPS: dict[str, tuple[set[str], set[str]]] = {
 SYSOP_OPS = {"users", "ban", "unban", "set_realm", "set_peer", "audit"}
 
 
+# The JSON type of every request field (a bool is never taken for an integer).
+FIELD_TYPES: dict[str, type] = {
+    "guid": str, "nickname": str, "sysop_token": str, "realm": str, "payload": dict, "stream": bool,
+    "query_id": str, "reason": str, "user": str, "limit": int, "all": bool, "enabled": bool,
+    "peer_id": str, "blocked": bool,
+}
+JSON_TYPE = {str: "a string", dict: "an object", bool: "true or false", int: "an integer"}
+INT_RANGE = (-(2**63), 2**63 - 1)  # what storage and the wire (msgpack) can hold
+
+
+def _no_constant(name: str) -> Any:
+    raise BadRequest(f"not JSON: {name} is not a number JSON allows")
+
+
 def parse_request(raw: str | bytes) -> dict[str, Any]:
     """Validate one client message's shape; BadRequest names what is wrong."""
     if isinstance(raw, bytes):
         raise BadRequest("expected a JSON text message, got binary")
     try:
-        req = json.loads(raw)
+        req = json.loads(raw, parse_constant=_no_constant)
     except ValueError as exc:
         raise BadRequest(f"not JSON: {exc}") from None
+    except RecursionError:
+        raise BadRequest("not JSON this node takes: nested too deep") from None
     if not isinstance(req, dict):
         raise BadRequest("a request is a JSON object")
     rid = req.get("rid")
@@ -441,8 +463,9 @@ def parse_request(raw: str | bytes) -> dict[str, Any]:
 
 def _check_request(req: dict[str, Any]) -> dict[str, Any]:
     op = req.get("op")
-    if op not in OPS:
-        raise BadRequest(f"unknown op {op!r}; expected one of {sorted(OPS)}")
+    if not isinstance(op, str) or op not in OPS:
+        shown = repr(op) if isinstance(op, (str, int, float, type(None))) else f"a JSON {type(op).__name__}"
+        raise BadRequest(f"unknown op {shown[:80]}; expected one of {sorted(OPS)}")
     required, optional = OPS[op]
     extra = set(req) - required - optional - {"op", "rid"}
     if extra:
@@ -450,6 +473,12 @@ def _check_request(req: dict[str, Any]) -> dict[str, Any]:
     missing = required - set(req)
     if missing:
         raise BadRequest(f"{op}: missing field(s) {sorted(missing)}")
+    for name, value in req.items():
+        want = FIELD_TYPES.get(name)
+        if want is not None and (not isinstance(value, want) or (want is int and isinstance(value, bool))):
+            raise BadRequest(f"{op}: {name} must be {JSON_TYPE[want]}")
+        if want is int and not INT_RANGE[0] <= value <= INT_RANGE[1]:
+            raise BadRequest(f"{op}: {name} is out of range")
     if "realm" in req and req["realm"] not in REALMS:
         raise BadRequest(f"{op}: realm must be one of {list(REALMS)}, got {req['realm']!r}")
     if "payload" in req:
@@ -496,4 +525,6 @@ def decode_media(value: Any, path: str = "payload", depth: int = 0) -> Any:
         return {k: decode_media(v, f"{path}.{k}", depth + 1) for k, v in value.items()}
     if isinstance(value, list):
         return [decode_media(v, f"{path}[{i}]", depth + 1) for i, v in enumerate(value)]
+    if isinstance(value, int) and not isinstance(value, bool) and not INT_RANGE[0] <= value <= INT_RANGE[1]:
+        raise BadRequest(f"{path}: integer out of range (at most 64 bits)")
     return value

@@ -27,6 +27,8 @@ LOCAL = "local"
 Emit = Callable[[ev.Event], Awaitable[None]]
 StreamEmit = Callable[[ev.StreamEvent], Awaitable[None]]
 MAX_BACKPRESSURE_RETRIES = 50  # busy/queue_full answers one query may wait out
+REVIVE_WAIT = 5.0  # seconds a query whose executors all vanished waits for one to come (back)
+REVIVE_POLL = 0.1  # how often the peer table is read meanwhile
 BACKOFF_CAP = 5.0  # seconds: the longest wait a doubled retry-after reaches
 
 
@@ -151,10 +153,11 @@ class RealmRouter:
         tried: list[str] = []
         attempt = 0
         busy_count: dict[str, int] = {}  # executor -> back-pressure answers waited out
+        gone: set[str] = set()  # executors whose stream died under this query (may come back)
         last: QueryError | None = None
         current = ""
         with trio.move_on_at(deadline_at) as deadline:
-            while line or self._refill(line, query.realm, tried):
+            while line or self._refill(line, query.realm, tried) or await self._revived(line, query, tried, gone, last):
                 line.sort(key=lambda x: x[0])  # stable: ranked order among the ready ones
                 not_before, executor = line.pop(0)
                 current = ""  # waiting out a retry-after is nobody's fault
@@ -188,6 +191,10 @@ class RealmRouter:
                                   exc.code.value, retry_at - trio.current_time())
                         continue
                     tried.append(executor)
+                    if executor != LOCAL and exc.kind in (FailureKind.DEAD, FailureKind.UNREACHABLE):
+                        gone.add(executor)
+                    else:
+                        gone.discard(executor)
                     if exc.fault in (Fault.USER, Fault.NOBODY):  # the request is wrong, or withdrawn
                         raise
                     if executor != LOCAL:
@@ -210,16 +217,39 @@ class RealmRouter:
                 Code.DEADLINE_EXCEEDED,
             )
         assert last is not None
-        raise QueryError(f"all {len(tried)} executor(s) failed; last: {last.message}",
+        others = "; ".join(f"{x.executor[:16]}: {x.note}" for x in self.plan(query.realm).excluded[:3])
+        raise QueryError(f"all {len(tried)} executor(s) failed; last: {last.message}"
+                         + (f" (not tried: {others})" if others else ""),
                          last.code if last.retryable else Code.BACKEND_FAILED)
 
-    def _refill(self, line: list[tuple[float, str]], realm: str, tried: list[str]) -> bool:
+    def _refill(self, line: list[tuple[float, str]], realm: str, tried: list[str],
+                vanished: frozenset[str] = frozenset()) -> bool:
         """Every executor in line has failed: add any that became a candidate meanwhile (a peer
-        back from a moment of silence), up to ``max_attempts`` executors in all."""
+        back from a moment of silence), up to ``max_attempts`` attempts in all. An executor in
+        ``vanished`` (its stream died under the query) may be tried again once it is a candidate
+        again: a restarted process, a new connection."""
         room = self.max_attempts - len(tried)
-        fresh = [c.executor for c in self.plan(realm).candidates if c.executor not in tried][:max(room, 0)]
+        fresh = [c.executor for c in self.plan(realm).candidates
+                 if c.executor not in tried or c.executor in vanished][:max(room, 0)]
         line.extend((0.0, executor) for executor in fresh)
         return bool(fresh)
+
+    async def _revived(self, line: list[tuple[float, str]], query: Query, tried: list[str],
+                       gone: set[str], last: QueryError | None) -> bool:
+        """The executors tried are gone (streams lost, dials failed) and no other is live: wait
+        up to REVIVE_WAIT for one to become a candidate (a peer whose breaker closes, one that
+        reconnects, the dead one restarted) rather than fail a query that could still be
+        answered. Not after a refusal or a hang: those executors are there and said no."""
+        if not gone or not isinstance(last, ExecutorFailure) or last.kind not in (FailureKind.DEAD,
+                                                                                 FailureKind.UNREACHABLE):
+            return False
+        if len(tried) >= self.max_attempts:
+            return False
+        with trio.move_on_after(REVIVE_WAIT):
+            while not self._refill(line, query.realm, tried, frozenset(gone)):
+                await trio.sleep(REVIVE_POLL)
+            return True
+        return False
 
     @staticmethod
     def _retry_at(exc: ExecutorFailure, deadline_at: float, repeats: int) -> float | None:

@@ -764,3 +764,85 @@ async def test_a_peer_back_in_routing_meanwhile_is_tried_when_the_line_runs_out(
     assert ranked_peers(table) == [P1]
     result = await router.run(query(), Events())
     assert result.executor == P2 and result.failovers == (P1,) and remote.called == [P1, P2]
+
+
+# --- executors that vanish and come back ----------------------------------------------------------
+
+
+def dies_once(table: PeerTable, then: Behaviour) -> Behaviour:
+    """Its stream dies under the first attempt (the process was killed: the connection goes
+    too); later attempts behave as ``then``."""
+    calls = [0]
+
+    async def run(who: str, query: Query, emit: StreamEmit) -> ev.Result:
+        calls[0] += 1
+        if calls[0] == 1:
+            table.set_connected(who, False)
+            raise ExecutorFailure(f"{who}: stream lost (the executor closed the stream)", Code.BACKEND_FAILED,
+                                  kind=FailureKind.DEAD)
+        return await then(who, query, emit)
+
+    return run
+
+
+async def test_when_the_only_executor_dies_the_query_waits_for_one_to_come(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A soak with an executor killed every minute lost 2 of 5,854 queries: each ran on the
+    executor being killed while the other was out of routing (breaker open, reconnecting)."""
+    from rentahal.realms.router import REVIVE_WAIT
+
+    table = make_table()
+    announce(table, PEERS[0])
+    remote = FakeRemote({P1: dies_once(table, answer("p1")), P2: answer("p2")})
+    events = Events()
+
+    async def other_comes_back() -> None:
+        await trio.sleep(REVIVE_WAIT / 2)
+        announce(table, PEERS[1])
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(other_comes_back)
+        result = await make_router(table, FakeLocal(serves=False), remote).run(query(), events)
+    assert result.executor == P2 and result.failovers == (P1,)
+    assert trio.current_time() == pytest.approx(REVIVE_WAIT / 2, abs=0.2)
+
+
+async def test_a_restarted_executor_gets_the_query_it_dropped(autojump_clock: trio.testing.MockClock) -> None:
+    table = make_table()
+    announce(table, PEERS[0])
+    remote = FakeRemote({P1: dies_once(table, answer("p1, restarted"))})
+
+    async def restarts() -> None:
+        await trio.sleep(1.0)
+        announce(table, PEERS[0])  # the same peer ID on a new connection, with a new record
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(restarts)
+        result = await make_router(table, FakeLocal(serves=False), remote).run(query(), Events())
+    assert result.executor == P1 and result.attempt == 2 and remote.called == [P1, P1]
+
+
+async def test_nobody_comes_back_the_query_fails_after_the_wait_and_says_who_was_out(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    from rentahal.realms.router import REVIVE_WAIT
+
+    table = make_table()
+    announce(table, PEERS[0])
+    remote = FakeRemote({P1: dies_once(table, answer("never"))})
+    with pytest.raises(QueryError) as info:
+        await make_router(table, FakeLocal(serves=False), remote).run(query(), Events())
+    assert trio.current_time() == pytest.approx(REVIVE_WAIT, abs=0.2)
+    assert info.value.code is Code.BACKEND_FAILED
+    assert "all 1 executor(s) failed" in info.value.message and "not tried" in info.value.message
+    assert "not connected" in info.value.message
+
+
+async def test_a_refusal_does_not_wait_for_revivals(autojump_clock: trio.testing.MockClock) -> None:
+    table = make_table()
+    announce(table, PEERS[0])
+    remote = FakeRemote({P1: fail(FailureKind.REFUSED, Code.BACKEND_FAILED, "model crashed")})
+    with pytest.raises(QueryError):
+        await make_router(table, FakeLocal(serves=False), remote).run(query(), Events())
+    assert trio.current_time() < 0.1
