@@ -14,6 +14,8 @@ import secrets
 import signal
 import sys
 import threading
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, NoReturn, Optional
 
@@ -224,26 +226,70 @@ def _hello(data_dir: Path, *, sysop: bool) -> dict[str, Any]:
     return hello
 
 
-def _request(data_dir: Optional[Path], message: dict[str, Any], *, sysop: bool = False) -> dict[str, Any]:
-    import trio
-    from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
+CONNECT_TIMEOUT = 5.0  # seconds the CLI gives the node to accept it and answer its hello
 
+
+def _admission(data_dir: Path) -> list[tuple[bytes, bytes]]:
+    """The sysop token in the request head, when this user can read it: the node keeps places
+    for it, so clients holding every ordinary place cannot lock the operator's CLI out."""
+    try:
+        return [(b"X-Rentahal-Sysop", (data_dir / SYSOP_TOKEN_FILE).read_bytes().strip())]
+    except OSError:
+        return []
+
+
+class _Welcome(Exception):
+    """The node answered the hello with an error (banned, a wrong token)."""
+
+    def __init__(self, reply: dict[str, Any]) -> None:
+        self.reply = reply
+
+
+@asynccontextmanager
+async def _session(path: Path, url: str, *, sysop: bool, max_message_size: int = 1 << 20) -> AsyncIterator[Any]:
+    """A websocket to the node, said hello to; the node has CONNECT_TIMEOUT to get that far."""
+    import trio
+    from trio_websocket import open_websocket_url
+
+    async with open_websocket_url(url, extra_headers=_admission(path), connect_timeout=CONNECT_TIMEOUT,
+                                  max_message_size=max_message_size) as ws:
+        with trio.fail_after(CONNECT_TIMEOUT):
+            await ws.send_message(json.dumps(_hello(path, sysop=sysop)))
+            welcome = json.loads(await ws.get_message())
+        if welcome.get("op") == "error":
+            raise _Welcome(welcome)
+        yield ws
+
+
+def _run_client(go: Callable[[], Awaitable[dict[str, Any]]], url: str) -> dict[str, Any]:
+    """Run a client coroutine; a node that cannot be reached or refuses is one line, exit 2."""
+    import trio
+    from trio_websocket import ConnectionClosed, ConnectionRejected, HandshakeError
+
+    try:
+        return trio.run(go)
+    except _Welcome as exc:
+        return exc.reply
+    except ConnectionRejected as exc:
+        retry = {k.decode().lower(): v.decode() for k, v in exc.headers or ()}.get("retry-after")
+        fail(f"the node at {url} refused the connection ({exc.status_code})"
+             + (f"; try again in {retry} s" if retry else ""))
+    except trio.TooSlowError:
+        fail(f"the node at {url} did not answer within {CONNECT_TIMEOUT:g} s")
+    except (OSError, HandshakeError, ConnectionClosed) as exc:
+        fail(f"cannot reach the node at {url}: {exc}")
+
+
+def _request(data_dir: Optional[Path], message: dict[str, Any], *, sysop: bool = False) -> dict[str, Any]:
     path = resolve_data_dir(data_dir)
     url = _node_url(path)
 
     async def go() -> dict[str, Any]:
-        async with open_websocket_url(url) as ws:
-            await ws.send_message(json.dumps(_hello(path, sysop=sysop)))
-            welcome = json.loads(await ws.get_message())
-            if welcome.get("op") == "error":
-                return welcome
+        async with _session(path, url, sysop=sysop) as ws:
             await ws.send_message(json.dumps({**message, "rid": 1}))
             return json.loads(await ws.get_message())
 
-    try:
-        reply = trio.run(go)
-    except (OSError, HandshakeError, ConnectionClosed) as exc:
-        fail(f"cannot reach the node at {url}: {exc}")
+    reply = _run_client(go, url)
     if reply.get("op") == "error":
         fail(f"{reply.get('code')}: {reply.get('message')}", 1)
     return reply
@@ -349,9 +395,6 @@ def query(
     """Ask the federation through the local node; the answer goes to stdout (or --out), routing to stderr."""
     import tomllib
 
-    import trio
-    from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
-
     payload: dict[str, Any] = {}
     if realm == "speech" and audio is not None:
         payload["audio"] = _media(audio)
@@ -396,11 +439,7 @@ def query(
             printed[0] += 1
 
     async def go() -> dict[str, Any]:
-        async with open_websocket_url(url, max_message_size=256 * 1024 * 1024) as ws:
-            await ws.send_message(json.dumps(_hello(path, sysop=False)))
-            welcome = json.loads(await ws.get_message())
-            if welcome.get("op") == "error":
-                return welcome
+        async with _session(path, url, sysop=False, max_message_size=256 * 1024 * 1024) as ws:
             await ws.send_message(json.dumps(
                 {"op": "submit_query", "rid": 1, "realm": realm, "payload": payload, "stream": live or as_json}
             ))
@@ -417,9 +456,7 @@ def query(
                 return msg
 
     try:
-        reply = trio.run(go)
-    except (OSError, HandshakeError, ConnectionClosed) as exc:
-        fail(f"lost the node at {url}: {exc}")
+        reply = _run_client(go, url)
     except KeyboardInterrupt:
         fail("interrupted", 130)
     if reply["op"] == "error":
@@ -529,9 +566,12 @@ def report(
 
 
 @app.command()
-def cancel(query_id: str, data_dir: Optional[Path] = DataDir) -> None:
-    """Cancel a running or queued query (yours, or any with the sysop token)."""
-    _request(data_dir, {"op": "cancel", "query_id": query_id}, sysop=True)
+def cancel(
+    query_id: str, data_dir: Optional[Path] = DataDir,
+    as_sysop: bool = typer.Option(False, "--sysop", help="Cancel another user's query (sysop token)"),
+) -> None:
+    """Cancel a running or queued query of yours (another user's with --sysop)."""
+    _request(data_dir, {"op": "cancel", "query_id": query_id}, sysop=as_sysop)
     typer.echo(f"cancelled {query_id}")
 
 

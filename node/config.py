@@ -20,6 +20,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from ..p2p.wire import MAX_PAYLOAD
+
 REALMS = ("chat", "vision", "imagine", "speech")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 CMDLINE = "command line"
@@ -178,6 +180,23 @@ def _peer_ids() -> Any:
     return _opt((), check)
 
 
+_ORIGIN = re.compile(r"https?://[A-Za-z0-9.\-\[\]:]{1,260}")
+
+
+def _origins() -> Any:
+    """A list of web origins (scheme://host[:port], no path) allowed to drive the websocket."""
+
+    def check(v: Any) -> tuple[str, ...]:
+        if not isinstance(v, list | tuple):
+            raise _Bad(f"expected a list of origins like \"http://192.0.2.7:3000\", got {_show(v)}")
+        for i, item in enumerate(v):
+            if not (isinstance(item, str) and _ORIGIN.fullmatch(item)):
+                raise _Bad(f"item {i}: expected an origin scheme://host[:port] with no path, got {_show(item)}")
+        return tuple(x.lower() for x in v)
+
+    return _opt((), check)
+
+
 # --- the configuration objects ---------------------------------------------------------------
 
 
@@ -228,12 +247,16 @@ class UIConfig:
         "127.0.0.1", lambda s: s == "localhost" or _is_ip(s), "an IPv4/IPv6 address or 'localhost'"
     )
     port: int = _int(8765, 0, 65535)
+    # Pages other than the node's own that may open its websocket (the node's own page, opened
+    # by IP address or as localhost, always may).
+    allowed_origins: tuple[str, ...] = _origins()
 
 
 @dataclass(frozen=True)
 class StorageConfig:
     shards: int = _int(4, 1, 64)
-    max_payload_bytes: int = _int(8 * 1024 * 1024, 1024, 1024 * 1024 * 1024)
+    # No more than a query request frame carries: a payload a peer cannot be sent is refused.
+    max_payload_bytes: int = _int(MAX_PAYLOAD, 1024, MAX_PAYLOAD)
 
 
 @dataclass(frozen=True)

@@ -35,10 +35,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("rentahal.control")
 
 MEDIA_SLACK = 64 * 1024  # a media request's JSON around its base64 payload
+SYSOP_HEADER = "x-rentahal-sysop"  # the sysop token in a websocket request head: a reserved place
 MAX_INFLIGHT_PER_CONNECTION = 16
-LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
-
-
 class BadRequest(UserError):
     """A client message this node will not take; ``rid`` is echoed when it could be read."""
 
@@ -47,22 +45,26 @@ class BadRequest(UserError):
         self.rid = rid
 
 
-def origin_allowed(origin: str | None, host_header: str | None = None) -> bool:
-    """No Origin (not a browser), a page on this machine, or the page this node served itself
-    (same origin as the Host the browser connected to, e.g. the UI opened over the LAN)."""
+def origin_allowed(origin: str | None, host_header: str | None = None, allowed: tuple[str, ...] = ()) -> bool:
+    """No Origin (not a browser: the CLI, a script), the page this node served itself (same
+    origin as the Host the browser connected to: the UI as localhost, or opened over the LAN by
+    IP address), or an origin the operator allowed (``ui.allowed_origins``). A page on another
+    port of this machine is another site: it may not drive the node."""
     if origin is None:
-        return True  # not a browser: the CLI or a local script
+        return True
+    if origin.lower() in allowed:
+        return True
     try:
         parts = urlsplit(origin)
         host = parts.hostname
     except ValueError:  # e.g. "http://[::1": not an origin we allow
         return False
-    if host in LOCAL_HOSTS:
-        return True
-    # Same origin counts only for an IP address: a page on a DNS name could be a DNS-rebinding
-    # attack (evil.example resolving to this node), whose Origin matches its Host too.
     if host_header is None or parts.scheme != "http" or parts.netloc.lower() != host_header.lower():
         return False
+    # Same origin counts only for an IP address or localhost: a page on a DNS name could be a
+    # DNS-rebinding attack (evil.example resolving to this node), whose Origin matches its Host too.
+    if host == "localhost":
+        return True
     try:
         ipaddress.ip_address((host or "").strip("[]"))
     except ValueError:
@@ -73,10 +75,10 @@ def origin_allowed(origin: str | None, host_header: str | None = None) -> bool:
 async def serve_control(node: Node, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
     cfg = node.config.ui
 
-    async def handler(request: WebSocketRequest, client: str) -> None:
+    async def handler(request: WebSocketRequest, client: str, headers: dict[str, str]) -> None:
         try:  # one client's trouble, whatever it is, must never take the node down
-            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in request.headers}
-            if not origin_allowed(headers.get("origin"), headers.get("host")):
+            # The request head's own headers: wsproto takes Host out of those it hands on.
+            if not origin_allowed(headers.get("origin"), headers.get("host"), cfg.allowed_origins):
                 log.warning("refused websocket from origin %r", headers.get("origin", "")[:200])
                 await request.reject(403, body=b"origin not allowed\n")
                 return
@@ -90,11 +92,17 @@ async def serve_control(node: Node, *, task_status: trio.TaskStatus[str] = trio.
             log.error("websocket session failed: %s: %s", type(exc).__name__, exc)
 
     limits = node.config.limits
+    token = node.sysop_token.encode()
+
+    def is_sysop(headers: dict[str, str]) -> bool:
+        """The CLI of the person running the node shows the token: it gets a reserved place."""
+        return hmac.compare_digest(headers.get(SYSOP_HEADER, "").encode("latin-1", "replace"), token)
+
     async with trio.open_nursery() as nursery:
         port = await nursery.start(
             lambda task_status: serve_ui(
                 handler, cfg.host, cfg.port, max_message_size=max(message_limits(node.config).values()),
-                message_budget=limits.ws_buffer_bytes, task_status=task_status,
+                message_budget=limits.ws_buffer_bytes, may_use_reserved=is_sysop, task_status=task_status,
             )
         )
         host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
@@ -150,6 +158,7 @@ class ControlSession:
         self.guid = uuid.uuid4().hex
         self.sysop = False
         self.limits = message_limits(node.config)
+        self.subscriptions: list[tuple[str, Any]] = []  # (query id, subscriber) to drop at the end
 
     async def send(self, message: dict[str, Any]) -> None:
         try:
@@ -197,6 +206,9 @@ class ControlSession:
                             self.ws.release(held)
             except ConnectionClosed:
                 nursery.cancel_scope.cancel()
+            finally:  # a client gone is no subscriber: it must not hold one of a query's places
+                for query_id, subscriber in self.subscriptions:
+                    self.node.queries.unsubscribe(query_id, subscriber)
 
     async def dispatch(self, req: dict[str, Any], held: int = 0) -> None:
         rid = req.get("rid")
@@ -283,10 +295,16 @@ class ControlSession:
         if not isinstance(stream, bool):
             raise Refused("bad_request", "stream must be true or false")
         self._check_rate()
-        await self.node.queries.submit(
-            self.guid, req["realm"], req["payload"], sysop=self.sysop,
-            subscriber=self._subscriber(rid, tokens=stream),
+        subscriber = self._subscriber(rid, tokens=stream)
+        query_id = await self.node.queries.submit(
+            self.guid, req["realm"], req["payload"], sysop=self.sysop, subscriber=subscriber,
         )
+        self._follow(query_id, subscriber)
+
+    def _follow(self, query_id: str, subscriber: Any) -> None:
+        if len(self.subscriptions) >= 64:  # forget those of queries that are over
+            self.subscriptions = [(q, sub) for q, sub in self.subscriptions if self.node.queries.live(q)]
+        self.subscriptions.append((query_id, subscriber))
 
     def _check_rate(self) -> None:
         """The per-client submission limit ([limits] in node.toml); the sysop is never limited."""
@@ -311,7 +329,9 @@ class ControlSession:
         row = await self.node.storage.get_query(query_id)
         if row is None or (row["user_guid"] != self.guid and not self.sysop):
             raise Refused("not_found", f"no query {query_id} of yours")
-        if self.node.queries.subscribe(query_id, self._subscriber(rid)):
+        subscriber = self._subscriber(rid)
+        if self.node.queries.subscribe(query_id, subscriber):
+            self._follow(query_id, subscriber)
             return None
         return await self.op_get_query(req, rid)
 

@@ -511,8 +511,7 @@ class Node:
         log.info("sysop: peer %s %s", peer_id, "blocked" if blocked else "unblocked")
 
     async def cancel_query(self, query_id: str, *, by_guid: str | None, sysop: bool) -> None:
-        await self.queries.cancel(query_id, by_guid=by_guid, sysop=sysop)
-        if sysop:
+        if await self.queries.cancel(query_id, by_guid=by_guid, sysop=sysop):  # another user's
             await self.storage.audit("sysop", "cancel_query", query_id)
 
     async def stats_report(self) -> dict[str, Any]:

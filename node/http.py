@@ -9,6 +9,7 @@ Files are read once at start; every answer closes its connection (the UI is thre
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -28,7 +29,10 @@ log = logging.getLogger("rentahal.http")
 MAX_HEAD = 16 * 1024  # bytes of request line + headers
 HEAD_TIMEOUT = 10.0  # seconds a client may take to send its request head
 MAX_CONNECTIONS = 512  # open UI connections in all (each holds a file descriptor)
-MAX_CONNECTIONS_PER_CLIENT = 64  # per IPv4 address / IPv6 /64
+MAX_CONNECTIONS_PER_CLIENT = 64  # served at once per IPv4 address / IPv6 /64
+MAX_PENDING_PER_CLIENT = 128  # connections per client that have not sent their request yet
+RESERVED_CONNECTIONS = 16  # places only the sysop's CLI may take (see serve_ui)
+RETRY_AFTER = 5  # seconds, in a 503's Retry-After
 FREE_MESSAGE = 64 * 1024  # websocket messages below this need no room in the message budget
 MESSAGE_BUDGET = 64 * 1024 * 1024  # larger messages buffered at once, all clients together
 WS_RECEIVE_BYTES = 64 * 1024
@@ -155,7 +159,8 @@ def answer_http(head: RequestHead, files: dict[str, tuple[str, bytes]]) -> bytes
     return response(200, "OK", body, content_type, head_only=head.method == "HEAD")
 
 
-WebSocketHandler = Callable[[WebSocketRequest, str], Awaitable[None]]  # (request, client address)
+# (request, client address, the request head's headers: lower-cased names, Host included)
+WebSocketHandler = Callable[[WebSocketRequest, str, dict[str, str]], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -255,49 +260,71 @@ async def serve_ui(
     handler: WebSocketHandler, host: str, port: int, *, max_message_size: int,
     head_timeout: float = HEAD_TIMEOUT, files: dict[str, tuple[str, bytes]] | None = None,
     max_connections: int = MAX_CONNECTIONS, max_per_client: int = MAX_CONNECTIONS_PER_CLIENT,
+    max_pending_per_client: int = MAX_PENDING_PER_CLIENT, reserved: int = RESERVED_CONNECTIONS,
+    may_use_reserved: Callable[[dict[str, str]], bool] | None = None,
     message_budget: int = MESSAGE_BUDGET,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Listen on host:port; report the bound port through ``task_status``. A websocket message
     is at most ``max_message_size`` bytes, and those over FREE_MESSAGE share ``message_budget``
-    bytes across all connections (see :class:`BudgetedWebSocket`)."""
+    bytes across all connections (see :class:`BudgetedWebSocket`).
+
+    Connections are counted per client (IPv4 address, IPv6 /64) twice: while their request head
+    is awaited (``max_pending_per_client``, for ``head_timeout`` at most), then while they are
+    served (``max_per_client``, ``max_connections`` in all). A request whose head passes
+    ``may_use_reserved`` (the sysop's CLI) has ``reserved`` more places of its own, so clients
+    holding every ordinary place cannot lock the operator out. Past a cap the answer is 503 with
+    ``Retry-After``, never a silent close."""
     budget = ByteBudget(message_budget)
     files = load_ui_files() if files is None else files
     if "/" not in files:
         log.warning("the web UI files are missing from this installation; only the websocket is served")
+    pending: dict[str, int] = {}
     open_by_client: dict[str, int] = {}
+    in_reserve = [0]
     refused_logged: set[str] = set()
+
+    def refused(who: str, why: str) -> None:
+        if who not in refused_logged and len(refused_logged) < 1024:  # a line per client, not per try
+            refused_logged.add(who)
+            log.warning("refused UI connections from %s: %s", who, why)
 
     async def connection(stream: trio.SocketStream) -> None:
         client = _peer_address(stream)
         who = client_network(client)
+        if pending.get(who, 0) >= max_pending_per_client or sum(pending.values()) >= max_connections:
+            refused(who, f"too many connections that sent no request yet ({max_pending_per_client} per client)")
+            await _refuse_busy(stream)
+            return
+        pending[who] = pending.get(who, 0) + 1
+        try:
+            head = await _read_head_or_answer(stream, head_timeout)
+        finally:
+            pending[who] -= 1
+            if not pending[who]:
+                del pending[who]
+        if head is None:
+            return
+        if may_use_reserved is not None and in_reserve[0] < reserved and may_use_reserved(head.headers):
+            in_reserve[0] += 1
+            try:
+                await serve_request(stream, client, head)
+            finally:
+                in_reserve[0] -= 1
+            return
         if sum(open_by_client.values()) >= max_connections or open_by_client.get(who, 0) >= max_per_client:
-            if who not in refused_logged and len(refused_logged) < 1024:  # a line per client, not per try
-                refused_logged.add(who)
-                log.warning("refused UI connections from %s: too many open (%d per client, %d in all)",
-                            who, max_per_client, max_connections)
-            await trio.aclose_forcefully(stream)
+            refused(who, f"too many open ({max_per_client} per client, {max_connections} in all)")
+            await _answer_and_close(stream, _busy_response())
             return
         open_by_client[who] = open_by_client.get(who, 0) + 1
         try:
-            await serve_connection(stream, client)
+            await serve_request(stream, client, head)
         finally:
             open_by_client[who] -= 1
             if not open_by_client[who]:
                 del open_by_client[who]
 
-    async def serve_connection(stream: trio.SocketStream, client: str) -> None:
-        try:
-            with trio.fail_after(head_timeout):
-                head = await read_head(stream)
-        except (BadHead, trio.TooSlowError, trio.BrokenResourceError, OSError) as exc:
-            log.debug("dropped a UI connection: %s", exc)
-            if isinstance(exc, BadHead):
-                body = f"bad request: {exc}\n".encode()
-                await _answer_and_close(stream, response(400, "Bad Request", body, "text/plain; charset=utf-8"))
-            else:
-                await trio.aclose_forcefully(stream)
-            return
+    async def serve_request(stream: trio.SocketStream, client: str, head: RequestHead) -> None:
         if head.headers.get("upgrade", "").lower() != "websocket":
             await _answer_and_close(stream, answer_http(head, files))
             return
@@ -311,7 +338,7 @@ async def serve_ui(
                     )
                 try:
                     if not scope.cancelled_caught:
-                        await handler(request, client)
+                        await handler(request, client, head.headers)
                 finally:
                     nursery.cancel_scope.cancel()
                     await trio.aclose_forcefully(stream)
@@ -322,6 +349,35 @@ async def serve_ui(
     listeners = await trio.open_tcp_listeners(port, host=host)
     task_status.started(listeners[0].socket.getsockname()[1])
     await trio.serve_listeners(connection, listeners)
+
+
+async def _read_head_or_answer(stream: trio.SocketStream, head_timeout: float) -> RequestHead | None:
+    """The request head, or None once the connection was answered (400) or dropped."""
+    try:
+        with trio.fail_after(head_timeout):
+            return await read_head(stream)
+    except (BadHead, trio.TooSlowError, trio.BrokenResourceError, OSError) as exc:
+        log.debug("dropped a UI connection: %s", exc)
+        if isinstance(exc, BadHead):
+            body = f"bad request: {exc}\n".encode()
+            await _answer_and_close(stream, response(400, "Bad Request", body, "text/plain; charset=utf-8"))
+        else:
+            await trio.aclose_forcefully(stream)
+        return None
+
+
+def _busy_response() -> bytes:
+    return response(503, "Service Unavailable", b"too many connections; try again shortly\n",
+                    "text/plain; charset=utf-8", extra=(("Retry-After", str(RETRY_AFTER)),))
+
+
+async def _refuse_busy(stream: trio.SocketStream) -> None:
+    """503 to a connection refused before its request was read: sent within a second, then
+    closed (its request is never waited for)."""
+    with trio.move_on_after(1.0):
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            await stream.send_all(_busy_response())
+    await trio.aclose_forcefully(stream)
 
 
 def _peer_address(stream: trio.SocketStream) -> str:

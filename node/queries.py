@@ -111,6 +111,7 @@ class QueryManager:
         self.check_payload = check_payload
         self._bans: dict[str, tuple[bool, str]] = {}  # user -> (banned, reason), as stored
         self.active: dict[str, ActiveQuery] = {}
+        self._storing: dict[str, int] = {}  # user -> submissions between the cap check and _start
         self._nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -150,19 +151,26 @@ class QueryManager:
             raise Refused("bad_request", f"payload cannot be sent to a peer: {exc}") from None
         if self.check_payload is not None:
             self.check_payload(realm, payload)  # BadRequest before anything is stored
-        mine = sum(1 for a in self.active.values() if a.user_guid == user_guid)
+        # Counted with the submissions still being stored: the cap holds under concurrent submits.
+        mine = sum(1 for a in self.active.values() if a.user_guid == user_guid) + self._storing.get(user_guid, 0)
         if mine >= self.max_active_per_user:
             raise Refused("too_many", f"you already have {mine} queries running or queued here; wait for some")
         query_id = uuid.uuid4().hex
         priority = Priority.SYSOP if sysop else Priority.NORMAL
         deadline_at = time.time() + self.query_deadline
-        with trio.CancelScope(shield=True):  # stored means started: a client gone meanwhile changes nothing
-            await self.storage.insert_query(
-                query_id=query_id, user_guid=user_guid, realm=realm, payload=payload,
-                priority=int(priority), deadline_at=deadline_at,
-            )
-            # Stored: from here on the query cannot be lost.
-            self._start(query_id, user_guid, realm, payload, int(priority), deadline_at, subscriber)
+        self._storing[user_guid] = self._storing.get(user_guid, 0) + 1
+        try:
+            with trio.CancelScope(shield=True):  # stored means started: a client gone meanwhile changes nothing
+                await self.storage.insert_query(
+                    query_id=query_id, user_guid=user_guid, realm=realm, payload=payload,
+                    priority=int(priority), deadline_at=deadline_at,
+                )
+                # Stored: from here on the query cannot be lost.
+                self._start(query_id, user_guid, realm, payload, int(priority), deadline_at, subscriber)
+        finally:
+            self._storing[user_guid] -= 1
+            if not self._storing[user_guid]:
+                del self._storing[user_guid]
         return query_id
 
     def _remember_ban(self, guid: str, banned: bool, reason: str) -> tuple[bool, str]:
@@ -289,7 +297,8 @@ class QueryManager:
         if active is None:
             return False
         if len(active.subscribers) >= MAX_SUBSCRIBERS:
-            return False
+            # The oldest is most likely a client that went away without a word: it makes room.
+            active.subscribers.pop(0)
         active.subscribers.append(subscriber)
         return True
 
@@ -302,7 +311,8 @@ class QueryManager:
         if active is not None and subscriber in active.subscribers:
             active.subscribers.remove(subscriber)
 
-    async def cancel(self, query_id: str, *, by_guid: str | None, sysop: bool) -> None:
+    async def cancel(self, query_id: str, *, by_guid: str | None, sysop: bool) -> bool:
+        """Cancel a running or queued query; True if the sysop cancelled another user's."""
         active = self.active.get(query_id)
         if active is None:
             row = await self.storage.get_query(query_id)
@@ -311,5 +321,7 @@ class QueryManager:
             raise Refused("not_running", f"query {query_id} is already {row['status']}")
         if not sysop and by_guid != active.user_guid:
             raise Refused("forbidden", "only the user who submitted a query, or the sysop, may cancel it")
-        active.cancelled_by = "the sysop" if sysop and by_guid != active.user_guid else "its user"
+        as_sysop = sysop and by_guid != active.user_guid
+        active.cancelled_by = "the sysop" if as_sysop else "its user"
         active.scope.cancel()
+        return as_sysop

@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 PROTOCOL_ID = "/rentahal/query/2.0.0"
 PROTOCOL_VERSION = 2
 DEFAULT_MAX_FRAME = 8 * 1024 * 1024
+REQUEST_OVERHEAD = 4096  # a query request's bytes besides its payload (ids, realm, origin: < 1 KiB)
+MAX_PAYLOAD = DEFAULT_MAX_FRAME - REQUEST_OVERHEAD  # the largest payload a peer can be sent
 MAX_DEPTH = 8  # container levels in payload/output, the top-level map included
 MAX_TOKEN_BYTES = 64 * 1024  # UTF-8 bytes of Token.text
 MAX_ERROR_MESSAGE = 1000  # chars of Error.message

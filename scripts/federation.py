@@ -47,6 +47,8 @@ class NodeProcess:
         self.env = dict(env or {})  # added to this process's environment
         self.proc: subprocess.Popen[str] | None = None
         self.lines: list[str] = []
+        self._started_at_line = 0
+        self._reader: threading.Thread | None = None
         self._cond = threading.Condition()
         self.peer_id = ""
         self.addr = ""
@@ -64,21 +66,26 @@ class NodeProcess:
             args += ["--bootstrap", b]
         for k, v in self.settings.items():
             args += ["--set", f"{k}={v}"]
+        if self._reader is not None:  # the last run's lines, "<exited>" included, are all in
+            self._reader.join(10)
+        self._started_at_line = self.mark()  # a restart waits for this run's lines, not the last's
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         self.proc = subprocess.Popen(
             args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env
         )
-        threading.Thread(target=self._read, daemon=True).start()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
         return self
 
     def wait_ready(self) -> NodeProcess:
         """Network up, then every realm it serves loaded (models load after the network)."""
-        m = self.wait_for(r"ready peer=(\S+) ui=(\S+)", START_TIMEOUT)
+        since = self._started_at_line
+        m = self.wait_for(r"ready peer=(\S+) ui=(\S+)", START_TIMEOUT, after=since)
         self.peer_id, self.ui = m.group(1), m.group(2)
-        self.addr = self.wait_for(r"listening on (\S+)", 1).group(1)
+        self.addr = self.wait_for(r"listening on (\S+)", 1, after=since).group(1)
         for realm in self.serve.split(","):
             if realm not in ("", "none"):
-                self.wait_for(rf"{realm}: (serving|not served)", START_TIMEOUT)
+                self.wait_for(rf"{realm}: (serving|not served)", START_TIMEOUT, after=since)
         return self
 
     def _prefix(self) -> list[str]:

@@ -59,7 +59,8 @@ def test_router_node_discovers_peers_and_routes_chat(federation: Federation) -> 
     for node in (b, c):
         p = peers[node.peer_id]
         assert p["state"] == "live" and p["realms"] == ["chat"]
-        assert p["record_age_s"] is not None and p["record_age_s"] < 3
+        # Records go out on change, on connect, and every p2p.health_heartbeat (5 s) besides.
+        assert p["record_age_s"] is not None and p["record_age_s"] < 6
         assert p["models"]["chat"] == "rentahal-smoke-test"
     # B is the smoke-test chat executor and says so.
     b_chat = next(r for r in b.cli_json("realms") if r["realm"] == "chat")

@@ -18,7 +18,7 @@ FILES = {
 }
 
 
-async def echo(request: WebSocketRequest, client: str) -> None:
+async def echo(request: WebSocketRequest, client: str, headers: dict[str, str]) -> None:
     ws = await request.accept()
     msg = await ws.get_message()
     await ws.send_message(f"{client} said {msg} on {request.path}")
@@ -112,8 +112,13 @@ def test_which_pages_may_open_the_websocket() -> None:
     from rentahal.node.control import origin_allowed
 
     assert origin_allowed(None)  # not a browser
-    for origin in ("http://127.0.0.1:8765", "http://localhost:3000", "http://[::1]:8765"):
-        assert origin_allowed(origin, "127.0.0.1:8765"), origin
+    assert origin_allowed("http://127.0.0.1:8765", "127.0.0.1:8765")
+    assert origin_allowed("http://localhost:8765", "localhost:8765")
+    assert origin_allowed("http://[::1]:8765", "[::1]:8765")
+    # Another page on this machine is another site, unless the operator allowed it.
+    for origin in ("http://localhost:3000", "http://127.0.0.1:3000", "http://[::1]:8765"):
+        assert not origin_allowed(origin, "127.0.0.1:8765"), origin
+    assert origin_allowed("http://localhost:3000", "127.0.0.1:8765", ("http://localhost:3000",))
     # The page this node served, opened over the LAN by its IP address: same origin.
     assert origin_allowed("http://192.0.2.2:8765", "192.0.2.2:8765")
     assert origin_allowed("http://[2001:db8::2]:8765", "[2001:db8::2]:8765")
@@ -128,20 +133,41 @@ def test_which_pages_may_open_the_websocket() -> None:
         assert not origin_allowed(origin, host), (origin, host)
 
 
-async def test_connections_are_capped_per_client(nursery: trio.Nursery) -> None:
+async def hold(request: WebSocketRequest, client: str, headers: dict[str, str]) -> None:
+    ws = await request.accept()
+    await ws.get_message()  # held open until the client closes it
+
+
+async def test_connections_are_capped_per_client_with_an_answer_and_a_reserve(nursery: trio.Nursery) -> None:
     port = await nursery.start(
-        lambda task_status: serve_ui(echo, "127.0.0.1", 0, max_message_size=1 << 20, head_timeout=60,
-                                     files=FILES, max_per_client=2, task_status=task_status)
+        lambda task_status: serve_ui(hold, "127.0.0.1", 0, max_message_size=1 << 20, head_timeout=60,
+                                     files=FILES, max_per_client=2, max_pending_per_client=2, reserved=1,
+                                     may_use_reserved=lambda h: h.get("x-sysop") == "yes",
+                                     task_status=task_status)
     )
+    url = f"ws://127.0.0.1:{port}/"
+    async with open_websocket_url(url), open_websocket_url(url):  # every ordinary place taken
+        status, headers, _ = split(await raw(port, b"GET / HTTP/1.1\r\n\r\n"))
+        assert status.endswith("503 Service Unavailable") and headers["retry-after"] == "5"
+        # ... but not the reserved one, which the operator's request may take.
+        async with open_websocket_url(url, extra_headers=[(b"X-Sysop", b"yes")]):
+            status, _, _ = split(await raw(port, b"GET / HTTP/1.1\r\nX-Sysop: yes\r\n\r\n"))
+            assert status.endswith("503 Service Unavailable")  # the reserve is one place
+        status, _, body = split(await raw(port, b"GET / HTTP/1.1\r\nX-Sysop: yes\r\n\r\n"))
+        assert status.endswith("200 OK") and body == FILES["/"][1]
+    # Connections that never send a request are capped too, and answered at once.
     idle = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(2)]
     extra = await trio.open_tcp_stream("127.0.0.1", port)
-    with trio.fail_after(10):  # closed at once, not after the 60 s head timeout
-        assert await extra.receive_some(100) == b""
+    with trio.fail_after(10):  # at once, not after the 60 s head timeout
+        got = b""
+        while chunk := await extra.receive_some(1000):
+            got += chunk
+    assert got.startswith(b"HTTP/1.1 503 ")
     await idle[0].aclose()
-    with trio.fail_after(10):  # a slot is free again: the next request is served
+    with trio.fail_after(10):  # a place is free again: the next request is served
         while True:
             resp = await raw(port, b"GET / HTTP/1.1\r\n\r\n")
-            if resp:  # the close of idle[0] may not have reached the server yet
+            if resp and not resp.startswith(b"HTTP/1.1 503"):  # idle[0]'s close may still be on its way
                 break
     assert split(resp)[0].endswith("200 OK")
     await idle[1].aclose()

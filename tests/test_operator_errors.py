@@ -159,3 +159,53 @@ def test_files_are_private_in_a_dir_the_operator_made_0755(federation: Federatio
     for p in [data_dir, *files]:
         mode = stat.S_IMODE(p.stat().st_mode)
         assert mode & 0o077 == 0, f"{p} is {oct(mode)}: others can read it"
+
+
+def test_64_held_loopback_connections_do_not_lock_out_the_cli(federation: Federation) -> None:
+    """Clients holding every ordinary place (64 per address) once locked the CLI out for as long
+    as they held them: over the cap a client now gets 503 with Retry-After, and the CLI, which
+    shows the sysop token in its request head, has places of its own."""
+    import json
+    import time
+
+    import trio
+    from trio_websocket import ConnectionRejected, open_websocket_url
+
+    node = federation.start("held", serve="none")
+    outcome: dict[str, object] = {}
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            ready = trio.Semaphore(0)
+            release = trio.Event()
+
+            async def hold() -> None:
+                async with open_websocket_url(node.ui) as ws:
+                    await ws.send_message(json.dumps({"op": "status", "rid": 1}))
+                    await ws.get_message()
+                    ready.release()
+                    await release.wait()
+
+            for _ in range(64):
+                nursery.start_soon(hold)
+            for _ in range(64):
+                await ready.acquire()
+            idle = [await trio.open_tcp_stream("127.0.0.1", int(node.ui.rsplit(":", 1)[1].strip("/")))
+                    for _ in range(32)]  # and sockets that never send a request
+            try:
+                async with open_websocket_url(node.ui):
+                    outcome["65th"] = "accepted"
+            except ConnectionRejected as exc:
+                outcome["65th"] = exc.status_code
+                outcome["retry"] = {k.decode().lower(): v.decode() for k, v in exc.headers}.get("retry-after")
+            started = time.monotonic()
+            res = await trio.to_thread.run_sync(lambda: node.cli("status", "--json", check=False))
+            outcome["cli"] = (res.returncode, time.monotonic() - started, res.stderr)
+            for s in idle:
+                await s.aclose()
+            release.set()
+
+    trio.run(main)
+    assert outcome["65th"] == 503 and outcome["retry"] == "5", outcome
+    rc, seconds, stderr = outcome["cli"]
+    assert rc == 0 and seconds < 10, stderr

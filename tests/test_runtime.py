@@ -247,8 +247,12 @@ async def _hostile_clients(node: NodeProcess) -> None:
         with pytest.raises(HandshakeError):
             async with open_websocket_url(node.ui, extra_headers=[(b"Origin", origin)]):
                 pass
-    async with open_websocket_url(node.ui, extra_headers=[(b"Origin", b"http://127.0.0.1:8765")]):
-        pass  # the local UI's own origin is welcome
+    own = node.ui.replace("ws://", "http://").rstrip("/").encode()
+    async with open_websocket_url(node.ui, extra_headers=[(b"Origin", own)]):
+        pass  # the node's own page is welcome
+    with pytest.raises(HandshakeError):  # another page on this machine is not
+        async with open_websocket_url(node.ui, extra_headers=[(b"Origin", b"http://127.0.0.1:1")]):
+            pass
     async with connect(node.ui, guid=uuid.uuid4().hex) as client:
         deep: dict[str, Any] = {"x": 1}
         for _ in range(12):

@@ -404,3 +404,54 @@ async def test_a_cancelled_chat_query_ends_cancelled_and_a_stopped_node_shows_di
     await page.wait_for("window.__seen.conn.includes('disconnected')", timeout=10)
     others = [m for m in page.errors if "WebSocket connection to" not in m.text]
     assert others == []  # the reconnection attempts fail, and nothing else does
+
+
+# --- who may open the websocket ----------------------------------------------------------------------
+
+
+def lan_address() -> str | None:
+    """An IPv4 address of this machine other than loopback (the one a LAN neighbour dials)."""
+    from rentahal.p2p import addrs as addrlib
+
+    return next((a for a in addrlib.interface_addresses() if "." in a and not a.startswith("127.")), None)
+
+
+async def test_the_ui_opened_over_the_lan_by_ip_connects(browser: Browser, tmp_path: Path) -> None:
+    """wsproto takes Host out of the headers it hands on, so the same-origin check once saw
+    none and refused every page not opened as localhost."""
+    ip = lan_address()
+    if ip is None:
+        pytest.skip("SKIPPED LOUDLY: this machine has no non-loopback IPv4 address to open the UI on")
+    federation = Federation(tmp_path)
+    try:
+        node = federation.start("lan", serve="none", settings={"ui.host": '"0.0.0.0"'})
+        port = node.ui.rsplit(":", 1)[1].strip("/")
+        page = await browser.new_page(f"http://{ip}:{port}/")
+        await page.wait_for(f"{q('#conn')}.dataset.state === 'connected'", timeout=15,
+                            show=f"{q('#conn')}.outerHTML")
+        await no_page_errors(page)
+    finally:
+        federation.close()
+
+
+async def test_a_page_on_another_local_port_may_not_drive_the_node(tmp_path: Path) -> None:
+    from trio_websocket import ConnectionRejected, open_websocket_url
+
+    federation = Federation(tmp_path)
+    try:
+        node = federation.start("origins", serve="none",
+                                settings={"ui.allowed_origins": '["http://localhost:5173"]'})
+        port = node.ui.rsplit(":", 1)[1].strip("/")
+        for origin, allowed in ((f"http://127.0.0.1:{port}", True), ("http://localhost:3000", False),
+                                ("http://127.0.0.1:8080", False), ("http://localhost:5173", True)):
+            try:
+                async with open_websocket_url(node.ui, extra_headers=[(b"Origin", origin.encode())]) as ws:
+                    await ws.send_message(json.dumps({"op": "status", "rid": 1}))
+                    assert json.loads(await ws.get_message())["op"] == "status"
+                    got = True
+            except ConnectionRejected as exc:
+                assert exc.status_code == 403
+                got = False
+            assert got is allowed, origin
+    finally:
+        federation.close()
