@@ -17,11 +17,12 @@ import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, NoReturn, Optional
+from typing import Any, NoReturn
 
 import typer
 
 from .node.config import resolve_data_dir
+from .node.datadir import CLI_GUID_FILE, CONFIG_FILE, RUN_FILE, SYSOP_TOKEN_FILE
 
 app = typer.Typer(
     add_completion=False,
@@ -31,10 +32,12 @@ app = typer.Typer(
 )
 
 DataDir = typer.Option(
-    None, "--data-dir", envvar="RENTAHAL_HOME", help="Node data dir [default: ~/.rentahal]",
+    None,
+    "--data-dir",
+    envvar="RENTAHAL_HOME",
+    help="Node data dir [default: ~/.rentahal]",
     show_default=False,
 )
-from .node.datadir import CLI_GUID_FILE, CONFIG_FILE, RUN_FILE, SYSOP_TOKEN_FILE
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -45,9 +48,8 @@ def fail(message: str, code: int = 2) -> NoReturn:
 def ensure_initialised(data_dir: Path) -> tuple[str, bool]:
     """Create the data dir, identity, node.toml and sysop token where missing."""
     from .node.config import default_config_text
-    from .p2p.identity import IdentityError, load_or_create_identity, write_private_file
-
     from .node.datadir import DataDirError, make_private
+    from .p2p.identity import IdentityError, load_or_create_identity, write_private_file
 
     try:
         make_private(data_dir)
@@ -66,7 +68,7 @@ def ensure_initialised(data_dir: Path) -> tuple[str, bool]:
 
 
 @app.command()
-def init(data_dir: Optional[Path] = DataDir) -> None:
+def init(data_dir: Path | None = DataDir) -> None:
     """Create the data dir, the node's Ed25519 identity, node.toml and a sysop token."""
     path = resolve_data_dir(data_dir)
     peer_id, created = ensure_initialised(path)
@@ -76,19 +78,18 @@ def init(data_dir: Optional[Path] = DataDir) -> None:
 
 @app.command()
 def run(
-    data_dir: Optional[Path] = DataDir,
+    data_dir: Path | None = DataDir,
     listen: list[str] = typer.Option([], "--listen", help="Multiaddr to listen on (repeatable)"),
     bootstrap: list[str] = typer.Option([], "--bootstrap", help="Bootstrap multiaddr with /p2p/ (repeatable)"),
-    ui_port: Optional[int] = typer.Option(None, "--ui-port", help="Local websocket port (0 = any free)"),
-    serve: Optional[str] = typer.Option(None, "--serve", help="Realms to serve: REALM,... or none"),
-    log_level: Optional[str] = typer.Option(None, "--log-level", help="debug|info|warning|error"),
+    ui_port: int | None = typer.Option(None, "--ui-port", help="Local websocket port (0 = any free)"),
+    serve: str | None = typer.Option(None, "--serve", help="Realms to serve: REALM,... or none"),
+    log_level: str | None = typer.Option(None, "--log-level", help="debug|info|warning|error"),
     set_: list[str] = typer.Option([], "--set", help="Override any node.toml key: KEY=VALUE (repeatable)"),
 ) -> None:
     """Run the node in the foreground until Ctrl-C or SIGTERM."""
     import trio
 
     from .node.config import REALMS, ConfigError, load_config, parse_set_option
-
     from .node.datadir import DataDirError, DataDirLock, make_private
 
     path = resolve_data_dir(data_dir)
@@ -135,7 +136,7 @@ def run(
         trio.run(_run_node, config, path)
     except KeyboardInterrupt:
         pass
-    except BaseException as exc:  # noqa: BLE001 - a known cause is one line; a bug keeps its traceback
+    except BaseException as exc:
         cause = startup_failure(exc)
         if cause is None:
             raise
@@ -251,8 +252,9 @@ async def _session(path: Path, url: str, *, sysop: bool, max_message_size: int =
     import trio
     from trio_websocket import open_websocket_url
 
-    async with open_websocket_url(url, extra_headers=_admission(path), connect_timeout=CONNECT_TIMEOUT,
-                                  max_message_size=max_message_size) as ws:
+    async with open_websocket_url(
+        url, extra_headers=_admission(path), connect_timeout=CONNECT_TIMEOUT, max_message_size=max_message_size
+    ) as ws:
         with trio.fail_after(CONNECT_TIMEOUT):
             await ws.send_message(json.dumps(_hello(path, sysop=sysop)))
             welcome = json.loads(await ws.get_message())
@@ -272,15 +274,17 @@ def _run_client(go: Callable[[], Awaitable[dict[str, Any]]], url: str) -> dict[s
         return exc.reply
     except ConnectionRejected as exc:
         retry = {k.decode().lower(): v.decode() for k, v in exc.headers or ()}.get("retry-after")
-        fail(f"the node at {url} refused the connection ({exc.status_code})"
-             + (f"; try again in {retry} s" if retry else ""))
+        fail(
+            f"the node at {url} refused the connection ({exc.status_code})"
+            + (f"; try again in {retry} s" if retry else "")
+        )
     except trio.TooSlowError:
         fail(f"the node at {url} did not answer within {CONNECT_TIMEOUT:g} s")
     except (OSError, HandshakeError, ConnectionClosed) as exc:
         fail(f"cannot reach the node at {url}: {exc}")
 
 
-def _request(data_dir: Optional[Path], message: dict[str, Any], *, sysop: bool = False) -> dict[str, Any]:
+def _request(data_dir: Path | None, message: dict[str, Any], *, sysop: bool = False) -> dict[str, Any]:
     path = resolve_data_dir(data_dir)
     url = _node_url(path)
 
@@ -300,7 +304,7 @@ def _short(peer_id: str) -> str:
 
 
 @app.command()
-def peers(data_dir: Optional[Path] = DataDir, as_json: bool = typer.Option(False, "--json")) -> None:
+def peers(data_dir: Path | None = DataDir, as_json: bool = typer.Option(False, "--json")) -> None:
     """Peers the running node knows: state, score, realms, record age, RTT."""
     rows = _request(data_dir, {"op": "peers"})["peers"]
     if as_json:
@@ -314,12 +318,14 @@ def peers(data_dir: Optional[Path] = DataDir, as_json: bool = typer.Option(False
         why += f"  (blocked: {p['blocked']})" if p.get("blocked") else ""
         why += f"  trusted for {','.join(p['trusted'])}" if p.get("trusted") else ""
         why += f"  allowed {','.join(p['allowed'])}" if p.get("allowed") else ""
-        typer.echo(f"{p['peer_id']:<52} {p['state']:<13} {p['score']:>6.1f} {age:>6} {rtt:>8} "
-                   f"{p.get('path') or '-':<8} {','.join(p['realms']) or '-'}{why}")
+        typer.echo(
+            f"{p['peer_id']:<52} {p['state']:<13} {p['score']:>6.1f} {age:>6} {rtt:>8} "
+            f"{p.get('path') or '-':<8} {','.join(p['realms']) or '-'}{why}"
+        )
 
 
 @app.command()
-def realms(data_dir: Optional[Path] = DataDir, as_json: bool = typer.Option(False, "--json")) -> None:
+def realms(data_dir: Path | None = DataDir, as_json: bool = typer.Option(False, "--json")) -> None:
     """Realms served here and by how many live peers."""
     rows = _request(data_dir, {"op": "realms"})["realms"]
     if as_json:
@@ -337,7 +343,7 @@ def realms(data_dir: Optional[Path] = DataDir, as_json: bool = typer.Option(Fals
 @app.command()
 def route(
     realm: str,
-    data_dir: Optional[Path] = DataDir,
+    data_dir: Path | None = DataDir,
     explain: bool = typer.Option(False, "--explain", help="Also list excluded executors and why"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
@@ -377,16 +383,16 @@ def _unmedia(value: Any) -> Any:
 def query(
     realm: str,
     prompt: str = typer.Argument("", help="The prompt (chat, vision, imagine) or the text to speak (speech)"),
-    data_dir: Optional[Path] = DataDir,
-    image: Optional[Path] = typer.Option(None, "--image", help="vision: the image to ask about"),
-    audio: Optional[Path] = typer.Option(None, "--audio", help="speech: audio to transcribe"),
-    out: Optional[Path] = typer.Option(None, "--out", help="imagine/speech: where to write the image or audio"),
+    data_dir: Path | None = DataDir,
+    image: Path | None = typer.Option(None, "--image", help="vision: the image to ask about"),
+    audio: Path | None = typer.Option(None, "--audio", help="speech: audio to transcribe"),
+    out: Path | None = typer.Option(None, "--out", help="imagine/speech: where to write the image or audio"),
     param: list[str] = typer.Option([], "--param", help="Any payload field: KEY=VALUE (TOML value; repeatable)"),
-    max_tokens: Optional[int] = typer.Option(None, "--max-tokens"),
-    temperature: Optional[float] = typer.Option(None, "--temperature"),
-    seed: Optional[int] = typer.Option(None, "--seed"),
+    max_tokens: int | None = typer.Option(None, "--max-tokens"),
+    temperature: float | None = typer.Option(None, "--temperature"),
+    seed: int | None = typer.Option(None, "--seed"),
     ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Generate until --max-tokens"),
-    stream: Optional[bool] = typer.Option(
+    stream: bool | None = typer.Option(
         None, "--stream/--no-stream", help="Print tokens as they come [default: when stdout is a terminal]"
     ),
     as_json: bool = typer.Option(False, "--json", help="Print every event as a JSON line"),
@@ -440,9 +446,11 @@ def query(
 
     async def go() -> dict[str, Any]:
         async with _session(path, url, sysop=False, max_message_size=256 * 1024 * 1024) as ws:
-            await ws.send_message(json.dumps(
-                {"op": "submit_query", "rid": 1, "realm": realm, "payload": payload, "stream": live or as_json}
-            ))
+            await ws.send_message(
+                json.dumps(
+                    {"op": "submit_query", "rid": 1, "realm": realm, "payload": payload, "stream": live or as_json}
+                )
+            )
             while True:
                 msg = json.loads(await ws.get_message())
                 if detach and msg.get("op") == "event" and msg["event"]["type"] == "queued":
@@ -497,7 +505,7 @@ def _duration(seconds: float) -> str:
 
 
 @app.command()
-def status(data_dir: Optional[Path] = DataDir, as_json: bool = typer.Option(False, "--json")) -> None:
+def status(data_dir: Path | None = DataDir, as_json: bool = typer.Option(False, "--json")) -> None:
     """This node: peer ID, version, uptime, whether peers can reach it, and how a friend joins."""
     st = _request(data_dir, {"op": "status"})["status"]
     if as_json:
@@ -515,13 +523,15 @@ def status(data_dir: Optional[Path] = DataDir, as_json: bool = typer.Option(Fals
 
 
 @app.command()
-def stats(data_dir: Optional[Path] = DataDir, as_json: bool = typer.Option(False, "--json")) -> None:
+def stats(data_dir: Path | None = DataDir, as_json: bool = typer.Option(False, "--json")) -> None:
     """Per-realm statistics of this node (they survive restarts)."""
     rows = _request(data_dir, {"op": "stats"})["stats"]
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
-    typer.echo(f"{'REALM':<9} {'LOCAL':>6} {'PEERS':>6} {'FAILED':>6} {'CANCEL':>6} {'AVG MS':>8} {'P95 MS':>8} {'COST':>9} {'QUEUE':>5}")
+    typer.echo(
+        f"{'REALM':<9} {'LOCAL':>6} {'PEERS':>6} {'FAILED':>6} {'CANCEL':>6} {'AVG MS':>8} {'P95 MS':>8} {'COST':>9} {'QUEUE':>5}"  # noqa: E501
+    )
     for realm, r in rows.items():
         typer.echo(
             f"{realm:<9} {r.get('served_local', 0):>6} {r.get('served_for_peers', 0):>6} {r.get('failures', 0):>6} "
@@ -532,8 +542,8 @@ def stats(data_dir: Optional[Path] = DataDir, as_json: bool = typer.Option(False
 
 @app.command()
 def history(
-    data_dir: Optional[Path] = DataDir,
-    user: Optional[str] = typer.Option(None, "--user", help="A user's GUID (sysop); default: this CLI's own"),
+    data_dir: Path | None = DataDir,
+    user: str | None = typer.Option(None, "--user", help="A user's GUID (sysop); default: this CLI's own"),
     all_users: bool = typer.Option(False, "--all", help="Every user's queries (sysop)"),
     limit: int = typer.Option(50, "--limit"),
     as_json: bool = typer.Option(False, "--json"),
@@ -549,7 +559,9 @@ def history(
         typer.echo(json.dumps(rows, indent=2))
         return
     for r in rows:
-        typer.echo(f"{r['id']}  {r['status']:<9} {r['realm']:<7} {(r.get('executor') or '-')[:20]:<20}  {(r.get('prompt') or '')[:40]!r}")
+        typer.echo(
+            f"{r['id']}  {r['status']:<9} {r['realm']:<7} {(r.get('executor') or '-')[:20]:<20}  {(r.get('prompt') or '')[:40]!r}"  # noqa: E501
+        )
         if r.get("suspect"):
             typer.echo(f"    ! {r['suspect']}")
 
@@ -557,7 +569,7 @@ def history(
 @app.command()
 def report(
     query_id: str,
-    data_dir: Optional[Path] = DataDir,
+    data_dir: Path | None = DataDir,
     reason: str = typer.Option("", "--reason", help="What was wrong with the answer (at most 200 characters)"),
 ) -> None:
     """Report an answer as wrong: held against the peer that gave it, which is spot-checked at once."""
@@ -567,7 +579,8 @@ def report(
 
 @app.command()
 def cancel(
-    query_id: str, data_dir: Optional[Path] = DataDir,
+    query_id: str,
+    data_dir: Path | None = DataDir,
     as_sysop: bool = typer.Option(False, "--sysop", help="Cancel another user's query (sysop token)"),
 ) -> None:
     """Cancel a running or queued query of yours (another user's with --sysop)."""
@@ -576,7 +589,7 @@ def cancel(
 
 
 @app.command()
-def users(data_dir: Optional[Path] = DataDir, as_json: bool = typer.Option(False, "--json")) -> None:
+def users(data_dir: Path | None = DataDir, as_json: bool = typer.Option(False, "--json")) -> None:
     """Users of this node (sysop)."""
     rows = _request(data_dir, {"op": "users"}, sysop=True)["users"]
     if as_json:
@@ -584,18 +597,20 @@ def users(data_dir: Optional[Path] = DataDir, as_json: bool = typer.Option(False
         return
     typer.echo(f"{'GUID':<32}  {'NICKNAME':<20} {'QUERIES':>7} {'COST':>9}  BANNED")
     for u in rows:
-        typer.echo(f"{u['guid']:<32}  {(u['nickname'] or '-'):<20} {u['queries']:>7} {u['total_cost']:>9.3f}  {'yes' if u['banned'] else ''}")
+        typer.echo(
+            f"{u['guid']:<32}  {(u['nickname'] or '-'):<20} {u['queries']:>7} {u['total_cost']:>9.3f}  {'yes' if u['banned'] else ''}"  # noqa: E501
+        )
 
 
 @app.command()
-def ban(guid: str, data_dir: Optional[Path] = DataDir, reason: str = typer.Option("", "--reason")) -> None:
+def ban(guid: str, data_dir: Path | None = DataDir, reason: str = typer.Option("", "--reason")) -> None:
     """Ban a user from this node (sysop)."""
     _request(data_dir, {"op": "ban", "guid": guid, "reason": reason}, sysop=True)
     typer.echo(f"banned {guid}")
 
 
 @app.command()
-def unban(guid: str, data_dir: Optional[Path] = DataDir) -> None:
+def unban(guid: str, data_dir: Path | None = DataDir) -> None:
     """Lift a ban (sysop)."""
     _request(data_dir, {"op": "unban", "guid": guid}, sysop=True)
     typer.echo(f"unbanned {guid}")
@@ -605,7 +620,7 @@ def unban(guid: str, data_dir: Optional[Path] = DataDir) -> None:
 def realm(
     name: str,
     action: str = typer.Argument(..., help="enable | disable"),
-    data_dir: Optional[Path] = DataDir,
+    data_dir: Path | None = DataDir,
 ) -> None:
     """Enable or disable serving a realm on this node (sysop)."""
     if action not in ("enable", "disable"):
@@ -618,7 +633,7 @@ def realm(
 def peer(
     peer_id: str,
     action: str = typer.Argument(..., help="block | unblock"),
-    data_dir: Optional[Path] = DataDir,
+    data_dir: Path | None = DataDir,
 ) -> None:
     """Block or unblock a peer: it gets no queries from this node and its queries are refused (sysop)."""
     if action not in ("block", "unblock"):
@@ -636,7 +651,7 @@ app.add_typer(db_app, name="db")
 
 
 @db_app.command("check")
-def db_check(data_dir: Optional[Path] = DataDir) -> None:
+def db_check(data_dir: Path | None = DataDir) -> None:
     """Check the integrity of every shard and of the node database."""
     from .node.storage import check
 
@@ -652,13 +667,12 @@ def db_check(data_dir: Optional[Path] = DataDir) -> None:
 @db_app.command("reshard")
 def db_reshard(
     shards: int = typer.Option(..., "--shards", min=1, max=64),
-    data_dir: Optional[Path] = DataDir,
+    data_dir: Path | None = DataDir,
 ) -> None:
     """Move every user's rows to a new number of shards (node stopped), and record it."""
     from .node.config import ConfigError, load_config
-    from .node.storage import StorageError, reshard
-
     from .node.datadir import holder
+    from .node.storage import StorageError, reshard
 
     path = resolve_data_dir(data_dir)
     pid = holder(path)

@@ -19,7 +19,6 @@ from collections.abc import Awaitable, Callable, Collection, Mapping
 
 from ..realms.events import BadRequest, ModelFailure, Progress, Result, Token
 
-
 __all__ = ["BadRequest", "EventSink", "ModelFailure", "ModelLoadError", "Progress", "Result", "Token"]
 
 EventSink = Callable[[Token | Progress], Awaitable[None]]
@@ -58,9 +57,7 @@ def check_object(value: object, where: str = "payload") -> None:
         raise BadRequest(f"{where}: expected an object, got {type(value).__name__}")
 
 
-def reject_unknown_keys(
-    mapping: Mapping[object, object], allowed: Collection[object], where: str = "payload"
-) -> None:
+def reject_unknown_keys(mapping: Mapping[object, object], allowed: Collection[object], where: str = "payload") -> None:
     """BadRequest naming every key of `mapping` that is not in `allowed`."""
     unknown = [k for k in mapping if k not in allowed]
     if unknown:

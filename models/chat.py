@@ -48,9 +48,9 @@ import outcome
 import trio
 
 from .base import (
-    ModelFailure,
     BadRequest,
     EventSink,
+    ModelFailure,
     ModelLoadError,
     Result,
     Token,
@@ -72,9 +72,7 @@ MAX_STOP_CHARS = 64
 MAX_SEED = 2**31 - 1
 ROLES = ("system", "user", "assistant")
 DEFAULT_TEMPERATURE = 0.7
-_ALLOWED_KEYS = frozenset(
-    {"prompt", "messages", "max_tokens", "temperature", "seed", "ignore_eos", "stop"}
-)
+_ALLOWED_KEYS = frozenset({"prompt", "messages", "max_tokens", "temperature", "seed", "ignore_eos", "stop"})
 _GGUF_MAGIC = b"GGUF"
 
 
@@ -112,12 +110,8 @@ def parse_chat_payload(payload: Mapping[str, object], *, max_tokens_cap: int) ->
         messages = _parse_messages(payload["messages"])
 
     cap = max_tokens_cap
-    max_tokens = check_int_range(
-        "payload.max_tokens", payload.get("max_tokens", min(256, cap)), 1, cap
-    )
-    temperature = check_number_range(
-        "payload.temperature", payload.get("temperature", DEFAULT_TEMPERATURE), 0, 2
-    )
+    max_tokens = check_int_range("payload.max_tokens", payload.get("max_tokens", min(256, cap)), 1, cap)
+    temperature = check_number_range("payload.temperature", payload.get("temperature", DEFAULT_TEMPERATURE), 0, 2)
 
     # JSON clients often send "seed": null for "no seed"; treat it as absent.
     seed = payload.get("seed")
@@ -126,9 +120,7 @@ def parse_chat_payload(payload: Mapping[str, object], *, max_tokens_cap: int) ->
 
     ignore_eos = payload.get("ignore_eos", False)
     if not isinstance(ignore_eos, bool):
-        raise BadRequest(
-            f"payload.ignore_eos: expected true or false, got {show_value(ignore_eos)}"
-        )
+        raise BadRequest(f"payload.ignore_eos: expected true or false, got {show_value(ignore_eos)}")
 
     stop = payload.get("stop", ())
     if not isinstance(stop, (list, tuple)):
@@ -138,8 +130,7 @@ def parse_chat_payload(payload: Mapping[str, object], *, max_tokens_cap: int) ->
     for i, s in enumerate(stop):
         if not isinstance(s, str) or not 1 <= len(s) <= MAX_STOP_CHARS:
             raise BadRequest(
-                f"payload.stop[{i}]: expected a string of 1..{MAX_STOP_CHARS} characters,"
-                f" got {show_value(s)}"
+                f"payload.stop[{i}]: expected a string of 1..{MAX_STOP_CHARS} characters, got {show_value(s)}"
             )
         check_text(f"payload.stop[{i}]", s)
 
@@ -166,17 +157,13 @@ def _parse_messages(raw: object) -> tuple[tuple[str, str], ...]:
         reject_unknown_keys(msg, ("role", "content"), where)  # type: ignore[arg-type]
         role, content = msg.get("role"), msg.get("content")
         if role not in ROLES:  # also rejects non-strings
-            raise BadRequest(
-                f"{where}.role: expected one of {', '.join(ROLES)}; got {show_value(role)}"
-            )
+            raise BadRequest(f"{where}.role: expected one of {', '.join(ROLES)}; got {show_value(role)}")
         if not isinstance(content, str):
             raise BadRequest(f"{where}.content: expected a string, got {type(content).__name__}")
         check_text(f"{where}.content", content)
         total += len(content)
         if total > MAX_PROMPT_CHARS:
-            raise BadRequest(
-                f"payload.messages: total content exceeds {MAX_PROMPT_CHARS} characters"
-            )
+            raise BadRequest(f"payload.messages: total content exceeds {MAX_PROMPT_CHARS} characters")
         out.append((str(role), content))
     if total == 0:
         raise BadRequest("payload.messages: all message contents are empty")
@@ -272,14 +259,11 @@ _CTX_OVERFLOW_MM = re.compile(r"Prompt exceeds n_ctx: (\d+) > (\d+)")
 def _overflow(exc: BaseException, field: str) -> BadRequest | None:
     m = _CTX_OVERFLOW.search(str(exc))
     if m:
-        return BadRequest(
-            f"payload.{field}: the prompt is {m[1]} tokens; this model's context holds {m[2]}"
-        )
+        return BadRequest(f"payload.{field}: the prompt is {m[1]} tokens; this model's context holds {m[2]}")
     m = _CTX_OVERFLOW_MM.search(str(exc))
     if m:
         return BadRequest(
-            f"payload.{field}: the prompt needs at least {m[1]} tokens; "
-            f"this model's context holds {m[2]}"
+            f"payload.{field}: the prompt needs at least {m[1]} tokens; this model's context holds {m[2]}"
         )
     return None
 
@@ -612,9 +596,7 @@ class ChatBackend:
         async with self._lock:
             if self._llm is not None:
                 return
-            llm, eog, stop_token = await trio.to_thread.run_sync(
-                self._load_sync, abandon_on_cancel=False
-            )
+            llm, eog, stop_token = await trio.to_thread.run_sync(self._load_sync, abandon_on_cancel=False)
             self._llm, self._eog_ids, self._stop_token = llm, eog, stop_token
             name = llm.metadata.get("general.name", "").strip()
             self.model_name = name or self.model_path.stem
@@ -643,18 +625,19 @@ class ChatBackend:
                 raise ModelFailure("chat model is not loaded", code="backend_failed")
             start = time.perf_counter()
             llm = self._llm
-            done = await stream_tokens(send, lambda pipe: trio.to_thread.run_sync(
-                self._generate_sync, llm, params, field, pipe.put, abandon_on_cancel=False
-            ))
+            done = await stream_tokens(
+                send,
+                lambda pipe: trio.to_thread.run_sync(
+                    self._generate_sync, llm, params, field, pipe.put, abandon_on_cancel=False
+                ),
+            )
             elapsed = time.perf_counter() - start
         return Result(
             output={"text": done.text, "model": self.model_name},
             stats=completion_stats(done, elapsed),
         )
 
-    def _generate_sync(
-        self, llm: Any, params: ChatParams, field: str, put: Callable[[str], None]
-    ) -> Completion:
+    def _generate_sync(self, llm: Any, params: ChatParams, field: str, put: Callable[[str], None]) -> Completion:
         """Worker thread body."""
         return stream_chat_sync(
             llm,

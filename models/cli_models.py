@@ -10,7 +10,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import NoReturn, Optional
+from typing import NoReturn
 
 import typer
 
@@ -24,7 +24,10 @@ models_app = typer.Typer(
 )
 
 DataDir = typer.Option(
-    None, "--data-dir", envvar="RENTAHAL_HOME", help="Node data dir [default: ~/.rentahal]",
+    None,
+    "--data-dir",
+    envvar="RENTAHAL_HOME",
+    help="Node data dir [default: ~/.rentahal]",
     show_default=False,
 )
 
@@ -48,7 +51,7 @@ def _served_hint(realm: str, name: str) -> str:
 
 @models_app.command("list")
 def list_(
-    data_dir: Optional[Path] = DataDir,
+    data_dir: Path | None = DataDir,
     as_json: bool = typer.Option(False, "--json"),
     verify: bool = typer.Option(False, "--verify", help="Re-hash every file against its sha256 (slow)"),
 ) -> None:
@@ -126,9 +129,9 @@ class _Bar:
 def pull(
     realm: str = typer.Argument(..., help="chat, vision or speech"),
     url: str = typer.Argument(..., metavar="URL_OR_HUB_ID", help="An http(s) URL or hf:owner/repo/path/file"),
-    data_dir: Optional[Path] = DataDir,
-    name: Optional[str] = typer.Option(None, "--name", help="Name in the store [default: from the file name]"),
-    sha256: Optional[str] = typer.Option(None, "--sha256", help="Expected sha256 of the file (hex)"),
+    data_dir: Path | None = DataDir,
+    name: str | None = typer.Option(None, "--name", help="Name in the store [default: from the file name]"),
+    sha256: str | None = typer.Option(None, "--sha256", help="Expected sha256 of the file (hex)"),
     timeout: float = typer.Option(30.0, "--timeout", help="Seconds without progress before giving up"),
 ) -> None:
     """Download a model file into the store; run it again to resume an interrupted download."""
@@ -157,8 +160,8 @@ def pull(
 def add(
     realm: str = typer.Argument(..., help="chat, vision, imagine or speech"),
     source: Path = typer.Argument(..., metavar="PATH", help="A model file or folder"),
-    data_dir: Optional[Path] = DataDir,
-    name: Optional[str] = typer.Option(None, "--name", help="Name in the store [default: from the file name]"),
+    data_dir: Path | None = DataDir,
+    name: str | None = typer.Option(None, "--name", help="Name in the store [default: from the file name]"),
     link: bool = typer.Option(False, "--link", help="Symlink instead of copying (the source must stay)"),
 ) -> None:
     """Copy (or link) a local model file or folder into the store, checking its format."""
@@ -173,7 +176,9 @@ def add(
         info = add_model(path, realm, name, source, link=link)
     except ModelError as exc:
         fail(str(exc))
-    typer.echo(f"added {info.realm}/{info.name}: {info.format}, {_size(info.size)}{' (linked)' if link else ''}", err=True)
+    typer.echo(
+        f"added {info.realm}/{info.name}: {info.format}, {_size(info.size)}{' (linked)' if link else ''}", err=True
+    )
     typer.echo(_served_hint(info.realm, info.name), err=True)
     typer.echo(info.ref)
 
@@ -182,7 +187,7 @@ def add(
 def remove(
     realm: str = typer.Argument(...),
     name: str = typer.Argument(...),
-    data_dir: Optional[Path] = DataDir,
+    data_dir: Path | None = DataDir,
 ) -> None:
     """Remove a model (or an unfinished pull) from the store; a linked source is left alone."""
     from .registry import ModelError, remove_model
@@ -196,7 +201,7 @@ def remove(
 
 @models_app.command()
 def gpus(
-    data_dir: Optional[Path] = DataDir,
+    data_dir: Path | None = DataDir,
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """CUDA GPUs of this machine, their free memory, and whether llama.cpp can offload to them."""
@@ -205,11 +210,16 @@ def gpus(
     found = detect_gpus()
     offload = llama_gpu_offload_supported()
     if as_json:
-        typer.echo(json.dumps({
-            "gpus": [g.to_dict() for g in found],
-            "llama_gpu_offload": offload,
-            "diffusers_device": list(diffusers_device(found)) if found else ["cpu", "float32"],
-        }, indent=2))
+        typer.echo(
+            json.dumps(
+                {
+                    "gpus": [g.to_dict() for g in found],
+                    "llama_gpu_offload": offload,
+                    "diffusers_device": list(diffusers_device(found)) if found else ["cpu", "float32"],
+                },
+                indent=2,
+            )
+        )
         return
     if not found:
         typer.echo("no CUDA GPU found (nvidia-smi absent or failing, no CUDA-enabled torch): models run on the CPU")

@@ -38,8 +38,11 @@ class GPUInfo:
 
     def to_dict(self) -> dict[str, object]:
         return {
-            "index": self.index, "name": self.name, "total_mib": self.total_mib,
-            "free_mib": self.free_mib, "backend": self.backend,
+            "index": self.index,
+            "name": self.name,
+            "total_mib": self.total_mib,
+            "free_mib": self.free_mib,
+            "backend": self.backend,
         }
 
 
@@ -106,8 +109,12 @@ def _from_nvidia_smi() -> list[GPUInfo] | None:
     killed, with anything it started) or lists none."""
     try:
         proc = subprocess.Popen(
-            NVIDIA_SMI_QUERY, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL, text=True, start_new_session=(os.name == "posix"),
+            NVIDIA_SMI_QUERY,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            start_new_session=(os.name == "posix"),
         )
     except (OSError, ValueError):
         return None
@@ -237,8 +244,12 @@ def plan_gpu_layers(
     if requested > 0:
         if offload_supported:
             check_fits(
-                requested, model_bytes=model_bytes, n_layers=n_layers, gpus=gpus,
-                model_name=model_name, realm=realm,
+                requested,
+                model_bytes=model_bytes,
+                n_layers=n_layers,
+                gpus=gpus,
+                model_name=model_name,
+                realm=realm,
             )
         return requested
     if requested != -1:
@@ -256,6 +267,13 @@ def plan_gpu_layers(
 
 
 __all__ = [
-    "ALL_LAYERS", "GPUInfo", "ModelTooLarge", "check_fits", "detect_gpus", "diffusers_device",
-    "llama_gpu_offload_supported", "parse_nvidia_smi", "plan_gpu_layers",
+    "ALL_LAYERS",
+    "GPUInfo",
+    "ModelTooLarge",
+    "check_fits",
+    "detect_gpus",
+    "diffusers_device",
+    "llama_gpu_offload_supported",
+    "parse_nvidia_smi",
+    "plan_gpu_layers",
 ]

@@ -65,9 +65,9 @@ from typing import Any
 import trio
 
 from .base import (
-    ModelFailure,
     BadRequest,
     EventSink,
+    ModelFailure,
     ModelLoadError,
     Progress,
     Result,
@@ -93,9 +93,7 @@ DEFAULT_SIDE = 512
 DEFAULT_STEPS = 20
 DEFAULT_GUIDANCE = 7.5
 MAX_GUIDANCE = 30.0
-_ALLOWED_KEYS = frozenset(
-    {"prompt", "negative_prompt", "seed", "steps", "width", "height", "guidance"}
-)
+_ALLOWED_KEYS = frozenset({"prompt", "negative_prompt", "seed", "steps", "width", "height", "guidance"})
 # What __call__ must accept for this backend to drive a pipeline.
 _NEEDED_ARGS = (
     "prompt",
@@ -133,14 +131,10 @@ def default_side(max_pixels: int) -> int:
 def _check_limits(max_steps: object, max_pixels: object) -> None:
     require_positive_int("max_steps", max_steps)
     if not is_int(max_pixels) or max_pixels < MIN_SIDE * MIN_SIDE:  # type: ignore[operator]
-        raise ValueError(
-            f"max_pixels must be an integer >= {MIN_SIDE * MIN_SIDE}, got {max_pixels!r}"
-        )
+        raise ValueError(f"max_pixels must be an integer >= {MIN_SIDE * MIN_SIDE}, got {max_pixels!r}")
 
 
-def parse_imagine_payload(
-    payload: Mapping[str, object], *, max_steps: int, max_pixels: int
-) -> ImagineParams:
+def parse_imagine_payload(payload: Mapping[str, object], *, max_steps: int, max_pixels: int) -> ImagineParams:
     """Validate an imagine request payload; raise BadRequest naming the bad field."""
     _check_limits(max_steps, max_pixels)
     check_object(payload)
@@ -154,13 +148,10 @@ def parse_imagine_payload(
     negative = payload.get("negative_prompt")
     if negative is not None:
         if not isinstance(negative, str):
-            raise BadRequest(
-                f"payload.negative_prompt: expected a string, got {type(negative).__name__}"
-            )
+            raise BadRequest(f"payload.negative_prompt: expected a string, got {type(negative).__name__}")
         if len(negative) > MAX_PROMPT_CHARS:
             raise BadRequest(
-                f"payload.negative_prompt: expected at most {MAX_PROMPT_CHARS} characters,"
-                f" got {len(negative)}"
+                f"payload.negative_prompt: expected at most {MAX_PROMPT_CHARS} characters, got {len(negative)}"
             )
         check_text("payload.negative_prompt", negative)
 
@@ -168,9 +159,7 @@ def parse_imagine_payload(
     if seed is not None:
         check_int_range("payload.seed", seed, 0, MAX_SEED)
 
-    steps = check_int_range(
-        "payload.steps", payload.get("steps", min(DEFAULT_STEPS, max_steps)), 1, max_steps
-    )
+    steps = check_int_range("payload.steps", payload.get("steps", min(DEFAULT_STEPS, max_steps)), 1, max_steps)
 
     sides: dict[str, int] = {}
     for field in ("width", "height"):
@@ -192,9 +181,7 @@ def parse_imagine_payload(
             f" this node allows at most {max_pixels}"
         )
 
-    guidance = check_number_range(
-        "payload.guidance", payload.get("guidance", DEFAULT_GUIDANCE), 0, MAX_GUIDANCE
-    )
+    guidance = check_number_range("payload.guidance", payload.get("guidance", DEFAULT_GUIDANCE), 0, MAX_GUIDANCE)
 
     return ImagineParams(
         prompt=prompt,
@@ -383,8 +370,7 @@ class ImagineBackend:
             if missing or "image" in call_args:
                 why = f"missing {', '.join(missing)}" if missing else "it needs an input image"
                 raise self._fail(
-                    f"{type(pipe).__name__} is not a text-to-image pipeline this backend "
-                    f"can drive ({why})"
+                    f"{type(pipe).__name__} is not a text-to-image pipeline this backend can drive ({why})"
                 )
             self._takes_negative = "negative_prompt" in call_args
         if device != "cpu" and not oom:
@@ -413,9 +399,7 @@ class ImagineBackend:
         async with self._lock:
             if self._pipe is not None:
                 return
-            pipe, device, folder, smoke = await trio.to_thread.run_sync(
-                self._load_sync, abandon_on_cancel=False
-            )
+            pipe, device, folder, smoke = await trio.to_thread.run_sync(self._load_sync, abandon_on_cancel=False)
             self._pipe, self._device = pipe, device
             self.gpu = device != "cpu"
             self.is_smoke_test = smoke is not None
@@ -448,18 +432,14 @@ class ImagineBackend:
         if the pipeline fails, and trio.Cancelled (after the worker has
         stopped, within one denoising step) if the calling task is cancelled.
         """
-        params = parse_imagine_payload(
-            payload, max_steps=self.max_steps, max_pixels=self.max_pixels
-        )
+        params = parse_imagine_payload(payload, max_steps=self.max_steps, max_pixels=self.max_pixels)
         seed = params.seed if params.seed is not None else secrets.randbelow(MAX_SEED + 1)
         async with self._lock:
             pipe = self._pipe
             if pipe is None:
                 raise ModelFailure("imagine model is not loaded", code="backend_failed")
             if params.negative_prompt and not self._takes_negative:
-                raise BadRequest(
-                    f"payload.negative_prompt: model {self.model_name} does not take one"
-                )
+                raise BadRequest(f"payload.negative_prompt: model {self.model_name} does not take one")
             start = time.perf_counter()
             png, width, height = await trio.to_thread.run_sync(
                 self._generate_sync, pipe, params, seed, send, abandon_on_cancel=False
@@ -479,9 +459,7 @@ class ImagineBackend:
         }
         return Result(output=output, stats=stats)
 
-    def _generate_sync(
-        self, pipe: Any, params: ImagineParams, seed: int, send: EventSink
-    ) -> tuple[bytes, int, int]:
+    def _generate_sync(self, pipe: Any, params: ImagineParams, seed: int, send: EventSink) -> tuple[bytes, int, int]:
         """Worker thread body: run the pipeline, encode the PNG."""
         import torch
 
@@ -527,14 +505,11 @@ class ImagineBackend:
                 raise  # the sink's own error: pass it on unchanged
             if self.gpu and _is_oom(torch, exc):
                 failure = ModelFailure(
-                    f"imagine generation failed: out of GPU memory at "
-                    f"{params.width}x{params.height}",
+                    f"imagine generation failed: out of GPU memory at {params.width}x{params.height}",
                     code="backend_failed",
                 )
             else:
-                failure = ModelFailure(
-                    f"imagine generation failed: {_one_line(exc)}", code="backend_failed"
-                )
+                failure = ModelFailure(f"imagine generation failed: {_one_line(exc)}", code="backend_failed")
         if failure is not None:
             if self.gpu:
                 _release_gpu(torch)

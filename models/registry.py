@@ -135,9 +135,7 @@ def _check_realm(realm: str) -> None:
 
 def _check_name(name: str) -> None:
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
-        raise ModelError(
-            f"bad model name {name!r}: use 1-64 characters a-z 0-9 . _ -, starting with a letter or digit"
-        )
+        raise ModelError(f"bad model name {name!r}: use 1-64 characters a-z 0-9 . _ -, starting with a letter or digit")
 
 
 def default_name(source: str) -> str:
@@ -165,7 +163,7 @@ def _model_dir(data_dir: Path, realm: str, name: str) -> Path:
 
 
 def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _human(n: float) -> str:
@@ -240,6 +238,7 @@ def gguf_metadata(path: Path, *, max_kv: int = 64, stop_at: tuple[str, ...] = ()
 
     try:
         with open(path, "rb") as f:
+
             def read(fmt: str) -> Any:
                 size = struct.calcsize(fmt)
                 data = f.read(size)
@@ -359,9 +358,7 @@ def detect_format(source: Path) -> tuple[str, str, str | None]:
     whispers = [p for p in _visible(source) if file_format(p) == "ggml-whisper"]
     if len(whispers) == 1:
         return "ggml-whisper", whispers[0].relative_to(source).as_posix(), None
-    raise ModelError(
-        f"{source}: no model found in this folder (no model_index.json, no GGUF, no whisper ggml file)"
-    )
+    raise ModelError(f"{source}: no model found in this folder (no model_index.json, no GGUF, no whisper ggml file)")
 
 
 def _check_realm_format(realm: str, fmt: str, what: str) -> None:
@@ -403,9 +400,7 @@ def _load(folder: Path, realm: str, *, verify: bool = False) -> ModelInfo:
         data = json.loads((folder / MANIFEST).read_text())
         if not isinstance(data, dict):
             raise ValueError("not an object")
-        files = tuple(
-            ModelFile(str(f["path"]), int(f["size"]), str(f["sha256"])) for f in data.get("files", [])
-        )
+        files = tuple(ModelFile(str(f["path"]), int(f["size"]), str(f["sha256"])) for f in data.get("files", []))
         fmt, source = str(data["format"]), str(data.get("source", ""))
         entry, mmproj = str(data.get("entry", "")), data.get("mmproj")
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -601,7 +596,7 @@ def resolve(data_dir: Path, realm: str, ref: str) -> Path | None:
     if not ref:
         return None
     if ref.startswith("store:"):
-        name = ref[len("store:"):]
+        name = ref[len("store:") :]
         try:
             info = get_model(data_dir, realm, name)
         except ModelError as exc:
@@ -736,8 +731,15 @@ def pull(
     if realm == "chat" and "mmproj" in target.name.lower():
         raise ModelError(f"{target.name} is a multimodal projector (mmproj), not a chat model")
     job = _Pull(
-        source=source, url=url, what=f"{realm}/{name}", folder=folder, target=target,
-        auth=auth, auth_host=parts.netloc, progress=progress, magic=_expected_magic(realm),
+        source=source,
+        url=url,
+        what=f"{realm}/{name}",
+        folder=folder,
+        target=target,
+        auth=auth,
+        auth_host=parts.netloc,
+        progress=progress,
+        magic=_expected_magic(realm),
     )
     own = client is None
     if own:
@@ -758,9 +760,10 @@ def pull(
                 raise ModelError(
                     f"sha256 mismatch for {url}: expected {want}, got {digest}; the download was discarded"
                 )
-            if realm == "chat" and gguf_metadata(job.part, stop_at=("general.architecture",)).get(
-                "general.architecture"
-            ) == "clip":
+            if (
+                realm == "chat"
+                and gguf_metadata(job.part, stop_at=("general.architecture",)).get("general.architecture") == "clip"
+            ):
                 job.discard()
                 raise ModelError(f"{url} is a multimodal projector (mmproj), not a chat model; discarded")
             try:
@@ -825,7 +828,9 @@ class _Pull:
 
     def _not_a_model(self, head: bytes) -> ModelError:
         kind, realm = self.magic[1], self.what.split("/")[0]
-        return ModelError(f"{self.url} is not a {kind} file (it starts with {head[:16]!r}); a {realm} model must be one")
+        return ModelError(
+            f"{self.url} is not a {kind} file (it starts with {head[:16]!r}); a {realm} model must be one"
+        )
 
     def _resumable(self) -> tuple[int, dict[str, str]]:
         """(bytes of .part worth resuming, If-Range header for them)."""
@@ -958,7 +963,24 @@ def _check_space(part: Path, needed: int | None) -> None:
 
 
 __all__ = [
-    "FORMATS", "REALMS", "REALM_FORMATS", "ModelError", "ModelFile", "ModelInfo", "add_model",
-    "default_name", "detect_format", "file_format", "get_model", "gguf_layer_count", "gguf_metadata",
-    "hub_url", "list_models", "partial_downloads", "pull", "remove_model", "resolve", "store_dir",
+    "FORMATS",
+    "REALMS",
+    "REALM_FORMATS",
+    "ModelError",
+    "ModelFile",
+    "ModelInfo",
+    "add_model",
+    "default_name",
+    "detect_format",
+    "file_format",
+    "get_model",
+    "gguf_layer_count",
+    "gguf_metadata",
+    "hub_url",
+    "list_models",
+    "partial_downloads",
+    "pull",
+    "remove_model",
+    "resolve",
+    "store_dir",
 ]

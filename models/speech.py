@@ -72,9 +72,9 @@ import numpy as np
 import trio
 
 from .base import (
-    ModelFailure,
     BadRequest,
     EventSink,
+    ModelFailure,
     ModelLoadError,
     Progress,
     Result,
@@ -104,10 +104,108 @@ FORMAT_NAMES = {"wav": "WAV", "webm": "WebM", "ogg": "OGG", "mp3": "MP3", "flac"
 
 # whisper.cpp's language codes (g_lang in src/whisper.cpp, ids 0..99).
 LANGUAGES = frozenset(
-    "en zh de es ru ko fr ja pt tr pl ca nl ar sv it id hi fi vi he uk el ms cs ro da hu ta no "
-    "th ur hr bg lt la mi ml cy sk te fa lv bn sr az sl kn et mk br eu is hy ne mn bs kk sq sw "
-    "gl mr pa si km sn yo so af oc ka be tg sd gu am yi lo uz fo ht ps tk nn mt sa lb my bo tl "
-    "mg as tt haw ln ha ba jw su yue".split()
+    [
+        "en",
+        "zh",
+        "de",
+        "es",
+        "ru",
+        "ko",
+        "fr",
+        "ja",
+        "pt",
+        "tr",
+        "pl",
+        "ca",
+        "nl",
+        "ar",
+        "sv",
+        "it",
+        "id",
+        "hi",
+        "fi",
+        "vi",
+        "he",
+        "uk",
+        "el",
+        "ms",
+        "cs",
+        "ro",
+        "da",
+        "hu",
+        "ta",
+        "no",
+        "th",
+        "ur",
+        "hr",
+        "bg",
+        "lt",
+        "la",
+        "mi",
+        "ml",
+        "cy",
+        "sk",
+        "te",
+        "fa",
+        "lv",
+        "bn",
+        "sr",
+        "az",
+        "sl",
+        "kn",
+        "et",
+        "mk",
+        "br",
+        "eu",
+        "is",
+        "hy",
+        "ne",
+        "mn",
+        "bs",
+        "kk",
+        "sq",
+        "sw",
+        "gl",
+        "mr",
+        "pa",
+        "si",
+        "km",
+        "sn",
+        "yo",
+        "so",
+        "af",
+        "oc",
+        "ka",
+        "be",
+        "tg",
+        "sd",
+        "gu",
+        "am",
+        "yi",
+        "lo",
+        "uz",
+        "fo",
+        "ht",
+        "ps",
+        "tk",
+        "nn",
+        "mt",
+        "sa",
+        "lb",
+        "my",
+        "bo",
+        "tl",
+        "mg",
+        "as",
+        "tt",
+        "haw",
+        "ln",
+        "ha",
+        "ba",
+        "jw",
+        "su",
+        "yue",
+    ]
 )
 
 
@@ -149,18 +247,14 @@ def detect_audio_format(data: bytes) -> str | None:
     return None
 
 
-def parse_speech_payload(
-    payload: Mapping[str, object], *, max_audio_bytes: int, max_tts_chars: int
-) -> SpeechParams:
+def parse_speech_payload(payload: Mapping[str, object], *, max_audio_bytes: int, max_tts_chars: int) -> SpeechParams:
     """Validate a speech request payload; raise BadRequest naming the bad field."""
     check_object(payload)
     reject_unknown_keys(payload, _ALLOWED_KEYS)
 
     has_audio, has_text = "audio" in payload, "text" in payload
     if has_audio and has_text:
-        raise BadRequest(
-            "payload.audio: give either 'audio' (to transcribe) or 'text' (to speak), not both"
-        )
+        raise BadRequest("payload.audio: give either 'audio' (to transcribe) or 'text' (to speak), not both")
     if not has_audio and not has_text:
         raise BadRequest("payload.audio: required (or 'text' to speak)")
 
@@ -178,14 +272,11 @@ def parse_speech_payload(
             raise BadRequest(f"payload.audio: {len(audio)} bytes; at most {max_audio_bytes}")
         fmt = detect_audio_format(audio)
         if fmt is None:
-            raise BadRequest(
-                "payload.audio: unsupported format (expected WAV, WebM, OGG, MP3 or FLAC)"
-            )
+            raise BadRequest("payload.audio: unsupported format (expected WAV, WebM, OGG, MP3 or FLAC)")
         language = payload.get("language", "auto")
         if not isinstance(language, str) or (language != "auto" and language not in LANGUAGES):
             raise BadRequest(
-                'payload.language: expected "auto" or a language code such as "en",'
-                f" got {show_value(language)}"
+                f'payload.language: expected "auto" or a language code such as "en", got {show_value(language)}'
             )
         return SpeechParams(audio=audio, audio_format=fmt, language=language)
 
@@ -200,14 +291,12 @@ def parse_speech_payload(
     voice = payload.get("voice", DEFAULT_VOICE)
     if not isinstance(voice, str) or not _VOICE_RE.fullmatch(voice):
         raise BadRequest(
-            "payload.voice: expected an espeak-ng voice name ([a-z0-9+-], 1..32 characters),"
-            f" got {show_value(voice)}"
+            f"payload.voice: expected an espeak-ng voice name ([a-z0-9+-], 1..32 characters), got {show_value(voice)}"
         )
     speed = payload.get("speed", DEFAULT_SPEED)
     if not (is_int(speed) and MIN_SPEED <= speed <= MAX_SPEED):  # type: ignore[operator]
         raise BadRequest(
-            f"payload.speed: expected an integer {MIN_SPEED}..{MAX_SPEED} (words per minute),"
-            f" got {show_value(speed)}"
+            f"payload.speed: expected an integer {MIN_SPEED}..{MAX_SPEED} (words per minute), got {show_value(speed)}"
         )
     return SpeechParams(text=text, voice=voice, speed=speed)
 
@@ -222,18 +311,51 @@ class _Corrupt(Exception):
 
 # ggml_type id -> (block size, bytes per block)
 _GGML_TYPES = {
-    0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34),
-    9: (32, 36), 10: (256, 84), 11: (256, 110), 12: (256, 144), 13: (256, 176),
-    14: (256, 210), 15: (256, 292), 30: (1, 2),
+    0: (1, 4),
+    1: (1, 2),
+    2: (32, 18),
+    3: (32, 20),
+    6: (32, 22),
+    7: (32, 24),
+    8: (32, 34),
+    9: (32, 36),
+    10: (256, 84),
+    11: (256, 110),
+    12: (256, 144),
+    13: (256, 176),
+    14: (256, 210),
+    15: (256, 292),
+    30: (1, 2),
 }
 # ggml_ftype (hparams.ftype % 1000) -> the ggml_type of the big matrices
 _FTYPE_TO_TYPE = {
-    0: 0, 1: 1, 2: 2, 3: 3, 4: 3, 7: 8, 8: 6, 9: 7, 10: 10, 11: 11, 12: 12, 13: 13, 14: 14,
+    0: 0,
+    1: 1,
+    2: 2,
+    3: 3,
+    4: 3,
+    7: 8,
+    8: 6,
+    9: 7,
+    10: 10,
+    11: 11,
+    12: 12,
+    13: 13,
+    14: 14,
 }
 _GGML_MAGIC = 0x67676D6C
 _HPARAM_NAMES = (
-    "n_vocab", "n_audio_ctx", "n_audio_state", "n_audio_head", "n_audio_layer",
-    "n_text_ctx", "n_text_state", "n_text_head", "n_text_layer", "n_mels", "ftype",
+    "n_vocab",
+    "n_audio_ctx",
+    "n_audio_state",
+    "n_audio_head",
+    "n_audio_layer",
+    "n_text_ctx",
+    "n_text_state",
+    "n_text_head",
+    "n_text_layer",
+    "n_mels",
+    "ftype",
 )
 _F32, _F16 = 0, 1
 
@@ -307,7 +429,7 @@ def read_whisper_ggml(path: Path) -> dict[str, int]:
             raise _Corrupt("a GGUF file, not a whisper ggml .bin model")
         if struct.unpack("<I", magic)[0] != _GGML_MAGIC:
             raise _Corrupt("not a whisper ggml model (bad magic)")
-        hp = dict(zip(_HPARAM_NAMES, struct.unpack("<11i", take(44, "header"))))
+        hp = dict(zip(_HPARAM_NAMES, struct.unpack("<11i", take(44, "header")), strict=False))
         _check_hparams(hp)
         wtype = _FTYPE_TO_TYPE[hp["ftype"] % 1000]
 
@@ -354,7 +476,7 @@ def read_whisper_ggml(path: Path) -> dict[str, int]:
             nbytes = nelements // blck * tsize
             # whisper_model_load's own size check, then it reads nbytes.
             fblck, fsize = _GGML_TYPES[ttype]
-            if fblck != 1 and nelements % fblck or nelements * fsize // blck != nbytes:
+            if (fblck != 1 and nelements % fblck) or nelements * fsize // blck != nbytes:
                 raise _Corrupt(f"tensor {name!r} has the wrong type")
             if f.tell() + nbytes > size:
                 raise _Corrupt(f"truncated (the file ends inside tensor {name!r})")
@@ -403,7 +525,7 @@ def _whisper_log(level: int, text: str, *_: Any) -> None:
             capture.append(line)
         if line:
             log.debug("whisper.cpp: %s", line)
-    except BaseException:  # noqa: BLE001
+    except BaseException:
         pass
 
 
@@ -430,7 +552,7 @@ def _wav_pcm16_mono16k(data: bytes) -> np.ndarray | None:
             if (w.getframerate(), w.getnchannels(), w.getsampwidth()) != (SAMPLE_RATE, 1, 2):
                 return None
             frames = w.readframes(w.getnframes())
-    except Exception:  # noqa: BLE001 - any malformed WAV goes to ffmpeg instead
+    except Exception:
         return None
     return np.frombuffer(frames[: len(frames) // 2 * 2], dtype="<i2")
 
@@ -448,7 +570,7 @@ def _fix_streaming_wav(data: bytes) -> tuple[bytes, int, int]:
         elif cid == b"data":
             if fmt is None or len(fmt) < 16:
                 break
-            channels, rate = struct.unpack("<HI", fmt[2:8])
+            _channels, rate = struct.unpack("<HI", fmt[2:8])
             block = struct.unpack("<H", fmt[12:14])[0] or 1
             pcm = data[body:]
             pcm = pcm[: len(pcm) // block * block]
@@ -546,9 +668,7 @@ class SpeechBackend:
         try:
             import _pywhispercpp as pw  # the binding layer of pywhispercpp
         except ImportError as exc:
-            raise self._fail(
-                f"pywhispercpp is not usable ({exc}); install rentahal-node[speech]"
-            ) from None
+            raise self._fail(f"pywhispercpp is not usable ({exc}); install rentahal-node[speech]") from None
         _route_whisper_log(pw)
         global _capture
         cparams = pw.whisper_context_default_params()
@@ -592,9 +712,7 @@ class SpeechBackend:
             return None
         try:
             with trio.move_on_after(10):
-                proc = await trio.run_process(
-                    [exe, "--version"], capture_stdout=True, capture_stderr=True, check=False
-                )
+                proc = await trio.run_process([exe, "--version"], capture_stdout=True, capture_stderr=True, check=False)
                 return exe if proc.returncode == 0 else None
         except OSError:
             return None
@@ -623,9 +741,7 @@ class SpeechBackend:
         engine fails or is missing, and trio.Cancelled if the calling task is
         cancelled (after whisper.cpp has stopped).
         """
-        params = parse_speech_payload(
-            payload, max_audio_bytes=self.max_audio_bytes, max_tts_chars=self.max_tts_chars
-        )
+        params = parse_speech_payload(payload, max_audio_bytes=self.max_audio_bytes, max_tts_chars=self.max_tts_chars)
         if self._ctx is None:
             raise ModelFailure("speech model is not loaded", code="backend_failed")
         if params.text is not None:
@@ -635,10 +751,7 @@ class SpeechBackend:
         language = params.language
         if not self.multilingual:
             if language not in ("auto", "en"):
-                raise BadRequest(
-                    'payload.language: this model is English-only; use "en" or "auto",'
-                    f" not {language!r}"
-                )
+                raise BadRequest(f'payload.language: this model is English-only; use "en" or "auto", not {language!r}')
             language = "en"
         start = time.perf_counter()
         pcm = await self._decode_audio(params.audio, params.audio_format)
@@ -668,45 +781,45 @@ class SpeechBackend:
         if pcm is None:
             if self._ffmpeg is None:
                 raise ModelFailure(
-                    "speech: ffmpeg is not installed on this node: only 16 kHz mono 16-bit WAV"
-                    " can be transcribed",
+                    "speech: ffmpeg is not installed on this node: only 16 kHz mono 16-bit WAV can be transcribed",
                     code="backend_failed",
                 )
             cmd = [
-                self._ffmpeg, "-nostdin", "-hide_banner", "-loglevel", "error",
-                "-i", "pipe:0",
+                self._ffmpeg,
+                "-nostdin",
+                "-hide_banner",
+                "-loglevel",
+                "error",
+                "-i",
+                "pipe:0",
                 # stop a little past the limit: anything longer is refused,
                 # and a tiny file cannot make ffmpeg write hours of PCM
-                "-t", f"{self.max_audio_s + 0.25:.3f}",
-                "-ar", str(SAMPLE_RATE), "-ac", "1", "-f", "s16le", "pipe:1",
+                "-t",
+                f"{self.max_audio_s + 0.25:.3f}",
+                "-ar",
+                str(SAMPLE_RATE),
+                "-ac",
+                "1",
+                "-f",
+                "s16le",
+                "pipe:1",
             ]
             with trio.move_on_after(CONVERT_TIMEOUT_S) as scope:
-                proc = await trio.run_process(
-                    cmd, stdin=data, capture_stdout=True, capture_stderr=True, check=False
-                )
+                proc = await trio.run_process(cmd, stdin=data, capture_stdout=True, capture_stderr=True, check=False)
             if scope.cancelled_caught:
-                raise BadRequest(
-                    f"payload.audio: could not be converted within {CONVERT_TIMEOUT_S:.0f} s"
-                )
+                raise BadRequest(f"payload.audio: could not be converted within {CONVERT_TIMEOUT_S:.0f} s")
             name = FORMAT_NAMES[fmt]
             if proc.returncode != 0:
-                raise BadRequest(
-                    f"payload.audio: could not be decoded as {name}"
-                    f" (ffmpeg: {_last_line(proc.stderr)})"
-                )
+                raise BadRequest(f"payload.audio: could not be decoded as {name} (ffmpeg: {_last_line(proc.stderr)})")
             out = proc.stdout
             pcm = np.frombuffer(out[: len(out) // 2 * 2], dtype="<i2")
         if len(pcm) == 0:
             raise BadRequest("payload.audio: contains no audio")
         if len(pcm) > limit:
-            raise BadRequest(
-                f"payload.audio: longer than the {self.max_audio_s:g} s this node transcribes"
-            )
+            raise BadRequest(f"payload.audio: longer than the {self.max_audio_s:g} s this node transcribes")
         return pcm
 
-    def _transcribe_sync(
-        self, ctx: Any, pcm: np.ndarray, language: str, send: EventSink
-    ) -> tuple[str, str, int]:
+    def _transcribe_sync(self, ctx: Any, pcm: np.ndarray, language: str, send: EventSink) -> tuple[str, str, int]:
         """Worker thread body: (text, language, number of segments)."""
         pw = self._pw
         audio = pcm.astype(np.float32) / 32768.0
@@ -734,7 +847,7 @@ class SpeechBackend:
                 if run.stop is None:
                     done = pw.whisper_full_n_segments(c)
                     trio.from_thread.run(send, Progress("transcribing", done, None))
-            except BaseException as exc:  # noqa: BLE001 - Cancelled, or the sink failed
+            except BaseException as exc:
                 if run.stop is None:
                     run.stop = exc
 
@@ -742,7 +855,7 @@ class SpeechBackend:
             try:
                 if run.stop is None and threading.get_ident() == worker:
                     trio.from_thread.check_cancelled()
-            except BaseException as exc:  # noqa: BLE001 - trio.Cancelled
+            except BaseException as exc:
                 if run.stop is None:
                     run.stop = exc
             return run.stop is not None
@@ -753,9 +866,7 @@ class SpeechBackend:
         if run.stop is not None:
             raise run.stop
         if rc != 0:
-            raise ModelFailure(
-                f"speech: whisper.cpp failed (whisper_full returned {rc})", code="backend_failed"
-            )
+            raise ModelFailure(f"speech: whisper.cpp failed (whisper_full returned {rc})", code="backend_failed")
         n = pw.whisper_full_n_segments(ctx)
         raw = b"".join(pw.whisper_full_get_segment_text(ctx, i) for i in range(n))
         lang_id = pw.whisper_full_lang_id(ctx)
@@ -782,9 +893,7 @@ class SpeechBackend:
                 check=False,
             )
         if scope.cancelled_caught:
-            raise ModelFailure(
-                f"speech: espeak-ng took longer than {TTS_TIMEOUT_S:.0f} s", code="backend_failed"
-            )
+            raise ModelFailure(f"speech: espeak-ng took longer than {TTS_TIMEOUT_S:.0f} s", code="backend_failed")
         if proc.returncode != 0:
             err = _last_line(proc.stderr)
             if "voice" in err.lower():

@@ -43,22 +43,126 @@ _N_FF = 128
 _RMS_EPS = 1e-5
 _ROPE_BASE = 10000.0
 
-_WORDS = (
-    "the of and to in is was for on that with as by at from it his an were are "
-    "which this be or has had not but first one their its new after who they "
-    "have her she two been other when there all during into school time may years "
-    "more most only over city some world would where later up such used many can "
-    "state about national out known university united then made however these "
-    "under system well season three also both between each life called node peer "
-    "realm chat model token stream small quick brown fox jumps lazy dog hello "
-    "river mountain light green blue red north south east west day night"
-).split()
+_WORDS = [
+    "the",
+    "of",
+    "and",
+    "to",
+    "in",
+    "is",
+    "was",
+    "for",
+    "on",
+    "that",
+    "with",
+    "as",
+    "by",
+    "at",
+    "from",
+    "it",
+    "his",
+    "an",
+    "were",
+    "are",
+    "which",
+    "this",
+    "be",
+    "or",
+    "has",
+    "had",
+    "not",
+    "but",
+    "first",
+    "one",
+    "their",
+    "its",
+    "new",
+    "after",
+    "who",
+    "they",
+    "have",
+    "her",
+    "she",
+    "two",
+    "been",
+    "other",
+    "when",
+    "there",
+    "all",
+    "during",
+    "into",
+    "school",
+    "time",
+    "may",
+    "years",
+    "more",
+    "most",
+    "only",
+    "over",
+    "city",
+    "some",
+    "world",
+    "would",
+    "where",
+    "later",
+    "up",
+    "such",
+    "used",
+    "many",
+    "can",
+    "state",
+    "about",
+    "national",
+    "out",
+    "known",
+    "university",
+    "united",
+    "then",
+    "made",
+    "however",
+    "these",
+    "under",
+    "system",
+    "well",
+    "season",
+    "three",
+    "also",
+    "both",
+    "between",
+    "each",
+    "life",
+    "called",
+    "node",
+    "peer",
+    "realm",
+    "chat",
+    "model",
+    "token",
+    "stream",
+    "small",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "lazy",
+    "dog",
+    "hello",
+    "river",
+    "mountain",
+    "light",
+    "green",
+    "blue",
+    "red",
+    "north",
+    "south",
+    "east",
+    "west",
+    "day",
+    "night",
+]
 
 _CHARS = (
-    list("abcdefghijklmnopqrstuvwxyz")
-    + list("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
-    + list("0123456789")
-    + list(".,!?;:'\"-()")
+    list("abcdefghijklmnopqrstuvwxyz") + list("ABCDEFGHIJKLMNOPQRSTUVWXYZ") + list("0123456789") + list(".,!?;:'\"-()")
 )
 
 # A plain-text chat template (every role, system included). Rendered by
@@ -132,8 +236,9 @@ def _weights(rng: np.random.Generator, types: list[int]) -> dict[str, np.ndarray
 def replace_atomically(path: Path, write: Callable[[Path], None]) -> Path:
     """Create the file `path` by `write(tmp)`, which writes a temporary file
     in the same directory; that file is then fsynced, given the mode a new
-    file gets under the umask (0600 under the node's 077) and moved into place with os.replace, so readers never see a half-written
-    file. On any failure the temporary file is removed. Returns `path`.
+    file gets under the umask (0600 under the node's 077) and moved into
+    place with os.replace, so readers never see a half-written file. On any
+    failure the temporary file is removed. Returns `path`.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

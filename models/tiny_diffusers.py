@@ -55,15 +55,100 @@ _BOS, _EOS = "<|startoftext|>", "<|endoftext|>"
 _MAX_TOKENS = 77  # CLIP's context: positions in the text encoder, tokenizer limit
 _TEXT_WIDTH = 32  # CLIP hidden size == UNet cross_attention_dim
 
-_WORDS = (
-    "a an the of and with in on at by for from to under over near photo picture "
-    "painting drawing portrait landscape cat dog bird horse fish fox bear tree "
-    "flower forest river lake sea ocean mountain sky cloud sun moon star night "
-    "day city street house castle tower road car boat ship train man woman child "
-    "face eyes hair red green blue yellow orange purple black white gray golden "
-    "silver dark light bright small big old new beautiful detailed realistic "
-    "style art digital oil watercolor sketch cinematic lighting high quality 4k"
-).split()
+_WORDS = [
+    "a",
+    "an",
+    "the",
+    "of",
+    "and",
+    "with",
+    "in",
+    "on",
+    "at",
+    "by",
+    "for",
+    "from",
+    "to",
+    "under",
+    "over",
+    "near",
+    "photo",
+    "picture",
+    "painting",
+    "drawing",
+    "portrait",
+    "landscape",
+    "cat",
+    "dog",
+    "bird",
+    "horse",
+    "fish",
+    "fox",
+    "bear",
+    "tree",
+    "flower",
+    "forest",
+    "river",
+    "lake",
+    "sea",
+    "ocean",
+    "mountain",
+    "sky",
+    "cloud",
+    "sun",
+    "moon",
+    "star",
+    "night",
+    "day",
+    "city",
+    "street",
+    "house",
+    "castle",
+    "tower",
+    "road",
+    "car",
+    "boat",
+    "ship",
+    "train",
+    "man",
+    "woman",
+    "child",
+    "face",
+    "eyes",
+    "hair",
+    "red",
+    "green",
+    "blue",
+    "yellow",
+    "orange",
+    "purple",
+    "black",
+    "white",
+    "gray",
+    "golden",
+    "silver",
+    "dark",
+    "light",
+    "bright",
+    "small",
+    "big",
+    "old",
+    "new",
+    "beautiful",
+    "detailed",
+    "realistic",
+    "style",
+    "art",
+    "digital",
+    "oil",
+    "watercolor",
+    "sketch",
+    "cinematic",
+    "lighting",
+    "high",
+    "quality",
+    "4k",
+]
 
 
 def _byte_symbols() -> list[str]:
@@ -132,9 +217,7 @@ def _build_pipeline(tokenizer_dir: Path, seed: int):
     vocab_file, merges_file = tokenizer_dir / "vocab.json", tokenizer_dir / "merges.txt"
     vocab_file.write_text(json.dumps(vocab, ensure_ascii=False, indent=1), encoding="utf-8")
     merges_file.write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    tokenizer = CLIPTokenizer(
-        vocab=str(vocab_file), merges=str(merges_file), model_max_length=_MAX_TOKENS
-    )
+    tokenizer = CLIPTokenizer(vocab=str(vocab_file), merges=str(merges_file), model_max_length=_MAX_TOKENS)
 
     with torch.random.fork_rng(devices=[]):  # leave the caller's RNG state alone
         torch.manual_seed(seed)
@@ -221,8 +304,7 @@ def write_tiny_pipeline(path: Path, *, seed: int = 0) -> Path:
             pipe.save_pretrained(tmp, safe_serialization=True)
         marker = {
             "name": SMOKE_TEST_MODEL_NAME,
-            "description": "random-weight StableDiffusionPipeline for smoke tests; "
-            "its images are noise",
+            "description": "random-weight StableDiffusionPipeline for smoke tests; its images are noise",
             "seed": seed,
         }
         (tmp / SMOKE_MARKER).write_text(json.dumps(marker, indent=1) + "\n", encoding="utf-8")

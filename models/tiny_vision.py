@@ -65,9 +65,7 @@ def _projector_weights(rng: np.random.Generator, out_width: int) -> dict[str, np
     # numpy shapes are the reverse of ggml's ne[] (see tiny.py).
     t: dict[str, np.ndarray] = {
         # conv2d kernel, ggml {patch, patch, 3, n_embd}
-        "v.patch_embd.weight": rand(
-            _N_EMBD, 3, _PATCH_SIZE, _PATCH_SIZE, scale=1.0 / _PATCH_SIZE
-        ).astype(np.float16),
+        "v.patch_embd.weight": rand(_N_EMBD, 3, _PATCH_SIZE, _PATCH_SIZE, scale=1.0 / _PATCH_SIZE).astype(np.float16),
         "v.class_embd": rand(_N_EMBD, scale=1.0),
         "v.position_embd.weight": rand(n_pos, _N_EMBD, scale=0.5),
         "v.pre_ln.weight": ones(_N_EMBD),

@@ -116,10 +116,32 @@ _S = 3.0  # a scripted token's weight on its channel (logit ~ _S * 8)
 _BASE = 10.0  # every token's logit starts at -_BASE
 _CROSS_GAIN = 4.0  # the audio's say in which word of a group is picked (more: gibberish runs)
 
-_WORDS = (
-    "hello world the quick brown fox jumps over lazy dog node peer realm "
-    "speech river mountain light green blue red north south east west"
-).split()
+_WORDS = [
+    "hello",
+    "world",
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "lazy",
+    "dog",
+    "node",
+    "peer",
+    "realm",
+    "speech",
+    "river",
+    "mountain",
+    "light",
+    "green",
+    "blue",
+    "red",
+    "north",
+    "south",
+    "east",
+    "west",
+]
 
 
 def is_tiny_whisper_hparams(hparams: Mapping[str, int]) -> bool:
@@ -282,8 +304,17 @@ def _off_script(m: np.ndarray) -> np.ndarray:
 def _encode(vocab: list[bytes], tensors: list[tuple[str, np.ndarray, int]], f: BinaryIO) -> None:
     f.write(struct.pack("<i", GGML_MAGIC))
     hparams = (
-        N_VOCAB, N_AUDIO_CTX, N_STATE, N_HEAD, N_LAYER,
-        N_TEXT_CTX, N_STATE, N_HEAD, N_LAYER, N_MELS, _F16,
+        N_VOCAB,
+        N_AUDIO_CTX,
+        N_STATE,
+        N_HEAD,
+        N_LAYER,
+        N_TEXT_CTX,
+        N_STATE,
+        N_HEAD,
+        N_LAYER,
+        N_MELS,
+        _F16,
     )
     f.write(struct.pack("<11i", *hparams))
     filters = _mel_filters()

@@ -62,9 +62,9 @@ import numpy as np
 import trio
 
 from .base import (
-    ModelFailure,
     BadRequest,
     EventSink,
+    ModelFailure,
     ModelLoadError,
     Result,
     check_object,
@@ -97,9 +97,7 @@ _IMAGE_KEY_PREFIX = "rentahal-image://"
 
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _MAX_HEADER_STEPS = 20_000  # JPEG segments / GIF blocks walked before giving up
-_JPEG_SOF = frozenset(
-    {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
-)
+_JPEG_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
 
 
 class _HeaderError(ValueError):
@@ -237,9 +235,7 @@ def _check_pixels(fmt: str, w: int, h: int, max_pixels: int) -> None:
     if w < 1 or h < 1:
         raise BadRequest(f"payload.image: {fmt} header gives an empty image ({w}x{h})")
     if w * h > max_pixels:
-        raise BadRequest(
-            f"payload.image: {w}x{h} is {w * h} pixels; the limit is {max_pixels}"
-        )
+        raise BadRequest(f"payload.image: {w}x{h} is {w * h} pixels; the limit is {max_pixels}")
 
 
 # --------------------------------------------------------------------------
@@ -279,7 +275,7 @@ def _decode_rgb(data: bytes, *, max_bytes: int, max_pixels: int, resize_to: int)
 
     if resize_to < 1:
         raise ValueError(f"resize_to must be >= 1, got {resize_to}")
-    fmt, w, h = _check_image(data, max_bytes=max_bytes, max_pixels=max_pixels)
+    fmt, _w, _h = _check_image(data, max_bytes=max_bytes, max_pixels=max_pixels)
     try:
         # formats=[fmt]: no other Pillow plugin is ever tried on these bytes.
         with Image.open(io.BytesIO(bytes(data)), formats=[fmt]) as im:
@@ -296,9 +292,7 @@ def _decode_rgb(data: bytes, *, max_bytes: int, max_pixels: int, resize_to: int)
     except BadRequest:
         raise
     except Exception as exc:  # Pillow raises many types on hostile input
-        raise BadRequest(
-            f"payload.image: cannot decode the {fmt} image ({_one_line(exc)})"
-        ) from None
+        raise BadRequest(f"payload.image: cannot decode the {fmt} image ({_one_line(exc)})") from None
 
 
 def prepare_image(data: bytes, *, max_bytes: int, max_pixels: int, resize_to: int) -> bytes:
@@ -345,14 +339,10 @@ def parse_vision_payload(
     if "prompt" not in payload:
         raise BadRequest("payload.prompt: required")
     # prompt, max_tokens, temperature and seed mean what they mean for chat.
-    chat = parse_chat_payload(
-        {k: payload[k] for k in _CHAT_KEYS if k in payload}, max_tokens_cap=max_tokens_cap
-    )
+    chat = parse_chat_payload({k: payload[k] for k in _CHAT_KEYS if k in payload}, max_tokens_cap=max_tokens_cap)
     prompt = chat.messages[0][1]
     if len(prompt) > MAX_PROMPT_CHARS:
-        raise BadRequest(
-            f"payload.prompt: expected 1..{MAX_PROMPT_CHARS} characters, got {len(prompt)}"
-        )
+        raise BadRequest(f"payload.prompt: expected 1..{MAX_PROMPT_CHARS} characters, got {len(prompt)}")
     if MEDIA_MARKER in prompt:
         raise BadRequest(f"payload.prompt: must not contain {MEDIA_MARKER}")
     if "image" not in payload:
@@ -453,9 +443,7 @@ def _handler_classes() -> tuple[type, type]:
 
         def _create_bitmap_from_bytes(self, image_bytes: bytes) -> Any:
             max_bytes, max_pixels, resize_to = self.limits
-            im = _decode_rgb(
-                image_bytes, max_bytes=max_bytes, max_pixels=max_pixels, resize_to=resize_to
-            )
+            im = _decode_rgb(image_bytes, max_bytes=max_bytes, max_pixels=max_pixels, resize_to=resize_to)
             w, h = im.size
             pixels = im.tobytes()
             buf = (ctypes.c_uint8 * len(pixels)).from_buffer_copy(pixels)
@@ -477,16 +465,13 @@ def _handler_classes() -> tuple[type, type]:
                 content = message.get("content")
                 if isinstance(content, list):
                     parts = [
-                        media_marker if part.get("type") == "image_url" else part.get("text", "")
-                        for part in content
+                        media_marker if part.get("type") == "image_url" else part.get("text", "") for part in content
                     ]
                     message["content"] = "\n".join(parts)
                 out.append(message)
             return out
 
-        def _postprocess_template_text(
-            self, text: str, image_urls: list[str], media_marker: str
-        ) -> str:
+        def _postprocess_template_text(self, text: str, image_urls: list[str], media_marker: str) -> str:
             # Image URLs never reach the text (see above): nothing to replace.
             if self.strip_bos and text.startswith(self.strip_bos):
                 text = text[len(self.strip_bos) :]
@@ -605,17 +590,12 @@ class VisionBackend:
                 field = fields.get(key)
                 return None if field is None else field.contents()
 
-            arch, name, vision = (
-                get("general.architecture"), get("general.name"), get("clip.has_vision_encoder")
-            )
+            arch, name, vision = (get("general.architecture"), get("general.name"), get("clip.has_vision_encoder"))
         except Exception as exc:
-            raise self._fail_projector(
-                f"not a GGUF file or corrupt (cannot read it: {_one_line(exc, 120)})"
-            ) from None
+            raise self._fail_projector(f"not a GGUF file or corrupt (cannot read it: {_one_line(exc, 120)})") from None
         if arch != "clip":
             raise self._fail_projector(
-                f"not a multimodal projector (GGUF architecture {arch!r}; an mmproj file "
-                "has 'clip')"
+                f"not a multimodal projector (GGUF architecture {arch!r}; an mmproj file has 'clip')"
             )
         if vision is False:  # absent: left to mtmd_support_vision after loading
             raise self._fail_projector("has no vision encoder")
@@ -655,9 +635,7 @@ class VisionBackend:
             finally:
                 _log_state.errors = None
             if not ctx:
-                raise self._fail_projector(
-                    f"llama.cpp could not load it ({_loader_reason(errors)})"
-                )
+                raise self._fail_projector(f"llama.cpp could not load it ({_loader_reason(errors)})")
             # Freed with the Llama, before its model (as llama-cpp-python's
             # own handlers do).
             llm._stack.callback(mtmd.mtmd_free, ctx)
@@ -726,9 +704,12 @@ class VisionBackend:
             if loaded is None:
                 raise ModelFailure("vision model is not loaded", code="backend_failed")
             start = time.perf_counter()
-            done, size, prepare_s = await stream_tokens(send, lambda pipe: trio.to_thread.run_sync(
-                self._generate_sync, loaded, params, pipe.put, abandon_on_cancel=False
-            ))
+            done, size, prepare_s = await stream_tokens(
+                send,
+                lambda pipe: trio.to_thread.run_sync(
+                    self._generate_sync, loaded, params, pipe.put, abandon_on_cancel=False
+                ),
+            )
             elapsed = time.perf_counter() - start
         stats = completion_stats(done, elapsed)
         stats["image_width"], stats["image_height"] = size

@@ -112,9 +112,7 @@ def _is_ip(text: str) -> bool:
     return True
 
 
-_MADDR = re.compile(
-    r"/(?P<proto>ip4|ip6)/(?P<addr>[^/\s]+)/tcp/(?P<port>\d{1,5})(?P<rest>(?:/[^/\s]+)*)"
-)
+_MADDR = re.compile(r"/(?P<proto>ip4|ip6)/(?P<addr>[^/\s]+)/tcp/(?P<port>\d{1,5})(?P<rest>(?:/[^/\s]+)*)")
 _PEER_SUFFIX = re.compile(r"(?:/[^/\s]+)*/p2p/[1-9A-HJ-NP-Za-km-z]+")
 
 
@@ -188,7 +186,7 @@ def _origins() -> Any:
 
     def check(v: Any) -> tuple[str, ...]:
         if not isinstance(v, list | tuple):
-            raise _Bad(f"expected a list of origins like \"http://192.0.2.7:3000\", got {_show(v)}")
+            raise _Bad(f'expected a list of origins like "http://192.0.2.7:3000", got {_show(v)}')
         for i, item in enumerate(v):
             if not (isinstance(item, str) and _ORIGIN.fullmatch(item)):
                 raise _Bad(f"item {i}: expected an origin scheme://host[:port] with no path, got {_show(item)}")
@@ -243,9 +241,7 @@ class RouterConfig:
 
 @dataclass(frozen=True)
 class UIConfig:
-    host: str = _str(
-        "127.0.0.1", lambda s: s == "localhost" or _is_ip(s), "an IPv4/IPv6 address or 'localhost'"
-    )
+    host: str = _str("127.0.0.1", lambda s: s == "localhost" or _is_ip(s), "an IPv4/IPv6 address or 'localhost'")
     port: int = _int(8765, 0, 65535)
     # Pages other than the node's own that may open its websocket (the node's own page, opened
     # by IP address or as localhost, always may).
@@ -319,8 +315,12 @@ class Config:
 
 
 _SECTIONS: dict[str, type] = {
-    "node": NodeSection, "p2p": P2PConfig, "router": RouterConfig, "ui": UIConfig,
-    "storage": StorageConfig, "limits": LimitsConfig,
+    "node": NodeSection,
+    "p2p": P2PConfig,
+    "router": RouterConfig,
+    "ui": UIConfig,
+    "storage": StorageConfig,
+    "limits": LimitsConfig,
 }
 _LEAVES: dict[str, Any] = {  # every valid dotted key -> its built-in default
     **{f"{s}.{f.name}": f.default for s, c in _SECTIONS.items() for f in fields(c)},
@@ -395,8 +395,7 @@ def _cross_check(cfg: Config, label_of: Callable[[str, str], str]) -> None:
         value, limit = _get(cfg, key), _get(cfg, other)
         if not rel(value, limit):
             raise ConfigError(
-                f"{label_of(key, other)}: {key}: must be {wording} {other} ({_n(limit)}), "
-                f"got {_n(value)}"
+                f"{label_of(key, other)}: {key}: must be {wording} {other} ({_n(limit)}), got {_n(value)}"
             )
 
 
@@ -457,9 +456,7 @@ def default_config_text() -> str:
 _NO_OVERRIDES: Mapping[str, str] = MappingProxyType({})
 
 
-def load_config(
-    path: Path | None, overrides: Mapping[str, str] = _NO_OVERRIDES, *, must_exist: bool = False
-) -> Config:
+def load_config(path: Path | None, overrides: Mapping[str, str] = _NO_OVERRIDES, *, must_exist: bool = False) -> Config:
     """Load and validate ``path`` (None or missing -> built-in defaults), then ``overrides``."""
     cfg, label = Config(), CMDLINE
     if path is not None:

@@ -23,10 +23,10 @@ from urllib.parse import urlsplit
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
 
+from ..realms.events import Code, QueryError, UserError, dumps
 from .config import REALMS
 from .http import MessageRefused, serve_ui
 from .limits import client_network
-from ..realms.events import Code, QueryError, UserError, dumps
 from .queries import Refused, check_guid, check_nickname
 
 if TYPE_CHECKING:
@@ -37,6 +37,8 @@ log = logging.getLogger("rentahal.control")
 MEDIA_SLACK = 64 * 1024  # a media request's JSON around its base64 payload
 SYSOP_HEADER = "x-rentahal-sysop"  # the sysop token in a websocket request head: a reserved place
 MAX_INFLIGHT_PER_CONNECTION = 16
+
+
 class BadRequest(UserError):
     """A client message this node will not take; ``rid`` is echoed when it could be read."""
 
@@ -101,8 +103,13 @@ async def serve_control(node: Node, *, task_status: trio.TaskStatus[str] = trio.
     async with trio.open_nursery() as nursery:
         port = await nursery.start(
             lambda task_status: serve_ui(
-                handler, cfg.host, cfg.port, max_message_size=max(message_limits(node.config).values()),
-                message_budget=limits.ws_buffer_bytes, may_use_reserved=is_sysop, task_status=task_status,
+                handler,
+                cfg.host,
+                cfg.port,
+                max_message_size=max(message_limits(node.config).values()),
+                message_budget=limits.ws_buffer_bytes,
+                may_use_reserved=is_sysop,
+                task_status=task_status,
             )
         )
         host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
@@ -133,14 +140,16 @@ def rate_key(client: str, guid: str, *, sysop: bool, limit_loopback: bool) -> tu
     return ("ip", client_network(client))
 
 
-
 def message_limits(config: Any) -> dict[str, int]:
     """Largest websocket message per realm of a query ("" for every other request): a chat
     prompt needs far less room than an image or a recording (max_payload_bytes, as base64)."""
     limits = config.limits
     media = 4 * -(-config.storage.max_payload_bytes // 3) + MEDIA_SLACK
-    return {"": limits.ws_request_bytes, "chat": limits.ws_chat_bytes,
-            **{realm: media for realm in REALMS if realm != "chat"}}
+    return {
+        "": limits.ws_request_bytes,
+        "chat": limits.ws_chat_bytes,
+        **{realm: media for realm in REALMS if realm != "chat"},
+    }
 
 
 def _size(raw: str | bytes) -> int:
@@ -165,8 +174,14 @@ class ControlSession:
             text = dumps(message, default=_json_default)
         except ValueError:  # NaN or an infinity (from a peer's answer): never shown as a number
             log.warning("refused to send a non-finite number to a client (op %s)", message.get("op"))
-            text = dumps({"op": "error", "rid": message.get("rid"), "code": Code.PROTOCOL_ERROR.value,
-                          "message": "the answer held a number that is not finite"})
+            text = dumps(
+                {
+                    "op": "error",
+                    "rid": message.get("rid"),
+                    "code": Code.PROTOCOL_ERROR.value,
+                    "message": "the answer held a number that is not finite",
+                }
+            )
         async with self.send_lock:
             await self.ws.send_message(text)
 
@@ -190,13 +205,23 @@ class ControlSession:
                         limit = self.limits.get(realm, self.limits[""])
                         if _size(raw) > limit:
                             what = f"a {realm} query" if realm else f"a {req['op']} request"
-                            await self.send({"op": "error", "rid": req.get("rid"), "code": "too_large",
-                                             "message": f"{what} is at most {limit} bytes, got {_size(raw)}"})
+                            await self.send(
+                                {
+                                    "op": "error",
+                                    "rid": req.get("rid"),
+                                    "code": "too_large",
+                                    "message": f"{what} is at most {limit} bytes, got {_size(raw)}",
+                                }
+                            )
                             continue
                         if self.inflight >= MAX_INFLIGHT_PER_CONNECTION:
                             await self.send(
-                                {"op": "error", "rid": req.get("rid"), "code": "busy",
-                                 "message": f"more than {MAX_INFLIGHT_PER_CONNECTION} requests in flight"}
+                                {
+                                    "op": "error",
+                                    "rid": req.get("rid"),
+                                    "code": "busy",
+                                    "message": f"more than {MAX_INFLIGHT_PER_CONNECTION} requests in flight",
+                                }
                             )
                             continue
                         nursery.start_soon(self.dispatch, req, held)
@@ -227,8 +252,14 @@ class ControlSession:
         except Exception as exc:  # a bug here must cost this request, not the session
             log.error("%s request failed: %s: %s", op, type(exc).__name__, exc)
             with contextlib.suppress(ConnectionClosed):
-                await self.send({"op": "error", "rid": rid, "code": Code.INTERNAL.value,
-                                 "message": f"{op} failed inside this node ({type(exc).__name__}); see its log"})
+                await self.send(
+                    {
+                        "op": "error",
+                        "rid": rid,
+                        "code": Code.INTERNAL.value,
+                        "message": f"{op} failed inside this node ({type(exc).__name__}); see its log",
+                    }
+                )
         finally:
             self.inflight -= 1
             if held:
@@ -283,8 +314,15 @@ class ControlSession:
             if kind == "result":
                 await self.send({"op": "result", "rid": rid, "result": event})
             elif kind == "error":
-                await self.send({"op": "error", "rid": rid, "code": event["code"], "message": event["message"],
-                                 "query_id": event.get("query_id")})
+                await self.send(
+                    {
+                        "op": "error",
+                        "rid": rid,
+                        "code": event["code"],
+                        "message": event["message"],
+                        "query_id": event.get("query_id"),
+                    }
+                )
             else:
                 await self.send({"op": "event", "rid": rid, "event": event})
 
@@ -297,7 +335,11 @@ class ControlSession:
         self._check_rate()
         subscriber = self._subscriber(rid, tokens=stream)
         query_id = await self.node.queries.submit(
-            self.guid, req["realm"], req["payload"], sysop=self.sysop, subscriber=subscriber,
+            self.guid,
+            req["realm"],
+            req["payload"],
+            sysop=self.sysop,
+            subscriber=subscriber,
         )
         self._follow(query_id, subscriber)
 
@@ -346,12 +388,14 @@ class ControlSession:
         if live is not None:  # running: its newest steps are in memory until it ends
             row["status"] = live.status
             row["executor"] = live.executor or row["executor"]
-            events += [{"query_id": query_id, "status": e.status, "at": e.at, "executor": e.executor,
-                        "detail": e.detail} for e in live.history]
+            events += [
+                {"query_id": query_id, "status": e.status, "at": e.at, "executor": e.executor, "detail": e.detail}
+                for e in live.history
+            ]
         return {"query": self._flagged(_row(row)), "result": result, "events": events}
 
     async def op_report(self, req: dict[str, Any], rid: Any) -> dict[str, Any]:
-        """"This answer is wrong": held against the peer that gave it, which is spot-checked."""
+        """ "This answer is wrong": held against the peer that gave it, which is spot-checked."""
         query_id = _query_id(req)
         row = await self.node.storage.get_query(query_id)
         if row is None or (row["user_guid"] != self.guid and not self.sysop):
@@ -448,9 +492,20 @@ SYSOP_OPS = {"users", "ban", "unban", "set_realm", "set_peer", "audit"}
 
 # The JSON type of every request field (a bool is never taken for an integer).
 FIELD_TYPES: dict[str, type] = {
-    "guid": str, "nickname": str, "sysop_token": str, "realm": str, "payload": dict, "stream": bool,
-    "query_id": str, "reason": str, "user": str, "limit": int, "all": bool, "enabled": bool,
-    "peer_id": str, "blocked": bool,
+    "guid": str,
+    "nickname": str,
+    "sysop_token": str,
+    "realm": str,
+    "payload": dict,
+    "stream": bool,
+    "query_id": str,
+    "reason": str,
+    "user": str,
+    "limit": int,
+    "all": bool,
+    "enabled": bool,
+    "peer_id": str,
+    "blocked": bool,
 }
 JSON_TYPE = {str: "a string", dict: "an object", bool: "true or false", int: "an integer"}
 INT_RANGE = (-(2**63), 2**63 - 1)  # what storage and the wire (msgpack) can hold
@@ -473,7 +528,7 @@ def parse_request(raw: str | bytes) -> dict[str, Any]:
     if not isinstance(req, dict):
         raise BadRequest("a request is a JSON object")
     rid = req.get("rid")
-    if not (rid is None or isinstance(rid, (int, str)) and not isinstance(rid, bool)):
+    if not (rid is None or (isinstance(rid, (int, str)) and not isinstance(rid, bool))):
         raise BadRequest("rid must be an integer or a string")
     try:
         return _check_request(req)

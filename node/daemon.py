@@ -19,19 +19,19 @@ import trio
 
 from .. import __version__
 from ..p2p import addrs as addrlib
+from ..p2p.budget import ByteBudget, ConnectionGate
 from ..p2p.discovery import RealmDiscovery
 from ..p2p.gossip import GossipBudget, HealthGossip
 from ..p2p.health import HealthRecord
-from ..p2p.budget import ByteBudget, ConnectionGate
 from ..p2p.host import DialError, FederationHost, open_federation_host
 from ..p2p.identity import Identity
 from ..p2p.maintenance import PeerMaintenance
 from ..p2p.mdns import LanDiscovery
-from ..p2p.relay import RelayLimits, RelayService
-from ..p2p.reachability import PROTOCOL_ID as DIALBACK_ID
-from ..p2p.reachability import DialBack, Reachability
 from ..p2p.peers import PeerState, PeerTable
 from ..p2p.query import IncomingQuery, QueryClient, QueryService
+from ..p2p.reachability import PROTOCOL_ID as DIALBACK_ID
+from ..p2p.reachability import DialBack, Reachability
+from ..p2p.relay import RelayLimits, RelayService
 from ..p2p.wire import PROTOCOL_ID
 from ..realms import events as ev
 from ..realms.events import Code, ExecutorFailure, FailureKind, QueryError, StorageFailure
@@ -113,9 +113,12 @@ class Node:
         overrides = await self.storage.realm_overrides()
         self.local.disabled = {realm for realm, enabled in overrides.items() if not enabled}
         lim = cfg.limits
-        gate = ConnectionGate(pending_per_ip=lim.pending_per_ip, open_per_ip=lim.inbound_per_ip, total=lim.inbound_total)
-        async with open_federation_host(self.identity, cfg.p2p.listen, announce=cfg.p2p.announce, gate=gate,
-                                        handshake_timeout=lim.handshake_timeout) as fh:
+        gate = ConnectionGate(
+            pending_per_ip=lim.pending_per_ip, open_per_ip=lim.inbound_per_ip, total=lim.inbound_total
+        )
+        async with open_federation_host(
+            self.identity, cfg.p2p.listen, announce=cfg.p2p.announce, gate=gate, handshake_timeout=lim.handshake_timeout
+        ) as fh:
             self.fh = fh
             self.table = PeerTable(
                 self.peer_id,
@@ -127,8 +130,12 @@ class Node:
                 clock=trio.current_time,
             )
             self.client = QueryClient(
-                fh.host, self.peer_id, dial_timeout=cfg.p2p.dial_timeout, first_progress=cfg.router.first_progress,
-                hang_timeout=cfg.router.hang_timeout, verdict=self._verdict,
+                fh.host,
+                self.peer_id,
+                dial_timeout=cfg.p2p.dial_timeout,
+                first_progress=cfg.router.first_progress,
+                hang_timeout=cfg.router.hang_timeout,
+                verdict=self._verdict,
                 on_broken=self.table.mark_unresponsive,
             )
             self.realm_discovery = RealmDiscovery(fh, self.table, refresh=cfg.p2p.dht_refresh, dial=self._dial_quietly)
@@ -145,8 +152,13 @@ class Node:
             for peer_id in await self.storage.blocked_peers():
                 self.table.set_blocked(peer_id, True)
             self.maintenance = PeerMaintenance(
-                fh, self.table, dial_timeout=cfg.p2p.dial_timeout, bootstrap=cfg.p2p.bootstrap,
-                forget_after=cfg.p2p.forget_after, max_peers=MAX_PEERS, state_interval=cfg.p2p.health_interval / 2,
+                fh,
+                self.table,
+                dial_timeout=cfg.p2p.dial_timeout,
+                bootstrap=cfg.p2p.bootstrap,
+                forget_after=cfg.p2p.forget_after,
+                max_peers=MAX_PEERS,
+                state_interval=cfg.p2p.health_interval / 2,
                 quiet_after=cfg.p2p.health_heartbeat * 1.1,
             )
             self.maintenance.busy = lambda peer_id: peer_id in self._attempts
@@ -159,9 +171,13 @@ class Node:
                 max_active_per_user=cfg.limits.max_active,
                 check_payload=check_payload,
             )
-            service = QueryService(self._serve_peer_query, on_violation=self._on_violation,
-                                   refuse=self.table.is_blocked, max_streams_per_peer=lim.peer_streams,
-                                   frame_budget=ByteBudget(lim.buffer_bytes, lim.peer_buffer_bytes))
+            service = QueryService(
+                self._serve_peer_query,
+                on_violation=self._on_violation,
+                refuse=self.table.is_blocked,
+                max_streams_per_peer=lim.peer_streams,
+                frame_budget=ByteBudget(lim.buffer_bytes, lim.peer_buffer_bytes),
+            )
             fh.set_stream_handler(PROTOCOL_ID, service.handle_stream)
             self.dialback = DialBack(fh)
             p2p = cfg.p2p
@@ -181,19 +197,29 @@ class Node:
                     nursery.start_soon(self._advertise)
                     self._violation_reports, violations = trio.open_memory_channel[tuple[str, str]](64)
                     nursery.start_soon(self._count_reported_violations, violations)
-                    budget = GossipBudget(cfg.p2p.gossip_per_second, cfg.p2p.introductions_per_minute,
-                                          on_violation=self._report_violation)
+                    budget = GossipBudget(
+                        cfg.p2p.gossip_per_second, cfg.p2p.introductions_per_minute, on_violation=self._report_violation
+                    )
                     fh.pubsub.budget, fh.pubsub.refuse = budget, self.table.is_blocked
                     self.gossip = gossip = HealthGossip(
-                        fh, self.identity, interval=cfg.p2p.health_interval, heartbeat=cfg.p2p.health_heartbeat,
-                        make_record=self.health_record, on_record=self._take_record,
-                        known=lambda peer_id: self.table.get(peer_id) is not None, budget=budget,
+                        fh,
+                        self.identity,
+                        interval=cfg.p2p.health_interval,
+                        heartbeat=cfg.p2p.health_heartbeat,
+                        make_record=self.health_record,
+                        on_record=self._take_record,
+                        known=lambda peer_id: self.table.get(peer_id) is not None,
+                        budget=budget,
                     )
                     self.maintenance.on_connect = lambda peer_id: nursery.start_soon(gossip.peer_connected, peer_id)
                     await nursery.start(gossip.run)
                     self.spot = SpotChecker(
-                        self.table, self_id=self.peer_id, run_remote=self._canary_remote, run_local=self._canary_local,
-                        local_model=self._local_model, every=cfg.router.spot_check_every,
+                        self.table,
+                        self_id=self.peer_id,
+                        run_remote=self._canary_remote,
+                        run_local=self._canary_local,
+                        local_model=self._local_model,
+                        every=cfg.router.spot_check_every,
                     )
                     await nursery.start(self.spot.run)
                     await nursery.start(self.relay.run)
@@ -256,8 +282,13 @@ class Node:
                         break
                     if not_before.get(pid, 0.0) > trio.current_time():
                         continue
-                    if (pid not in self.client.sessions and pid not in opening and e.record is not None
-                            and e.record.realms and self.table.state(e) is PeerState.LIVE):
+                    if (
+                        pid not in self.client.sessions
+                        and pid not in opening
+                        and e.record is not None
+                        and e.record.realms
+                        and self.table.state(e) is PeerState.LIVE
+                    ):
                         opening.add(pid)
                         nursery.start_soon(watch, pid)
                 if len(not_before) > MAX_WATCHED * 4:
@@ -346,8 +377,7 @@ class Node:
                     except Exception as exc:  # a storage hiccup costs the memory of one peer only
                         log.debug("could not remember peer %s: %s", pid, exc)
             if new:
-                log.info("remembered %d more peer(s) to rejoin through after a restart (%d in all)",
-                         new, len(saved))
+                log.info("remembered %d more peer(s) to rejoin through after a restart (%d in all)", new, len(saved))
             if len(saved) > MAX_PEERS:
                 saved.clear()
 
@@ -399,8 +429,12 @@ class Node:
         self._attempts[peer_id] = self._attempts.get(peer_id, 0) + 1
         try:
             return await self.client.execute(
-                peer_id, query_id=query.query_id, realm=query.realm, payload=query.payload,
-                deadline_s=query.deadline_s, emit=emit,
+                peer_id,
+                query_id=query.query_id,
+                realm=query.realm,
+                payload=query.payload,
+                deadline_s=query.deadline_s,
+                emit=emit,
             )
         finally:
             left = self._attempts.pop(peer_id, 1) - 1
@@ -433,11 +467,16 @@ class Node:
         """A user says the answer to ``row`` was wrong."""
         executor = row.get("executor") or ""
         if not executor or executor == LOCAL or executor == self.peer_id:
-            raise Refused("bad_request", f"query {row['id']} was not answered by a peer "
-                          f"({'by this node' if executor else 'not answered'}): nothing to report")
+            raise Refused(
+                "bad_request",
+                f"query {row['id']} was not answered by a peer "
+                f"({'by this node' if executor else 'not answered'}): nothing to report",
+            )
         self.table.record_report(executor, reason)
         self.spot.check_now(executor)
-        log.info("user reported an answer of %s as wrong (query %s): %s", executor, row["id"], reason or "no reason given")
+        log.info(
+            "user reported an answer of %s as wrong (query %s): %s", executor, row["id"], reason or "no reason given"
+        )
         return {"query_id": row["id"], "executor": executor, "reported": True, "spot_check": "queued"}
 
     def _verdict(self, peer_id: str) -> tuple[FailureKind, str] | None:
@@ -448,7 +487,10 @@ class Node:
             return None
         state = self.table.state(entry)
         if state is PeerState.STALE:
-            return FailureKind.HUNG, f"{peer_id} went stale (no health record for {self.table.record_age(entry) or 0:.1f}s)"
+            return (
+                FailureKind.HUNG,
+                f"{peer_id} went stale (no health record for {self.table.record_age(entry) or 0:.1f}s)",
+            )
         if state is PeerState.UNRESPONSIVE:
             return FailureKind.HUNG, f"{peer_id} is unresponsive ({entry.unresponsive})"
         if not self.fh.is_connected(peer_id):
@@ -463,19 +505,31 @@ class Node:
         if wait > 0:
             limits = self.config.limits
             if self.peer_limiter.first_refusal(incoming.peer_id):
-                log.warning("rate-limited peer %s (%g queries/min, burst %d)",
-                            incoming.peer_id, limits.peer_queries_per_minute, limits.peer_burst)
+                log.warning(
+                    "rate-limited peer %s (%g queries/min, burst %d)",
+                    incoming.peer_id,
+                    limits.peer_queries_per_minute,
+                    limits.peer_burst,
+                )
             raise ExecutorFailure(
                 f"rate limited: more than {limits.peer_queries_per_minute:g} queries per minute from "
                 f"your node (burst {limits.peer_burst}); try again in {max(wait, 0.1):.1f} s",
-                Code.BUSY, retry_after=max(wait, 0.05),
+                Code.BUSY,
+                retry_after=max(wait, 0.05),
             )
         rc = self.config.realms.get(req.realm)
         if rc is not None and rc.allow and incoming.peer_id not in rc.allow:
-            raise ExecutorFailure(f"{req.realm} is private on this node: your node is not on its allow list",
-                                  Code.REALM_NOT_SERVED)
-        query = Query(req.query_id, req.realm, dict(req.payload), req.deadline_ms / 1000.0, incoming.peer_id,
-                      priority=Priority.PEER)
+            raise ExecutorFailure(
+                f"{req.realm} is private on this node: your node is not on its allow list", Code.REALM_NOT_SERVED
+            )
+        query = Query(
+            req.query_id,
+            req.realm,
+            dict(req.payload),
+            req.deadline_ms / 1000.0,
+            incoming.peer_id,
+            priority=Priority.PEER,
+        )
         log.debug("query %s (%s) from peer %s", req.query_id, req.realm, incoming.peer_id)
         try:
             result = await self.local.execute(query, emit)
@@ -517,8 +571,15 @@ class Node:
     async def stats_report(self) -> dict[str, Any]:
         stored = await self.storage.stats()
         out = {}
-        zero = {"served_local": 0, "served_for_peers": 0, "failures": 0, "cancelled": 0,
-                "avg_ms": None, "p95_ms": None, "total_cost": 0.0}
+        zero = {
+            "served_local": 0,
+            "served_for_peers": 0,
+            "failures": 0,
+            "cancelled": 0,
+            "avg_ms": None,
+            "p95_ms": None,
+            "total_cost": 0.0,
+        }
         for realm in REALMS:
             slot = self.local.slots[realm]
             row = {**zero, **stored.get(realm, {})}
@@ -551,10 +612,18 @@ class Node:
         if len(times) == 1:  # the first in a minute: said once, however many follow
             log.warning("protocol violation by %s: %s", peer_id, reason)
         if len(times) >= VIOLATION_LIMIT and not self.table.is_blocked(peer_id):
-            self.table.penalize(peer_id, VIOLATION_BLOCK, f"{len(times)} protocol violations in "
-                                f"{VIOLATION_WINDOW:g}s (last: {reason[:100]})")
-            log.warning("blocked peer %s for %gs: %d protocol violations in %gs", peer_id, VIOLATION_BLOCK,
-                        len(times), VIOLATION_WINDOW)
+            self.table.penalize(
+                peer_id,
+                VIOLATION_BLOCK,
+                f"{len(times)} protocol violations in {VIOLATION_WINDOW:g}s (last: {reason[:100]})",
+            )
+            log.warning(
+                "blocked peer %s for %gs: %d protocol violations in %gs",
+                peer_id,
+                VIOLATION_BLOCK,
+                len(times),
+                VIOLATION_WINDOW,
+            )
             from libp2p.peer.id import ID
 
             with trio.move_on_after(2):
@@ -595,8 +664,9 @@ class Node:
                     "reports": e.reports,
                     "trusted": [r for r, rc in self.config.realms.items() if e.peer_id in rc.trusted],
                     "allowed": [r for r, rc in self.config.realms.items() if e.peer_id in rc.allow],
-                    "blocked": ("by the sysop" if e.blocked else
-                                e.penalty_reason if self.table.is_blocked(e.peer_id) else None),
+                    "blocked": (
+                        "by the sysop" if e.blocked else e.penalty_reason if self.table.is_blocked(e.peer_id) else None
+                    ),
                     "sources": sorted(e.sources),
                 }
             )
@@ -681,4 +751,4 @@ class Node:
         }
 
 
-__all__ = ["Node", "RUN_FILE"]
+__all__ = ["RUN_FILE", "Node"]

@@ -129,24 +129,33 @@ class LocalRealms:
             raise
         ms = (trio.current_time() - started) * 1000.0
         rc = slot.config
-        cost = rc.cost_per_query + rc.cost_per_second * ms / 1000.0 + (
-            rc.cost_per_token * float(result.stats.get("tokens", 0))
+        cost = (
+            rc.cost_per_query
+            + rc.cost_per_second * ms / 1000.0
+            + (rc.cost_per_token * float(result.stats.get("tokens", 0)))
         )
         self._record(query.realm, for_peer=for_peer, ok=True, ms=ms, cost=cost)
         return ev.Result(result.output, {**result.stats, "cost": round(cost, 6)})
 
     async def _run(
-        self, slot: RealmSlot, query: Query, emit: StreamEmit, accepted: PositionReport, for_peer: bool,
+        self,
+        slot: RealmSlot,
+        query: Query,
+        emit: StreamEmit,
+        accepted: PositionReport,
+        for_peer: bool,
     ) -> ev.Result:
         """The backend's answer once the queue admits the query; every failure a QueryError."""
         try:
             with trio.fail_after(query.deadline_s):
-                async with slot.queue.admit(query.query_id, accepted, priority=query.priority,
-                                            owner=query.origin if for_peer else ""):
+                async with slot.queue.admit(
+                    query.query_id, accepted, priority=query.priority, owner=query.origin if for_peer else ""
+                ):
                     backend = slot.backend
                     if backend is None or slot.status != "ready":  # restarted while we waited
-                        raise ExecutorFailure(f"{query.realm}: {self.not_served_reason(query.realm)}", Code.BUSY,
-                                              retry_after=1.0)
+                        raise ExecutorFailure(
+                            f"{query.realm}: {self.not_served_reason(query.realm)}", Code.BUSY, retry_after=1.0
+                        )
                     result: ev.Result = await self._guarded(slot, lambda: backend.generate(query.payload, emit))
                     return result
         except trio.TooSlowError:
@@ -191,7 +200,8 @@ class LocalRealms:
     def _restart(self, slot: RealmSlot) -> None:
         log.error(
             "%s: backend still busy %.0fs after its query was stopped: stuck; restarting it",
-            slot.name, self.watchdog_grace,
+            slot.name,
+            self.watchdog_grace,
         )
         slot.status = "restarting"
         slot.backend = None  # the stuck instance is abandoned with its thread
@@ -246,9 +256,7 @@ class LocalRealms:
         label = " (SMOKE-TEST MODEL: random weights, output is gibberish)" if slot.smoke_test else ""
         log.info("%s: serving %s%s%s", slot.name, slot.model, " on GPU" if slot.gpu else "", label)
 
-    async def smoke_model(
-        self, name: str, write: Callable[[Path], Any], *, parts: tuple[str, ...] = ()
-    ) -> Path:
+    async def smoke_model(self, name: str, write: Callable[[Path], Any], *, parts: tuple[str, ...] = ()) -> Path:
         """The path of a smoke-test model in the data dir, written on first use (and rewritten
         if a earlier write was interrupted: every one of ``parts`` must be there)."""
         path = self.data_dir / "models" / SMOKE_DIR / name
@@ -356,9 +364,7 @@ async def _vision(local: LocalRealms, rc: RealmConfig) -> Any:
 
     model = local.model_path("vision", rc.model)
     if model is None:
-        folder = await local.smoke_model(
-            "vision", lambda p: write_tiny_vision(p), parts=("model.gguf", "mmproj.gguf")
-        )
+        folder = await local.smoke_model("vision", lambda p: write_tiny_vision(p), parts=("model.gguf", "mmproj.gguf"))
         model, mmproj = folder / "model.gguf", folder / "mmproj.gguf"
     elif rc.mmproj:
         mmproj = Path(rc.mmproj).expanduser()

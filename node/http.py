@@ -45,9 +45,11 @@ TYPES = {
 }
 SECURITY_HEADERS = (
     # Only this node's own files and websocket; media from data: and blob: URLs made in the page.
-    ("Content-Security-Policy",
-     "default-src 'self'; connect-src 'self'; img-src 'self' data: blob:; media-src 'self' data: blob:; "
-     "object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'none'"),
+    (
+        "Content-Security-Policy",
+        "default-src 'self'; connect-src 'self'; img-src 'self' data: blob:; media-src 'self' data: blob:; "
+        "object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'none'",
+    ),
     ("X-Content-Type-Options", "nosniff"),
     ("Referrer-Policy", "no-referrer"),
     ("Cache-Control", "no-cache"),
@@ -139,11 +141,22 @@ def load_ui_files() -> dict[str, tuple[str, bytes]]:
     return files
 
 
-def response(status: int, reason: str, body: bytes, content_type: str, *, head_only: bool = False,
-             extra: tuple[tuple[str, str], ...] = ()) -> bytes:
-    lines = [f"HTTP/1.1 {status} {reason}", f"Content-Type: {content_type}",
-             f"Content-Length: {len(body)}", "Connection: close",
-             *(f"{k}: {v}" for k, v in SECURITY_HEADERS + extra)]
+def response(
+    status: int,
+    reason: str,
+    body: bytes,
+    content_type: str,
+    *,
+    head_only: bool = False,
+    extra: tuple[tuple[str, str], ...] = (),
+) -> bytes:
+    lines = [
+        f"HTTP/1.1 {status} {reason}",
+        f"Content-Type: {content_type}",
+        f"Content-Length: {len(body)}",
+        "Connection: close",
+        *(f"{k}: {v}" for k, v in SECURITY_HEADERS + extra),
+    ]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (b"" if head_only else body)
 
 
@@ -184,8 +197,12 @@ class BudgetedWebSocket(WebSocketConnection):
     its reservation until the reader hands it back (:meth:`take_reservation`, :meth:`release`)."""
 
     def __init__(self, stream: trio.abc.Stream, *, budget: ByteBudget, key: str, max_message_size: int) -> None:
-        super().__init__(stream, WSConnection(ConnectionType.SERVER), max_message_size=max_message_size,
-                         receive_buffer_size=WS_RECEIVE_BYTES)
+        super().__init__(
+            stream,
+            WSConnection(ConnectionType.SERVER),
+            max_message_size=max_message_size,
+            receive_buffer_size=WS_RECEIVE_BYTES,
+        )
         self.budget = budget
         self.key = key
         self._reserved = 0  # for the message being received
@@ -213,9 +230,11 @@ class BudgetedWebSocket(WebSocketConnection):
         if size <= FREE_MESSAGE:
             return None
         if not self.budget.reserve(self.key, size - self._reserved):
-            return MessageRefused(f"message of over {FREE_MESSAGE} bytes refused: this node holds at most "
-                                  f"{self.budget.total} bytes of large messages at once; try again shortly",
-                                  "busy")
+            return MessageRefused(
+                f"message of over {FREE_MESSAGE} bytes refused: this node holds at most "
+                f"{self.budget.total} bytes of large messages at once; try again shortly",
+                "busy",
+            )
         self._reserved = size
         return None
 
@@ -248,8 +267,9 @@ class BudgetedWebSocket(WebSocketConnection):
             self.release(held)
 
 
-async def open_websocket(nursery: trio.Nursery, stream: trio.abc.Stream, *, budget: ByteBudget, key: str,
-                         max_message_size: int) -> tuple[WebSocketRequest, BudgetedWebSocket]:
+async def open_websocket(
+    nursery: trio.Nursery, stream: trio.abc.Stream, *, budget: ByteBudget, key: str, max_message_size: int
+) -> tuple[WebSocketRequest, BudgetedWebSocket]:
     """trio-websocket's ``wrap_server_stream`` with a :class:`BudgetedWebSocket`."""
     connection = BudgetedWebSocket(stream, budget=budget, key=key, max_message_size=max_message_size)
     nursery.start_soon(connection._reader_task)
@@ -257,10 +277,17 @@ async def open_websocket(nursery: trio.Nursery, stream: trio.abc.Stream, *, budg
 
 
 async def serve_ui(
-    handler: WebSocketHandler, host: str, port: int, *, max_message_size: int,
-    head_timeout: float = HEAD_TIMEOUT, files: dict[str, tuple[str, bytes]] | None = None,
-    max_connections: int = MAX_CONNECTIONS, max_per_client: int = MAX_CONNECTIONS_PER_CLIENT,
-    max_pending_per_client: int = MAX_PENDING_PER_CLIENT, reserved: int = RESERVED_CONNECTIONS,
+    handler: WebSocketHandler,
+    host: str,
+    port: int,
+    *,
+    max_message_size: int,
+    head_timeout: float = HEAD_TIMEOUT,
+    files: dict[str, tuple[str, bytes]] | None = None,
+    max_connections: int = MAX_CONNECTIONS,
+    max_per_client: int = MAX_CONNECTIONS_PER_CLIENT,
+    max_pending_per_client: int = MAX_PENDING_PER_CLIENT,
+    reserved: int = RESERVED_CONNECTIONS,
     may_use_reserved: Callable[[dict[str, str]], bool] | None = None,
     message_budget: int = MESSAGE_BUDGET,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
@@ -333,7 +360,10 @@ async def serve_ui(
             async with trio.open_nursery() as nursery:
                 with trio.move_on_after(head_timeout) as scope:
                     request, connection = await open_websocket(
-                        nursery, ReplayStream(stream, head.raw), budget=budget, key=client_network(client),
+                        nursery,
+                        ReplayStream(stream, head.raw),
+                        budget=budget,
+                        key=client_network(client),
                         max_message_size=max_message_size,
                     )
                 try:
@@ -367,8 +397,13 @@ async def _read_head_or_answer(stream: trio.SocketStream, head_timeout: float) -
 
 
 def _busy_response() -> bytes:
-    return response(503, "Service Unavailable", b"too many connections; try again shortly\n",
-                    "text/plain; charset=utf-8", extra=(("Retry-After", str(RETRY_AFTER)),))
+    return response(
+        503,
+        "Service Unavailable",
+        b"too many connections; try again shortly\n",
+        "text/plain; charset=utf-8",
+        extra=(("Retry-After", str(RETRY_AFTER)),),
+    )
 
 
 async def _refuse_busy(stream: trio.SocketStream) -> None:

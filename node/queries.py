@@ -43,6 +43,7 @@ def _number(value: Any, default: float) -> float:
         return default
     return float(value)
 
+
 Subscriber = Callable[[dict[str, Any]], Awaitable[None]]  # the event as JSON-ready data
 STORAGE_RETRY = 2.0  # seconds between tries to store an answer while storage is full
 GUID_RE = re.compile(r"[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}\Z")
@@ -120,8 +121,9 @@ class QueryManager:
             self._nursery = nursery
             unfinished = await self.storage.unfinished_queries()
             for row in unfinished:
-                active = self._start(row["id"], row["user_guid"], row["realm"], row["payload"], row["priority"],
-                                     row["deadline_at"])
+                active = self._start(
+                    row["id"], row["user_guid"], row["realm"], row["payload"], row["priority"], row["deadline_at"]
+                )
                 active.note("queued", detail="resumed after restart")
             if unfinished:
                 log.info("resumed %d unfinished quer%s", len(unfinished), "y" if len(unfinished) == 1 else "ies")
@@ -129,7 +131,12 @@ class QueryManager:
             await trio.sleep_forever()
 
     async def submit(
-        self, user_guid: str, realm: str, payload: dict[str, Any], *, sysop: bool = False,
+        self,
+        user_guid: str,
+        realm: str,
+        payload: dict[str, Any],
+        *,
+        sysop: bool = False,
         subscriber: Subscriber | None = None,
     ) -> str:
         ban = self._bans.get(user_guid)
@@ -143,10 +150,16 @@ class QueryManager:
             raise Refused("too_large", f"payload is {size} bytes; this node takes at most {self.max_payload_bytes}")
         # It must also travel to a peer: check it against the wire's own rules now, not mid-route.
         try:
-            wire.encode(wire.QueryRequest(
-                version=wire.PROTOCOL_VERSION, query_id="check", realm=realm, payload=payload,
-                deadline_ms=1, origin=self.origin,
-            ))
+            wire.encode(
+                wire.QueryRequest(
+                    version=wire.PROTOCOL_VERSION,
+                    query_id="check",
+                    realm=realm,
+                    payload=payload,
+                    deadline_ms=1,
+                    origin=self.origin,
+                )
+            )
         except wire.WireError as exc:
             raise Refused("bad_request", f"payload cannot be sent to a peer: {exc}") from None
         if self.check_payload is not None:
@@ -162,8 +175,12 @@ class QueryManager:
         try:
             with trio.CancelScope(shield=True):  # stored means started: a client gone meanwhile changes nothing
                 await self.storage.insert_query(
-                    query_id=query_id, user_guid=user_guid, realm=realm, payload=payload,
-                    priority=int(priority), deadline_at=deadline_at,
+                    query_id=query_id,
+                    user_guid=user_guid,
+                    realm=realm,
+                    payload=payload,
+                    priority=int(priority),
+                    deadline_at=deadline_at,
                 )
                 # Stored: from here on the query cannot be lost.
                 self._start(query_id, user_guid, realm, payload, int(priority), deadline_at, subscriber)
@@ -184,8 +201,14 @@ class QueryManager:
         self._remember_ban(guid, banned, reason)
 
     def _start(
-        self, query_id: str, user_guid: str, realm: str, payload: dict[str, Any], priority: int,
-        deadline_at: float, subscriber: Subscriber | None = None,
+        self,
+        query_id: str,
+        user_guid: str,
+        realm: str,
+        payload: dict[str, Any],
+        priority: int,
+        deadline_at: float,
+        subscriber: Subscriber | None = None,
     ) -> ActiveQuery:
         assert self._nursery is not None, "QueryManager.run() is not running"
         active = ActiveQuery(query_id, user_guid, realm)
@@ -250,28 +273,49 @@ class QueryManager:
 
     async def _store_result(self, active: ActiveQuery, result: ev.Result, started: float) -> None:
         stats = result.stats
-        stored = await self._persist(active, lambda: self.storage.finish_query(
-            active.query_id, active.user_guid, output=result.output, stats=stats,
-            executor=result.executor, failovers=list(result.failovers), attempts=result.attempt,
-            # a peer's stats are hostile input: numbers or nothing
-            processing_ms=_number(stats.get("ms"), (time.time() - started) * 1000.0),
-            cost=_number(stats.get("cost"), 0.0), events=active.history,
-        ))
+        stored = await self._persist(
+            active,
+            lambda: self.storage.finish_query(
+                active.query_id,
+                active.user_guid,
+                output=result.output,
+                stats=stats,
+                executor=result.executor,
+                failovers=list(result.failovers),
+                attempts=result.attempt,
+                # a peer's stats are hostile input: numbers or nothing
+                processing_ms=_number(stats.get("ms"), (time.time() - started) * 1000.0),
+                cost=_number(stats.get("cost"), 0.0),
+                events=active.history,
+            ),
+        )
         active.status = "done"
         if stored:
             log.log(  # one line per query is too many for a busy node: failovers only
                 logging.INFO if result.failovers else logging.DEBUG,
-                "query %s (%s) answered by %s%s", active.query_id, active.realm, result.executor,
+                "query %s (%s) answered by %s%s",
+                active.query_id,
+                active.realm,
+                result.executor,
                 f" after failover from {', '.join(result.failovers)}" if result.failovers else "",
             )
         await self._publish(active, result)
 
     async def _end(self, active: ActiveQuery, code: Code, message: str, status: str = "failed") -> None:
         with trio.CancelScope(shield=True):
-            await self._persist(active, lambda: self.storage.end_query(
-                active.query_id, active.user_guid, status, error_code=code.value, error_message=message[:1000],
-                executor=active.executor, attempts=active.attempt or None, events=active.history,
-            ))
+            await self._persist(
+                active,
+                lambda: self.storage.end_query(
+                    active.query_id,
+                    active.user_guid,
+                    status,
+                    error_code=code.value,
+                    error_message=message[:1000],
+                    executor=active.executor,
+                    attempts=active.attempt or None,
+                    events=active.history,
+                ),
+            )
             await self._publish(active, ev.Failed(code, message))
 
     async def _persist(self, active: ActiveQuery, write: Callable[[], Awaitable[bool]]) -> bool:
@@ -287,8 +331,12 @@ class QueryManager:
                     return False
                 if not told:
                     told = True
-                    log.warning("query %s: cannot store its end (%s); retrying every %gs",
-                                active.query_id, exc.message, STORAGE_RETRY)
+                    log.warning(
+                        "query %s: cannot store its end (%s); retrying every %gs",
+                        active.query_id,
+                        exc.message,
+                        STORAGE_RETRY,
+                    )
                     await self._publish(active, ev.Progress(exc.code.value, 0, None))
                 await trio.sleep(STORAGE_RETRY)
 

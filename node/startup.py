@@ -24,10 +24,13 @@ def check_ui_port(host: str, port: int) -> None:
             s.bind((host, port))
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
-                raise OSError(exc.errno, f"ui.port: {host}:{port} is already in use (another node or "
-                                         "program; set ui.port or --ui-port)") from None
-            raise OSError(exc.errno, f"ui.host/ui.port: cannot listen on {host}:{port}: "
-                                     f"{exc.strerror or exc}") from None
+                raise OSError(
+                    exc.errno,
+                    f"ui.port: {host}:{port} is already in use (another node or program; set ui.port or --ui-port)",
+                ) from None
+            raise OSError(
+                exc.errno, f"ui.host/ui.port: cannot listen on {host}:{port}: {exc.strerror or exc}"
+            ) from None
 
 
 def leaves(exc: BaseException) -> Iterator[BaseException]:

@@ -7,8 +7,9 @@ are serialized and different shards run in parallel. Writes to a file are group-
 writes that queue up while one transaction runs go together into the next one (each in its own
 savepoint, so one failing write does not undo the others). A query costs two write
 transactions: stored before it is routed, finished (with its status history) after. Realm
-counters are kept in memory and flushed once a second. A full disk raises ``StorageFull``. Other processes may open the same files:
-WAL, a busy timeout and `BEGIN IMMEDIATE` for every write keep them out of each other's way.
+counters are kept in memory and flushed once a second. A full disk raises ``StorageFull``.
+Other processes may open the same files: WAL, a busy timeout and `BEGIN IMMEDIATE` for every
+write keep them out of each other's way.
 Values are always bound parameters; SQL is only ever formatted with our own identifiers.
 """
 
@@ -158,9 +159,7 @@ def shard_file(i: int, n: int) -> str:
 
 
 def _connect(path: Path) -> Database:
-    conn = sqlite3.connect(
-        path, timeout=BUSY_TIMEOUT_S, check_same_thread=False, isolation_level=None
-    )
+    conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, check_same_thread=False, isolation_level=None)
     db = Database(conn, execute_plugins=False)
     db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
     # Before anything writes to it: a damaged file is named and left as it is, not "repaired".
@@ -531,8 +530,7 @@ class Storage:
             if cur.rowcount == 0:
                 raise StorageError(f"no query {query_id!r} for user {user_guid!r}")
             db.execute(
-                "INSERT INTO query_events (query_id, status, at, executor, detail) "
-                "VALUES (?, ?, ?, ?, ?)",
+                "INSERT INTO query_events (query_id, status, at, executor, detail) VALUES (?, ?, ?, ?, ?)",
                 (query_id, status, now, executor, detail),
             )
 
@@ -560,8 +558,7 @@ class Storage:
         def write(db: Database) -> bool:
             try:
                 cur = db.execute(
-                    "INSERT OR IGNORE INTO results (query_id, output, stats, created_at) "
-                    "VALUES (?, ?, ?, ?)",
+                    "INSERT OR IGNORE INTO results (query_id, output, stats, created_at) VALUES (?, ?, ?, ?)",
                     (query_id, _pack(output), json.dumps(stats), now),
                 )
             except sqlite3.IntegrityError as e:  # the foreign key: no such query
@@ -647,11 +644,7 @@ class Storage:
 
     async def history(self, user_guid: str | None = None, limit: int = 50) -> list[Row]:
         """Newest first; each row is the query plus `result_text` (the result's output["text"])."""
-        where, params = (
-            ("WHERE q.user_guid = ?", (user_guid, limit))
-            if user_guid is not None
-            else ("", (limit,))
-        )
+        where, params = ("WHERE q.user_guid = ?", (user_guid, limit)) if user_guid is not None else ("", (limit,))
         sql = (
             f"SELECT q.*, r.output AS result_output FROM queries q LEFT JOIN results r "
             f"ON r.query_id = q.id {where} ORDER BY q.created_at DESC, q.id LIMIT ?"
@@ -722,8 +715,10 @@ class Storage:
                     (realm, local, peers, failures, cancelled, ms, cost),
                 )
                 if durations:
-                    db.conn.executemany("INSERT INTO durations (realm, ms, at) VALUES (?, ?, ?)",
-                                        [(realm, d, at) for d, at in durations[-DURATIONS_KEPT:]])
+                    db.conn.executemany(
+                        "INSERT INTO durations (realm, ms, at) VALUES (?, ?, ?)",
+                        [(realm, d, at) for d, at in durations[-DURATIONS_KEPT:]],
+                    )
                     db.execute(
                         "DELETE FROM durations WHERE realm = ? AND id <= (SELECT id FROM durations "
                         "WHERE realm = ? ORDER BY id DESC LIMIT 1 OFFSET ?)",
@@ -769,9 +764,7 @@ class Storage:
         )
 
     async def blocked_peers(self) -> set[str]:
-        return {
-            r["peer_id"] for r in await self._node.rows("SELECT peer_id FROM peers WHERE blocked")
-        }
+        return {r["peer_id"] for r in await self._node.rows("SELECT peer_id FROM peers WHERE blocked")}
 
     async def note_peer(self, peer_id: str, addrs: list[str]) -> None:
         """Records the peer's addresses and that it was seen now."""
@@ -787,8 +780,7 @@ class Storage:
         """Peers seen within ``max_age`` seconds that are not blocked, newest first, with the
         addresses this node reached them on: a restarted node rejoins through them."""
         rows = await self._node.rows(
-            "SELECT peer_id, addrs FROM peers WHERE NOT blocked AND last_seen > ? "
-            "ORDER BY last_seen DESC LIMIT ?",
+            "SELECT peer_id, addrs FROM peers WHERE NOT blocked AND last_seen > ? ORDER BY last_seen DESC LIMIT ?",
             (time.time() - max_age, limit),
         )
         out: dict[str, list[str]] = {}
@@ -818,8 +810,7 @@ class Storage:
 
     async def set_setting(self, key: str, value: str) -> None:
         await self._node.execute(
-            "INSERT INTO settings (key, value) VALUES (?, ?) "
-            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            "INSERT INTO settings (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
             (key, value),
         )
 
@@ -840,10 +831,7 @@ _COPY = (
     ),
     (
         "results",
-        (
-            "SELECT r.*, coalesce(q.user_guid, r.query_id) FROM results r "
-            "LEFT JOIN queries q ON q.id = r.query_id"
-        ),
+        ("SELECT r.*, coalesce(q.user_guid, r.query_id) FROM results r LEFT JOIN queries q ON q.id = r.query_id"),
     ),
 )
 
@@ -870,9 +858,7 @@ def _copy_rows(olds: list[Database], news: list[Database]) -> int:
         for table, sql in _COPY:
             cur = old.conn.execute(sql)
             cols = [d[0] for d in cur.description][:-1]
-            insert = (
-                f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
-            )
+            insert = f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
             while batch := cur.fetchmany(2000):
                 parts: dict[int, list[tuple[Any, ...]]] = {}
                 for row in batch:
@@ -913,9 +899,7 @@ def reshard(data_dir: Path, new_count: int) -> tuple[int, int]:
         olds = [_open_file(p, MIGRATIONS_SHARD) for p in paths]
         tmp = [db_dir / f"{shard_file(i, new_count)}.tmp" for i in range(new_count)]
         for path in tmp:
-            news.append(
-                Database(sqlite3.connect(path, isolation_level=None), execute_plugins=False)
-            )
+            news.append(Database(sqlite3.connect(path, isolation_level=None), execute_plugins=False))
             news[-1].execute("PRAGMA synchronous = OFF")  # fsynced once, before the swap
             _migrate(news[-1], MIGRATIONS_SHARD, path.name)
             news[-1].execute("BEGIN")

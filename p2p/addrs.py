@@ -103,7 +103,7 @@ def _ipv4_addresses() -> list[str]:
 
 def _ipv4_fallback() -> list[str]:
     try:
-        return sorted({i[4][0] for i in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)})
+        return sorted({str(i[4][0]) for i in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)})
     except OSError:
         return ["127.0.0.1"]
 

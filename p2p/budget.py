@@ -106,8 +106,14 @@ class ConnectionGate:
     ``open_per_ip`` connections in all (pending included); the node ``total`` inbound ones.
     """
 
-    def __init__(self, *, pending_per_ip: int = 16, open_per_ip: int = 32, total: int = 256,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        *,
+        pending_per_ip: int = 16,
+        open_per_ip: int = 32,
+        total: int = 256,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         if min(pending_per_ip, open_per_ip, total) < 1:
             raise ValueError("connection limits must be >= 1")
         self.pending = Counter(pending_per_ip)

@@ -103,7 +103,9 @@ def error_message(query_id: str, exc: ev.QueryError) -> wire.Error:
     code = exc.code if exc.code.on_wire else Code.INTERNAL
     retry = getattr(exc, "retry_after", None)
     return wire.Error(
-        query_id, code, exc.message[: wire.MAX_ERROR_MESSAGE],
+        query_id,
+        code,
+        exc.message[: wire.MAX_ERROR_MESSAGE],
         None if retry is None else max(0, min(int(retry * 1000), wire.MAX_DEADLINE_MS)),
     )
 
@@ -128,17 +130,23 @@ class Requester:
     _done: OrderedDict[str, None] = field(default_factory=OrderedDict)
     broken: str = ""
 
-    def start(self, query_id: str, realm: str, payload: dict[str, Any], deadline_s: float,
-              now: float) -> list[Action]:
+    def start(self, query_id: str, realm: str, payload: dict[str, Any], deadline_s: float, now: float) -> list[Action]:
         """Begin an attempt. Raises LocalProtocolError if the request cannot be sent."""
         if self.broken:
-            return [Fail(query_id, ExecutorFailure(f"stream lost: {self.broken}", Code.BACKEND_FAILED,
-                                                   kind=FailureKind.DEAD))]
+            return [
+                Fail(
+                    query_id, ExecutorFailure(f"stream lost: {self.broken}", Code.BACKEND_FAILED, kind=FailureKind.DEAD)
+                )
+            ]
         if query_id in self.active:
             raise ev.LocalProtocolError(f"query {query_id} is already running on this stream")
         request = wire.QueryRequest(
-            version=wire.PROTOCOL_VERSION, query_id=query_id, realm=realm, payload=payload,
-            deadline_ms=max(1, min(int(deadline_s * 1000), wire.MAX_DEADLINE_MS)), origin=self.origin,
+            version=wire.PROTOCOL_VERSION,
+            query_id=query_id,
+            realm=realm,
+            payload=payload,
+            deadline_ms=max(1, min(int(deadline_s * 1000), wire.MAX_DEADLINE_MS)),
+            origin=self.origin,
         )
         try:
             frame = wire.encode(request, max_frame=self.max_frame)
@@ -153,16 +161,19 @@ class Requester:
         while len(self._done) > RECENTLY_DONE:
             self._done.popitem(last=False)
 
-    def _fail(self, query_id: str, message: str, code: Code, kind: FailureKind,
-              retry_after: float | None = None) -> Fail:
+    def _fail(
+        self, query_id: str, message: str, code: Code, kind: FailureKind, retry_after: float | None = None
+    ) -> Fail:
         self._finish(query_id)
         return Fail(query_id, ExecutorFailure(message, code, kind=kind, retry_after=retry_after))
 
     def violation(self, reason: str) -> list[Action]:
         """The executor broke the protocol: every attempt on the stream fails; reset it."""
         self.broken = reason
-        out: list[Action] = [self._fail(q, f"protocol violation: {reason}", Code.PROTOCOL_ERROR,
-                                        FailureKind.PROTOCOL) for q in list(self.active)]
+        out: list[Action] = [
+            self._fail(q, f"protocol violation: {reason}", Code.PROTOCOL_ERROR, FailureKind.PROTOCOL)
+            for q in list(self.active)
+        ]
         return out + [Reset(reason)]
 
     def receive(self, msg: wire.Message, now: float) -> list[Action]:
@@ -215,8 +226,9 @@ class Requester:
     def lost(self, reason: str) -> list[Action]:
         """The stream broke: every attempt on it fails; the stream is done."""
         self.broken = self.broken or reason
-        return [self._fail(q, f"stream lost ({reason})", Code.BACKEND_FAILED, FailureKind.DEAD)
-                for q in list(self.active)]
+        return [
+            self._fail(q, f"stream lost ({reason})", Code.BACKEND_FAILED, FailureKind.DEAD) for q in list(self.active)
+        ]
 
     def quiet_for(self, query_id: str, now: float) -> float:
         attempt = self.active.get(query_id)
@@ -227,8 +239,11 @@ class Requester:
         return min(times) if times else None
 
     def _due(self, a: _Attempt) -> float:
-        return a.last_frame + self.hang_timeout if a.progressed else min(
-            a.started + self.first_progress, a.last_frame + self.hang_timeout)
+        return (
+            a.last_frame + self.hang_timeout
+            if a.progressed
+            else min(a.started + self.first_progress, a.last_frame + self.hang_timeout)
+        )
 
     def tick(self, now: float) -> list[Action]:
         out: list[Action] = []
@@ -258,8 +273,16 @@ class Responder:
             if qid in self.last_sent:
                 return [Send(wire.Error(qid, Code.BAD_REQUEST, f"query id {qid} is already in use"))]
             if len(self.last_sent) >= self.max_active:
-                return [Send(wire.Error(qid, Code.BUSY, f"more than {self.max_active} queries on one stream",
-                                        int(self.keepalive * 1000)))]
+                return [
+                    Send(
+                        wire.Error(
+                            qid,
+                            Code.BUSY,
+                            f"more than {self.max_active} queries on one stream",
+                            int(self.keepalive * 1000),
+                        )
+                    )
+                ]
             self.last_sent[qid] = now
             return [Start(msg)]
         if isinstance(msg, wire.Cancel):

@@ -25,7 +25,11 @@ MAX_DIALS = 8  # providers dialed per lookup (DHT answers are hints, and may be 
 
 class RealmDiscovery:
     def __init__(
-        self, fh: FederationHost, table: PeerTable, *, refresh: float,
+        self,
+        fh: FederationHost,
+        table: PeerTable,
+        *,
+        refresh: float,
         dial: Callable[[str], Awaitable[None]],
     ) -> None:
         self.fh = fh

@@ -70,7 +70,7 @@ class RecordCheck:
             self._last_seq.popitem(last=False)
         return record
 
-    def _reject(self, author: str, reason: str, *, quiet: bool = False) -> None:
+    def _reject(self, author: str, reason: str, *, quiet: bool = False) -> HealthRecord | None:
         self.rejected += 1
         self.last_reason = "" if quiet else reason
         key = (author, reason.split(" ", 1)[0])
@@ -88,15 +88,20 @@ class GossipBudget:
     twice that), and on the peers it introduces (``introductions_per_minute``). Over budget, a
     message is dropped unread; the first drop in a window counts once against the forwarder."""
 
-    def __init__(self, per_second: float, introductions_per_minute: float, *,
-                 on_violation: Violation | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        per_second: float,
+        introductions_per_minute: float,
+        *,
+        on_violation: Violation | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.messages = RateLimiter(per_second * 60.0, max(1, int(2 * per_second)), clock=clock)
         # Bytes on a peer's pubsub stream: room for a full record per message, and the burst.
         self.bytes_per_second = per_second * BYTES_PER_MESSAGE
         self._bytes: OrderedDict[object, tuple[float, float]] = OrderedDict()  # key -> (tokens, at)
         self._cooling: OrderedDict[object, float] = OrderedDict()  # key -> refused until
-        self.introductions = RateLimiter(introductions_per_minute, max(1, int(introductions_per_minute)),
-                                         clock=clock)
+        self.introductions = RateLimiter(introductions_per_minute, max(1, int(introductions_per_minute)), clock=clock)
         self.on_violation = on_violation
         self.clock = clock
         self.dropped = 0
@@ -201,9 +206,10 @@ def flood_publish_gossipsub_class() -> type:
     otherwise reach nobody for a second. Relayed messages follow the mesh as before."""
     from libp2p.pubsub.gossipsub import GossipSub
 
-    class FloodPublishGossipSub(GossipSub):  # type: ignore[misc]
-        def _get_peers_to_send(self, topic_ids: Any, msg_forwarder: Any, origin: Any,
-                               msg_id: bytes | None = None) -> Any:
+    class FloodPublishGossipSub(GossipSub):
+        def _get_peers_to_send(
+            self, topic_ids: Any, msg_forwarder: Any, origin: Any, msg_id: bytes | None = None
+        ) -> Any:
             topic_ids = list(topic_ids)
             chosen = set(super()._get_peers_to_send(topic_ids, msg_forwarder, origin, msg_id))
             yield from chosen
@@ -224,7 +230,7 @@ def budgeted_pubsub_class() -> type:
     importing this module does not import libp2p."""
     from libp2p.pubsub.pubsub import Pubsub
 
-    class BudgetedPubsub(Pubsub):  # type: ignore[misc]
+    class BudgetedPubsub(Pubsub):
         budget: GossipBudget | None = None
         refuse: Callable[[str], bool] | None = None
 

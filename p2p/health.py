@@ -60,8 +60,7 @@ class HealthRecord:
             "seq": self.seq,
             "ts": self.timestamp,
             "realms": [
-                [r.name, r.model, r.smoke_test, r.queue_depth, r.slots, r.service_ms, r.gpu]
-                for r in self.realms
+                [r.name, r.model, r.smoke_test, r.queue_depth, r.slots, r.service_ms, r.gpu] for r in self.realms
             ],
             "ok": self.success_ratio,
             "ver": self.version,
@@ -74,9 +73,10 @@ def sign_record(record: HealthRecord, identity: Identity) -> bytes:
     if record.peer_id != identity.peer_id:
         raise ValueError("a node signs only its own health record")
     body = msgpack.packb(record.to_body(), use_bin_type=True)
-    return msgpack.packb(
+    signed: bytes = msgpack.packb(
         {"body": body, "key": identity.public_bytes, "sig": identity.sign(body)}, use_bin_type=True
     )
+    return signed
 
 
 def verify_record(data: bytes, *, author: str | None = None, author_signed: bool = False) -> HealthRecord:

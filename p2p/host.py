@@ -110,8 +110,11 @@ class AddressBook:
 
     def advertised(self) -> list[str]:
         return addrlib.advertisable(
-            self.listening(), interfaces=self.interfaces(), announce=self.announce,
-            observed=self.confirmed, relayed=self.relayed,
+            self.listening(),
+            interfaces=self.interfaces(),
+            announce=self.announce,
+            observed=self.confirmed,
+            relayed=self.relayed,
         )
 
     def get_addrs(self) -> list[Any]:
@@ -167,7 +170,11 @@ class _Notifee:
 
 class FederationHost:
     def __init__(
-        self, host: Any, pubsub: Any, dht: Any, events: trio.MemoryReceiveChannel[ConnectionEvent],
+        self,
+        host: Any,
+        pubsub: Any,
+        dht: Any,
+        events: trio.MemoryReceiveChannel[ConnectionEvent],
         book: AddressBook,
     ) -> None:
         self.host = host
@@ -180,7 +187,7 @@ class FederationHost:
 
     @property
     def peer_id(self) -> str:
-        return self.host.get_id().to_base58()
+        return str(self.host.get_id().to_base58())
 
     def addrs(self) -> list[str]:
         """The addresses this node advertises, with ``/p2p/<id>``: never an unspecified one,
@@ -314,8 +321,12 @@ class FederationHost:
         self.host.set_stream_handler(protocol, handler)
 
 
-def _build_libp2p_host(identity: Identity, book: AddressBook, gate: ConnectionGate | None = None,
-                       handshake_timeout: float = HANDSHAKE_TIMEOUT) -> Any:
+def _build_libp2p_host(
+    identity: Identity,
+    book: AddressBook,
+    gate: ConnectionGate | None = None,
+    handshake_timeout: float = HANDSHAKE_TIMEOUT,
+) -> Any:
     from libp2p import create_yamux_muxer_option, new_host
     from libp2p.crypto.x25519 import create_new_key_pair as new_x25519
     from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_ID
@@ -325,7 +336,7 @@ def _build_libp2p_host(identity: Identity, book: AddressBook, gate: ConnectionGa
     noise_only = {NOISE_ID: NoiseTransport(key_pair, noise_privkey=new_x25519().private_key)}
     host = new_host(key_pair=key_pair, sec_opt=noise_only, muxer_opt=create_yamux_muxer_option())
     book.host = host
-    host.get_addrs = book.get_addrs  # see AddressBook.get_addrs
+    host.get_addrs = book.get_addrs  # type: ignore[method-assign]  # see AddressBook.get_addrs
     _gate_inbound(host.get_network(), gate or ConnectionGate(), handshake_timeout)
     _no_auto_dialing(host.get_network())
     return host
@@ -436,8 +447,12 @@ def check_port_free(listen: Sequence[str]) -> None:
 
 @asynccontextmanager
 async def open_federation_host(
-    identity: Identity, listen: Sequence[str], *, announce: Sequence[str] = (),
-    health_topic_heartbeat: float = 1.0, gate: ConnectionGate | None = None,
+    identity: Identity,
+    listen: Sequence[str],
+    *,
+    announce: Sequence[str] = (),
+    health_topic_heartbeat: float = 1.0,
+    gate: ConnectionGate | None = None,
     handshake_timeout: float = HANDSHAKE_TIMEOUT,
 ) -> AsyncIterator[FederationHost]:
     """``gate``: inbound connection limits by remote address (defaults: ConnectionGate())."""
@@ -453,7 +468,10 @@ async def open_federation_host(
     book = AddressBook(announce)
     host = _build_libp2p_host(identity, book, gate, handshake_timeout)
     gossipsub = flood_publish_gossipsub_class()(  # see p2p/gossip.py
-        [PROTOCOL_ID_V11], degree=6, degree_low=4, degree_high=12,
+        [PROTOCOL_ID_V11],
+        degree=6,
+        degree_low=4,
+        degree_high=12,
         heartbeat_interval=int(max(1, health_topic_heartbeat)),
     )
     # Pubsub whose push_msg charges each message to its forwarder first (p2p/gossip.py).
@@ -465,8 +483,7 @@ async def open_federation_host(
         maddrs = [multiaddr.Multiaddr(a) for a in listen]
     except Exception as exc:
         raise ListenError(f"p2p.listen: bad address in {list(listen)}: {exc}") from None
-    async with host.run(maddrs):
-        async with background_trio_service(pubsub), background_trio_service(gossipsub):
-            async with background_trio_service(dht):
-                await pubsub.wait_until_ready()
-                yield FederationHost(host, pubsub, dht, receive, book)
+    async with host.run(maddrs), background_trio_service(pubsub), background_trio_service(gossipsub):
+        async with background_trio_service(dht):
+            await pubsub.wait_until_ready()
+            yield FederationHost(host, pubsub, dht, receive, book)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -36,7 +37,7 @@ class Identity:
     def sign(self, data: bytes) -> bytes:
         return self.private_key.sign(data)
 
-    def libp2p_key_pair(self):  # -> libp2p.crypto.keys.KeyPair (imported lazily: libp2p is slow)
+    def libp2p_key_pair(self) -> Any:  # libp2p.crypto.keys.KeyPair (imported lazily: libp2p is slow)
         from libp2p.crypto.ed25519 import create_new_key_pair
 
         return create_new_key_pair(self.private_key.private_bytes_raw())

@@ -141,8 +141,12 @@ class PeerMaintenance:
             age = self.table.record_age(e)
             since = min(age, now - e.connected_at) if age is not None else None
             if (
-                e.connected and since is not None and since > self.table.stale_after + DEAD_AFTER_STALE
-                and not late and not self.busy(e.peer_id) and now >= self._closing.get(e.peer_id, 0.0)
+                e.connected
+                and since is not None
+                and since > self.table.stale_after + DEAD_AFTER_STALE
+                and not late
+                and not self.busy(e.peer_id)
+                and now >= self._closing.get(e.peer_id, 0.0)
             ):
                 self._closing[e.peer_id] = now + 30.0
                 nursery.start_soon(self._close_dead, e.peer_id, age)
@@ -161,14 +165,14 @@ class PeerMaintenance:
                 continue
             nursery.start_soon(self._dial_in_background, e.peer_id)
 
-    async def _close_dead(self, peer_id: str, age: float) -> None:
+    async def _close_dead(self, peer_id: str, age: float | None) -> None:
         """A cut cable leaves TCP "established" for many minutes, and nobody redials a peer that
         still counts as connected: close a connection that has carried no health record for
         long, so that whoever can dial (the side behind NAT, the bootstrap loop) dials afresh
         once the path is back."""
         from libp2p.peer.id import ID
 
-        log.info("peer %s: no health record for %.0fs; closing its connection", peer_id, age)
+        log.info("peer %s: no health record for %.0fs; closing its connection", peer_id, age or 0.0)
         with trio.move_on_after(5):
             try:
                 await self.fh.host.disconnect(ID.from_base58(peer_id))
@@ -280,7 +284,8 @@ class PeerMaintenance:
                 in_flight.discard(pid)
             if quiet is not None and not answered:
                 self.table.mark_unresponsive(
-                    pid, f"no health record for {quiet:.1f}s and no answer to a ping in {timeout:g}s")
+                    pid, f"no health record for {quiet:.1f}s and no answer to a ping in {timeout:g}s"
+                )
 
         async with trio.open_nursery() as nursery:
             while True:
@@ -289,18 +294,18 @@ class PeerMaintenance:
                 for pid in self.fh.connected_peers():
                     entry = self.table.get(pid)
                     age = self.table.record_age(entry) if entry is not None else None
-                    quiet = age is not None and age > self.quiet_after and not entry.unresponsive
+                    quiet = entry is not None and age is not None and age > self.quiet_after and not entry.unresponsive
                     since = now - last_ping.get(pid, -1e9)
                     if pid in in_flight:
                         if quiet and since >= PROBE_TIMEOUT:  # a routine ping unanswered this long
                             self.table.mark_unresponsive(
-                                pid, f"no health record for {age:.1f}s and no answer to a ping in {since:.1f}s")
+                                pid, f"no health record for {age:.1f}s and no answer to a ping in {since:.1f}s"
+                            )
                         continue
                     if (quiet and since >= 2 * PROBE_TIMEOUT) or since >= PING_INTERVAL:
                         in_flight.add(pid)
                         last_ping[pid] = now
-                        nursery.start_soon(ping, pid, PROBE_TIMEOUT if quiet else PING_TIMEOUT,
-                                           age if quiet else None)
+                        nursery.start_soon(ping, pid, PROBE_TIMEOUT if quiet else PING_TIMEOUT, age if quiet else None)
                 if len(last_ping) > 4 * len(in_flight) + 1024:
                     connected = self.fh.connected_peers()
                     for pid in [p for p in last_ping if p not in connected]:

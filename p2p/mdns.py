@@ -76,7 +76,7 @@ class LanDiscovery:
             # The library's listener writes discovered (and "goodbye") addresses into the peer
             # store from zeroconf's thread: trio-owned state changed off the loop, and any LAN
             # host could clear a peer's addresses. Here discoveries only reach the channel.
-            md.listener.peerstore = _NoPeerstore()
+            md.listener.peerstore = _NoPeerstore()  # type: ignore[assignment]
             md.broadcaster.register()
             return md
 

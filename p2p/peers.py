@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from ..realms.events import FailureKind
@@ -114,7 +114,7 @@ class PeerTable:
     def get(self, peer_id: str) -> PeerEntry | None:
         return self._peers.get(peer_id)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[PeerEntry]:
         return iter(list(self._peers.values()))
 
     def __len__(self) -> int:
@@ -300,7 +300,7 @@ class PeerTable:
     def score(self, e: PeerEntry, realm: str) -> float:
         """Higher is better; 0..100. Explained field by field in the README."""
         status = e.record.realm(realm) if e.record else None
-        if status is None:
+        if status is None or e.record is None:
             return 0.0
         c = self.confidence(e)
         # What it says of itself weighs as much as what this node saw confirms it.
@@ -323,8 +323,14 @@ class PeerTable:
             state = self.state(e)
             serves = e.record is not None and e.record.realm(realm) is not None
             if state is PeerState.BLOCKED:
-                excluded.append(Exclusion(e.peer_id, "blocked by the sysop" if e.blocked else
-                                          f"blocked for {e.penalty_until - self.clock():.0f}s more: {e.penalty_reason}"))
+                excluded.append(
+                    Exclusion(
+                        e.peer_id,
+                        "blocked by the sysop"
+                        if e.blocked
+                        else f"blocked for {e.penalty_until - self.clock():.0f}s more: {e.penalty_reason}",
+                    )
+                )
             elif state is PeerState.UNKNOWN:
                 excluded.append(Exclusion(e.peer_id, "no health record yet"))
             elif not serves:
@@ -340,9 +346,7 @@ class PeerTable:
                 excluded.append(Exclusion(e.peer_id, f"unresponsive: {e.unresponsive}"))
             elif state is PeerState.CIRCUIT_OPEN:
                 left = e.breaker_until - self.clock()
-                excluded.append(
-                    Exclusion(e.peer_id, f"circuit open for {left:.1f}s more ({e.last_failure})")
-                )
+                excluded.append(Exclusion(e.peer_id, f"circuit open for {left:.1f}s more ({e.last_failure})"))
             else:
                 ranked.append(Candidate(e.peer_id, self.score(e, realm)))
         # Proven peers first: strangers, however good they claim to be, cannot crowd them out.
@@ -360,8 +364,10 @@ class PeerTable:
             return now - (e.record_at if e.record_at is not None else e.first_seen)
 
         removable = [
-            e for e in self._peers.values()
-            if not e.blocked and not e.connected
+            e
+            for e in self._peers.values()
+            if not e.blocked
+            and not e.connected
             and self.state(e) in (PeerState.STALE, PeerState.UNKNOWN, PeerState.UNREACHABLE, PeerState.PENDING)
         ]
         removable.sort(key=idle, reverse=True)

@@ -136,10 +136,15 @@ class QueryService:
     """Serves the queries peers send on their streams to this node."""
 
     def __init__(
-        self, handler: Handler, *, on_violation: AsyncViolationHook | None = None,
+        self,
+        handler: Handler,
+        *,
+        on_violation: AsyncViolationHook | None = None,
         refuse: Callable[[str], bool] | None = None,
-        max_frame: int = wire.DEFAULT_MAX_FRAME, max_active: int = MAX_ACTIVE_PER_STREAM,
-        max_streams_per_peer: int = MAX_STREAMS_PER_PEER, frame_budget: ByteBudget | None = None,
+        max_frame: int = wire.DEFAULT_MAX_FRAME,
+        max_active: int = MAX_ACTIVE_PER_STREAM,
+        max_streams_per_peer: int = MAX_STREAMS_PER_PEER,
+        frame_budget: ByteBudget | None = None,
     ) -> None:
         self.handler = handler
         self.on_violation = on_violation  # counts, logs and, past a limit, drops the peer
@@ -185,8 +190,7 @@ class QueryService:
         scopes: dict[str, trio.CancelScope] = {}
         violation: list[str] = []
         failure: Exception | None = None
-        decoder = wire.FrameDecoder(max_frame=self.max_frame, budget=self.budget, key=peer_id,
-                                    free_below=FREE_BELOW)
+        decoder = wire.FrameDecoder(max_frame=self.max_frame, budget=self.budget, key=peer_id, free_below=FREE_BELOW)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._write, writer, nursery.cancel_scope)
             started = [trio.Event()]
@@ -243,8 +247,13 @@ class QueryService:
                     writer.send_nowait(action.message)  # a full queue is busy enough to need none
 
     async def _run(
-        self, req: wire.QueryRequest, peer_id: str, responder: conv.Responder, writer: FrameWriter,
-        scope: trio.CancelScope, scopes: dict[str, trio.CancelScope],
+        self,
+        req: wire.QueryRequest,
+        peer_id: str,
+        responder: conv.Responder,
+        writer: FrameWriter,
+        scope: trio.CancelScope,
+        scopes: dict[str, trio.CancelScope],
     ) -> None:
         qid = req.query_id
 
@@ -315,8 +324,15 @@ class QueryClient:
     """Runs this node's attempts on peers, one shared stream per peer."""
 
     def __init__(
-        self, host: Any, origin: str, *, dial_timeout: float, first_progress: float, hang_timeout: float,
-        verdict: Verdict | None = None, on_broken: ViolationHook | None = None,
+        self,
+        host: Any,
+        origin: str,
+        *,
+        dial_timeout: float,
+        first_progress: float,
+        hang_timeout: float,
+        verdict: Verdict | None = None,
+        on_broken: ViolationHook | None = None,
         max_frame: int = wire.DEFAULT_MAX_FRAME,
     ) -> None:
         self.host = host
@@ -354,16 +370,19 @@ class QueryClient:
                 with trio.fail_after(self.dial_timeout):
                     stream = await self.host.new_stream(ID.from_base58(peer_id), [wire.PROTOCOL_ID])
             except trio.TooSlowError:
-                raise ExecutorFailure(f"could not open a stream within {self.dial_timeout:g}s", Code.BUSY,
-                                      kind=FailureKind.HUNG) from None
+                raise ExecutorFailure(
+                    f"could not open a stream within {self.dial_timeout:g}s", Code.BUSY, kind=FailureKind.HUNG
+                ) from None
             except stream_errors() as exc:
-                raise ExecutorFailure(f"could not open a stream: {exc or type(exc).__name__}", Code.UNREACHABLE,
-                                      kind=FailureKind.DEAD) from None
+                raise ExecutorFailure(
+                    f"could not open a stream: {exc or type(exc).__name__}", Code.UNREACHABLE, kind=FailureKind.DEAD
+                ) from None
             finally:
                 if not lock.statistics().tasks_waiting:
                     self._opening.pop(peer_id, None)
             session = _Session(
-                peer_id, stream,
+                peer_id,
+                stream,
                 conv.Requester(self.origin, self.first_progress, self.hang_timeout, self.max_frame),
                 self.max_frame,
             )
@@ -451,7 +470,13 @@ class QueryClient:
             raise
 
     async def execute(
-        self, peer_id: str, *, query_id: str, realm: str, payload: dict[str, Any], deadline_s: float,
+        self,
+        peer_id: str,
+        *,
+        query_id: str,
+        realm: str,
+        payload: dict[str, Any],
+        deadline_s: float,
         emit: Emit,
     ) -> ev.Result:
         """Run one attempt on ``peer_id``: stream events to ``emit``, return its result or raise

@@ -58,7 +58,9 @@ class Verdict:
     this node and whether it could dial it there. Votes are counted per address seen: a home
     node that its LAN neighbours can dial but the internet cannot is not public."""
 
-    answers: dict[str, tuple[bool, str, int, float]] = field(default_factory=dict)  # witness -> (dialed, seen ip, port, at)
+    answers: dict[str, tuple[bool, str, int, float]] = field(
+        default_factory=dict
+    )  # witness -> (dialed, seen ip, port, at)
 
     def add(self, witness_ip: str, dialed: bool, seen_ip: str, port: int, now: float) -> None:
         self.answers.pop(witness_ip, None)
@@ -142,8 +144,12 @@ class DialBack:
                 raw = await s.read(MAX_MESSAGE)  # type: ignore[attr-defined]
             req = msgpack.unpackb(raw, raw=False) if raw else None
             ports = req.get("ports") if isinstance(req, dict) else None
-            if not remote or not isinstance(ports, list) or not ports or len(ports) > MAX_PORTS or not all(
-                isinstance(p, int) and 0 < p < 65536 for p in ports
+            if (
+                not remote
+                or not isinstance(ports, list)
+                or not ports
+                or len(ports) > MAX_PORTS
+                or not all(isinstance(p, int) and 0 < p < 65536 for p in ports)
             ):
                 await self._answer(s, {"ok": False, "error": "bad request"})
                 return
@@ -226,9 +232,11 @@ class DialBack:
         if not isinstance(reply, dict) or "error" in reply:
             return None
         ok, addr, ip = bool(reply.get("ok")), reply.get("addr", ""), reply.get("seen_ip", "")
-        if not isinstance(addr, str) or not isinstance(ip, str) or addrlib.scope(
-            addrlib.tcp_addr(ip, 1)
-        ) in ("invalid", "unspecified", "loopback"):
+        if (
+            not isinstance(addr, str)
+            or not isinstance(ip, str)
+            or addrlib.scope(addrlib.tcp_addr(ip, 1)) in ("invalid", "unspecified", "loopback")
+        ):
             return None
         parsed = addrlib.parse(addr) if ok else None
         if ok and (parsed is None or parsed.host != ip or parsed.port not in ports):

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import trio
 
@@ -49,21 +49,24 @@ def _library_limits(limits: RelayLimits) -> Any:
     from libp2p.relay.circuit_v2.resources import RelayLimits as LibLimits
 
     return LibLimits(
-        duration=int(limits.duration), data=limits.bytes, max_circuit_conns=limits.circuits,
-        max_reservations=limits.reservations, reservation_ttl=RESERVATION_TTL,
+        duration=int(limits.duration),
+        data=limits.bytes,
+        max_circuit_conns=limits.circuits,
+        max_reservations=limits.reservations,
+        reservation_ttl=RESERVATION_TTL,
     )
 
 
 def _dcutr_class() -> type:
     from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
 
-    class CleanDCUtR(DCUtRProtocol):  # type: ignore[misc]
+    class CleanDCUtR(DCUtRProtocol):
         """The library dials every address a peer sends in a hole-punch CONNECT (up to ~400),
         three rounds, plus the peer store's: a stranger could aim this node at anyone. Here a
         peer gets at most ``DCUTR_DIALS_PER_MINUTE`` dials, never to unspecified, loopback,
         link-local or relay addresses."""
 
-        _budget: dict[str, tuple[float, int]] = {}
+        _budget: ClassVar[dict[str, tuple[float, int]]] = {}
 
         async def _dial_peer(self, peer_id: Any, addr: Any, *args: Any, **kw: Any) -> Any:
             if addrlib.scope(str(addr)) in ("unspecified", "loopback", "link-local", "relay", "invalid"):
@@ -107,8 +110,13 @@ class RelayService:
         self.hop = self._proto.allow_hop = enabled
         if enabled:
             self.fh.host.set_stream_handler(HOP_ID, self._proto._handle_hop_stream)
-            log.info("relay: serving as a circuit relay (max %d reservations, %d circuits, %gs, %d bytes each)",
-                     self.limits.reservations, self.limits.circuits, self.limits.duration, self.limits.bytes)
+            log.info(
+                "relay: serving as a circuit relay (max %d reservations, %d circuits, %gs, %d bytes each)",
+                self.limits.reservations,
+                self.limits.circuits,
+                self.limits.duration,
+                self.limits.bytes,
+            )
         else:
             self.fh.host.remove_stream_handler(HOP_ID)
             log.info("relay: no longer serving as a relay")

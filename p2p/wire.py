@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import msgpack
 
@@ -165,8 +165,7 @@ def _utf8_len(key: str, s: str) -> int:
         raise InvalidField(key, "string is not encodable as UTF-8") from None
 
 
-def _str(lo: int, hi: int, rx: re.Pattern[str] | None = None, what: str = "",
-         max_bytes: int | None = None) -> _Check:
+def _str(lo: int, hi: int, rx: re.Pattern[str] | None = None, what: str = "", max_bytes: int | None = None) -> _Check:
     def check(key: str, v: Any) -> str:
         if rx is not None:  # character-class fields: the pattern carries the length bounds
             if isinstance(v, str) and ((lo == 0 and v == "") or rx.fullmatch(v)):
@@ -192,7 +191,7 @@ def _int(lo: int = 0, hi: int = _COUNT_MAX, optional: bool = False) -> _Check:
             raise InvalidField(key, f"expected int, got {type(v).__name__}")
         if not lo <= v <= hi:
             raise InvalidField(key, f"expected {lo}..{hi}, got {_show(v)}")
-        return v
+        return int(v)
 
     return check
 
@@ -202,7 +201,7 @@ def _version(key: str, v: Any) -> int:
         raise InvalidField(key, f"expected int, got {type(v).__name__}")
     if v != PROTOCOL_VERSION:
         raise UnsupportedVersion(f"protocol version {_show(v)} not supported (want {PROTOCOL_VERSION})")
-    return v
+    return int(v)
 
 
 def _value(key: str, v: Any, depth: int) -> None:
@@ -238,7 +237,7 @@ def _stats(key: str, v: Any) -> dict[str, int | float | str | None]:
     for k, x in v.items():
         if x is not None and (type(x) is bool or not isinstance(x, (int, float, str))):
             raise InvalidField(key, f"stat {_show(k)} must be int/float/str/None")
-    return v
+    return cast("dict[str, int | float | str | None]", v)
 
 
 def _code(key: str, v: Any) -> Code:
@@ -301,7 +300,7 @@ def _from_map(m: dict[Any, Any]) -> Message:
         for k in m:
             if k not in allowed:
                 raise InvalidField(k if isinstance(k, str) else repr(k), "unexpected field")
-        values = {}
+        values: dict[str, Any] = {}
         for attr, key, check in fields:
             if key not in m:
                 if key in _OMITTED_IF_NONE:
@@ -333,7 +332,7 @@ def encode(msg: Message, *, max_frame: int = DEFAULT_MAX_FRAME) -> bytes:
         if v is None and key in _OMITTED_IF_NONE:
             continue
         m[key] = v.value if isinstance(v, Code) else v
-    body = msgpack.packb(m, use_bin_type=True)
+    body: bytes = msgpack.packb(m, use_bin_type=True)
     if len(body) > max_frame:
         raise FrameTooLarge(f"frame of {len(body)} bytes exceeds max_frame {max_frame}")
     return len(body).to_bytes(_HEADER, "big") + body
@@ -348,8 +347,14 @@ def decode_body(body: bytes, *, max_frame: int = DEFAULT_MAX_FRAME) -> Message:
         raise FrameTooLarge(f"frame of {n} bytes exceeds max_frame {max_frame}")
     # Limits from the body size: a small frame cannot announce a huge str/bin/array/map.
     unpacker = msgpack.Unpacker(
-        raw=False, strict_map_key=True, max_buffer_size=n, max_str_len=n, max_bin_len=n,
-        max_array_len=n, max_map_len=n // 2, max_ext_len=n,
+        raw=False,
+        strict_map_key=True,
+        max_buffer_size=n,
+        max_str_len=n,
+        max_bin_len=n,
+        max_array_len=n,
+        max_map_len=n // 2,
+        max_ext_len=n,
     )
     try:
         unpacker.feed(body)
@@ -374,8 +379,14 @@ class FrameDecoder:
     After any error the decoder is poisoned and re-raises that error: reset the stream.
     """
 
-    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME, *, budget: ByteBudget | None = None,
-                 key: Hashable = "", free_below: int = 64 * 1024) -> None:
+    def __init__(
+        self,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        *,
+        budget: ByteBudget | None = None,
+        key: Hashable = "",
+        free_below: int = 64 * 1024,
+    ) -> None:
         _check_max_frame(max_frame)
         self.max_frame = max_frame
         self._buf = bytearray()
@@ -402,8 +413,7 @@ class FrameDecoder:
         if self.budget is None or n < self.free_below or self._reserved:
             return
         if not self.budget.reserve(self.key, n):
-            raise self._fail(OverBudget(f"frame of {n} bytes refused: "
-                                        f"{self.budget.why_not(self.key, n)}"))
+            raise self._fail(OverBudget(f"frame of {n} bytes refused: {self.budget.why_not(self.key, n)}"))
         self._reserved = n
 
     def _announced(self) -> int | None:
@@ -432,15 +442,14 @@ class FrameDecoder:
         if n is None:
             return None
         if n > self.max_frame:
-            raise self._fail(FrameTooLarge(f"header announces {n} bytes, max_frame is "
-                                           f"{self.max_frame}"))
+            raise self._fail(FrameTooLarge(f"header announces {n} bytes, max_frame is {self.max_frame}"))
         if n == 0:
             raise self._fail(MalformedFrame("zero-length frame"))
         if len(self._buf) < _HEADER + n:
             self._reserve(n)  # its header may have come with the previous frame's end
             return None
-        body = bytes(self._buf[_HEADER:_HEADER + n])
-        del self._buf[:_HEADER + n]
+        body = bytes(self._buf[_HEADER : _HEADER + n])
+        del self._buf[: _HEADER + n]
         self.release()
         try:
             return decode_body(body, max_frame=self.max_frame)
@@ -457,8 +466,7 @@ class FrameDecoder:
         if self._error is not None:
             raise self._error
         if self._buf:
-            raise self._fail(TruncatedFrame(f"stream ended with {len(self._buf)} bytes of an "
-                                            "unfinished frame"))
+            raise self._fail(TruncatedFrame(f"stream ended with {len(self._buf)} bytes of an unfinished frame"))
 
     close = eof
 
@@ -477,4 +485,3 @@ def error_for(exc: WireError, query_id: str = "") -> Error:
     if len(text) > MAX_ERROR_MESSAGE:
         text = text[: MAX_ERROR_MESSAGE - 3] + "..."
     return Error(query_id=qid, code=exc.code, message=text)
-

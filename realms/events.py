@@ -167,7 +167,11 @@ class ExecutorFailure(QueryError):
     default_code = Code.BACKEND_FAILED
 
     def __init__(
-        self, message: str, code: Code | str | None = None, *, kind: FailureKind = FailureKind.REFUSED,
+        self,
+        message: str,
+        code: Code | str | None = None,
+        *,
+        kind: FailureKind = FailureKind.REFUSED,
         retry_after: float | None = None,
     ) -> None:
         super().__init__(message, code)
@@ -277,8 +281,9 @@ def to_dict(event: Event, **extra: Any) -> dict[str, Any]:
     out: dict[str, Any] = {"type": _TYPE[type(event)]}
     for name in event.__dataclass_fields__:
         value = getattr(event, name)
-        out[name] = value.value if isinstance(value, enum.Enum) else (
-            list(value) if isinstance(value, tuple) else value)
+        out[name] = (
+            value.value if isinstance(value, enum.Enum) else (list(value) if isinstance(value, tuple) else value)
+        )
     out.update(extra)
     return out
 

@@ -129,7 +129,11 @@ class RealmQueue:
 
     @asynccontextmanager
     async def admit(
-        self, query_id: str, on_position: PositionReport, *, priority: int = Priority.NORMAL,
+        self,
+        query_id: str,
+        on_position: PositionReport,
+        *,
+        priority: int = Priority.NORMAL,
         owner: str = "",
     ) -> AsyncIterator[None]:
         """Wait for a slot, reporting the position; hold the slot for the body. ``owner`` is
@@ -155,6 +159,7 @@ class RealmQueue:
                     continue  # the report may have taken a while: look again before waiting
                 moved = ticket.moved
                 async with trio.open_nursery() as nursery:
+
                     async def until(ev: trio.Event) -> None:
                         await ev.wait()
                         nursery.cancel_scope.cancel()

@@ -76,9 +76,7 @@ class RoutePlan:
     def to_json(self) -> dict[str, Any]:
         return {
             "realm": self.realm,
-            "candidates": [
-                {"executor": c.executor, "score": c.score, "note": c.note} for c in self.candidates
-            ],
+            "candidates": [{"executor": c.executor, "score": c.score, "note": c.note} for c in self.candidates],
             "excluded": [{"executor": c.executor, "reason": c.note} for c in self.excluded],
         }
 
@@ -114,8 +112,11 @@ class RealmRouter:
         out = [RouteEntry(x.peer_id, 0.0, x.reason) for x in excluded]
         trusted = self.trusted.get(realm)
         if trusted:  # a private federation: only the peers named in realms.<realm>.trusted
-            out += [RouteEntry(c.peer_id, 0.0, f"not trusted for {realm} (realms.{realm}.trusted)")
-                    for c in peers if c.peer_id not in trusted]
+            out += [
+                RouteEntry(c.peer_id, 0.0, f"not trusted for {realm} (realms.{realm}.trusted)")
+                for c in peers
+                if c.peer_id not in trusted
+            ]
             peers = [c for c in peers if c.peer_id in trusted]
         entries = [RouteEntry(c.peer_id, c.score, self._path(c.peer_id)) for c in peers]
         if self.local.serves(realm):
@@ -187,8 +188,13 @@ class RealmRouter:
                         # Healthy but full: back in line after its retry-after, not a failure.
                         busy_count[executor] = busy_count.get(executor, 0) + 1
                         line.append((retry_at, executor))
-                        log.debug("query %s: %s is %s; back in line in %.2fs", query.query_id, executor,
-                                  exc.code.value, retry_at - trio.current_time())
+                        log.debug(
+                            "query %s: %s is %s; back in line in %.2fs",
+                            query.query_id,
+                            executor,
+                            exc.code.value,
+                            retry_at - trio.current_time(),
+                        )
                         continue
                     tried.append(executor)
                     if executor != LOCAL and exc.kind in (FailureKind.DEAD, FailureKind.UNREACHABLE):
@@ -201,8 +207,13 @@ class RealmRouter:
                         self._count_failure(executor, exc.kind, exc.message)
                     if not exc.retryable:
                         raise
-                    log.info("query %s: executor %s failed (%s: %s); failing over",
-                             query.query_id, executor, exc.kind.value, exc.message)
+                    log.info(
+                        "query %s: executor %s failed (%s: %s); failing over",
+                        query.query_id,
+                        executor,
+                        exc.kind.value,
+                        exc.message,
+                    )
                     await emit(ev.Failover(executor, attempt, exc.kind, exc.code, exc.message))
                     continue
                 if executor != LOCAL:
@@ -218,30 +229,38 @@ class RealmRouter:
             )
         assert last is not None
         others = "; ".join(f"{x.executor[:16]}: {x.note}" for x in self.plan(query.realm).excluded[:3])
-        raise QueryError(f"all {len(tried)} executor(s) failed; last: {last.message}"
-                         + (f" (not tried: {others})" if others else ""),
-                         last.code if last.retryable else Code.BACKEND_FAILED)
+        raise QueryError(
+            f"all {len(tried)} executor(s) failed; last: {last.message}"
+            + (f" (not tried: {others})" if others else ""),
+            last.code if last.retryable else Code.BACKEND_FAILED,
+        )
 
-    def _refill(self, line: list[tuple[float, str]], realm: str, tried: list[str],
-                vanished: frozenset[str] = frozenset()) -> bool:
+    def _refill(
+        self, line: list[tuple[float, str]], realm: str, tried: list[str], vanished: frozenset[str] = frozenset()
+    ) -> bool:
         """Every executor in line has failed: add any that became a candidate meanwhile (a peer
         back from a moment of silence), up to ``max_attempts`` attempts in all. An executor in
         ``vanished`` (its stream died under the query) may be tried again once it is a candidate
         again: a restarted process, a new connection."""
         room = self.max_attempts - len(tried)
-        fresh = [c.executor for c in self.plan(realm).candidates
-                 if c.executor not in tried or c.executor in vanished][:max(room, 0)]
+        fresh = [c.executor for c in self.plan(realm).candidates if c.executor not in tried or c.executor in vanished][
+            : max(room, 0)
+        ]
         line.extend((0.0, executor) for executor in fresh)
         return bool(fresh)
 
-    async def _revived(self, line: list[tuple[float, str]], query: Query, tried: list[str],
-                       gone: set[str], last: QueryError | None) -> bool:
+    async def _revived(
+        self, line: list[tuple[float, str]], query: Query, tried: list[str], gone: set[str], last: QueryError | None
+    ) -> bool:
         """The executors tried are gone (streams lost, dials failed) and no other is live: wait
         up to REVIVE_WAIT for one to become a candidate (a peer whose breaker closes, one that
         reconnects, the dead one restarted) rather than fail a query that could still be
         answered. Not after a refusal or a hang: those executors are there and said no."""
-        if not gone or not isinstance(last, ExecutorFailure) or last.kind not in (FailureKind.DEAD,
-                                                                                 FailureKind.UNREACHABLE):
+        if (
+            not gone
+            or not isinstance(last, ExecutorFailure)
+            or last.kind not in (FailureKind.DEAD, FailureKind.UNREACHABLE)
+        ):
             return False
         if len(tried) >= self.max_attempts:
             return False

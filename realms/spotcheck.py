@@ -42,10 +42,34 @@ FIRST_CHECK_DELAY = (2.0, 20.0)  # a new peer is checked this long (uniform) aft
 # so that a federation meeting a newcomer does not send it all its canaries at once
 MAX_PARALLEL = 2  # checks in flight at once
 CANARY_DEADLINE = 60.0
-_WORDS = (
-    "river stone lamp orbit cedar violet engine harbor quiet ladder maple signal copper meadow "
-    "lantern thunder pepper canvas marble window falcon garden silver rocket velvet anchor"
-).split()
+_WORDS = [
+    "river",
+    "stone",
+    "lamp",
+    "orbit",
+    "cedar",
+    "violet",
+    "engine",
+    "harbor",
+    "quiet",
+    "ladder",
+    "maple",
+    "signal",
+    "copper",
+    "meadow",
+    "lantern",
+    "thunder",
+    "pepper",
+    "canvas",
+    "marble",
+    "window",
+    "falcon",
+    "garden",
+    "silver",
+    "rocket",
+    "velvet",
+    "anchor",
+]
 
 RunRemote = Callable[[str, Query], Awaitable[ev.Result]]
 RunLocal = Callable[[Query], Awaitable[ev.Result]]
@@ -70,8 +94,13 @@ def canary(realm: str, seed: int) -> dict[str, Any] | None:
     if realm == "chat":
         return {"prompt": f"Continue: {words}", "max_tokens": 8, "temperature": 0.0, "seed": seed % 2**31}
     if realm == "vision":
-        return {"prompt": f"Describe this picture of {words}.", "image": _png(seed), "max_tokens": 8,
-                "temperature": 0.0, "seed": seed % 2**31}
+        return {
+            "prompt": f"Describe this picture of {words}.",
+            "image": _png(seed),
+            "max_tokens": 8,
+            "temperature": 0.0,
+            "seed": seed % 2**31,
+        }
     if realm == "imagine":
         return {"prompt": words, "seed": seed % 2**31, "steps": 2, "width": 64, "height": 64}
     if realm == "speech":
@@ -111,7 +140,7 @@ def _images_close(a: Any, b: Any) -> bool:
         pa, pb = small(bytes(a)), small(bytes(b))
     except Exception:  # not decodable (junk), or no imaging library: not the same image
         return False
-    return sum(abs(x - y) for x, y in zip(pa, pb)) / len(pa) <= 16.0
+    return sum(abs(x - y) for x, y in zip(pa, pb, strict=False)) / len(pa) <= 16.0
 
 
 @dataclass
@@ -225,8 +254,13 @@ class SpotChecker:
         if model is not None and self.local_model(realm) == model:
             refs = ["local"]
         else:
-            others = [e for e in self.table if e.peer_id != peer_id and self._model(e.peer_id, realm) == model
-                      and self.table.state(e) is PeerState.LIVE]
+            others = [
+                e
+                for e in self.table
+                if e.peer_id != peer_id
+                and self._model(e.peer_id, realm) == model
+                and self.table.state(e) is PeerState.LIVE
+            ]
             others.sort(key=lambda e: (not e.spot_passed, self.rng.random()))
             refs = [e.peer_id for e in others[:2]]
         if not refs:
@@ -250,9 +284,11 @@ class SpotChecker:
                 if r != "local":
                     self.table.record_spot_pass(r)
             return Verdict(peer_id, realm, "pass")
-        trusted = "local" in good or (
-            len(good) >= 2 and all(agree(a, b) for a in good.values() for b in good.values())
-        ) or any(self.table.get(r) is not None and self.table.get(r).spot_passed for r in good)
+        trusted = (
+            "local" in good
+            or (len(good) >= 2 and all(agree(a, b) for a in good.values() for b in good.values()))
+            or any(getattr(self.table.get(r), "spot_passed", False) for r in good)
+        )
         if not trusted:
             return Verdict(peer_id, realm, "inconclusive", "the references disagree")
         reference = "this node's own model" if "local" in good else f"{len(good)} peer(s) serving the same model"

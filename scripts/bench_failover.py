@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 import trio
+
 from rentahal.scripts.bench_routing import other_load
 from rentahal.scripts.bench_throughput import proc_cpu_s
 from rentahal.scripts.benchreport import (
@@ -102,9 +103,7 @@ class RowSpec:
 
 
 ROWS = (
-    RowSpec(
-        "killed_idle_out", "killed idle executor (SIGKILL) → out of A's routing", "≤ 0.2 s", 0.2
-    ),
+    RowSpec("killed_idle_out", "killed idle executor (SIGKILL) → out of A's routing", "≤ 0.2 s", 0.2),
     RowSpec(
         "killed_busy_failover",
         "killed executor mid-answer → `failover` event (query moved on)",
@@ -120,18 +119,14 @@ ROWS = (
     ),
     RowSpec("frozen_busy_out", "frozen executor mid-answer → out of A's routing", "≤ 2 s", 2.0),
     RowSpec("frozen_idle_out", "frozen idle executor (SIGSTOP) → out of A's routing", "≤ 2 s", 2.0),
-    RowSpec(
-        "fp_failovers", f"false positives, {FP_WINDOW_S:g} s at full CPU: `failover` events", "0", 0
-    ),
+    RowSpec("fp_failovers", f"false positives, {FP_WINDOW_S:g} s at full CPU: `failover` events", "0", 0),
     RowSpec(
         "fp_left",
         f"false positives, {FP_WINDOW_S:g} s at full CPU: an executor left A's candidates",
         "0",
         0,
     ),
-    RowSpec(
-        "restart_back", "(for reference) restarted executor: ready → back in A's routing", "—", None
-    ),
+    RowSpec("restart_back", "(for reference) restarted executor: ready → back in A's routing", "—", None),
     RowSpec("sigcont_back", "(for reference) SIGCONT → back in A's routing", "—", None),
 )
 COUNTS = {"fp_failovers", "fp_left"}
@@ -141,12 +136,8 @@ COUNTS = {"fp_failovers", "fp_left"}
 class Results:
     rounds: int
     samples: dict[str, list[float]] = field(default_factory=lambda: {r.key: [] for r in ROWS})
-    reasons: dict[str, Counter[str]] = field(
-        default_factory=lambda: {r.key: Counter() for r in ROWS}
-    )
-    rounds_text: dict[str, list[str]] = field(
-        default_factory=dict
-    )  # per scenario, one line a round
+    reasons: dict[str, Counter[str]] = field(default_factory=lambda: {r.key: Counter() for r in ROWS})
+    rounds_text: dict[str, list[str]] = field(default_factory=dict)  # per scenario, one line a round
     notes: list[str] = field(default_factory=list)  # anything that looked wrong
     route_rtts: list[float] = field(default_factory=list)
     survivor_s: list[float] = field(default_factory=list)  # failover -> result, mid-answer rounds
@@ -265,9 +256,7 @@ class QueryRun:
                 else:
                     self.errors.append(msg)
         except (trio.EndOfChannel, trio.ClosedResourceError):
-            self.errors.append(
-                {"op": "error", "code": "connection_closed", "message": "the node hung up"}
-            )
+            self.errors.append({"op": "error", "code": "connection_closed", "message": "the node hung up"})
         finally:
             self.done.set()
 
@@ -382,9 +371,7 @@ class Bench:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(q.run, self.qa)
             if not await wait_event(q.first_token, FIRST_TOKEN_S) or not q.executor_at_first_token:
-                raise BenchError(
-                    f"{what} round {i}: no first token within {FIRST_TOKEN_S:g}s (errors {q.errors})"
-                )
+                raise BenchError(f"{what} round {i}: no first token within {FIRST_TOKEN_S:g}s (errors {q.errors})")
             peer = q.executor_at_first_token
             if peer not in self.res.peers:
                 raise BenchError(f"{what} round {i}: routed to {peer}, neither B nor C")
@@ -439,9 +426,7 @@ class Bench:
         result = q.results[0] if len(q.results) == 1 else None
         bad = []
         if len(q.results) != 1 or q.errors:
-            bad.append(
-                f"{len(q.results)} result(s), errors {[(e.get('code'), e.get('message')) for e in q.errors]}"
-            )
+            bad.append(f"{len(q.results)} result(s), errors {[(e.get('code'), e.get('message')) for e in q.errors]}")
         if len(q.failovers) != 1:
             bad.append(
                 f"{len(q.failovers)} failover events "
@@ -451,13 +436,9 @@ class Bench:
             if result.get("executor") != survivor:
                 bad.append(f"answered by {self.name(result.get('executor', '?'))}")
             if list(result.get("failovers", [])) != [peer]:
-                bad.append(
-                    f"result failovers {[self.name(p) for p in result.get('failovers', [])]}"
-                )
+                bad.append(f"result failovers {[self.name(p) for p in result.get('failovers', [])]}")
             if (result.get("stats") or {}).get("tokens") != LONG["max_tokens"]:
-                bad.append(
-                    f"{(result.get('stats') or {}).get('tokens')} tokens, not {LONG['max_tokens']}"
-                )
+                bad.append(f"{(result.get('stats') or {}).get('tokens')} tokens, not {LONG['max_tokens']}")
         finished = ""
         if result is not None and failover_at is not None:
             self.res.survivor_s.append(q.messages[-1][0] - failover_at)
@@ -481,17 +462,13 @@ class Bench:
         if math.isinf(fo):
             self.res.note(f"{what} round {i}: no failover event within {WAIT_S:g}s of the signal")
         if math.isinf(out):
-            self.res.note(
-                f"{what} round {i}: {self.name(peer)} still A's candidate {WAIT_S:g}s after the signal"
-            )
+            self.res.note(f"{what} round {i}: {self.name(peer)} still A's candidate {WAIT_S:g}s after the signal")
         if killed:
             await self.restart(self.name(peer))
         else:
             self.res.add("sigcont_back", math.inf if back is None else back - cont)
             if back is None:
-                raise BenchError(
-                    f"{self.name(peer)} not A's candidate {BACK_WAIT_S:g}s after SIGCONT"
-                )
+                raise BenchError(f"{self.name(peer)} not A's candidate {BACK_WAIT_S:g}s after SIGCONT")
 
     # 4 -------------------------------------------------------------------------------------
     async def frozen_idle(self, i: int) -> None:
@@ -542,10 +519,7 @@ class Bench:
                 finally:
                     del inflight[q]
                 for _, e in q.failovers:
-                    failovers.append(
-                        f"via {via}: {self.name(e['executor'])} {e.get('kind')} "
-                        f"({e.get('message')})"
-                    )
+                    failovers.append(f"via {via}: {self.name(e['executor'])} {e.get('kind')} ({e.get('message')})")
                 for r in q.results:
                     durations.append(q.messages[-1][0] - q.submitted)
                     executor = r.get("executor", "?")
@@ -598,10 +572,7 @@ class Bench:
                         for _ in range(FP_PER_CONNECTION):
                             work.start_soon(worker, client, via)
                     await trio.sleep(max(0.0, end - time.monotonic()))
-                    cpu = {
-                        name: 100.0 * (proc_cpu_s(pid) - cpu0[name]) / FP_WINDOW_S
-                        for name, pid in pids.items()
-                    }
+                    cpu = {name: 100.0 * (proc_cpu_s(pid) - cpu0[name]) / FP_WINDOW_S for name, pid in pids.items()}
                     await cancel_the_rest()
                 workers_done.set()
             tail = time.monotonic() - end
@@ -614,11 +585,7 @@ class Bench:
         self.res.add("fp_left", float(len(left)))
         for _, _, reason in left:
             self.res.reasons["fp_left"][_reason_kind(reason)] += 1
-        took = (
-            f", each {statistics.median(durations):.1f} s (median) from submit to result"
-            if durations
-            else ""
-        )
+        took = f", each {statistics.median(durations):.1f} s (median) from submit to result" if durations else ""
         self.res.line(
             "false positives",
             f"round {i}: CPU in the {FP_WINDOW_S:g} s window "
@@ -643,8 +610,7 @@ class Bench:
         if busy:
             self.res.note(
                 f"false positives round {i}: executors still busy after every query "
-                f"ended or was cancelled: "
-                + ", ".join(f"{k} {v:.0f}% of one core" for k, v in busy.items())
+                f"ended or was cancelled: " + ", ".join(f"{k} {v:.0f}% of one core" for k, v in busy.items())
             )
 
 
@@ -791,16 +757,14 @@ def render(res: Results, info: dict[str, str]) -> str:
             table.append(f"| {row.label} | — | — | {row.target} |")
             continue
         table.append(
-            f"| {row.label} | {_cell(row.key, statistics.median(xs))} "
-            f"| {_cell(row.key, max(xs))} | {row.target} |"
+            f"| {row.label} | {_cell(row.key, statistics.median(xs))} | {_cell(row.key, max(xs))} | {row.target} |"
         )
     samples = [
         f"- {row.label}: "
         + ", ".join(_cell(row.key, x).removesuffix(" s") for x in res.samples[row.key])
         + ("" if row.key in COUNTS else " s")
         + (
-            "; A's exclusion reason: "
-            + ", ".join(f"{k} ×{v}" for k, v in res.reasons[row.key].items())
+            "; A's exclusion reason: " + ", ".join(f"{k} ×{v}" for k, v in res.reasons[row.key].items())
             if res.reasons[row.key] and row.key.endswith(("_out", "_left"))
             else ""
         )
@@ -812,9 +776,7 @@ def render(res: Results, info: dict[str, str]) -> str:
         for row in ROWS
         if res.samples[row.key]
     ]
-    per_round = [
-        f"- {scenario}, {text}" for scenario, texts in res.rounds_text.items() for text in texts
-    ]
+    per_round = [f"- {scenario}, {text}" for scenario, texts in res.rounds_text.items() for text in texts]
     survivor = (
         f"{statistics.median(res.survivor_s):.1f} s (median; max {max(res.survivor_s):.1f} s)"
         if res.survivor_s
@@ -885,9 +847,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Time how fast a killed or frozen executor is left by a running query and "
         "by routing, with real node processes; print a markdown section.",
     )
-    parser.add_argument(
-        "--rounds", type=int, default=5, help="rounds of each measurement (default 5)"
-    )
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of each measurement (default 5)")
     parser.add_argument("--out", type=Path, help="markdown file whose failover section to rewrite")
     args = parser.parse_args(argv)
     if args.rounds < 1:

@@ -74,11 +74,15 @@ def flood_frames(me: Any, public_key: bytes, n: int, *, first_seq: int | None = 
     out = []
     for i in range(n):
         record = HealthRecord(
-            peer_id=me.peer_id, seq=seq + i, timestamp=time.time(),
-            realms=(RealmStatus("chat", model="flood", queue_depth=0, slots=1),), version="flood",
+            peer_id=me.peer_id,
+            seq=seq + i,
+            timestamp=time.time(),
+            realms=(RealmStatus("chat", model="flood", queue_depth=0, slots=1),),
+            version="flood",
         )
-        msg = rpc_pb2.Message(data=sign_record(record, me), topicIDs=[HEALTH_TOPIC], from_id=from_id,
-                              seqno=(seq + i).to_bytes(8, "big"))
+        msg = rpc_pb2.Message(
+            data=sign_record(record, me), topicIDs=[HEALTH_TOPIC], from_id=from_id, seqno=(seq + i).to_bytes(8, "big")
+        )
         msg.signature = me.sign(prefix + msg.SerializeToString())
         msg.key = public_key
         out.append(encode_varint_prefixed(rpc_pb2.RPC(publish=[msg]).SerializeToString()))
@@ -92,8 +96,9 @@ class FloodResult:
     ended: str = ""  # "all written", or how B cut the flooder off
 
 
-async def flood(fh: Any, target: str, frames: list[bytes], *, on_start: Any = None,
-                deadline: float = 600.0) -> FloodResult:
+async def flood(
+    fh: Any, target: str, frames: list[bytes], *, on_start: Any = None, deadline: float = 600.0
+) -> FloodResult:
     """Write ``frames`` onto a fresh pubsub stream to ``target`` as fast as it takes them, until
     all are written, the connection goes, or ``deadline`` seconds pass. Several RPCs go out per
     write (up to 64 KiB), as a sender in a hurry would batch them."""
@@ -141,10 +146,17 @@ def _flooder_main(addr: str, n: int, deadline: float) -> None:
         async with open_federation_host(me, ["/ip4/127.0.0.1/tcp/0"]) as fh:
             frames = flood_frames(me, fh.host.get_public_key().serialize(), n)
             target = await fh.dial(addr, timeout=15)
-            res = await flood(fh, target, frames, deadline=deadline,
-                              on_start=lambda: print(json.dumps({"start": time.time()}), flush=True))
-            print(json.dumps({"written": res.written, "seconds": res.seconds, "ended": res.ended,
-                              "end": time.time()}), flush=True)
+            res = await flood(
+                fh,
+                target,
+                frames,
+                deadline=deadline,
+                on_start=lambda: print(json.dumps({"start": time.time()}), flush=True),
+            )
+            print(
+                json.dumps({"written": res.written, "seconds": res.seconds, "ended": res.ended, "end": time.time()}),
+                flush=True,
+            )
             # Stay connected until told to go (a line on stdin): B still reads what it buffered,
             # and a connection closed now would spare it that work.
             with trio.move_on_after(deadline):
@@ -161,8 +173,9 @@ async def latencies(node: NodeProcess, n: int, *, until: Any = None) -> list[flo
     async with connect(node.ui) as client:
         while len(out) < n and not (out and until is not None and until()):
             started = time.monotonic()
-            async for msg in client.stream("submit_query", realm="chat", stream=False,
-                                           payload={"prompt": f"honest {len(out)}", "max_tokens": 16}):
+            async for msg in client.stream(
+                "submit_query", realm="chat", stream=False, payload={"prompt": f"honest {len(out)}", "max_tokens": 16}
+            ):
                 if msg["op"] == "error":
                     raise RuntimeError(f"honest query failed: {msg}")
             out.append(time.monotonic() - started)
@@ -184,9 +197,20 @@ def run_one(records: int, queries: int, settings: dict[str, str], deadline: floa
             trio.run(latencies, b, 3)  # warm-up: model and websocket paths
             baseline = trio.run(latencies, b, queries)
             flooder = subprocess.Popen(
-                [sys.executable, "-m", "rentahal.scripts.bench_gossip_flood", "--flooder", b.addr,
-                 "--records", str(records), "--deadline", str(deadline)],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                [
+                    sys.executable,
+                    "-m",
+                    "rentahal.scripts.bench_gossip_flood",
+                    "--flooder",
+                    b.addr,
+                    "--records",
+                    str(records),
+                    "--deadline",
+                    str(deadline),
+                ],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
             )
             assert flooder.stdout is not None and flooder.stdin is not None
             said: list[dict[str, Any]] = []
@@ -238,12 +262,20 @@ def run_one(records: int, queries: int, settings: dict[str, str], deadline: floa
                     blocked_at = line
                     break
             return {
-                "settings": settings, "baseline": baseline, "during": during,
-                "written": done["written"], "flood_s": done["seconds"], "ended": done["ended"],
-                "cpu_s": cpu1 - cpu0, "cpu_wall_s": t1 - t0,
-                "state": peer.get("state"), "blocked": peer.get("blocked"),
-                "violations": peer.get("violations"), "start": start["start"],
-                "blocked_line": blocked_at, "taken": taken_records(b, attacker),
+                "settings": settings,
+                "baseline": baseline,
+                "during": during,
+                "written": done["written"],
+                "flood_s": done["seconds"],
+                "ended": done["ended"],
+                "cpu_s": cpu1 - cpu0,
+                "cpu_wall_s": t1 - t0,
+                "state": peer.get("state"),
+                "blocked": peer.get("blocked"),
+                "violations": peer.get("violations"),
+                "start": start["start"],
+                "blocked_line": blocked_at,
+                "taken": taken_records(b, attacker),
             }
         finally:
             if flooder is not None and flooder.poll() is None:
@@ -313,7 +345,8 @@ def main() -> None:
     runs = {"budget (defaults)": run_one(a.records, a.queries, {}, a.deadline)}
     if not a.no_unbudgeted:
         runs["no budget (gossip_per_second 1e6)"] = run_one(
-            a.records, a.queries, {"p2p.gossip_per_second": "1000000"}, a.deadline)
+            a.records, a.queries, {"p2p.gossip_per_second": "1000000"}, a.deadline
+        )
     text = report(runs, command_line())
     print(text)
     if a.out:

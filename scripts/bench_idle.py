@@ -73,8 +73,10 @@ async def settle_checks(nodes: list[NodeProcess], quiet: float, timeout: float) 
             clients.append(await stack.enter_async_context(connect(x.ui)))
         with trio.fail_after(timeout):
             while time.perf_counter() - quiet_since < quiet:
-                now = {x.name: (await c.call("status"))["status"]["spot_checks"]["canaries_sent"]
-                       for x, c in zip(nodes, clients)}
+                now = {
+                    x.name: (await c.call("status"))["status"]["spot_checks"]["canaries_sent"]
+                    for x, c in zip(nodes, clients, strict=False)
+                }
                 if now != last:
                     last, quiet_since = now, time.perf_counter()
                 await trio.sleep(0.5)
@@ -111,33 +113,46 @@ def run(n: int, seconds: float, serve: str, settle: float = 10.0) -> dict[str, o
             fed.close()
     shares = sorted(idle.values())
     return {
-        "nodes": n, "serve": serve, "seconds": seconds, "settle": settle, "machine_busy_before": baseline,
-        "converge_s": converge, "idle_cpu_median": statistics.median(shares),
-        "idle_cpu_max": shares[-1], "idle_cpu_min": shares[0], "see_new_node_s": see_new,
-        "see_new_first_s": see_each[0], "see_new_median_s": statistics.median(see_each),
-        "checks_done_s": checks_done, "launch_to_seen_s": seen - launched, "up_to_seen_s": seen - up, "launch_to_ready_s": ready - launched,
+        "nodes": n,
+        "serve": serve,
+        "seconds": seconds,
+        "settle": settle,
+        "machine_busy_before": baseline,
+        "converge_s": converge,
+        "idle_cpu_median": statistics.median(shares),
+        "idle_cpu_max": shares[-1],
+        "idle_cpu_min": shares[0],
+        "see_new_node_s": see_new,
+        "see_new_first_s": see_each[0],
+        "see_new_median_s": statistics.median(see_each),
+        "checks_done_s": checks_done,
+        "launch_to_seen_s": seen - launched,
+        "up_to_seen_s": seen - up,
+        "launch_to_ready_s": ready - launched,
     }
 
 
 def report(r: dict[str, object], command: str) -> str:
-    return "\n".join([
-        f"Command: `{command}`; machine busy before the nodes started: "
-        f"{100 * float(r['machine_busy_before']):.1f} % of its cores (2).",
-        "",
-        "| measure | value |",
-        "| --- | --- |",
-        f"| idle CPU per node, median (min–max), % of one core | {100 * float(r['idle_cpu_median']):.1f} "
-        f"({100 * float(r['idle_cpu_min']):.1f}–{100 * float(r['idle_cpu_max']):.1f}) |",
-        f"| {r['nodes']} nodes all see each other after the last is ready | {float(r['converge_s']):.2f} s |",
-        f"| first-contact spot-checks all done (the measured window starts {float(r.get('settle', 0)):g} s after) "
-        f"| {float(r['checks_done_s']):.1f} s |",
-        f"| every node sees a newcomer (live: a record and a connection), after its network is up "
-        f"| {float(r['up_to_seen_s']):.2f} s (the first node {float(r['see_new_first_s']) + float(r['up_to_seen_s']) - float(r['see_new_node_s']):.2f} s, "
-        f"the median {float(r['see_new_median_s']) + float(r['up_to_seen_s']) - float(r['see_new_node_s']):.2f} s) |",
-        f"| the same, from the newcomer's process start (Python start-up and imports included; "
-        f"its model ready at {float(r['launch_to_ready_s']):.2f} s) | {float(r['launch_to_seen_s']):.2f} s |",
-        "",
-    ])
+    return "\n".join(
+        [
+            f"Command: `{command}`; machine busy before the nodes started: "
+            f"{100 * float(r['machine_busy_before']):.1f} % of its cores (2).",
+            "",
+            "| measure | value |",
+            "| --- | --- |",
+            f"| idle CPU per node, median (min–max), % of one core | {100 * float(r['idle_cpu_median']):.1f} "
+            f"({100 * float(r['idle_cpu_min']):.1f}–{100 * float(r['idle_cpu_max']):.1f}) |",
+            f"| {r['nodes']} nodes all see each other after the last is ready | {float(r['converge_s']):.2f} s |",
+            f"| first-contact spot-checks all done (the measured window starts {float(r.get('settle', 0)):g} s after) "
+            f"| {float(r['checks_done_s']):.1f} s |",
+            f"| every node sees a newcomer (live: a record and a connection), after its network is up "
+            f"| {float(r['up_to_seen_s']):.2f} s (the first node {float(r['see_new_first_s']) + float(r['up_to_seen_s']) - float(r['see_new_node_s']):.2f} s, "  # noqa: E501
+            f"the median {float(r['see_new_median_s']) + float(r['up_to_seen_s']) - float(r['see_new_node_s']):.2f} s) |",  # noqa: E501
+            f"| the same, from the newcomer's process start (Python start-up and imports included; "
+            f"its model ready at {float(r['launch_to_ready_s']):.2f} s) | {float(r['launch_to_seen_s']):.2f} s |",
+            "",
+        ]
+    )
 
 
 def main() -> None:
@@ -145,12 +160,19 @@ def main() -> None:
     ap.add_argument("--nodes", type=int, default=10)
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--serve", default="chat")
-    ap.add_argument("--settle", type=float, default=10.0,
-                    help="seconds without a spot-check canary anywhere before the measured window")
+    ap.add_argument(
+        "--settle",
+        type=float,
+        default=10.0,
+        help="seconds without a spot-check canary anywhere before the measured window",
+    )
     ap.add_argument("--out", help="append the result to this markdown file")
     a = ap.parse_args()
     r = run(a.nodes, a.seconds, a.serve, a.settle)
-    text = report(r, f"python -m rentahal.scripts.bench_idle --nodes {a.nodes} --seconds {a.seconds:g} --serve {a.serve} --settle {a.settle:g}")
+    text = report(
+        r,
+        f"python -m rentahal.scripts.bench_idle --nodes {a.nodes} --seconds {a.seconds:g} --serve {a.serve} --settle {a.settle:g}",  # noqa: E501
+    )
     print(text)
     if a.out:
         with open(a.out, "a") as f:

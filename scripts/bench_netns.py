@@ -112,7 +112,11 @@ def progress(msg: str) -> None:
 
 def chat_payload(tokens: int) -> dict[str, Any]:
     return {
-        "prompt": "hello", "max_tokens": tokens, "seed": 1, "temperature": 0, "ignore_eos": True,
+        "prompt": "hello",
+        "max_tokens": tokens,
+        "seed": 1,
+        "temperature": 0,
+        "ignore_eos": True,
     }
 
 
@@ -137,6 +141,7 @@ async def _client(args: argparse.Namespace) -> None:
     or with ``--turns`` one batch per number read from stdin (an empty line or EOF ends), each
     batch one JSON line; the last JSON line has the route before and after."""
     import trio
+
     from rentahal.scripts.federation import NodeError, connect
 
     payload = chat_payload(args.tokens)
@@ -158,8 +163,9 @@ async def _client(args: argparse.Namespace) -> None:
                 if top.get("executor") == args.want_executor and top.get("note") == args.want_note:
                     break
                 if time.monotonic() - t0 > ROUTE_WAIT:
-                    raise BenchError(f"no route to {args.want_executor} ({args.want_note}) "
-                                     f"within {ROUTE_WAIT:g}s; last plan: {plan}")
+                    raise BenchError(
+                        f"no route to {args.want_executor} ({args.want_note}) within {ROUTE_WAIT:g}s; last plan: {plan}"
+                    )
                 await trio.sleep(0.25)
             final["route_wait_s"] = time.monotonic() - t0
             final["route_before"] = top
@@ -177,7 +183,10 @@ async def _client(args: argparse.Namespace) -> None:
 
         async def batch(n: int, concurrency: int, duration: float) -> dict[str, Any]:
             out: dict[str, Any] = {
-                "samples_ms": [], "executors": Counter(), "failovers": 0, "errors": [],
+                "samples_ms": [],
+                "executors": Counter(),
+                "failovers": 0,
+                "errors": [],
             }
             count = 0
             deadline = time.monotonic() + duration
@@ -229,6 +238,7 @@ def client_main(args: argparse.Namespace) -> int:
 def echo_client_main(args: argparse.Namespace) -> int:
     """bench_routing's baseline A (echo server child + client), here in the caller's namespace."""
     import trio
+
     from rentahal.scripts.bench_routing import EchoChild, measure_libp2p
 
     with tempfile.TemporaryDirectory(prefix="bench_netns-echo-") as tmp:
@@ -238,9 +248,16 @@ def echo_client_main(args: argparse.Namespace) -> int:
             one, per_request = trio.run(measure_libp2p, addr, args.n, args.warmup)
         finally:
             echo.kill()
-    print(json.dumps({"one_stream_ms": [s * 1000 for s in one.samples_s],
-                      "samples_ms": [s * 1000 for s in per_request.samples_s],
-                      "wall_s": per_request.wall_s}), flush=True)
+    print(
+        json.dumps(
+            {
+                "one_stream_ms": [s * 1000 for s in one.samples_s],
+                "samples_ms": [s * 1000 for s in per_request.samples_s],
+                "wall_s": per_request.wall_s,
+            }
+        ),
+        flush=True,
+    )
     return 0
 
 
@@ -250,8 +267,12 @@ class Client:
     def __init__(self, host: tb.Host, *args: str) -> None:
         self.host = host
         self.proc = host.popen(
-            [sys.executable, SCRIPT, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            [sys.executable, SCRIPT, *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         _on_exit.append(self.kill)
         self._lines: queue.Queue[tuple[float, str]] = queue.Queue()
@@ -275,11 +296,11 @@ class Client:
             stamp, line = self._lines.get(timeout=timeout)
         except queue.Empty:
             self.kill()
-            raise BenchError(f"client in {self.host.name}: no output within {timeout:g}s:\n"
-                             + "\n".join(self._err[-20:])) from None
+            raise BenchError(
+                f"client in {self.host.name}: no output within {timeout:g}s:\n" + "\n".join(self._err[-20:])
+            ) from None
         if line == "<exited>":
-            raise BenchError(f"client in {self.host.name} exited ({self.proc.wait()}):\n"
-                             + "\n".join(self._err[-20:]))
+            raise BenchError(f"client in {self.host.name} exited ({self.proc.wait()}):\n" + "\n".join(self._err[-20:]))
         return stamp, line
 
     def expect(self, marker: str, timeout: float) -> float:
@@ -318,8 +339,7 @@ class Client:
             self.proc.wait()
 
 
-def turn_taker(host: tb.Host, url: str, a: argparse.Namespace, *, executor: str = "",
-               note: str = "") -> Client:
+def turn_taker(host: tb.Host, url: str, a: argparse.Namespace, *, executor: str = "", note: str = "") -> Client:
     """A client that warms up, then runs a batch each time it is asked (``Client.batch``)."""
     args = ["--client", url, "--turns", "--warmup", str(a.warmup), "--tokens", str(a.tokens)]
     if executor:
@@ -415,17 +435,14 @@ def competing() -> str:
 PATHS = ("local", "direct", "holepunched", "relayed")
 
 
-def phase_startup(bed: tb.Testbed, fed: Federation, r: Results, wan: tb.Network,
-                  p: TimedNode) -> None:
+def phase_startup(bed: tb.Testbed, fed: Federation, r: Results, wan: tb.Network, p: TimedNode) -> None:
     for i in range(1, r.args.runs + 1):
         _, h = bed.home(f"u{i}", wan)
         node = start(fed, h, f"U{i}", serve="none", bootstrap=(p.addr,), settings=BASE)
         row = {
             "ready": node.seconds_to(r"ready peer=", 60),
             "private": node.seconds_to(r"reachability: private", LIVE_TIMEOUT),
-            "reserved": node.seconds_to(
-                rf"relay: reserved a slot on {re.escape(p.peer_id)}", LIVE_TIMEOUT
-            ),
+            "reserved": node.seconds_to(rf"relay: reserved a slot on {re.escape(p.peer_id)}", LIVE_TIMEOUT),
         }
         r.startup.append(row)
         took = ", ".join(f"{k} {v:.2f} s" for k, v in row.items())
@@ -439,12 +456,18 @@ def take_turns(r: Results, clients: dict[str, Client], relays: dict[str, int]) -
     relays' CPU is read around each batch."""
     a = r.args
     for key in PATHS:
-        r.paths[key] = {"samples_ms": [], "executors": Counter(), "failovers": 0, "errors": [],
-                        "wall_s": 0.0, "relay_cpu_s": dict.fromkeys(relays, 0.0)}
+        r.paths[key] = {
+            "samples_ms": [],
+            "executors": Counter(),
+            "failovers": 0,
+            "errors": [],
+            "wall_s": 0.0,
+            "relay_cpu_s": dict.fromkeys(relays, 0.0),
+        }
     done, turn = 0, 0
     while done < a.n:
         k = min(a.batch, a.n - done)
-        for key in PATHS[turn % 4:] + PATHS[:turn % 4]:
+        for key in PATHS[turn % 4 :] + PATHS[: turn % 4]:
             before = {name: process_cpu_s(pid) for name, pid in relays.items()}
             res = clients[key].batch(k, k * REQUEST_TIMEOUT + 30)
             acc = r.paths[key]
@@ -477,9 +500,23 @@ def relay_cpu(r: Results, h2: tb.Host, s2: TimedNode, s1: TimedNode, p2: TimedNo
     idle = {"wall_s": t1 - t0, **{k: c1[k] - c0[k] for k in pids}}
     progress(f"relay CPU: {a.streams} concurrent query loops s2 -> s1 for {a.busy_s:g} s")
     client = Client(
-        h2, "--client", s2.ui, "--n", "1000000", "--warmup", str(a.streams),
-        "--tokens", str(a.tokens), "--concurrency", str(a.streams), "--duration", str(a.busy_s),
-        "--want-executor", s1.peer_id, "--want-note", "via relay",
+        h2,
+        "--client",
+        s2.ui,
+        "--n",
+        "1000000",
+        "--warmup",
+        str(a.streams),
+        "--tokens",
+        str(a.tokens),
+        "--concurrency",
+        str(a.streams),
+        "--duration",
+        str(a.busy_s),
+        "--want-executor",
+        s1.peer_id,
+        "--want-note",
+        "via relay",
     )
     go = client.expect("GO", ROUTE_WAIT + a.streams * REQUEST_TIMEOUT + 30)
     c_go = cpu()
@@ -498,8 +535,9 @@ def run_phases(bed: tb.Testbed, fed: Federation, r: Results) -> None:
     hp, hp2 = bed.host("pub", wan), bed.host("pub2", wan)
     progress("public relays P and P2 (p2p.relay_service=on), LAN node d1 (serves chat)")
     p = start(fed, hp, "P", serve="none", settings=RELAY)
-    p2 = start(fed, hp2, "P2", serve="none", settings={
-        **RELAY, "p2p.relay_duration": "900", "p2p.relay_bytes": str(1 << 30)})
+    p2 = start(
+        fed, hp2, "P2", serve="none", settings={**RELAY, "p2p.relay_duration": "900", "p2p.relay_bytes": str(1 << 30)}
+    )
     d1 = start(fed, hd1, "D1", serve="chat", settings=EXECUTOR)
     for n in (p, p2, d1):
         n.wait_ready()
@@ -517,8 +555,10 @@ def run_phases(bed: tb.Testbed, fed: Federation, r: Results) -> None:
     echo = Client(hd1, "--echo-client", "--n", str(a.n), "--warmup", str(a.warmup))
     r.paths["raw"] = echo.result(120)
 
-    progress("d2 (bootstrap d1); cone NATs: c1 (serves chat), c2 (bootstrap P); "
-             "symmetric NATs: s1 (serves chat), s2 (bootstrap P2)")
+    progress(
+        "d2 (bootstrap d1); cone NATs: c1 (serves chat), c2 (bootstrap P); "
+        "symmetric NATs: s1 (serves chat), s2 (bootstrap P2)"
+    )
     _, hc1 = bed.home("c1", wan)
     _, hc2 = bed.home("c2", wan)
     _, hs1 = bed.home("s1", wan, symmetric=True)
@@ -531,8 +571,10 @@ def run_phases(bed: tb.Testbed, fed: Federation, r: Results) -> None:
     for n in (d2, c1, c2, s1, s2):
         n.wait_ready()
     c1_seen = live(c2, c1)
-    progress("clients: hole-punched (c2 -> c1, once route says direct), local (d1), "
-             "direct (d2 -> d1), relayed (s2 -> P2 -> s1); warm-up")
+    progress(
+        "clients: hole-punched (c2 -> c1, once route says direct), local (d1), "
+        "direct (d2 -> d1), relayed (s2 -> P2 -> s1); warm-up"
+    )
     clients = {"holepunched": turn_taker(hc2, c2.ui, a, executor=c1.peer_id, note="direct")}
     live(d2, d1)
     live(s2, s1)
@@ -541,8 +583,13 @@ def run_phases(bed: tb.Testbed, fed: Federation, r: Results) -> None:
         "direct": turn_taker(hd2, d2.ui, a, executor=d1.peer_id, note="direct"),
         "relayed": turn_taker(hs2, s2.ui, a, executor=s1.peer_id, note="via relay"),
     }
-    r.expected = {"local": "local", "direct": d1.peer_id, "holepunched": c1.peer_id,
-                  "relayed": s1.peer_id, "busy": s1.peer_id}
+    r.expected = {
+        "local": "local",
+        "direct": d1.peer_id,
+        "holepunched": c1.peer_id,
+        "relayed": s1.peer_id,
+        "busy": s1.peer_id,
+    }
     r.holepunch_wait_s = clients["holepunched"].expect("ROUTE", ROUTE_WAIT + 30) - c1_seen
     for c in clients.values():
         c.expect("READY", ROUTE_WAIT + a.warmup * REQUEST_TIMEOUT + 30)
@@ -551,8 +598,7 @@ def run_phases(bed: tb.Testbed, fed: Federation, r: Results) -> None:
     take_turns(r, clients, {"P": p.proc.pid, "P2": p2.proc.pid})
     for key in PATHS:
         t = r.paths[key]
-        progress(f"{key}: p50 {statistics.median(t['samples_ms']):.2f} ms, "
-                 f"p95 {quantile(t['samples_ms'], 95):.2f} ms")
+        progress(f"{key}: p50 {statistics.median(t['samples_ms']):.2f} ms, p95 {quantile(t['samples_ms'], 95):.2f} ms")
 
     for n in (d2, d1, c2, c1, p):  # only the relayed pair and its relay from here on
         n.stop()
@@ -583,8 +629,7 @@ def run_benchmark(args: argparse.Namespace) -> Results:
     r.others_cpu = other_cpu_share(cpu_start, r.elapsed_s)
     r.load_end = os.getloadavg()
     r.competing_end = competing()
-    progress(f"done in {r.elapsed_s:.0f} s; load average {r.load_end}; "
-             f"others: {r.competing_end}")
+    progress(f"done in {r.elapsed_s:.0f} s; load average {r.load_end}; others: {r.competing_end}")
     return r
 
 
@@ -606,7 +651,12 @@ def _load(x: tuple[float, float, float]) -> str:
 def render(r: Results, info: dict[str, str]) -> str:
     a = r.args
     lines = [
-        SECTION_HEADING, "", "```sh", command_line(), "```", "",
+        SECTION_HEADING,
+        "",
+        "```sh",
+        command_line(),
+        "```",
+        "",
         f"Run {r.started.strftime('%Y-%m-%d %H:%M UTC')}, commit `{info['commit']}`: "
         f"`nproc` {info['nproc']} ({info['cpu']}), Python {info['python']}, "
         f"py-libp2p {info['libp2p']}, llama-cpp-python {info['llama']}. "
@@ -643,7 +693,7 @@ def render(r: Results, info: dict[str, str]) -> str:
         "",
         f"Where the time goes (medians): `ready` → `private` {to_private:.2f} s: the "
         f"bootstrap connection to P, then (ticks of {TICK:g} s) the dial-back request, and P's "
-        f"dial to the home's public address is dropped by the NAT, so the answer \"no\" comes "
+        f'dial to the home\'s public address is dropped by the NAT, so the answer "no" comes '
         f"only when that dial times out (`DIAL_BACK_TIMEOUT` = {DIAL_BACK_TIMEOUT:g} s, most "
         f"of this step); `private` → "
         f"`reserved` {to_reserved:.2f} s: the relay service looks for relays every "
@@ -660,16 +710,14 @@ def render(r: Results, info: dict[str, str]) -> str:
         f"cone homes' relay) and of P2 (the symmetric homes' relay) during that path's batches, "
         f"per query.",
         "",
-        "| path | route note | n | p50 ms | p95 ms | p99 ms | mean ms | p50 − local ms "
-        "| P / P2 CPU ms per query |",
+        "| path | route note | n | p50 ms | p95 ms | p99 ms | mean ms | p50 − local ms | P / P2 CPU ms per query |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     local_p50 = statistics.median(r.paths["local"]["samples_ms"])
     for key, label in PATH_ROWS:
         res = r.paths[key]
         s = res["samples_ms"]
-        note = (f"{res['route_before']['note']} / {res['route_after']['note']}"
-                if "route_before" in res else "")
+        note = f"{res['route_before']['note']} / {res['route_after']['note']}" if "route_before" in res else ""
         diff = "" if key in ("raw", "local") else f"{statistics.median(s) - local_p50:+.2f}"
         cpu = res.get("relay_cpu_s")
         relay = f"{1000 * cpu['P'] / len(s):.2f} / {1000 * cpu['P2'] / len(s):.2f}" if cpu else ""
@@ -711,17 +759,13 @@ def render(r: Results, info: dict[str, str]) -> str:
         f"{statistics.median(q['samples_ms']):.2f} ms, p95 {quantile(q['samples_ms'], 95):.2f} ms "
         f"(s1 has one chat slot, so the loops also queue there).",
         "",
-        "| process | idle CPU s/s | busy CPU s/s | extra CPU ms per relayed query "
-        "| extra CPU s/s per stream |",
+        "| process | idle CPU s/s | busy CPU s/s | extra CPU ms per relayed query | extra CPU s/s per stream |",
         "| --- | ---: | ---: | ---: | ---: |",
     ]
     for k, label in (("P2", "P2, the relay"), ("s1", "s1, the executor"), ("s2", "s2, the origin")):
         ri, rb = idle[k] / idle["wall_s"], busy[k] / busy["wall_s"]
         ex = busy[k] - ri * busy["wall_s"]
-        lines.append(
-            f"| {label} | {ri:.3f} | {rb:.3f} | {1000 * ex / nq:.3f} "
-            f"| {(rb - ri) / a.streams:.3f} |"
-        )
+        lines.append(f"| {label} | {ri:.3f} | {rb:.3f} | {1000 * ex / nq:.3f} | {(rb - ri) / a.streams:.3f} |")
     lines += [
         "",
         f"The relay spent {1000 * extra / nq:.2f} ms of CPU per relayed query "
@@ -746,16 +790,12 @@ def main(argv: list[str] | None = None) -> int:
     add = parser.add_argument
     add("--n", type=int, default=100, help="timed queries per path (default 100)")
     add("--warmup", type=int, default=10, help="untimed queries first (default 10)")
-    add("--batch", type=int, default=10,
-        help="queries per path per turn, the paths taking turns (default 10)")
+    add("--batch", type=int, default=10, help="queries per path per turn, the paths taking turns (default 10)")
     add("--tokens", type=int, default=1, help="max_tokens of each chat query (default 1)")
     add("--runs", type=int, default=3, help="start-to-reachable runs (default 3)")
-    add("--streams", type=int, default=4,
-        help="concurrent query loops through the relay (default 4)")
-    add("--idle-s", type=float, default=10.0,
-        help="seconds the relay's idle CPU is measured (default 10)")
-    add("--busy-s", type=float, default=15.0,
-        help="seconds the loops run through the relay (default 15)")
+    add("--streams", type=int, default=4, help="concurrent query loops through the relay (default 4)")
+    add("--idle-s", type=float, default=10.0, help="seconds the relay's idle CPU is measured (default 10)")
+    add("--busy-s", type=float, default=15.0, help="seconds the loops run through the relay (default 15)")
     add("--out", type=Path, help="markdown file whose section to rewrite")
     # Inside a namespace: the websocket client, and bench_routing's raw echo pair.
     add("--client", help=argparse.SUPPRESS)

@@ -54,14 +54,17 @@ from pathlib import Path
 from typing import Any
 
 import trio
+
 from rentahal.scripts.benchreport import (
     command_line,
     machine_info,
     other_cpu_share,
-    run_cmd as _run,
     write_section,
 )
 from rentahal.scripts.benchreport import cpu_times as _cpu_times
+from rentahal.scripts.benchreport import (
+    run_cmd as _run,
+)
 
 SECTION = "## Realm throughput: through the node vs the backend directly"
 REQUEST_TIMEOUT = 300.0
@@ -133,7 +136,10 @@ def process_cpu_s(pid: int) -> float:
 
 def chat_payload(tokens: int, seed: int) -> dict[str, Any]:
     return {
-        "prompt": "hello", "max_tokens": tokens, "ignore_eos": True, "seed": seed,
+        "prompt": "hello",
+        "max_tokens": tokens,
+        "ignore_eos": True,
+        "seed": seed,
         "temperature": 0.7,
     }
 
@@ -187,8 +193,15 @@ def direct_runner(realm: str, backend: Any, pids: tuple[int, ...]) -> Runner:
         all_cpu = all_cpu_s(pids) - all0
         units = int(res.stats["tokens"]) if realm == "chat" else 1
         return Sample(
-            wall, units, first if first is not None else wall, float(res.stats["ms"]), events,
-            cpu, all_cpu, "", _answer(realm, res.output),
+            wall,
+            units,
+            first if first is not None else wall,
+            float(res.stats["ms"]),
+            events,
+            cpu,
+            all_cpu,
+            "",
+            _answer(realm, res.output),
         )
 
     return one
@@ -215,8 +228,14 @@ def node_runner(realm: str, client: Any, pids: tuple[int, ...]) -> Runner:
                 res = msg["result"]
                 units = int(res["stats"]["tokens"]) if realm == "chat" else 1
                 return Sample(
-                    wall, units, first if first is not None else wall,
-                    float(res["stats"]["ms"]), events, cpu, all_cpu, res["executor"],
+                    wall,
+                    units,
+                    first if first is not None else wall,
+                    float(res["stats"]["ms"]),
+                    events,
+                    cpu,
+                    all_cpu,
+                    res["executor"],
                     _answer(realm, res["output"]),
                 )
             elif msg["op"] == "error":
@@ -227,8 +246,10 @@ def node_runner(realm: str, client: Any, pids: tuple[int, ...]) -> Runner:
 
 
 async def measure(
-    realm: str, runners: dict[str, Runner],
-    payload: Callable[[int], dict[str, Any]], n: int,
+    realm: str,
+    runners: dict[str, Runner],
+    payload: Callable[[int], dict[str, Any]],
+    n: int,
 ) -> dict[str, Case]:
     """One warm-up per path (seed 0), then ``n`` rounds of a, b, c with seeds 1..n."""
     for path in PATHS:
@@ -240,8 +261,7 @@ async def measure(
             with trio.fail_after(REQUEST_TIMEOUT):
                 cases[path].samples.append(await runners[path](payload(i)))
         progress(
-            f"{realm} round {i}/{n}: "
-            + ", ".join(f"{p} {cases[p].samples[-1].wall_s * 1000:.1f} ms" for p in PATHS)
+            f"{realm} round {i}/{n}: " + ", ".join(f"{p} {cases[p].samples[-1].wall_s * 1000:.1f} ms" for p in PATHS)
         )
     return cases
 
@@ -295,7 +315,10 @@ async def _measure_imagine(pipeline: Path, b: Any, a: Any, n: int) -> dict[str, 
 
 
 def with_pair(
-    work: Path, realm: str, settings: dict[str, str], seed_model: tuple[Path, str],
+    work: Path,
+    realm: str,
+    settings: dict[str, str],
+    seed_model: tuple[Path, str],
     body: Callable[[Any, Any], Any],
 ) -> Any:
     """Start B (serves ``realm``) and A (serves nothing, bootstrap B); ``body(a, b)``; stop both.
@@ -408,10 +431,7 @@ def render(r: Results, info: dict[str, str]) -> str:
         same.append(f"{realm}: {'identical' if _same(cases) else 'NOT identical'}")
     noisy = r.competing_before != "none" or r.competing_after != "none"
 
-    chat_json = (
-        f'{{"prompt": "hello", "max_tokens": {T}, "ignore_eos": true, "seed": i, '
-        '"temperature": 0.7}'
-    )
+    chat_json = f'{{"prompt": "hello", "max_tokens": {T}, "ignore_eos": true, "seed": i, "temperature": 0.7}}'
     imagine_json = '{"prompt": "a cat", "width": 64, "height": 64, "steps": 4, "seed": i}'
     fixed = {p: extra[p] - inside[p] for p in PATHS}
     if b_cpu["routed"] >= 0.6 * inside["routed"]:
@@ -437,8 +457,7 @@ def render(r: Results, info: dict[str, str]) -> str:
         f"diffusers {info['diffusers']}, py-libp2p {info['libp2p']}. "
         f"The run took {r.elapsed_s:.0f} s; other processes used {r.others_cpu} of the CPUs "
         f"meanwhile; other test runs or nodes on the machine: {r.competing_before} at the start, "
-        f"{r.competing_after} at the end"
-        + (" (**the figures are skewed by them**)." if noisy else "."),
+        f"{r.competing_after} at the end" + (" (**the figures are skewed by them**)." if noisy else "."),
         "",
         f"All on the CPU with the smoke-test models, one thread per backend (`threads=1` / "
         f"`realms.<realm>.threads=1`, `torch.set_num_threads(1)`). Chat: `{chat_json}` on the "
@@ -496,7 +515,7 @@ def run_benchmark(tokens: int, n: int, images: int) -> Results:
     from rentahal.models.tiny import write_tiny_llama
     from rentahal.models.tiny_diffusers import write_tiny_pipeline
 
-    started = _dt.datetime.now(_dt.timezone.utc)
+    started = _dt.datetime.now(_dt.UTC)
     competing_before = competing()
     if competing_before != "none":
         progress(f"warning: {competing_before} running: figures will be skewed")
@@ -526,14 +545,19 @@ def run_benchmark(tokens: int, n: int, images: int) -> Results:
             check_executors("imagine", cases, b.peer_id)
             return cases
 
-        imagine = with_pair(
-            work, "imagine", {"realms.imagine.threads": "1"}, (pipeline, "imagine"), imagine_body
-        )
+        imagine = with_pair(work, "imagine", {"realms.imagine.threads": "1"}, (pipeline, "imagine"), imagine_body)
     elapsed = time.perf_counter() - t_start
     return Results(
-        tokens=tokens, n=n, images=images, chat=chat, imagine=imagine, started=started,
-        elapsed_s=elapsed, others_cpu=other_cpu_share(cpu_start, elapsed),
-        competing_before=competing_before, competing_after=competing(),
+        tokens=tokens,
+        n=n,
+        images=images,
+        chat=chat,
+        imagine=imagine,
+        started=started,
+        elapsed_s=elapsed,
+        others_cpu=other_cpu_share(cpu_start, elapsed),
+        competing_before=competing_before,
+        competing_after=competing(),
     )
 
 
@@ -570,4 +594,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import trio
+
 from rentahal.scripts.benchreport import (
     command_line,
     machine_info,
@@ -200,10 +201,13 @@ def run_echo_server() -> None:
 class EchoChild:
     def __init__(self, workdir: Path) -> None:
         self.log_path = workdir / "echo-server.log"
-        self._log = open(self.log_path, "wb")
+        self._log = open(self.log_path, "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [sys.executable, str(Path(__file__).resolve()), "--echo-server"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            text=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         self._lines: queue.Queue[str] = queue.Queue()
@@ -259,9 +263,7 @@ async def measure_libp2p(addr: str, n: int, warmup: int) -> tuple[Timing, Timing
 
         stream = await fh.host.new_stream(peer, [ECHO_PROTOCOL])
         buf = bytearray()
-        one = await time_calls(
-            "raw libp2p, one stream", lambda: round_trip(stream, buf), n, warmup
-        )
+        one = await time_calls("raw libp2p, one stream", lambda: round_trip(stream, buf), n, warmup)
         await stream.close()
 
         async def fresh_stream() -> None:
@@ -271,9 +273,7 @@ async def measure_libp2p(addr: str, n: int, warmup: int) -> tuple[Timing, Timing
             finally:
                 await s.close()
 
-        per_request = await time_calls(
-            "raw libp2p, new stream per request", fresh_stream, n, warmup
-        )
+        per_request = await time_calls("raw libp2p, new stream per request", fresh_stream, n, warmup)
     return one, per_request
 
 
@@ -282,7 +282,11 @@ async def measure_libp2p(addr: str, n: int, warmup: int) -> tuple[Timing, Timing
 
 def chat_payload(tokens: int) -> dict[str, Any]:
     return {
-        "prompt": "hello", "max_tokens": tokens, "seed": 1, "temperature": 0, "ignore_eos": True,
+        "prompt": "hello",
+        "max_tokens": tokens,
+        "seed": 1,
+        "temperature": 0,
+        "ignore_eos": True,
     }
 
 
@@ -328,9 +332,7 @@ async def measure_node(label: str, ws_url: str, tokens: int, n: int, warmup: int
             nonlocal rid
             rid += 1
             t0 = time.perf_counter()
-            await ws.send_message(
-                json.dumps({"op": "submit_query", "rid": rid, "realm": "chat", "payload": payload})
-            )
+            await ws.send_message(json.dumps({"op": "submit_query", "rid": rid, "realm": "chat", "payload": payload}))
             marks: dict[str, float] = {}  # ms since submit of the first event of each kind
             while True:
                 msg = json.loads(await ws.get_message())
@@ -386,20 +388,19 @@ class Results:
 
 
 def _row(label: str, t: Timing) -> str:
-    return (
-        f"| {label} | {len(t.samples_s)} | {t.p50_ms:.2f} | {t.p99_ms:.2f} | {t.mean_ms:.2f} "
-        f"| {t.rps:.0f} |"
-    )
+    return f"| {label} | {len(t.samples_s)} | {t.p50_ms:.2f} | {t.p99_ms:.2f} | {t.mean_ms:.2f} | {t.rps:.0f} |"
 
 
 # Client-side phases of a node query: (short name, label, from mark, to mark); marks are the first
 # event of each kind as the websocket client saw it, so every phase includes its websocket delivery.
 PHASES = (
-    ("taking the query",
-     "submit → `routed` event (the node takes the query, picks a route)", None, "routed"),
-    ("reaching `accepted`",
-     "→ `accepted` (local: queue admission; routed: stream opened, request sent, B admits it)",
-     "routed", "accepted"),
+    ("taking the query", "submit → `routed` event (the node takes the query, picks a route)", None, "routed"),
+    (
+        "reaching `accepted`",
+        "→ `accepted` (local: queue admission; routed: stream opened, request sent, B admits it)",
+        "routed",
+        "accepted",
+    ),
     ("the first token", "→ first token", "accepted", "token"),
     ("token streaming", "first → last token", "token", "last_token"),
     ("the result", "last token → result", "last_token", "result"),
@@ -409,9 +410,7 @@ PHASES = (
 def phase_medians(t: Timing) -> list[float]:
     out = []
     for _, _, start, end in PHASES:
-        out.append(statistics.median(
-            r["_marks"][end] - (r["_marks"][start] if start else 0.0) for r in t.results
-        ))
+        out.append(statistics.median(r["_marks"][end] - (r["_marks"][start] if start else 0.0) for r in t.results))
     return out
 
 
@@ -437,10 +436,10 @@ def render(r: Results, info: dict[str, str]) -> str:
     local_ph, routed_ph = phase_medians(r.local), phase_medians(r.routed)
     phase_rows = [
         f"| {label} | {lo:.2f} | {ro:.2f} | {ro - lo:+.2f} |"
-        for (_, label, _, _), lo, ro in zip(PHASES, local_ph, routed_ph)
+        for (_, label, _, _), lo, ro in zip(PHASES, local_ph, routed_ph, strict=False)
     ]
     diffs = sorted(
-        ((ro - lo, short) for (short, _, _, _), lo, ro in zip(PHASES, local_ph, routed_ph)),
+        ((ro - lo, short) for (short, _, _, _), lo, ro in zip(PHASES, local_ph, routed_ph, strict=False)),
         reverse=True,
     )
     stream_diff = routed_ph[3] - local_ph[3]
@@ -530,7 +529,7 @@ def run_benchmark(n: int, tokens: int, warmup: int) -> Results:
     from rentahal.models.tiny import write_tiny_llama
     from rentahal.scripts.federation import Federation
 
-    started = _dt.datetime.now(_dt.timezone.utc)
+    started = _dt.datetime.now(_dt.UTC)
     load_before = other_load()
     progress(f"before the run: {load_before}")
     cpu_start = (_cpu_times(), os.times())
@@ -572,9 +571,19 @@ def run_benchmark(n: int, tokens: int, warmup: int) -> Results:
         others = other_cpu_share(cpu_start, elapsed)
         progress(f"other processes used {others} of the CPUs during the run")
         return Results(
-            others_cpu=others, n=n, tokens=tokens, warmup=warmup, one_stream=one_stream,
-            new_stream=new_stream, llama=llama, local=local, routed=routed, b_peer=b.peer_id,
-            load_before=load_before, started=started, elapsed_s=elapsed,
+            others_cpu=others,
+            n=n,
+            tokens=tokens,
+            warmup=warmup,
+            one_stream=one_stream,
+            new_stream=new_stream,
+            llama=llama,
+            local=local,
+            routed=routed,
+            b_peer=b.peer_id,
+            load_before=load_before,
+            started=started,
+            elapsed_s=elapsed,
         )
 
 
@@ -630,4 +639,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

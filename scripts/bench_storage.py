@@ -117,8 +117,7 @@ def report(args: argparse.Namespace, times: dict[tuple[int, int], list[float]]) 
             ratio = f"**{rate[4] / rate[1]:.2f}x**" if n == 4 else ""
             result = "0.7 KB text" + (f" + {kb} KiB media" if kb else "")
             lines.append(
-                f"| {result} | {n} | {args.rows} | {statistics.median(ts):.2f} ({runs}) "
-                f"| {rate[n]:,.0f} | {ratio} |"
+                f"| {result} | {n} | {args.rows} | {statistics.median(ts):.2f} ({runs}) | {rate[n]:,.0f} | {ratio} |"
             )
     return "\n".join([*lines, ""])
 

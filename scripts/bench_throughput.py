@@ -64,6 +64,7 @@ from pathlib import Path
 from typing import Any
 
 import trio
+
 from rentahal.scripts.bench_routing import chat_payload, other_load
 from rentahal.scripts.benchreport import (
     command_line,
@@ -112,7 +113,7 @@ def progress(msg: str) -> None:
 def proc_cpu_s(pid: int) -> float:
     """utime + stime of a process, all its threads, in seconds (from /proc/<pid>/stat)."""
     text = Path(f"/proc/{pid}/stat").read_text()
-    fields = text[text.rindex(")") + 2:].split()  # after "pid (comm) "; comm may hold spaces
+    fields = text[text.rindex(")") + 2 :].split()  # after "pid (comm) "; comm may hold spaces
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of stat(5)
 
 
@@ -157,8 +158,9 @@ class Load:
 
 async def client_loop(url: str, load: Load, fail_backoff: float) -> None:
     """One websocket client: its own user, one query in flight, the next as soon as it ends."""
-    from rentahal.scripts.federation import NodeError, connect
     from trio_websocket import ConnectionClosed, HandshakeError
+
+    from rentahal.scripts.federation import NodeError, connect
 
     payload = chat_payload(TOKENS)
     guid = uuid.uuid4().hex
@@ -183,8 +185,11 @@ async def client_loop(url: str, load: Load, fail_backoff: float) -> None:
                     except trio.EndOfChannel:
                         code = "connection_closed"
                     now = time.perf_counter()
-                    load.done.append(Done(now, now - t0, code, str(res.get("executor", "")),
-                                          len(res.get("failovers") or ()), message))
+                    load.done.append(
+                        Done(
+                            now, now - t0, code, str(res.get("executor", "")), len(res.get("failovers") or ()), message
+                        )
+                    )
                     if code == "connection_closed":
                         break
                     if code is not None:
@@ -204,9 +209,24 @@ async def py_spy(pid: int, seconds: float, out: Path) -> str:
     exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     if not Path(exe).exists():
         raise BenchError("py-spy is not installed (pip install py-spy) and --profile was given")
-    cmd = [exe, "record", "--pid", str(pid), "--duration", str(max(1, round(seconds))), "--rate",
-           str(PROFILE_HZ), "--native", "--format", "raw", "--nolineno", "--full-filenames",
-           "--threads", "--output", str(out)]
+    cmd = [
+        exe,
+        "record",
+        "--pid",
+        str(pid),
+        "--duration",
+        str(max(1, round(seconds))),
+        "--rate",
+        str(PROFILE_HZ),
+        "--native",
+        "--format",
+        "raw",
+        "--nolineno",
+        "--full-filenames",
+        "--threads",
+        "--output",
+        str(out),
+    ]
     res = await trio.run_process(cmd, capture_stdout=True, capture_stderr=True, check=False)
     text = (res.stdout + res.stderr).decode(errors="replace")
     if res.returncode != 0 or not out.exists():
@@ -219,15 +239,19 @@ async def py_spy(pid: int, seconds: float, out: Path) -> str:
 LAYERS: tuple[tuple[str, str], ...] = (
     ("CPython garbage collector", r"^gc_collect|^collect_with_callback"),
     ("llama.cpp generation", r"/llama_cpp/|/models/chat\.py|libllama|libggml"),
-    ("noise (encrypt/decrypt, handshake)",
-     r"/libp2p/security/|/noise/|/cryptography/|/nacl/|/coincurve/|libcrypto|_rust\.abi3|_cffi_backend"),
+    (
+        "noise (encrypt/decrypt, handshake)",
+        r"/libp2p/security/|/noise/|/cryptography/|/nacl/|/coincurve/|libcrypto|_rust\.abi3|_cffi_backend",
+    ),
     ("yamux", r"/libp2p/stream_muxer/"),
     ("multistream-select", r"/libp2p/protocol_muxer/|multistream"),
     ("libp2p pubsub (gossip)", r"/libp2p/pubsub/"),
     ("libp2p kad-dht", r"/libp2p/kad_dht/"),
     ("libp2p identify/peerstore/other", r"/libp2p/(identity|peer|host/basic_host|host/autonat)"),
-    ("libp2p TCP connection I/O (raw read/write)",
-     r"/libp2p/io/|/libp2p/network/connection/raw_connection\.py|/libp2p/transport/tcp/"),
+    (
+        "libp2p TCP connection I/O (raw read/write)",
+        r"/libp2p/io/|/libp2p/network/connection/raw_connection\.py|/libp2p/transport/tcp/",
+    ),
     ("libp2p swarm/host/net stream", r"/libp2p/"),
     ("protobuf", r"/google/protobuf/"),
     ("msgpack / query wire codec", r"/msgpack/|/p2p/wire\.py"),
@@ -238,8 +262,7 @@ LAYERS: tuple[tuple[str, str], ...] = (
     ("trio socket I/O (send/recv syscalls)", r"/trio/_socket\.py|/trio/_highlevel_socket\.py"),
     ("trio threads (to_thread hand-off)", r"/trio/_threads\.py|/trio/_core/_thread_cache\.py"),
     ("trio scheduler/event loop", r"/trio/|<attrs generated methods trio\.|/outcome/"),
-    ("rentahal health/peers/maintenance",
-     r"/p2p/(health|peers|maintenance|gossip|reachability|relay|discovery)\.py"),
+    ("rentahal health/peers/maintenance", r"/p2p/(health|peers|maintenance|gossip|reachability|relay|discovery)\.py"),
     ("rentahal query protocol (p2p/query.py)", r"/p2p/query\.py"),
     ("rentahal router/queries/executor/control", r"/(realms|node)/"),
     ("uuid/random/hashing", r"/uuid\.py|/random\.py|/hashlib\.py|/secrets\.py"),
@@ -270,6 +293,8 @@ UNRESOLVED = re.compile(r"^0x[0-9a-f]+ ")
 def _is_python(frame: str) -> bool:
     m = _FRAME_RX.match(frame)
     return bool(m) and (m["file"].endswith(".py") or m["file"].startswith("<") or "/bin/" in m["file"])
+
+
 _FRAME_RX = re.compile(r"^(?P<func>.*) \((?P<file>[^()]*)\)$")
 # Frames nearly every sample passes through: left out of the inclusive ("cumulative") ranking.
 GENERIC = re.compile(
@@ -353,7 +378,7 @@ def parse_profile(label: str, raw: Path, seconds: float) -> Profile:
         if not stack:
             continue
         last_py = max((i for i, f in enumerate(stack) if _is_python(f)), default=-1)
-        native_tail = stack[last_py + 1:]
+        native_tail = stack[last_py + 1 :]
         if any(NATIVE_WAITS.match(f) for f in native_tail) or (last_py >= 0 and WAITS.match(stack[last_py])):
             waiting += n
             continue
@@ -455,8 +480,15 @@ def _window_others(a: CpuSnap, b: CpuSnap) -> str:
 
 
 async def drive(
-    url: str, pids: dict[str, int], executors: dict[str, str], clients: int, warmup: float,
-    duration: float, fail_backoff: float, profile_s: float, profile_dir: Path | None,
+    url: str,
+    pids: dict[str, int],
+    executors: dict[str, str],
+    clients: int,
+    warmup: float,
+    duration: float,
+    fail_backoff: float,
+    profile_s: float,
+    profile_dir: Path | None,
 ) -> tuple[Load, CpuSnap, CpuSnap, float | None, list[tuple[str, Path, float]]]:
     load = Load()
     raws: list[tuple[str, Path, float]] = []  # (process, raw stacks, its /proc CPU seconds)
@@ -487,8 +519,15 @@ async def drive(
 
 
 def run_variant(
-    name: str, work: Path, clients: int, warmup: float, duration: float, fail_backoff: float,
-    profile_s: float, profile_dir: Path | None, logs: Path | None = None,
+    name: str,
+    work: Path,
+    clients: int,
+    warmup: float,
+    duration: float,
+    fail_backoff: float,
+    profile_s: float,
+    profile_dir: Path | None,
+    logs: Path | None = None,
 ) -> VariantResult:
     from rentahal.scripts.federation import Federation
 
@@ -504,7 +543,15 @@ def run_variant(
         pids = {"router": r.proc.pid, "E1": e1.proc.pid, "E2": e2.proc.pid}  # type: ignore[union-attr]
         executors = {e1.peer_id: "E1", e2.peer_id: "E2"}
         load, a, b, profiled_qps, raws = trio.run(
-            drive, r.ui, pids, executors, clients, warmup, duration, fail_backoff, profile_s,
+            drive,
+            r.ui,
+            pids,
+            executors,
+            clients,
+            warmup,
+            duration,
+            fail_backoff,
+            profile_s,
             profile_dir,
         )
     finally:
@@ -514,11 +561,16 @@ def run_variant(
             for n in fed.nodes:
                 (logs / f"{name}-{n.name}.log").write_text("\n".join(n.lines) + "\n")
     res = VariantResult(
-        name=name, settings=settings, clients=clients, window_s=b.t - a.t,
+        name=name,
+        settings=settings,
+        clients=clients,
+        window_s=b.t - a.t,
         done=load.window(a.t, b.t),
         node_cpu_s={k: b.nodes[k] - a.nodes[k] for k in a.nodes},
-        client_cpu_s=b.own - a.own, others_cpu=_window_others(a, b),
-        executors=executors, profiled_qps=profiled_qps,
+        client_cpu_s=b.own - a.own,
+        others_cpu=_window_others(a, b),
+        executors=executors,
+        profiled_qps=profiled_qps,
     )
     for who, raw, cpu_s in raws:
         p = parse_profile(f"{who} ({name})", raw, profile_s)
@@ -544,8 +596,14 @@ def _fmt_fail(c: Counter[str]) -> str:
 
 
 def render(
-    results: list[VariantResult], info: dict[str, str], *, started: _dt.datetime, load_before: str,
-    others: str, elapsed: float, args: argparse.Namespace,
+    results: list[VariantResult],
+    info: dict[str, str],
+    *,
+    started: _dt.datetime,
+    load_before: str,
+    others: str,
+    elapsed: float,
+    args: argparse.Namespace,
 ) -> str:
     rows = []
     for v in results:
@@ -606,8 +664,11 @@ def render(
             if d.code is not None:
                 first.setdefault(d.code, d.message)
         if first:
-            lines.append(f"First message of each failure code ({v.name}): " + "; ".join(
-                f"`{code}`: \"{msg[:240]}\"" for code, msg in first.items()) + ".")
+            lines.append(
+                f"First message of each failure code ({v.name}): "
+                + "; ".join(f'`{code}`: "{msg[:240]}"' for code, msg in first.items())
+                + "."
+            )
             lines.append("")
     for v in results:
         if v.profiles:
@@ -642,15 +703,26 @@ def main(argv: list[str] | None = None) -> int:
     add("--clients", type=int, default=32, help="concurrent websocket clients (default 32)")
     add("--duration", type=float, default=20.0, help="measured seconds per variant (default 20)")
     add("--warmup", type=float, default=3.0, help="seconds of load before measuring (default 3)")
-    add("--variants", default="relaxed,default",
-        help=f"comma-separated, from {','.join(VARIANTS)} (default relaxed,default)")
-    add("--fail-backoff", type=float, default=0.25,
-        help="seconds a client waits after a failed query (default 0.25)")
-    add("--profile", type=float, default=0.0, metavar="S",
+    add(
+        "--variants",
+        default="relaxed,default",
+        help=f"comma-separated, from {','.join(VARIANTS)} (default relaxed,default)",
+    )
+    add("--fail-backoff", type=float, default=0.25, help="seconds a client waits after a failed query (default 0.25)")
+    add(
+        "--profile",
+        type=float,
+        default=0.0,
+        metavar="S",
         help="py-spy the router and the busier executor for S seconds under the relaxed load "
-        "(default 0: no; needs py-spy)")
-    add("--profile-dir", type=Path, help="where py-spy's raw stacks and summary.md go "
-        "(default: a new bench_throughput-profile-* folder in the temp dir)")
+        "(default 0: no; needs py-spy)",
+    )
+    add(
+        "--profile-dir",
+        type=Path,
+        help="where py-spy's raw stacks and summary.md go "
+        "(default: a new bench_throughput-profile-* folder in the temp dir)",
+    )
     add("--logs", type=Path, help="write each node's log (stderr) here, per variant")
     add("--out", type=Path, help="markdown file whose throughput section to rewrite")
     args = parser.parse_args(argv)
@@ -688,10 +760,19 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="bench_throughput-") as tmp:
             for name in variants:
                 profile = args.profile if name == "relaxed" else 0.0
-                results.append(run_variant(
-                    name, Path(tmp), args.clients, args.warmup, args.duration, args.fail_backoff,
-                    profile, profile_dir, args.logs,
-                ))
+                results.append(
+                    run_variant(
+                        name,
+                        Path(tmp),
+                        args.clients,
+                        args.warmup,
+                        args.duration,
+                        args.fail_backoff,
+                        profile,
+                        profile_dir,
+                        args.logs,
+                    )
+                )
     except (BenchError, AssertionError) as exc:
         print(f"bench_throughput: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
@@ -705,8 +786,9 @@ def main(argv: list[str] | None = None) -> int:
         print(summary, file=sys.stderr)
         progress(f"profile summary in {profile_dir / 'summary.md'}")
 
-    section = render(results, machine_info(), started=started, load_before=load_before,
-                     others=others, elapsed=elapsed, args=args)
+    section = render(
+        results, machine_info(), started=started, load_before=load_before, others=others, elapsed=elapsed, args=args
+    )
     print(section)
     if args.out:
         write_section(args.out, SECTION_HEADING, section)

@@ -70,9 +70,7 @@ class NodeProcess:
             self._reader.join(10)
         self._started_at_line = self.mark()  # a restart waits for this run's lines, not the last's
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
-        self.proc = subprocess.Popen(
-            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env
-        )
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         return self
@@ -152,7 +150,9 @@ class NodeProcess:
     def cli(self, *args: str, timeout: float = 60.0, check: bool = True) -> subprocess.CompletedProcess[str]:
         res = subprocess.run(
             [*self._prefix(), BIN, *args, "--data-dir", str(self.data_dir)],
-            capture_output=True, text=True, timeout=timeout,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
         if check and res.returncode != 0:
             raise AssertionError(f"rentahal-node {' '.join(args)} exited {res.returncode}:\n{res.stderr}")
@@ -168,7 +168,9 @@ class NodeProcess:
         """Start `rentahal-node query ... --json`; its stdout is one JSON message per line."""
         return subprocess.Popen(
             [*self._prefix(), BIN, "query", realm, prompt, "--json", *args, "--data-dir", str(self.data_dir)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
 
 

@@ -1,7 +1,7 @@
 """Write the tiny random-weight smoke-test llama GGUF.
 
-    python -m rentahal.scripts.make_tiny_llama OUT.gguf [--seed N]
-    python scripts/make_tiny_llama.py OUT.gguf [--seed N]
+python -m rentahal.scripts.make_tiny_llama OUT.gguf [--seed N]
+python scripts/make_tiny_llama.py OUT.gguf [--seed N]
 """
 
 from __future__ import annotations
@@ -19,9 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("out", type=Path, help="path of the .gguf file to write")
     parser.add_argument("--seed", type=int, default=0, help="RNG seed (default 0)")
-    parser.add_argument(
-        "--context-length", type=int, default=4096, help="context length (default 4096)"
-    )
+    parser.add_argument("--context-length", type=int, default=4096, help="context length (default 4096)")
     args = parser.parse_args(argv)
 
     from rentahal.models.tiny import write_tiny_llama

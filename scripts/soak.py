@@ -63,14 +63,16 @@ async def soak(a: NodeProcess, execs: list[NodeProcess], minutes: float, kill_ev
             while time.monotonic() < end:
                 i = next(counter)
                 qid = ""
-                async for msg in c.stream("submit_query", realm="chat", stream=False,
-                                          payload={"prompt": f"soak {n} {i}", "max_tokens": 32}):
+                async for msg in c.stream(
+                    "submit_query", realm="chat", stream=False, payload={"prompt": f"soak {n} {i}", "max_tokens": 32}
+                ):
                     if msg["op"] == "event" and not qid:
                         qid = msg["event"].get("query_id", "")
                         submitted.append(qid)
                     elif msg["op"] in ("result", "error"):
                         outcomes[qid or f"unnamed-{i}"] = (
-                            msg["op"] if msg["op"] == "result" else f"{msg['code']}: {msg['message'][:200]}")
+                            msg["op"] if msg["op"] == "result" else f"{msg['code']}: {msg['message'][:200]}"
+                        )
 
     async def killer() -> None:
         for victim in itertools.cycle(execs):
@@ -102,35 +104,46 @@ async def soak(a: NodeProcess, execs: list[NodeProcess], minutes: float, kill_ev
     lost = [q for q, got in stored.items() if got["result"] is None or got["query"]["status"] != "done"]
     doubled = [q for q, got in stored.items() if [e["status"] for e in got["events"]].count("done") > 1]
     failed_over = sum(1 for got in stored.values() if got["result"] and got["result"].get("failovers"))
-    return {"submitted": len(submitted), "answered": sum(1 for v in outcomes.values() if v == "result"),
-            "errors": sorted(v.split(":", 1)[0] for v in outcomes.values() if v != "result"),
-            "error_messages": sorted(v for v in outcomes.values() if v != "result"), "lost": lost, "doubled": doubled,
-            "failed_over": failed_over, "samples": samples, "kills": kills, "seconds": time.monotonic() - start}
+    return {
+        "submitted": len(submitted),
+        "answered": sum(1 for v in outcomes.values() if v == "result"),
+        "errors": sorted(v.split(":", 1)[0] for v in outcomes.values() if v != "result"),
+        "error_messages": sorted(v for v in outcomes.values() if v != "result"),
+        "lost": lost,
+        "doubled": doubled,
+        "failed_over": failed_over,
+        "samples": samples,
+        "kills": kills,
+        "seconds": time.monotonic() - start,
+    }
 
 
 def report(r: dict[str, Any], minutes: float, kill_every: float) -> str:
     s = r["samples"]
     first_min = next((x for x in s if x[0] >= 60.0), s[-1])
-    tail = [x[1] for x in s[len(s) // 2:]]
+    tail = [x[1] for x in s[len(s) // 2 :]]
     info = machine_info()
-    return "\n".join([
-        HEADING, "",
-        f"Command: `{command_line()}` ({minutes:g} min, an executor killed every {kill_every:g} s). "
-        f"Machine: {info.get('cpu', '?')}; load average at the end {os.getloadavg()[0]:.2f}.",
-        "",
-        "| measure | value |",
-        "| --- | --- |",
-        f"| queries submitted / answered / lost / answered twice | {r['submitted']} / {r['answered']} / "
-        f"{len(r['lost'])} / {len(r['doubled'])} |",
-        f"| answers that failed over to the other executor | {r['failed_over']} |",
-        f"| errors returned to the client | {', '.join(r['errors']) or 'none'} |",
-        f"| executors killed (SIGKILL) and restarted | {len(r['kills'])} |",
-        f"| A's RSS: start / after 1 min / end / median of the second half | {s[0][1]:.1f} / {first_min[1]:.1f} / "
-        f"{s[-1][1]:.1f} / {statistics.median(tail):.1f} MB |",
-        f"| A's open files: start / after 1 min / end / max | {s[0][2]} / {first_min[2]} / {s[-1][2]} / "
-        f"{max(x[2] for x in s)} |",
-        "",
-    ])
+    return "\n".join(
+        [
+            HEADING,
+            "",
+            f"Command: `{command_line()}` ({minutes:g} min, an executor killed every {kill_every:g} s). "
+            f"Machine: {info.get('cpu', '?')}; load average at the end {os.getloadavg()[0]:.2f}.",
+            "",
+            "| measure | value |",
+            "| --- | --- |",
+            f"| queries submitted / answered / lost / answered twice | {r['submitted']} / {r['answered']} / "
+            f"{len(r['lost'])} / {len(r['doubled'])} |",
+            f"| answers that failed over to the other executor | {r['failed_over']} |",
+            f"| errors returned to the client | {', '.join(r['errors']) or 'none'} |",
+            f"| executors killed (SIGKILL) and restarted | {len(r['kills'])} |",
+            f"| A's RSS: start / after 1 min / end / median of the second half | {s[0][1]:.1f} / {first_min[1]:.1f} / "
+            f"{s[-1][1]:.1f} / {statistics.median(tail):.1f} MB |",
+            f"| A's open files: start / after 1 min / end / max | {s[0][2]} / {first_min[2]} / {s[-1][2]} / "
+            f"{max(x[2] for x in s)} |",
+            "",
+        ]
+    )
 
 
 def main() -> None:

@@ -6,8 +6,9 @@ namespace); a router is a namespace with a WAN and a LAN interface, IP forwardin
 ``masquerade`` on the WAN, a stateful forward filter (``ct state established,related``) and
 unsolicited traffic to the router itself dropped on the WAN, as consumer routers do: a home NAT.
 (Without that input drop the router answers a hole-punching SYN with a reset, and TCP hole
-punching fails every time: measured.) ``symmetric=True`` uses ``masquerade random`` (a new external port per destination), so
-hole punching cannot work through it. Links can be cut and restored. Processes run inside a host
+punching fails every time: measured.) ``symmetric=True`` uses ``masquerade random`` (a new
+external port per destination), so hole punching cannot work through it. Links can be cut and
+restored. Processes run inside a host
 with ``host.popen`` / ``host.argv`` (``ip netns exec``).
 
 Needs root, ``ip`` (iproute2) and ``nft`` (nftables); :func:`unavailable` says why not, so tests
@@ -192,8 +193,9 @@ table ip filter {{
         self.hosts[name] = r
         return r
 
-    def home(self, name: str, wan: Network, lan_cidr: str = "192.168.1.0/24",
-             *, symmetric: bool = False) -> tuple[Router, Host]:
+    def home(
+        self, name: str, wan: Network, lan_cidr: str = "192.168.1.0/24", *, symmetric: bool = False
+    ) -> tuple[Router, Host]:
         """A home: a NAT router on ``wan`` and one host behind it (the same private range in
         every home by default, as real homes have)."""
         r = self.router(f"{name}r", wan, lan_cidr, symmetric=symmetric)

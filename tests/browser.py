@@ -34,14 +34,24 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket
 
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = (
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
     "--disable-dev-shm-usage",
-    "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",  # a microphone: a beep
+    "--use-fake-ui-for-media-stream",
+    "--use-fake-device-for-media-stream",  # a microphone: a beep
     # A page under test must keep its timers and media running although no one looks at it.
-    "--disable-background-timer-throttling", "--disable-renderer-backgrounding",
-    "--disable-backgrounding-occluded-windows", "--autoplay-policy=no-user-gesture-required",
-    "--disable-breakpad", "--remote-debugging-port=0",
+    "--disable-background-timer-throttling",
+    "--disable-renderer-backgrounding",
+    "--disable-backgrounding-occluded-windows",
+    "--autoplay-policy=no-user-gesture-required",
+    "--disable-breakpad",
+    "--remote-debugging-port=0",
 )
 START_TIMEOUT = 30.0
 COMMAND_TIMEOUT = 30.0
@@ -86,8 +96,14 @@ class Browser:
         self._answers: dict[int, trio.MemorySendChannel[dict[str, Any]]] = {}
         self._pages: dict[str, Page] = {}
 
-    async def send(self, method: str, params: dict[str, Any] | None = None, *,
-                   session: str | None = None, timeout: float = COMMAND_TIMEOUT) -> dict[str, Any]:
+    async def send(
+        self,
+        method: str,
+        params: dict[str, Any] | None = None,
+        *,
+        session: str | None = None,
+        timeout: float = COMMAND_TIMEOUT,
+    ) -> dict[str, Any]:
         """One CDP command; its result, or BrowserError with the browser's reason."""
         cid = next(self._ids)
         send, receive = trio.open_memory_channel[dict[str, Any]](1)
@@ -111,8 +127,7 @@ class Browser:
             raise BrowserError(f"{method}: {error.get('message')} {error.get('data', '')}".strip())
         return answer.get("result", {})
 
-    async def new_page(self, url: str, *, init_script: str = "",
-                       timeout: float = COMMAND_TIMEOUT) -> Page:
+    async def new_page(self, url: str, *, init_script: str = "", timeout: float = COMMAND_TIMEOUT) -> Page:
         """A new tab that loads ``url``; returns once its load event fired. Console messages and
         exceptions are collected from before the first byte of the page; ``init_script`` runs in
         every document of the tab before the page's own scripts."""
@@ -167,8 +182,9 @@ class Page:
     def errors(self) -> list[ConsoleMessage]:
         return [m for m in self.console if m.is_error]
 
-    async def send(self, method: str, params: dict[str, Any] | None = None, *,
-                   timeout: float = COMMAND_TIMEOUT) -> dict[str, Any]:
+    async def send(
+        self, method: str, params: dict[str, Any] | None = None, *, timeout: float = COMMAND_TIMEOUT
+    ) -> dict[str, Any]:
         return await self.browser.send(method, params, session=self.session, timeout=timeout)
 
     async def goto(self, url: str, *, timeout: float = COMMAND_TIMEOUT) -> None:
@@ -181,15 +197,21 @@ class Page:
 
     async def eval(self, js: str, *, timeout: float = COMMAND_TIMEOUT) -> Any:
         """The value of a JavaScript expression (awaited if it is a promise), as JSON."""
-        answer = await self.send("Runtime.evaluate", {
-            "expression": js, "returnByValue": True, "awaitPromise": True, "userGesture": True,
-        }, timeout=timeout)
+        answer = await self.send(
+            "Runtime.evaluate",
+            {
+                "expression": js,
+                "returnByValue": True,
+                "awaitPromise": True,
+                "userGesture": True,
+            },
+            timeout=timeout,
+        )
         if "exceptionDetails" in answer:
             raise JavaScriptError(f"{_exception_text(answer['exceptionDetails'])}\n  in: {js}")
         return answer["result"].get("value")
 
-    async def wait_for(self, condition: str, *, timeout: float = 10.0,
-                       show: str | None = None) -> Any:
+    async def wait_for(self, condition: str, *, timeout: float = 10.0, show: str | None = None) -> Any:
         """Evaluate ``condition`` until it is truthy (in JavaScript) and return its value (an
         element's value is True).
 
@@ -198,8 +220,10 @@ class Page:
         the page's errors, so a failure says what the page looked like.
         """
         # Truthiness is JavaScript's: an element is truthy there but arrives here as {}.
-        probe = (f"(async () => {{ const v = await ({condition});"
-                 " return v ? {ok: true, value: v instanceof Node ? true : v} : {ok: false}; })()")
+        probe = (
+            f"(async () => {{ const v = await ({condition});"
+            " return v ? {ok: true, value: v instanceof Node ? true : v} : {ok: false}; })()"
+        )
         last_error = ""
         try:
             with trio.fail_after(timeout):
@@ -354,7 +378,9 @@ async def open_browser(*, executable: str = CHROMIUM) -> AsyncIterator[Browser]:
     try:
         proc = await trio.lowlevel.open_process(
             [executable, *FLAGS, f"--user-data-dir={profile}", "about:blank"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
             start_new_session=True,  # its own process group: renderers and helpers die with it
         )
         try:
@@ -364,8 +390,9 @@ async def open_browser(*, executable: str = CHROMIUM) -> AsyncIterator[Browser]:
                 with trio.fail_after(START_TIMEOUT):
                     url = await stderr.devtools_url()
             except trio.TooSlowError:
-                raise BrowserError("chromium did not listen within "
-                                   f"{START_TIMEOUT}s:\n" + "\n".join(stderr.tail)) from None
+                raise BrowserError(
+                    f"chromium did not listen within {START_TIMEOUT}s:\n" + "\n".join(stderr.tail)
+                ) from None
             async with _single_errors(), trio.open_nursery() as nursery:
                 nursery.start_soon(stderr.drain)
                 async with open_websocket_url(url, max_message_size=MAX_MESSAGE) as ws:

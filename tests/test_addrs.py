@@ -136,8 +136,15 @@ def _record(peer: str) -> HealthRecord:
 
 def test_gossiping_peer_that_cannot_be_dialed_is_not_a_candidate() -> None:
     now = [0.0]
-    t = PeerTable("me", stale_after=3.0, breaker_failures=3, breaker_backoff=5.0,
-                  breaker_backoff_max=60.0, half_life=60.0, clock=lambda: now[0])
+    t = PeerTable(
+        "me",
+        stale_after=3.0,
+        breaker_failures=3,
+        breaker_backoff=5.0,
+        breaker_backoff_max=60.0,
+        half_life=60.0,
+        clock=lambda: now[0],
+    )
     t.apply_record(_record("P"))
     assert t.candidates("chat")[0] == []  # a record, but no connection yet: pending
     t.set_unreachable("P", "no connection within 10s")
@@ -154,8 +161,15 @@ def test_gossiping_peer_that_cannot_be_dialed_is_not_a_candidate() -> None:
 
 def test_unreachable_peer_is_forgotten_after_a_while() -> None:
     now = [0.0]
-    t = PeerTable("me", stale_after=3.0, breaker_failures=3, breaker_backoff=5.0,
-                  breaker_backoff_max=60.0, half_life=60.0, clock=lambda: now[0])
+    t = PeerTable(
+        "me",
+        stale_after=3.0,
+        breaker_failures=3,
+        breaker_backoff=5.0,
+        breaker_backoff_max=60.0,
+        half_life=60.0,
+        clock=lambda: now[0],
+    )
     t.apply_record(_record("P"))
     t.set_unreachable("P", "refused")
     now[0] = 10.0
@@ -217,18 +231,34 @@ def test_malformed_relay_addresses_in_a_record_are_skipped_not_fatal() -> None:
     fh = FederationHost(Host(), None, None, None, AddressBook())  # type: ignore[arg-type]
     fh.local_only = lambda: False  # type: ignore[method-assign]
     assert fh.is_connected("/ip4/1.2.3.4") is False
-    t = PeerTable("me", stale_after=3.0, breaker_failures=3, breaker_backoff=5.0,
-                  breaker_backoff_max=60.0, half_life=60.0, clock=lambda: 0.0)
-    t.hear_of("P", ("/ip4/1.2.3.4/tcp/1/p2p-circuit", "/ip4/1.2.3.4/tcp/1/p2p/not*base58/p2p-circuit",
-                    "/ip4/10.0.0.2/tcp/4001"))
+    t = PeerTable(
+        "me",
+        stale_after=3.0,
+        breaker_failures=3,
+        breaker_backoff=5.0,
+        breaker_backoff_max=60.0,
+        half_life=60.0,
+        clock=lambda: 0.0,
+    )
+    t.hear_of(
+        "P",
+        ("/ip4/1.2.3.4/tcp/1/p2p-circuit", "/ip4/1.2.3.4/tcp/1/p2p/not*base58/p2p-circuit", "/ip4/10.0.0.2/tcp/4001"),
+    )
     m = PeerMaintenance(fh, t, dial_timeout=1.0)
     assert m.usable_addrs("P") == ["/ip4/10.0.0.2/tcp/4001"]
 
 
 def test_connection_age_counts_for_a_peer_that_just_reconnected() -> None:
     now = [0.0]
-    t = PeerTable("me", stale_after=3.0, breaker_failures=3, breaker_backoff=5.0,
-                  breaker_backoff_max=60.0, half_life=60.0, clock=lambda: now[0])
+    t = PeerTable(
+        "me",
+        stale_after=3.0,
+        breaker_failures=3,
+        breaker_backoff=5.0,
+        breaker_backoff_max=60.0,
+        half_life=60.0,
+        clock=lambda: now[0],
+    )
     t.apply_record(_record("P"))
     now[0] = 100.0  # its last record is old...
     t.set_connected("P", True)  # ...but it reconnected just now

@@ -173,6 +173,7 @@ async def test_idle_sockets_from_one_address_do_not_lock_out_other_peers(federat
         async with AsyncExitStack() as stack:
             hosts = [await stack.enter_async_context(probe_host()) for _ in range(5)]
             async with trio.open_nursery() as nursery:
+
                 async def dial(fh: FederationHost) -> None:
                     try:
                         await fh.dial(node.addr, timeout=15)
@@ -213,8 +214,14 @@ async def test_websocket_messages_are_capped_and_share_one_budget(node: NodeProc
     from trio_websocket import open_websocket_url
 
     before = rss(node)
-    big = json.dumps({"op": "submit_query", "rid": 1, "realm": "vision",
-                      "payload": {"prompt": "x", "image": {"$bytes": "A" * (15 * MiB)}}})
+    big = json.dumps(
+        {
+            "op": "submit_query",
+            "rid": 1,
+            "realm": "vision",
+            "payload": {"prompt": "x", "image": {"$bytes": "A" * (15 * MiB)}},
+        }
+    )
     answers: list[dict[str, Any]] = []
 
     async def client() -> None:
@@ -237,8 +244,9 @@ async def test_websocket_messages_are_capped_and_share_one_budget(node: NodeProc
 
     async with open_websocket_url(node.ui, max_message_size=MiB) as ws:
         prompt = "y" * (2 * MiB)
-        await ws.send_message(json.dumps({"op": "submit_query", "rid": 7, "realm": "chat",
-                                          "payload": {"prompt": prompt}}))
+        await ws.send_message(
+            json.dumps({"op": "submit_query", "rid": 7, "realm": "chat", "payload": {"prompt": prompt}})
+        )
         answer = json.loads(await ws.get_message())
         assert answer["op"] == "error" and answer["rid"] == 7 and answer["code"] == "too_large"
         assert "chat query is at most 1048576 bytes" in answer["message"]

@@ -6,9 +6,8 @@ loaded through the same llama_cpp.Llama path real weights take.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import threading
+from pathlib import Path
 
 import pytest
 import trio
@@ -16,8 +15,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from rentahal.models.base import (
-    ModelFailure,
     BadRequest,
+    ModelFailure,
     ModelLoadError,
     Progress,
     Result,
@@ -118,7 +117,9 @@ async def test_end_of_sequence_stops_unless_ignored(backend: ChatBackend) -> Non
     # own non-streaming usage for the same request ...
     reference = backend._llm.create_chat_completion(
         messages=[{"role": "user", "content": PROMPT["prompt"]}],
-        max_tokens=300, temperature=0.7, seed=seed,
+        max_tokens=300,
+        temperature=0.7,
+        seed=seed,
     )
     assert reference["choices"][0]["finish_reason"] == "stop"
     assert reference["usage"]["completion_tokens"] == natural.stats["tokens"]
@@ -129,9 +130,12 @@ async def test_end_of_sequence_stops_unless_ignored(backend: ChatBackend) -> Non
 
 
 async def test_same_seed_same_text(backend: ChatBackend) -> None:
-    greedy = {"messages": [{"role": "system", "content": "Be brief."},
-                           {"role": "user", "content": "Tell me a story."}],
-              "max_tokens": 30, "temperature": 0, "seed": 42}
+    greedy = {
+        "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me a story."}],
+        "max_tokens": 30,
+        "temperature": 0,
+        "seed": 42,
+    }
     a = await backend.generate(greedy, Collector())
     b = await backend.generate(greedy, Collector())
     assert a.output["text"] and a.output["text"] == b.output["text"]
@@ -160,8 +164,7 @@ async def test_generations_are_serialised(backend: ChatBackend) -> None:
 
     async def one(seed: int) -> None:
         results.append(
-            await backend.generate({**PROMPT, "max_tokens": 20, "ignore_eos": True,
-                                    "seed": seed}, Collector())
+            await backend.generate({**PROMPT, "max_tokens": 20, "ignore_eos": True, "seed": seed}, Collector())
         )
 
     async with trio.open_nursery() as nursery:
@@ -172,13 +175,12 @@ async def test_generations_are_serialised(backend: ChatBackend) -> None:
 
 @pytest.mark.parametrize("canceller", ["sink", "other_task"])
 async def test_cancellation_stops_the_worker(tiny_path: Path, canceller: str) -> None:
-    async with loaded(
-        ChatBackend(tiny_path, n_ctx=4096, threads=2, max_tokens_cap=100_000)
-    ) as backend:
+    async with loaded(ChatBackend(tiny_path, n_ctx=4096, threads=2, max_tokens_cap=100_000)) as backend:
         seen = 0
         at_cancel: list[int] = []
         fifth = trio.Event()
         with trio.CancelScope() as scope:
+
             async def sink(ev: Token | Progress) -> None:
                 nonlocal seen
                 seen += 1
@@ -191,22 +193,20 @@ async def test_cancellation_stops_the_worker(tiny_path: Path, canceller: str) ->
 
             async with trio.open_nursery() as nursery:
                 if canceller == "other_task":
+
                     async def cancel_on_fifth() -> None:
                         await fifth.wait()
                         scope.cancel()
 
                     nursery.start_soon(cancel_on_fifth)
-                await backend.generate(
-                    {**PROMPT, "max_tokens": 100_000, "ignore_eos": True}, sink
-                )
+                await backend.generate({**PROMPT, "max_tokens": 100_000, "ignore_eos": True}, sink)
         assert scope.cancelled_caught
         assert 5 <= seen <= 8
         # The worker stopped within a few tokens of the cancellation instead of
         # running on to the 4096-token context limit.
         assert backend._llm.n_tokens - at_cancel[0] <= 10, (at_cancel, backend._llm.n_tokens)
         # ... and the model is usable again straight away.
-        again = await backend.generate({**PROMPT, "max_tokens": 10, "ignore_eos": True},
-                                       Collector())
+        again = await backend.generate({**PROMPT, "max_tokens": 10, "ignore_eos": True}, Collector())
         assert again.stats["tokens"] == 10
         assert again.stats["finish_reason"] == "length"
 
@@ -231,10 +231,13 @@ async def test_prompt_longer_than_context_is_bad_request(tiny_path: Path) -> Non
 
 def test_payload_defaults() -> None:
     p = parse_chat_payload({"prompt": "hi"}, max_tokens_cap=100)
-    assert p == ChatParams(messages=(("user", "hi"),), max_tokens=100, temperature=0.7,
-                           seed=None, ignore_eos=False, stop=())
-    p = parse_chat_payload({"messages": [{"role": "user", "content": "x"}], "seed": 1,
-                            "temperature": 1, "stop": ["\n"]}, max_tokens_cap=512)
+    assert p == ChatParams(
+        messages=(("user", "hi"),), max_tokens=100, temperature=0.7, seed=None, ignore_eos=False, stop=()
+    )
+    p = parse_chat_payload(
+        {"messages": [{"role": "user", "content": "x"}], "seed": 1, "temperature": 1, "stop": ["\n"]},
+        max_tokens_cap=512,
+    )
     assert (p.max_tokens, p.temperature, p.seed, p.stop) == (256, 1.0, 1, ("\n",))
 
 
@@ -321,9 +324,7 @@ async def test_truncated_gguf(tiny_path: Path, tmp_path: Path) -> None:
     path.write_bytes(tiny_path.read_bytes()[:1000])
     with pytest.raises(ModelLoadError) as info:
         await ChatBackend(path).load()
-    assert str(info.value) == (
-        f"chat model {path}: not a GGUF file or corrupt (llama.cpp could not load it)"
-    )
+    assert str(info.value) == (f"chat model {path}: not a GGUF file or corrupt (llama.cpp could not load it)")
 
 
 # ------------------------------------------------- the worker -> trio pipe

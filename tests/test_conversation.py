@@ -41,7 +41,8 @@ def test_an_answer_streams_then_completes() -> None:
     assert r.receive(wire.Token("q1", "he", 0), 0.02) == [conv.Deliver("q1", ev.Token("he", 0))]
     assert r.receive(wire.Progress("q1", conv.KEEPALIVE_STAGE, 0, None), 0.5) == []  # liveness only
     assert r.receive(wire.Result("q1", {"text": "hello"}, {"tokens": 2}), 0.6) == [
-        conv.Complete("q1", ev.Result({"text": "hello"}, {"tokens": 2}))]
+        conv.Complete("q1", ev.Result({"text": "hello"}, {"tokens": 2}))
+    ]
     assert r.active == {} and r.next_deadline() is None
     assert r.receive(wire.Token("q1", "late", 3), 0.7) == []  # late news about a finished query
 
@@ -252,16 +253,18 @@ async def echo(incoming: IncomingQuery, emit: Any) -> ev.Result:
 async def run_client(handler: Any, body: Any, **client_kw: Any) -> Any:
     async with trio.open_nursery() as nursery:
         host = MemoryHost(nursery, QueryService(handler))
-        client = QueryClient(host, "QmRequester", dial_timeout=5.0,
-                             **{"first_progress": 5.0, "hang_timeout": 1.5, **client_kw})
+        client = QueryClient(
+            host, "QmRequester", dial_timeout=5.0, **{"first_progress": 5.0, "hang_timeout": 1.5, **client_kw}
+        )
         await nursery.start(client.run)
         out = await body(client, host)
         nursery.cancel_scope.cancel()
     return out
 
 
-async def test_queries_share_one_stream(autojump_clock: trio.testing.MockClock,
-                                        monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_queries_share_one_stream(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
     _peer_ids(monkeypatch)
 
     async def body(client: QueryClient, host: MemoryHost) -> Any:
@@ -269,8 +272,9 @@ async def test_queries_share_one_stream(autojump_clock: trio.testing.MockClock,
 
         async def one(qid: str, prompt: str) -> None:
             got = Collect()
-            results[qid] = await client.execute("QmExec", query_id=qid, realm="chat",
-                                                payload={"prompt": prompt}, deadline_s=10, emit=got)
+            results[qid] = await client.execute(
+                "QmExec", query_id=qid, realm="chat", payload={"prompt": prompt}, deadline_s=10, emit=got
+            )
             assert "".join(e.text for e in got.events if isinstance(e, ev.Token)) == prompt
 
         async with trio.open_nursery() as n:
@@ -283,8 +287,9 @@ async def test_queries_share_one_stream(autojump_clock: trio.testing.MockClock,
     assert {q: r.output["text"] for q, r in results.items()} == {f"q{i}": f"hello {i}" for i in range(20)}
 
 
-async def test_a_frozen_executor_is_left_after_hang_timeout(autojump_clock: trio.testing.MockClock,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_frozen_executor_is_left_after_hang_timeout(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
     _peer_ids(monkeypatch)
     frozen = trio.Event()
 
@@ -305,8 +310,9 @@ async def test_a_frozen_executor_is_left_after_hang_timeout(autojump_clock: trio
         monkeypatch.setattr(MemoryStream, "write", stuck)
         started = trio.current_time()
         with pytest.raises(ExecutorFailure) as info:
-            await client.execute("QmExec", query_id="q1", realm="chat", payload={"prompt": "x"},
-                                 deadline_s=60, emit=Collect())
+            await client.execute(
+                "QmExec", query_id="q1", realm="chat", payload={"prompt": "x"}, deadline_s=60, emit=Collect()
+            )
         return info.value, trio.current_time() - started
 
     failed, took = await run_client(freezes, body)
@@ -315,7 +321,8 @@ async def test_a_frozen_executor_is_left_after_hang_timeout(autojump_clock: trio
 
 
 async def test_a_keepalive_only_executor_is_abandoned_within_its_first_progress_budget(
-    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch,
+    autojump_clock: trio.testing.MockClock,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     _peer_ids(monkeypatch)
     stopped = trio.Event()
@@ -330,8 +337,9 @@ async def test_a_keepalive_only_executor_is_abandoned_within_its_first_progress_
     async def body(client: QueryClient, host: MemoryHost) -> Any:
         started = trio.current_time()
         with pytest.raises(ExecutorFailure) as info:
-            await client.execute("QmExec", query_id="q1", realm="chat", payload={"prompt": "x"},
-                                 deadline_s=60, emit=Collect())
+            await client.execute(
+                "QmExec", query_id="q1", realm="chat", payload={"prompt": "x"}, deadline_s=60, emit=Collect()
+            )
         with trio.fail_after(1):
             await stopped.wait()  # the cancel reached the executor: its work stopped
         return info.value, trio.current_time() - started
@@ -341,8 +349,9 @@ async def test_a_keepalive_only_executor_is_abandoned_within_its_first_progress_
     assert 2.0 <= took < 2.2
 
 
-async def test_cancelling_many_attempts_never_breaks_the_stream(autojump_clock: trio.testing.MockClock,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_cancelling_many_attempts_never_breaks_the_stream(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The cancel storm: attempts cancelled at random points while others run on the same
     stream; every honest query still completes and the stream is never reset."""
     _peer_ids(monkeypatch)
@@ -359,13 +368,22 @@ async def test_cancelling_many_attempts_never_breaks_the_stream(autojump_clock: 
         for rnd in range(30):
             async with trio.open_nursery() as n:
                 for k in range(6):
+
                     async def doomed(k: int = k) -> None:
                         with trio.move_on_after(0.005 * (k + 1)):
-                            await client.execute("QmExec", query_id=f"c{rnd}-{k}", realm="chat",
-                                                 payload={"prompt": "x"}, deadline_s=10, emit=Collect())
+                            await client.execute(
+                                "QmExec",
+                                query_id=f"c{rnd}-{k}",
+                                realm="chat",
+                                payload={"prompt": "x"},
+                                deadline_s=10,
+                                emit=Collect(),
+                            )
+
                     n.start_soon(doomed)
-                result = await client.execute("QmExec", query_id=f"h{rnd}", realm="chat",
-                                              payload={"prompt": "x"}, deadline_s=10, emit=Collect())
+                result = await client.execute(
+                    "QmExec", query_id=f"h{rnd}", realm="chat", payload={"prompt": "x"}, deadline_s=10, emit=Collect()
+                )
                 honest += result.output == {"text": "ttttt"}
         return honest, host.opened
 
@@ -373,8 +391,9 @@ async def test_cancelling_many_attempts_never_breaks_the_stream(autojump_clock: 
     assert (honest, opened) == (30, 1)
 
 
-async def test_an_error_reaches_the_requester_with_its_code(autojump_clock: trio.testing.MockClock,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_an_error_reaches_the_requester_with_its_code(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
     _peer_ids(monkeypatch)
 
     async def refuses(incoming: IncomingQuery, emit: Any) -> ev.Result:
@@ -382,8 +401,9 @@ async def test_an_error_reaches_the_requester_with_its_code(autojump_clock: trio
 
     async def body(client: QueryClient, host: MemoryHost) -> Any:
         with pytest.raises(ExecutorFailure) as info:
-            await client.execute("QmExec", query_id="q1", realm="chat", payload={"prompt": "x"},
-                                 deadline_s=5, emit=Collect())
+            await client.execute(
+                "QmExec", query_id="q1", realm="chat", payload={"prompt": "x"}, deadline_s=5, emit=Collect()
+            )
         return info.value
 
     f = await run_client(refuses, body)
@@ -391,7 +411,8 @@ async def test_an_error_reaches_the_requester_with_its_code(autojump_clock: trio
 
 
 async def test_an_executor_past_the_request_deadline_answers_deadline_exceeded(
-    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch,
+    autojump_clock: trio.testing.MockClock,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     _peer_ids(monkeypatch)
 
@@ -404,8 +425,9 @@ async def test_an_executor_past_the_request_deadline_answers_deadline_exceeded(
     async def body(client: QueryClient, host: MemoryHost) -> Any:
         started = trio.current_time()
         with pytest.raises(ExecutorFailure) as info:
-            await client.execute("QmExec", query_id="q1", realm="chat", payload={"prompt": "x"},
-                                 deadline_s=3.0, emit=Collect())
+            await client.execute(
+                "QmExec", query_id="q1", realm="chat", payload={"prompt": "x"}, deadline_s=3.0, emit=Collect()
+            )
         return info.value, trio.current_time() - started
 
     f, took = await run_client(slow, body)

@@ -64,7 +64,9 @@ async def test_real_chat_backend_runs_and_a_deadline_stops_it_without_a_restart(
         assert err.value.code is Code.DEADLINE_EXCEEDED
         # The backend honoured the cancellation: it is not considered stuck.
         assert local.slots["chat"].status == "ready"
-        result = await local.execute(query({"prompt": "again", "max_tokens": 4, "ignore_eos": True}, qid="q3"), events_sink([]))
+        result = await local.execute(
+            query({"prompt": "again", "max_tokens": 4, "ignore_eos": True}, qid="q3"), events_sink([])
+        )
         assert result.stats["tokens"] == 4
         nursery.cancel_scope.cancel()
 
@@ -219,7 +221,9 @@ async def test_positions_refusals_and_what_is_recorded(tmp_path: Path, monkeypat
         assert crash.value.code is Code.INTERNAL
 
         assert [(c["ok"], c.get("cancelled", False)) for c in outcomes.calls] == [
-            (True, False), (True, False), (False, False),
+            (True, False),
+            (True, False),
+            (False, False),
         ]
         assert all(c["realm"] == "chat" and c["for_peer"] is False for c in outcomes.calls)
         nursery.cancel_scope.cancel()

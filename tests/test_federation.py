@@ -184,7 +184,9 @@ def test_bad_config_stops_the_node_with_one_line(tmp_path) -> None:
 
     res = subprocess.run(
         [BIN, "run", "--data-dir", str(tmp_path), "--set", "router.hang_timeout=-1"],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [res.stderr.strip()]
@@ -222,9 +224,21 @@ def test_second_node_on_a_taken_port_stops_with_one_line(federation: Federation,
     a = federation.start("A", serve="none", listen=f"/ip4/127.0.0.1/tcp/{port}")
     assert f"/tcp/{port}/" in a.addr
     res = subprocess.run(
-        [BIN, "run", "--data-dir", str(tmp_path / "second"), "--listen", f"/ip4/127.0.0.1/tcp/{port}",
-         "--ui-port", "0", "--serve", "none"],
-        capture_output=True, text=True, timeout=60,
+        [
+            BIN,
+            "run",
+            "--data-dir",
+            str(tmp_path / "second"),
+            "--listen",
+            f"/ip4/127.0.0.1/tcp/{port}",
+            "--ui-port",
+            "0",
+            "--serve",
+            "none",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert res.returncode == 2, res.stderr
     lines = res.stderr.strip().splitlines()

@@ -45,7 +45,7 @@ def test_old_or_future_timestamp_is_rejected() -> None:
 def test_memory_of_authors_is_bounded() -> None:
     c = checker()
     ids = [Identity(Ed25519PrivateKey.generate()) for _ in range(3)]
-    for i, who in enumerate(ids):
+    for _i, who in enumerate(ids):
         assert c.check(who.peer_id, signed(who, 1)) is not None
     assert len(c._last_seq) == 3
     c._last_seq.update({f"fake{i}": 1 for i in range(MAX_AUTHORS)})

@@ -156,7 +156,11 @@ def test_plan_gpu_layers_partial_is_below_all_layers() -> None:
 def test_plan_gpu_layers_too_large() -> None:
     with pytest.raises(ModelTooLarge) as err:
         plan_gpu_layers(
-            999, model_bytes=40000 * MIB, n_layers=80, gpus=G24, offload_supported=True,
+            999,
+            model_bytes=40000 * MIB,
+            n_layers=80,
+            gpus=G24,
+            offload_supported=True,
             model_name="llama-70b.Q4.gguf",
         )
     assert str(err.value) == (

@@ -186,7 +186,9 @@ def test_round_trip_all_fields() -> None:
 
 @pytest.mark.parametrize("n_realms", [0, 1, MAX_REALMS])
 def test_round_trip_realm_counts(n_realms: int) -> None:
-    realms = tuple(RealmStatus(f"realm-{i}", f"m{i}", i % 2 == 0, i, i + 1, float(i), i % 3 == 0) for i in range(n_realms))
+    realms = tuple(
+        RealmStatus(f"realm-{i}", f"m{i}", i % 2 == 0, i, i + 1, float(i), i % 3 == 0) for i in range(n_realms)
+    )
     record = full_record(realms=realms, addrs=(), node_name="", version="")
     assert verify_record(sign_record(record, ME)) == record
 

@@ -17,11 +17,10 @@ import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from rentahal.p2p import wire
-from rentahal.realms.events import Code
 from rentahal.p2p.health import HEALTH_TOPIC, HealthRecord, RealmStatus, sign_record
 from rentahal.p2p.host import FederationHost, open_federation_host
 from rentahal.p2p.identity import Identity
-
+from rentahal.realms.events import Code
 from rentahal.scripts.federation import Federation, NodeProcess
 
 
@@ -99,7 +98,9 @@ async def test_health_record_not_signed_by_its_subject_is_ignored(node: NodeProc
             await fh.pubsub.publish(HEALTH_TOPIC, _forged_envelope(me, victim, seq[0]))
 
         mark = node.mark()
-        await eventually(lambda: any("ignored health record" in line for line in node.lines[mark:]), every=publish_forged)
+        await eventually(
+            lambda: any("ignored health record" in line for line in node.lines[mark:]), every=publish_forged
+        )
         line = next(line for line in node.lines[mark:] if "ignored health record" in line)
         assert me.peer_id in line and "signed by a key that is not" in line
         peers = await trio.to_thread.run_sync(node.cli_json, "peers")
@@ -183,8 +184,12 @@ async def test_malformed_frames_reset_the_stream_and_count_against_the_sender(
         # The node is unharmed: a well-formed request on a new stream is answered.
         stream = await _raw_query_stream(fh, node)
         request = wire.QueryRequest(
-            version=wire.PROTOCOL_VERSION, query_id="q2", realm="chat",
-            payload={"prompt": "hi", "max_tokens": 8}, deadline_ms=30_000, origin=me.peer_id,
+            version=wire.PROTOCOL_VERSION,
+            query_id="q2",
+            realm="chat",
+            payload={"prompt": "hi", "max_tokens": 8},
+            deadline_ms=30_000,
+            origin=me.peer_id,
         )
         await stream.write(wire.encode(request))
         messages = await _answer(stream)
@@ -197,8 +202,12 @@ async def test_bad_payload_is_refused_with_a_code_not_a_crash(node: NodeProcess)
         await fh.dial(node.addr, timeout=15)
         stream = await _raw_query_stream(fh, node)
         request = wire.QueryRequest(
-            version=wire.PROTOCOL_VERSION, query_id="q3", realm="chat",
-            payload={"prompt": "hi", "max_tokens": -5}, deadline_ms=30_000, origin=me.peer_id,
+            version=wire.PROTOCOL_VERSION,
+            query_id="q3",
+            realm="chat",
+            payload={"prompt": "hi", "max_tokens": -5},
+            deadline_ms=30_000,
+            origin=me.peer_id,
         )
         await stream.write(wire.encode(request))
         messages = await _answer(stream)
@@ -206,8 +215,12 @@ async def test_bad_payload_is_refused_with_a_code_not_a_crash(node: NodeProcess)
         assert isinstance(err, wire.Error) and err.code is Code.BAD_REQUEST
         assert "max_tokens" in err.message
         request = wire.QueryRequest(  # on the same stream: it carries any number of queries
-            version=wire.PROTOCOL_VERSION, query_id="q4", realm="imagine", payload={"prompt": "a cat"},
-            deadline_ms=30_000, origin=me.peer_id,
+            version=wire.PROTOCOL_VERSION,
+            query_id="q4",
+            realm="imagine",
+            payload={"prompt": "a cat"},
+            deadline_ms=30_000,
+            origin=me.peer_id,
         )
         await stream.write(wire.encode(request))
         messages = await _answer(stream)
@@ -311,8 +324,13 @@ async def test_a_peer_sending_junk_streams_is_logged_once_then_disconnected_and_
         try:
             await fh.dial(node.addr, timeout=15)
             stream = await _raw_query_stream(fh, node)
-            await stream.write(wire.encode(wire.QueryRequest(
-                wire.PROTOCOL_VERSION, "q9", "chat", {"prompt": "hi", "max_tokens": 2}, 30_000, me.peer_id)))
+            await stream.write(
+                wire.encode(
+                    wire.QueryRequest(
+                        wire.PROTOCOL_VERSION, "q9", "chat", {"prompt": "hi", "max_tokens": 2}, 30_000, me.peer_id
+                    )
+                )
+            )
             messages, ending = await _read_all(stream)
         except (StreamReset, MultiselectClientError, StreamFailure, DialError):  # closed or reset first
             messages, ending = [], "reset"

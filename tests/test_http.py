@@ -27,8 +27,9 @@ async def echo(request: WebSocketRequest, client: str, headers: dict[str, str]) 
 @pytest.fixture
 async def port(nursery: trio.Nursery) -> int:
     return await nursery.start(
-        lambda task_status: serve_ui(echo, "127.0.0.1", 0, max_message_size=1 << 20, head_timeout=1.0,
-                                     files=FILES, task_status=task_status)
+        lambda task_status: serve_ui(
+            echo, "127.0.0.1", 0, max_message_size=1 << 20, head_timeout=1.0, files=FILES, task_status=task_status
+        )
     )
 
 
@@ -55,7 +56,11 @@ async def test_files_and_the_websocket_share_the_port(port: int) -> None:
     assert headers["content-type"].startswith("text/html") and headers["content-length"] == str(len(body))
     assert "default-src 'self'" in headers["content-security-policy"] and headers["x-content-type-options"] == "nosniff"
     status, headers, body = split(await raw(port, b"GET /app.js?v=2 HTTP/1.1\r\n\r\n"))
-    assert status.endswith("200 OK") and headers["content-type"].startswith("text/javascript") and body == b"console.log(1)"
+    assert (
+        status.endswith("200 OK")
+        and headers["content-type"].startswith("text/javascript")
+        and body == b"console.log(1)"
+    )
     status, headers, body = split(await raw(port, b"HEAD /app.js HTTP/1.1\r\n\r\n"))
     assert status.endswith("200 OK") and body == b"" and headers["content-length"] == "14"
     async with open_websocket_url(f"ws://127.0.0.1:{port}/some/path") as ws:
@@ -94,7 +99,12 @@ async def test_a_silent_or_half_sent_client_is_dropped_and_others_are_served(por
 
 def test_parse_head_and_answers() -> None:
     head = parse_head(b"GET /x HTTP/1.0\r\nUpgrade: WebSocket\r\nHost: a:1\r\n\r\nrest")
-    assert (head.method, head.target, head.headers["upgrade"], head.headers["host"]) == ("GET", "/x", "WebSocket", "a:1")
+    assert (head.method, head.target, head.headers["upgrade"], head.headers["host"]) == (
+        "GET",
+        "/x",
+        "WebSocket",
+        "a:1",
+    )
     assert head.raw.endswith(b"rest")
     for bad in (b"GET / HTTP/1.1\r\n", b"GET /\r\n\r\n", b"GET / SPDY/3\r\n\r\n", b"GET / HTTP/1.1\r\n : x\r\n\r\n"):
         with pytest.raises(BadHead):
@@ -140,10 +150,19 @@ async def hold(request: WebSocketRequest, client: str, headers: dict[str, str]) 
 
 async def test_connections_are_capped_per_client_with_an_answer_and_a_reserve(nursery: trio.Nursery) -> None:
     port = await nursery.start(
-        lambda task_status: serve_ui(hold, "127.0.0.1", 0, max_message_size=1 << 20, head_timeout=60,
-                                     files=FILES, max_per_client=2, max_pending_per_client=2, reserved=1,
-                                     may_use_reserved=lambda h: h.get("x-sysop") == "yes",
-                                     task_status=task_status)
+        lambda task_status: serve_ui(
+            hold,
+            "127.0.0.1",
+            0,
+            max_message_size=1 << 20,
+            head_timeout=60,
+            files=FILES,
+            max_per_client=2,
+            max_pending_per_client=2,
+            reserved=1,
+            may_use_reserved=lambda h: h.get("x-sysop") == "yes",
+            task_status=task_status,
+        )
     )
     url = f"ws://127.0.0.1:{port}/"
     async with open_websocket_url(url), open_websocket_url(url):  # every ordinary place taken

@@ -15,28 +15,27 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import PIL.Image as PIL_Image
 import pytest
+import torch
 import trio
 
-import PIL.Image as PIL_Image
-import torch
-
-from rentahal.models.base import (  # noqa: E402
-    ModelFailure,
+from rentahal.models.base import (
     BadRequest,
+    ModelFailure,
     ModelLoadError,
     Progress,
     Result,
     Token,
 )
-from rentahal.models.imagine import (  # noqa: E402
+from rentahal.models.imagine import (
     MAX_SEED,
     ImagineBackend,
     ImagineParams,
     parse_imagine_payload,
 )
-from rentahal.models.tiny import SMOKE_TEST_MODEL_NAME  # noqa: E402
-from rentahal.models.tiny_diffusers import SMOKE_MARKER, write_tiny_pipeline  # noqa: E402
+from rentahal.models.tiny import SMOKE_TEST_MODEL_NAME
+from rentahal.models.tiny_diffusers import SMOKE_MARKER, write_tiny_pipeline
 
 from .backend_helpers import Collector, load_error, loaded
 
@@ -59,9 +58,7 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 @pytest.fixture
 async def backend(tiny_dir: Path):
-    async with loaded(
-        ImagineBackend(tiny_dir, device="cpu", max_steps=MAX_STEPS, max_pixels=MAX_PIXELS)
-    ) as b:
+    async with loaded(ImagineBackend(tiny_dir, device="cpu", max_steps=MAX_STEPS, max_pixels=MAX_PIXELS)) as b:
         yield b
 
 
@@ -73,17 +70,13 @@ def decode(png: bytes):
 
 
 def files_of(folder: Path) -> dict[str, bytes]:
-    return {
-        str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
-    }
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 # ------------------------------------------------------------- the folder
 
 
-def test_tiny_pipeline_folder_is_small_marked_and_deterministic(
-    tiny_dir: Path, tmp_path: Path
-) -> None:
+def test_tiny_pipeline_folder_is_small_marked_and_deterministic(tiny_dir: Path, tmp_path: Path) -> None:
     size = sum(len(b) for b in files_of(tiny_dir).values())
     assert 2_000_000 < size < 12_000_000
     assert (tiny_dir / "model_index.json").is_file()
@@ -163,9 +156,7 @@ def _drop_unet(folder: Path) -> None:
         (_drop_unet, "corrupt"),
     ],
 )
-async def test_damaged_pipeline_is_a_load_error(
-    tiny_dir: Path, tmp_path: Path, damage, expect: str
-) -> None:
+async def test_damaged_pipeline_is_a_load_error(tiny_dir: Path, tmp_path: Path, damage, expect: str) -> None:
     folder = tmp_path / "damaged"
     shutil.copytree(tiny_dir, folder)
     damage(folder)
@@ -337,11 +328,11 @@ async def test_one_generation_at_a_time(backend: ImagineBackend) -> None:
 # ------------------------------------------------------------- validation
 
 
-def parse(
-    payload: object, *, max_steps: int = MAX_STEPS, max_pixels: int = MAX_PIXELS
-) -> ImagineParams:
+def parse(payload: object, *, max_steps: int = MAX_STEPS, max_pixels: int = MAX_PIXELS) -> ImagineParams:
     return parse_imagine_payload(
-        payload, max_steps=max_steps, max_pixels=max_pixels  # type: ignore[arg-type]
+        payload,
+        max_steps=max_steps,
+        max_pixels=max_pixels,  # type: ignore[arg-type]
     )
 
 
@@ -364,9 +355,7 @@ def test_defaults_and_limits() -> None:
     assert (full.seed, full.steps, full.width, full.height) == (MAX_SEED, MAX_STEPS, 64, 1024)
     assert isinstance(full.guidance, float)
     assert parse({"prompt": "x", "seed": None, "negative_prompt": None}).seed is None
-    big = parse_imagine_payload(
-        {"prompt": "x", "width": 2048, "height": 2048}, max_steps=1, max_pixels=2048 * 2048
-    )
+    big = parse_imagine_payload({"prompt": "x", "width": 2048, "height": 2048}, max_steps=1, max_pixels=2048 * 2048)
     assert big.width == big.height == 2048
 
 

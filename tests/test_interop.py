@@ -20,9 +20,11 @@ from rentahal.scripts.federation import Federation
 PEER = Path(__file__).parent / "js_peer"
 NODE = shutil.which("node")
 _WHY = (
-    "Node.js is not installed" if NODE is None
+    "Node.js is not installed"
+    if NODE is None
     else "tests/js_peer/node_modules is missing (npm ci --prefix tests/js_peer)"
-    if not (PEER / "node_modules" / "libp2p").is_dir() else None
+    if not (PEER / "node_modules" / "libp2p").is_dir()
+    else None
 )
 pytestmark = pytest.mark.skipif(_WHY is not None, reason=f"SKIPPED, NO JS-LIBP2P PEER: {_WHY}")
 
@@ -31,7 +33,9 @@ def test_js_libp2p_peer_finds_the_chat_provider_and_hears_health_gossip(federati
     node = federation.start("A", serve="chat")
     res = subprocess.run(
         [NODE or "node", str(PEER / "peer.mjs"), node.addr, "20", "40"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     lines = [json.loads(x) for x in res.stdout.splitlines() if x.startswith("{")]
     kinds = {x["kind"]: x for x in lines}

@@ -73,7 +73,8 @@ def test_which_bucket_a_submission_counts_against() -> None:
 
 async def test_a_node_refuses_a_client_past_its_burst(federation: Federation) -> None:
     node = federation.start(
-        "N", serve="chat",
+        "N",
+        serve="chat",
         settings={"limits.loopback": "true", "limits.queries_per_minute": "0.5", "limits.burst": "2"},
     )
     quick = {"prompt": "hi", "max_tokens": 2}
@@ -125,7 +126,9 @@ def test_a_retry_after_the_advertised_wait_is_taken(per_minute: int) -> None:
 
 
 async def test_a_peer_past_its_rate_is_told_busy_and_local_clients_are_not_affected(federation: Federation) -> None:
-    b = federation.start("B", serve="chat", settings={"limits.peer_queries_per_minute": "0.5", "limits.peer_burst": "2"})
+    b = federation.start(
+        "B", serve="chat", settings={"limits.peer_queries_per_minute": "0.5", "limits.peer_burst": "2"}
+    )
     a = federation.start("A", serve="none", bootstrap=(b.addr,), settings={"router.query_deadline": "20"})
     await trio.to_thread.run_sync(a.wait_for, rf"peer {b.peer_id} is live", 60)
     quick = {"prompt": "hi", "max_tokens": 2}

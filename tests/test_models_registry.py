@@ -57,7 +57,7 @@ def _handler(b: Behaviour) -> type[BaseHTTPRequestHandler]:
         def log_message(self, *args: object) -> None:
             pass
 
-        def do_GET(self) -> None:  # noqa: N802
+        def do_GET(self) -> None:
             path = self.path.split("?")[0]
             rng = self.headers.get("Range")
             with b.lock:
@@ -400,7 +400,9 @@ def test_add_folder_formats(tmp_path: Path, tiny_gguf: Path) -> None:
     w = add_model(tmp_path, "speech", "tiny-en", whisper)
     assert w.format == "ggml-whisper"
     assert [(m.realm, m.name) for m in list_models(tmp_path)] == [
-        ("vision", "llava"), ("imagine", "sd-tiny"), ("speech", "tiny-en"),
+        ("vision", "llava"),
+        ("imagine", "sd-tiny"),
+        ("speech", "tiny-en"),
     ]
 
 
@@ -520,7 +522,9 @@ def test_cli(tmp_path: Path, tiny_gguf: Path, server: Server) -> None:
 
     data = gguf_blob()
     server.b.files["/pulled.gguf"] = data
-    r = runner.invoke(models_app, ["pull", "chat", f"{server.url}/pulled.gguf", "--sha256", sha(data), "--data-dir", home])
+    r = runner.invoke(
+        models_app, ["pull", "chat", f"{server.url}/pulled.gguf", "--sha256", sha(data), "--data-dir", home]
+    )
     assert r.exit_code == 0, r.output
     assert r.stdout.strip() == "store:pulled" and sha(data) in r.stderr
 

@@ -96,8 +96,9 @@ def test_lan_without_any_bootstrap_list_finds_peers_by_mdns(net: tuple[tb.Testbe
     assert b.peer(c.peer_id)["path"] == "direct"
 
 
-def two_homes(bed: tb.Testbed, fed: Federation, *, symmetric: bool = False, serve1: str = "chat",
-              serve2: str = "none") -> tuple[tb.Host, NodeProcess, NodeProcess, NodeProcess]:
+def two_homes(
+    bed: tb.Testbed, fed: Federation, *, symmetric: bool = False, serve1: str = "chat", serve2: str = "none"
+) -> tuple[tb.Host, NodeProcess, NodeProcess, NodeProcess]:
     """A public node P (serving nothing) and two homes behind NATs with the same private range;
     home 1 serves chat. Returns (P's host, P, home 1, home 2)."""
     wan = bed.network("wan", "10.20.0.0/24")
@@ -123,7 +124,9 @@ def test_two_homes_behind_nats_reach_each_other_through_a_relay_then_directly(
     status = n1.cli_json("status")
     reach = status["reachability"]
     assert reach["state"] == "relayed", reach
-    assert reach["text"].startswith(f"behind NAT, reachable via relay /ip4/{hp.addr}/tcp/4001/p2p/{p.peer_id}/p2p-circuit"), reach
+    assert reach["text"].startswith(
+        f"behind NAT, reachable via relay /ip4/{hp.addr}/tcp/4001/p2p/{p.peer_id}/p2p-circuit"
+    ), reach
     assert reach["bootstrap"].endswith(f"/p2p-circuit/p2p/{n1.peer_id}"), reach
     # Home 2 hears of home 1 by gossip; its private address is no use, the relay is.
     n2.wait_for(rf"peer {n1.peer_id} is live \(serves: chat\)", 60)
@@ -144,12 +147,13 @@ def test_two_homes_behind_nats_reach_each_other_through_a_relay_then_directly(
 
 
 def test_symmetric_nats_on_both_sides_the_relay_carries_tokens_and_images(
-    net: tuple[tb.Testbed, Federation], tmp_path: Path,
+    net: tuple[tb.Testbed, Federation],
+    tmp_path: Path,
 ) -> None:
     from PIL import Image
 
     bed, fed = net
-    _, p, n1, n2 = two_homes(bed, fed, symmetric=True, serve1="chat,imagine")
+    _, _p, n1, n2 = two_homes(bed, fed, symmetric=True, serve1="chat,imagine")
     n2.wait_for(rf"peer {n1.peer_id} is live \(serves: chat,imagine\)", 60)
     assert answered_by(n2) == n1.peer_id
     peer = n2.peer(n1.peer_id)
@@ -158,8 +162,20 @@ def test_symmetric_nats_on_both_sides_the_relay_carries_tokens_and_images(
     assert notes[n1.peer_id] == "via relay", notes
     assert answered_by(n2, "still relayed") == n1.peer_id
     out = tmp_path / "relayed.png"
-    res = n2.cli("query", "imagine", "a red square", "--out", str(out), "--param", "width=64",
-                 "--param", "height=64", "--param", "steps=2", timeout=120)
+    res = n2.cli(
+        "query",
+        "imagine",
+        "a red square",
+        "--out",
+        str(out),
+        "--param",
+        "width=64",
+        "--param",
+        "height=64",
+        "--param",
+        "steps=2",
+        timeout=120,
+    )
     assert f"answered by {n1.peer_id}" in res.stderr, res.stderr
     with Image.open(out) as img:
         assert img.size == (64, 64)
@@ -176,8 +192,9 @@ def test_cut_uplink_mid_answer_fails_over_once_and_the_home_comes_back(
     hp = bed.host("pub", wan)
     homes = [bed.home(f"h{i}", wan) for i in (1, 2)]
     p = start(fed, hp, "P", serve="none", settings={"router.hang_timeout": "2"}).wait_ready()
-    execs = [start(fed, h, f"H{i}", serve="chat", bootstrap=(p.addr,), settings=CHAT)
-             for i, (_, h) in enumerate(homes, 1)]
+    execs = [
+        start(fed, h, f"H{i}", serve="chat", bootstrap=(p.addr,), settings=CHAT) for i, (_, h) in enumerate(homes, 1)
+    ]
     for n in execs:
         n.wait_ready()
         p.wait_for(rf"peer {n.peer_id} is live \(serves: chat\)", 60)

@@ -20,9 +20,22 @@ from rentahal.scripts.federation import BIN, Federation
 
 def run_node(data_dir: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [BIN, "run", "--data-dir", str(data_dir), "--ui-port", "0", "--listen", "/ip4/127.0.0.1/tcp/0",
-         "--serve", "none", *args],
-        capture_output=True, text=True, timeout=timeout,
+        [
+            BIN,
+            "run",
+            "--data-dir",
+            str(data_dir),
+            "--ui-port",
+            "0",
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--serve",
+            "none",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -66,8 +79,22 @@ def test_p2p_port_taken(tmp_path: Path) -> None:
         s.listen()
         port = s.getsockname()[1]
         res = subprocess.run(
-            [BIN, "run", "--data-dir", str(tmp_path / "n"), "--ui-port", "0", "--serve", "none",
-             "--listen", f"/ip4/127.0.0.1/tcp/{port}"], capture_output=True, text=True, timeout=60)
+            [
+                BIN,
+                "run",
+                "--data-dir",
+                str(tmp_path / "n"),
+                "--ui-port",
+                "0",
+                "--serve",
+                "none",
+                "--listen",
+                f"/ip4/127.0.0.1/tcp/{port}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     line = one_line(res)
     assert f"/tcp/{port}" in line and "already in use" in line, line
 
@@ -80,8 +107,22 @@ def test_ui_port_taken(federation: Federation) -> None:
         s.listen()
         port = s.getsockname()[1]
         res = subprocess.run(
-            [BIN, "run", "--data-dir", str(data_dir), "--ui-port", str(port), "--serve", "none",
-             "--listen", "/ip4/127.0.0.1/tcp/0"], capture_output=True, text=True, timeout=60)
+            [
+                BIN,
+                "run",
+                "--data-dir",
+                str(data_dir),
+                "--ui-port",
+                str(port),
+                "--serve",
+                "none",
+                "--listen",
+                "/ip4/127.0.0.1/tcp/0",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     line = one_line(res)
     assert "ui.port" in line and str(port) in line and "already in use" in line, line
     assert snapshot(data_dir) == before
@@ -190,8 +231,9 @@ def test_64_held_loopback_connections_do_not_lock_out_the_cli(federation: Federa
                 nursery.start_soon(hold)
             for _ in range(64):
                 await ready.acquire()
-            idle = [await trio.open_tcp_stream("127.0.0.1", int(node.ui.rsplit(":", 1)[1].strip("/")))
-                    for _ in range(32)]  # and sockets that never send a request
+            idle = [
+                await trio.open_tcp_stream("127.0.0.1", int(node.ui.rsplit(":", 1)[1].strip("/"))) for _ in range(32)
+            ]  # and sockets that never send a request
             try:
                 async with open_websocket_url(node.ui):
                     outcome["65th"] = "accepted"

@@ -371,8 +371,15 @@ def test_candidates_exclude_each_with_its_own_reason(clock: FakeClock) -> None:
 
 def test_a_record_alone_does_not_make_a_peer_routable(clock: FakeClock) -> None:
     """Records are signed claims; a peer is routed to once this node holds a connection to it."""
-    table = PeerTable(SELF, stale_after=5.0, breaker_failures=3, breaker_backoff=10.0,
-                      breaker_backoff_max=35.0, half_life=60.0, clock=clock)
+    table = PeerTable(
+        SELF,
+        stale_after=5.0,
+        breaker_failures=3,
+        breaker_backoff=10.0,
+        breaker_backoff_max=35.0,
+        half_life=60.0,
+        clock=clock,
+    )
     table.apply_record(rec(A, seq=1))
     assert state_of(table, A) is PeerState.PENDING
     ranked, excluded = table.candidates("chat")

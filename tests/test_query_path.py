@@ -35,9 +35,12 @@ async def _gossip_claims(fh: FederationHost, me: Identity) -> None:
     while True:
         seq += 1
         record = HealthRecord(
-            peer_id=me.peer_id, seq=seq, timestamp=time.time(),
+            peer_id=me.peer_id,
+            seq=seq,
+            timestamp=time.time(),
             realms=(RealmStatus("chat", model="llama-3-70b", queue_depth=0, slots=64, service_ms=5.0, gpu=True),),
-            version="test", success_ratio=1.0,
+            version="test",
+            success_ratio=1.0,
         )
         await fh.pubsub.publish(HEALTH_TOPIC, sign_record(record, me))
         await trio.sleep(0.5)
@@ -90,15 +93,17 @@ async def test_a_peer_sending_only_keepalives_is_abandoned_and_its_circuit_opene
         await fh.pubsub.subscribe(HEALTH_TOPIC)
         nursery.start_soon(_gossip_claims, fh, me)
         with trio.fail_after(30):
-            while [c["executor"] for c in (await trio.to_thread.run_sync(a.cli_json, "route", "chat"))["candidates"]] \
-                    != [me.peer_id]:
+            while [
+                c["executor"] for c in (await trio.to_thread.run_sync(a.cli_json, "route", "chat"))["candidates"]
+            ] != [me.peer_id]:
                 await trio.sleep(0.3)  # polling the CLI, not synchronising
         assert (await _cli(a, "query", "chat", "first", "--max-tokens", "8")).stdout.strip() == "fine"
         b = await trio.to_thread.run_sync(lambda: federation.start("B", serve="chat", bootstrap=(a.addr,)))
         await trio.to_thread.run_sync(lambda: a.wait_for(rf"peer {b.peer_id} is live", 30))
         with trio.fail_after(30):
-            while [c["executor"] for c in (await trio.to_thread.run_sync(a.cli_json, "route", "chat"))["candidates"]] \
-                    != [me.peer_id, b.peer_id]:
+            while [
+                c["executor"] for c in (await trio.to_thread.run_sync(a.cli_json, "route", "chat"))["candidates"]
+            ] != [me.peer_id, b.peer_id]:
                 await trio.sleep(0.3)  # polling the CLI, not synchronising: the claim must rank first
         started = time.monotonic()
         res = await _cli(a, "query", "chat", "hello", "--max-tokens", "8")
@@ -121,8 +126,9 @@ async def _local_latencies(node: NodeProcess, n: int) -> list[float]:
     async with connect(node.ui) as client:
         for i in range(n):
             started = trio.current_time()
-            async for msg in client.stream("submit_query", realm="chat", stream=False,
-                                           payload={"prompt": f"local {i}", "max_tokens": 16}):
+            async for msg in client.stream(
+                "submit_query", realm="chat", stream=False, payload={"prompt": f"local {i}", "max_tokens": 16}
+            ):
                 if msg["op"] == "error":
                     raise AssertionError(msg)
             out.append(trio.current_time() - started)
@@ -130,8 +136,9 @@ async def _local_latencies(node: NodeProcess, n: int) -> list[float]:
 
 
 async def test_a_flooding_peer_does_not_starve_local_users(federation: Federation) -> None:
-    b = federation.start("B", serve="chat", settings={"limits.peer_queries_per_minute": "100000",
-                                                     "limits.peer_burst": "100000"})
+    b = federation.start(
+        "B", serve="chat", settings={"limits.peer_queries_per_minute": "100000", "limits.peer_burst": "100000"}
+    )
     baseline = statistics.median(await _local_latencies(b, 6))
     refused = answered = 0
     async with stranger() as (fh, me), trio.open_nursery() as nursery:
@@ -146,9 +153,18 @@ async def test_a_flooding_peer_does_not_starve_local_users(federation: Federatio
             while True:
                 for _ in range(8):
                     i += 1
-                    await stream.write(wire.encode(wire.QueryRequest(
-                        wire.PROTOCOL_VERSION, f"f{i}", "chat", {"prompt": "flood", "max_tokens": 16},
-                        60_000, me.peer_id)))
+                    await stream.write(
+                        wire.encode(
+                            wire.QueryRequest(
+                                wire.PROTOCOL_VERSION,
+                                f"f{i}",
+                                "chat",
+                                {"prompt": "flood", "max_tokens": 16},
+                                60_000,
+                                me.peer_id,
+                            )
+                        )
+                    )
                 await trio.sleep(0.05)
 
         async def count() -> None:
@@ -174,14 +190,20 @@ async def test_a_flooding_peer_does_not_starve_local_users(federation: Federatio
 async def test_busy_is_retried_after_its_retry_after(federation: Federation) -> None:
     """B lets a peer burst 1 query, then 2 a second: A's four queries at once all succeed."""
     a = federation.start("A", serve="none")
-    b = federation.start("B", serve="chat", bootstrap=(a.addr,),
-                         settings={"limits.peer_burst": "1", "limits.peer_queries_per_minute": "120"})
+    b = federation.start(
+        "B",
+        serve="chat",
+        bootstrap=(a.addr,),
+        settings={"limits.peer_burst": "1", "limits.peer_queries_per_minute": "120"},
+    )
     a.wait_for(rf"peer {b.peer_id} is live", 30)
     results: list[dict[str, Any]] = []
     async with connect(a.ui) as client:
+
         async def one(i: int) -> None:
-            async for msg in client.stream("submit_query", realm="chat", stream=False,
-                                           payload={"prompt": f"q{i}", "max_tokens": 4}):
+            async for msg in client.stream(
+                "submit_query", realm="chat", stream=False, payload={"prompt": f"q{i}", "max_tokens": 4}
+            ):
                 if msg["op"] in ("result", "error"):
                     results.append(msg)
 
@@ -204,7 +226,8 @@ def _can_mount() -> str:
 
 @pytest.mark.skipif(bool(_can_mount()), reason=f"SKIPPED LOUDLY: {_can_mount()} (a real full disk)")
 async def test_a_full_disk_mid_query_keeps_the_node_up_and_the_answer_is_stored_later(
-    federation: Federation, tmp_path: Path,
+    federation: Federation,
+    tmp_path: Path,
 ) -> None:
     disk = tmp_path / "disk"
     disk.mkdir()
@@ -216,16 +239,20 @@ async def test_a_full_disk_mid_query_keeps_the_node_up_and_the_answer_is_stored_
         async with connect(node.ui) as client:
             events: list[dict[str, Any]] = []
             filler = disk / "filler"
-            async for msg in client.stream("submit_query", realm="chat",
-                                           payload={"prompt": "a long story", "max_tokens": 200,
-                                                    "ignore_eos": True}):
+            async for msg in client.stream(
+                "submit_query", realm="chat", payload={"prompt": "a long story", "max_tokens": 200, "ignore_eos": True}
+            ):
                 events.append(msg)
                 if msg["op"] == "event" and msg["event"]["type"] == "token" and not filler.exists():
                     # The disk fills while the answer streams: the answer cannot be stored.
-                    await trio.to_thread.run_sync(lambda: subprocess.run(
-                        ["dd", "if=/dev/zero", f"of={filler}", "bs=1M"], capture_output=True))
-                if msg["op"] == "event" and msg["event"]["type"] == "progress" and \
-                        msg["event"]["stage"] == "storage_full":
+                    await trio.to_thread.run_sync(
+                        lambda: subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=1M"], capture_output=True)
+                    )
+                if (
+                    msg["op"] == "event"
+                    and msg["event"]["type"] == "progress"
+                    and msg["event"]["stage"] == "storage_full"
+                ):
                     # It says so, and is up: a status request is answered.
                     status = await client.call("status")
                     assert status["status"]["peer_id"] == node.peer_id
@@ -292,9 +319,12 @@ def test_random_kill_9_loses_and_duplicates_nothing(federation: Federation) -> N
     acknowledged: list[str] = []
     node = federation.start("B", serve="chat")
     for _ in range(20):
-        for i in range(rng.randint(1, 4)):
-            acknowledged.append(_submit_detached(node, "chat", f"ledger {len(acknowledged)}", "--max-tokens",
-                                                 str(rng.choice([4, 32, 200]))))
+        for _i in range(rng.randint(1, 4)):
+            acknowledged.append(
+                _submit_detached(
+                    node, "chat", f"ledger {len(acknowledged)}", "--max-tokens", str(rng.choice([4, 32, 200]))
+                )
+            )
         time.sleep(rng.uniform(0.0, 1.0))  # the random moment of the kill
         node.kill()
         node = federation.start("B", serve="chat")

@@ -16,8 +16,10 @@ from rentahal.realms import events as ev
 
 async def _pair(handler: Any, body: Any) -> Any:
     a_id, b_id = (Identity(Ed25519PrivateKey.generate()) for _ in range(2))
-    async with open_federation_host(a_id, ["/ip4/127.0.0.1/tcp/0"]) as a, \
-            open_federation_host(b_id, ["/ip4/127.0.0.1/tcp/0"]) as b:
+    async with (
+        open_federation_host(a_id, ["/ip4/127.0.0.1/tcp/0"]) as a,
+        open_federation_host(b_id, ["/ip4/127.0.0.1/tcp/0"]) as b,
+    ):
         b.set_stream_handler(wire.PROTOCOL_ID, QueryService(handler).handle_stream)
         await a.dial(b.addrs()[0], timeout=10)
         client = QueryClient(a.host, a.peer_id, dial_timeout=5, first_progress=5, hang_timeout=5)
@@ -47,8 +49,9 @@ async def test_hundreds_of_queries_share_one_stream() -> None:
 
         with trio.fail_after(120):
             for i in range(300):
-                result = await client.execute(b.peer_id, query_id=f"q{i}", realm="chat",
-                                              payload={"prompt": "x"}, deadline_s=10, emit=emit)
+                result = await client.execute(
+                    b.peer_id, query_id=f"q{i}", realm="chat", payload={"prompt": "x"}, deadline_s=10, emit=emit
+                )
                 assert result.output == {"text": "hi"}
         return len(tokens), len(client.sessions)
 
@@ -60,6 +63,7 @@ async def test_cancel_storm_keeps_the_connection() -> None:
     """60 rounds of 6 attempts cancelled at once while streaming, beside one honest query: a
     task cancelled inside a Noise write kills the whole connection on py-libp2p 0.8.1, so no
     task but a stream's writer ever writes. Every honest query is answered; one connection."""
+
     async def handler(incoming: IncomingQuery, emit: Any) -> ev.Result:
         await emit(ev.Accepted(0, None))
         for i in range(20):
@@ -74,14 +78,27 @@ async def test_cancel_storm_keeps_the_connection() -> None:
             for rnd in range(60):
                 async with trio.open_nursery() as n:
                     for k in range(6):
+
                         async def doomed(k: int = k) -> None:
                             with trio.move_on_after(0.002 * (k + 1)):
-                                await client.execute(b.peer_id, query_id=f"c{rnd}x{k}", realm="chat",
-                                                     payload={"prompt": "x"}, deadline_s=10,
-                                                     emit=_ignore)
+                                await client.execute(
+                                    b.peer_id,
+                                    query_id=f"c{rnd}x{k}",
+                                    realm="chat",
+                                    payload={"prompt": "x"},
+                                    deadline_s=10,
+                                    emit=_ignore,
+                                )
+
                         n.start_soon(doomed)
-                    result = await client.execute(b.peer_id, query_id=f"h{rnd}", realm="chat",
-                                                  payload={"prompt": "x"}, deadline_s=10, emit=_ignore)
+                    result = await client.execute(
+                        b.peer_id,
+                        query_id=f"h{rnd}",
+                        realm="chat",
+                        payload={"prompt": "x"},
+                        deadline_s=10,
+                        emit=_ignore,
+                    )
                     honest += result.output == {"text": "done"}
         conns_after = len(a.host.get_network().get_connections(b.host.get_id()))
         return honest, conns_before, conns_after

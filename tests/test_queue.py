@@ -8,7 +8,6 @@ import trio.testing
 
 from rentahal.realms.queue import Priority, QueueFull, RealmQueue
 
-
 # --- RealmQueue ---------------------------------------------------------------------------------
 
 
@@ -247,8 +246,9 @@ async def test_a_flooding_peer_cannot_keep_local_users_waiting(autojump_clock: t
     ran: list[str] = []
     release = trio.Event()
 
-    async def job(name: str, priority: int, owner: str,
-                  task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def job(
+        name: str, priority: int, owner: str, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         started = False
 
         async def on_accepted(position: int, eta_ms: int | None) -> None:

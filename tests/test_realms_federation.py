@@ -100,8 +100,19 @@ async def test_every_realm_is_answered_by_the_peer_that_serves_it(
     # chat, for completeness, and the CLI writes the image where it is told
     out = tmp_path / "cat.png"
     res = await trio.to_thread.run_sync(
-        lambda: a.cli("query", "imagine", "a cat", "--param", "width=64", "--param", "height=64",
-                      "--param", "steps=2", "--out", str(out))
+        lambda: a.cli(
+            "query",
+            "imagine",
+            "a cat",
+            "--param",
+            "width=64",
+            "--param",
+            "height=64",
+            "--param",
+            "steps=2",
+            "--out",
+            str(out),
+        )
     )
     assert res.stdout.strip() == str(out) and Image.open(out).size == (64, 64)
 
@@ -109,8 +120,9 @@ async def test_every_realm_is_answered_by_the_peer_that_serves_it(
 async def test_cancelling_an_imagine_query_stops_it_within_one_step(pair: tuple[NodeProcess, NodeProcess]) -> None:
     a, b = pair
     async with connect(a.ui, guid=uuid.uuid4().hex) as client:
-        stream = client.stream("submit_query", realm="imagine",
-                               payload={"prompt": "a slow cat", "width": 256, "height": 256, "steps": 50})
+        stream = client.stream(
+            "submit_query", realm="imagine", payload={"prompt": "a slow cat", "width": 256, "height": 256, "steps": 50}
+        )
         seen: list[dict[str, Any]] = []
         async for msg in stream:
             seen.append(msg)
@@ -137,8 +149,11 @@ async def test_a_corrupt_model_leaves_its_realm_unserved_and_the_others_running(
     corrupt = tmp_path / "broken.gguf"
     corrupt.write_bytes(b"GGUF" + b"\x00" * 1000)
     missing = tmp_path / "nowhere" / "pipeline"
-    node = federation.start("C", serve="chat,imagine,speech",
-                            settings={"realms.chat.model": f'"{corrupt}"', "realms.imagine.model": f'"{missing}"'})
+    node = federation.start(
+        "C",
+        serve="chat,imagine,speech",
+        settings={"realms.chat.model": f'"{corrupt}"', "realms.imagine.model": f'"{missing}"'},
+    )
     realms = {r["realm"]: r["local"] for r in await trio.to_thread.run_sync(node.cli_json, "realms")}
     assert realms["chat"]["status"].startswith("not served:") and "broken.gguf" in realms["chat"]["status"]
     assert realms["imagine"]["status"].startswith("not served:") and "pipeline" in realms["imagine"]["status"]
@@ -155,10 +170,8 @@ def test_private_realm_and_trusted_peers(federation: Federation) -> None:
     """realms.chat.allow: B serves chat to A only; realms.chat.trusted: D routes chat to C only."""
     a = federation.start("A", serve="none")
     c = federation.start("C", serve="chat", bootstrap=(a.addr,))
-    b = federation.start("B", serve="chat", bootstrap=(a.addr,),
-                         settings={"realms.chat.allow": f'["{a.peer_id}"]'})
-    d = federation.start("D", serve="none", bootstrap=(a.addr,),
-                         settings={"realms.chat.trusted": f'["{c.peer_id}"]'})
+    b = federation.start("B", serve="chat", bootstrap=(a.addr,), settings={"realms.chat.allow": f'["{a.peer_id}"]'})
+    d = federation.start("D", serve="none", bootstrap=(a.addr,), settings={"realms.chat.trusted": f'["{c.peer_id}"]'})
     for peer in (b, c):
         d.wait_for(rf"peer {peer.peer_id} is live", 30)
     # D trusts C alone for chat: B is out of its routing, with the reason, and C answers.

@@ -117,8 +117,9 @@ def busy_then(times: int, retry_after: float, then: Behaviour) -> Behaviour:
     async def run(who: str, query: Query, emit: StreamEmit) -> ev.Result:
         if left[0] > 0:
             left[0] -= 1
-            raise ExecutorFailure(f"{who}: all slots busy", Code.BUSY, kind=FailureKind.REFUSED,
-                                  retry_after=retry_after)
+            raise ExecutorFailure(
+                f"{who}: all slots busy", Code.BUSY, kind=FailureKind.REFUSED, retry_after=retry_after
+            )
         return await then(who, query, emit)
 
     return run
@@ -778,8 +779,9 @@ def dies_once(table: PeerTable, then: Behaviour) -> Behaviour:
         calls[0] += 1
         if calls[0] == 1:
             table.set_connected(who, False)
-            raise ExecutorFailure(f"{who}: stream lost (the executor closed the stream)", Code.BACKEND_FAILED,
-                                  kind=FailureKind.DEAD)
+            raise ExecutorFailure(
+                f"{who}: stream lost (the executor closed the stream)", Code.BACKEND_FAILED, kind=FailureKind.DEAD
+            )
         return await then(who, query, emit)
 
     return run

@@ -27,14 +27,17 @@ async def first_events(stream: Any, until: str) -> list[dict[str, Any]]:
     out = []
     async for msg in stream:
         out.append(msg)
-        if msg["op"] == "event" and msg["event"]["type"] == until or msg["op"] in ("result", "error"):
+        if (msg["op"] == "event" and msg["event"]["type"] == until) or msg["op"] in ("result", "error"):
             break
     return out
 
 
 async def test_kill_9_with_queued_and_running_queries_loses_nothing(federation: Federation) -> None:
-    node = chat_node(federation, "N", **{"realms.chat.slots": "2", "realms.chat.queue_limit": "32",
-                                         "router.local_queue_limit": "100"})
+    node = chat_node(
+        federation,
+        "N",
+        **{"realms.chat.slots": "2", "realms.chat.queue_limit": "32", "router.local_queue_limit": "100"},
+    )
     guid = uuid.uuid4().hex
     async with connect(node.ui, guid=guid) as client:
         ids = []
@@ -97,8 +100,9 @@ async def test_cancelling_a_running_query_stops_generation_and_frees_the_slot(fe
         assert got["query"]["status"] == "cancelled" and got["result"] is None
         # The slot is free: the next query runs at once.
         with trio.fail_after(30):
-            msgs = [m async for m in client.stream("submit_query", realm="chat",
-                                                   payload={"prompt": "hi", "max_tokens": 8})]
+            msgs = [
+                m async for m in client.stream("submit_query", realm="chat", payload={"prompt": "hi", "max_tokens": 8})
+            ]
         assert msgs[-1]["op"] == "result"
         accepted = next(m["event"] for m in msgs if m.get("event", {}).get("type") == "accepted")
         assert accepted["position"] == 0
@@ -148,8 +152,12 @@ async def test_full_queue_sends_the_query_to_a_peer_or_says_queue_full(federatio
         assert msgs[-1]["result"]["executor"] == "local" and msgs[-1]["result"]["failovers"] == []
 
     helper = chat_node(federation, "helper")
-    busy = federation.start("busy", serve="chat", bootstrap=(helper.addr,),
-                            settings={"realms.chat.max_tokens": "4000", "realms.chat.n_ctx": "4096", **small})
+    busy = federation.start(
+        "busy",
+        serve="chat",
+        bootstrap=(helper.addr,),
+        settings={"realms.chat.max_tokens": "4000", "realms.chat.n_ctx": "4096", **small},
+    )
     busy.wait_for(rf"peer {helper.peer_id} is live \(serves: chat\)", 30)
     async with connect(busy.ui) as client:
         await _fill(client, 2)
@@ -190,7 +198,9 @@ async def test_bans_nicknames_and_sysop_token_are_enforced(federation: Federatio
             pass
     assert err.value.code == "banned" and "spamming" in err.value.message
     async with connect(node.ui) as anonymous:  # another user is unaffected
-        msgs = [m async for m in anonymous.stream("submit_query", realm="chat", payload={"prompt": "hi", "max_tokens": 4})]
+        msgs = [
+            m async for m in anonymous.stream("submit_query", realm="chat", payload={"prompt": "hi", "max_tokens": 4})
+        ]
         assert msgs[-1]["op"] == "result"
     users = await trio.to_thread.run_sync(lambda: node.cli_json("users"))
     me = next(u for u in users if u["guid"] == guid)

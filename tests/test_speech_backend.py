@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import trio
 
-from rentahal.models.base import ModelFailure, BadRequest, Progress
+from rentahal.models.base import BadRequest, ModelFailure, Progress
 from rentahal.models.speech import (
     SpeechBackend,
     SpeechParams,
@@ -48,7 +48,7 @@ def tiny_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def media(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
-    """"hello world" spoken by espeak-ng (22050 Hz WAV), re-encoded by ffmpeg,
+    """ "hello world" spoken by espeak-ng (22050 Hz WAV), re-encoded by ffmpeg,
     plus 16 kHz mono 16-bit WAVs of it (1 x and tiled to 300 s)."""
     d = tmp_path_factory.mktemp("media")
     wav = d / "hello.wav"
@@ -68,8 +68,7 @@ def media(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
         )
         out[ext] = target.read_bytes()
     pcm = subprocess.run(
-        ["ffmpeg", "-nostdin", "-loglevel", "error", "-i", str(wav)]
-        + ["-ar", "16000", "-ac", "1", "-f", "s16le", "-"],
+        ["ffmpeg", "-nostdin", "-loglevel", "error", "-i", str(wav)] + ["-ar", "16000", "-ac", "1", "-f", "s16le", "-"],
         check=True,
         capture_output=True,
     ).stdout
@@ -113,9 +112,7 @@ def test_tiny_model_is_deterministic_small_and_marked(tiny_path: Path, tmp_path:
 # ------------------------------------------------------------ transcription
 
 
-async def test_loads_and_transcribes_spoken_wav(
-    backend: SpeechBackend, media: dict[str, bytes]
-) -> None:
+async def test_loads_and_transcribes_spoken_wav(backend: SpeechBackend, media: dict[str, bytes]) -> None:
     assert backend.is_smoke_test and backend.model_name == SMOKE_TEST_MODEL_NAME
     assert backend.tts_available and backend.ffmpeg_available and backend.gpu is False
     sink = Collector()
@@ -132,9 +129,7 @@ async def test_loads_and_transcribes_spoken_wav(
 
 
 @pytest.mark.parametrize("fmt", ["webm", "ogg", "mp3", "flac", "wav16k"])
-async def test_other_formats_are_converted(
-    backend: SpeechBackend, media: dict[str, bytes], fmt: str
-) -> None:
+async def test_other_formats_are_converted(backend: SpeechBackend, media: dict[str, bytes], fmt: str) -> None:
     assert detect_audio_format(media[fmt]) == ("wav" if fmt == "wav16k" else fmt)
     result = await backend.generate({"audio": media[fmt], "language": "de"}, Collector())
     assert isinstance(result.output["text"], str) and result.stats["segments"] >= 1
@@ -159,9 +154,7 @@ async def test_undecodable_audio_is_a_bad_payload(backend: SpeechBackend) -> Non
         await backend.generate({"audio": silent_wav}, Collector())
 
 
-async def test_cancel_stops_whisper_and_backend_still_works(
-    backend: SpeechBackend, media: dict[str, bytes]
-) -> None:
+async def test_cancel_stops_whisper_and_backend_still_works(backend: SpeechBackend, media: dict[str, bytes]) -> None:
     seen: list[Progress] = []
     cancelled_at: list[float] = []
     with trio.CancelScope() as scope:
@@ -181,9 +174,7 @@ async def test_cancel_stops_whisper_and_backend_still_works(
     assert isinstance(result.output["text"], str) and result.stats["segments"] >= 1
 
 
-async def test_transcriptions_queue_and_tts_runs_alongside(
-    backend: SpeechBackend, media: dict[str, bytes]
-) -> None:
+async def test_transcriptions_queue_and_tts_runs_alongside(backend: SpeechBackend, media: dict[str, bytes]) -> None:
     results: dict[str, object] = {}
 
     async def run(key: str, payload: dict) -> None:

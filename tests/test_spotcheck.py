@@ -50,11 +50,19 @@ A, B, C, LIAR = (Identity(Ed25519PrivateKey.generate()).peer_id for _ in range(4
 
 
 def _table() -> PeerTable:
-    table = PeerTable("me", stale_after=1e6, breaker_failures=3, breaker_backoff=5.0,
-                      breaker_backoff_max=60.0, half_life=300.0, clock=trio.current_time)
-    for i, peer in enumerate((A, B, C, LIAR)):
-        table.apply_record(HealthRecord(peer_id=peer, seq=1, timestamp=time.time(),
-                                        realms=(RealmStatus("chat", "tiny.gguf"),)))
+    table = PeerTable(
+        "me",
+        stale_after=1e6,
+        breaker_failures=3,
+        breaker_backoff=5.0,
+        breaker_backoff_max=60.0,
+        half_life=300.0,
+        clock=trio.current_time,
+    )
+    for _i, peer in enumerate((A, B, C, LIAR)):
+        table.apply_record(
+            HealthRecord(peer_id=peer, seq=1, timestamp=time.time(), realms=(RealmStatus("chat", "tiny.gguf"),))
+        )
         table.set_connected(peer, True)
     return table
 
@@ -66,8 +74,9 @@ def _checker(table: PeerTable, answers: dict[str, str], *, local_model: str | No
     async def local(query: Query) -> ev.Result:
         return ev.Result(output={"text": answers["local"] + query.payload["prompt"]}, stats={})
 
-    return SpotChecker(table, self_id="me", run_remote=remote, run_local=local,
-                       local_model=lambda realm: local_model, every=60.0)
+    return SpotChecker(
+        table, self_id="me", run_remote=remote, run_local=local, local_model=lambda realm: local_model, every=60.0
+    )
 
 
 async def test_a_liar_is_caught_against_two_agreeing_peers_and_they_are_proven() -> None:
@@ -132,8 +141,11 @@ def _answer_junk(fh: FederationHost, model: str, served: list[str]) -> None:
                 if isinstance(msg, wire.QueryRequest):
                     served.append(msg.query_id)
                     await stream.write(wire.encode(wire.Accepted(msg.query_id, 0)))
-                    await stream.write(wire.encode(wire.Result(
-                        msg.query_id, {"text": "junk junk junk junk", "model": model}, {"tokens": 4})))
+                    await stream.write(
+                        wire.encode(
+                            wire.Result(msg.query_id, {"text": "junk junk junk junk", "model": model}, {"tokens": 4})
+                        )
+                    )
         except Exception:
             pass
 
@@ -145,7 +157,11 @@ async def _claim(fh: FederationHost, me: Identity, model: str) -> None:
     while True:
         seq += 1
         record = HealthRecord(
-            peer_id=me.peer_id, seq=seq, timestamp=time.time(), version="test", success_ratio=1.0,
+            peer_id=me.peer_id,
+            seq=seq,
+            timestamp=time.time(),
+            version="test",
+            success_ratio=1.0,
             realms=(RealmStatus("chat", model=model, queue_depth=0, slots=64, service_ms=5.0, gpu=True),),
         )
         await fh.pubsub.publish(HEALTH_TOPIC, sign_record(record, me))
@@ -176,7 +192,7 @@ def _honest_pair(federation: Federation, **settings: str) -> tuple[NodeProcess, 
 async def test_a_peer_answering_junk_is_caught_by_spot_checks_and_users_get_honest_answers(
     federation: Federation,
 ) -> None:
-    r, c, d, model = _honest_pair(federation)
+    r, _c, _d, model = _honest_pair(federation)
     served: list[str] = []
     async with stranger() as (fh, me), trio.open_nursery() as nursery:
         _answer_junk(fh, model, served)
@@ -204,8 +220,9 @@ async def test_a_user_reports_a_wrong_answer_and_the_peer_is_checked_and_caught(
     """Periodic checks off, and the router told to trust only the liar for chat: a user gets
     junk, reports it, and the report's spot-check catches the liar; the history says so."""
     async with stranger() as (fh, me), trio.open_nursery() as nursery:
-        r, c, d, model = _honest_pair(
-            federation, **{"router.spot_check_every": "0", "realms.chat.trusted": json.dumps([me.peer_id])})
+        r, _c, _d, model = _honest_pair(
+            federation, **{"router.spot_check_every": "0", "realms.chat.trusted": json.dumps([me.peer_id])}
+        )
         served: list[str] = []
         _answer_junk(fh, model, served)
         await fh.dial(r.addr, timeout=15)

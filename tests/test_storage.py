@@ -126,7 +126,7 @@ async def test_other_processes_open_and_write_the_same_files(tmp_path: Path) -> 
     children = []
     with trio.fail_after(60):
         for tag in tags:
-            with open(tmp_path / f"{tag}.err", "wb") as err:  # noqa: ASYNC230
+            with open(tmp_path / f"{tag}.err", "wb") as err:
                 proc = await trio.lowlevel.open_process(
                     [sys.executable, "-c", CHILD, str(tmp_path), tag],
                     cwd=ROOT,
@@ -292,7 +292,7 @@ async def test_reshard_keeps_every_row_and_check_finds_corruption(tmp_path: Path
 
     victim = tmp_path / "db" / shard_file(1, 2)
     size = victim.stat().st_size
-    with open(victim, "r+b") as f:  # noqa: ASYNC230
+    with open(victim, "r+b") as f:
         f.seek(size // 3)
         f.write(os.urandom(size // 3))
     report = dict(check(tmp_path))
@@ -300,9 +300,7 @@ async def test_reshard_keeps_every_row_and_check_finds_corruption(tmp_path: Path
     assert report[shard_file(1, 2)] != "ok"
 
 
-async def test_interrupted_reshard_leaves_the_old_layout(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_interrupted_reshard_leaves_the_old_layout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     st = await Storage.open(tmp_path, 2)
     await write_queries(st, "w", 20)
     qids = [f"q-w-{k}" for k in range(20)]
@@ -328,9 +326,7 @@ async def test_interrupted_reshard_leaves_the_old_layout(
     await st.aclose()
     report = check(tmp_path)
     assert report[:3] == [(n, "ok") for n in (NODE_FILE, shard_file(0, 2), shard_file(1, 2))]
-    assert [(n, "reshard?" in r) for n, r in report[3:]] == [
-        (shard_file(i, 3), True) for i in range(3)
-    ]
+    assert [(n, "reshard?" in r) for n, r in report[3:]] == [(shard_file(i, 3), True) for i in range(3)]
 
     assert reshard(tmp_path, 3) == (2, 5 + 20 + 30 + 10)  # users, queries, events, results
     st = await Storage.open(tmp_path, 3)
@@ -509,7 +505,8 @@ def test_shard_for_is_stable() -> None:
 
 
 async def test_concurrent_writes_share_transactions_and_a_failing_one_undoes_only_itself(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     batches: list[int] = []
     commit = storage_mod._commit
@@ -525,8 +522,14 @@ async def test_concurrent_writes_share_transactions_and_a_failing_one_undoes_onl
 
         async def one(i: int) -> None:
             try:
-                await st.insert_query(query_id="dup" if i % 10 == 9 else f"q{i}", user_guid="u",
-                                      realm="chat", payload={"i": i}, priority=10, deadline_at=1e12)
+                await st.insert_query(
+                    query_id="dup" if i % 10 == 9 else f"q{i}",
+                    user_guid="u",
+                    realm="chat",
+                    payload={"i": i},
+                    priority=10,
+                    deadline_at=1e12,
+                )
             except StorageError as exc:
                 errors.append(exc)
 
@@ -542,7 +545,8 @@ async def test_concurrent_writes_share_transactions_and_a_failing_one_undoes_onl
 
 
 async def test_a_query_is_two_write_transactions_with_its_history(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from rentahal.node.storage import QueryEvent
 
@@ -551,13 +555,24 @@ async def test_a_query_is_two_write_transactions_with_its_history(
         batches: list[int] = []
         commit = storage_mod._commit
         monkeypatch.setattr(storage_mod, "_commit", lambda db, b: (batches.append(len(b)), commit(db, b))[1])
-        await st.insert_query(query_id="q1", user_guid="u", realm="chat", payload={}, priority=10,
-                              deadline_at=1e12)
-        history = [QueryEvent("routed", 1.0, "peerA"), QueryEvent("running", 2.0, "peerA"),
-                   QueryEvent("routed", 3.0, "local", "failover: dead: stream lost")]
-        assert await st.finish_query("q1", "u", output={"text": "x"}, stats={}, executor="local",
-                                     failovers=["peerA"], processing_ms=5.0, cost=0.0, attempts=2,
-                                     events=history)
+        await st.insert_query(query_id="q1", user_guid="u", realm="chat", payload={}, priority=10, deadline_at=1e12)
+        history = [
+            QueryEvent("routed", 1.0, "peerA"),
+            QueryEvent("running", 2.0, "peerA"),
+            QueryEvent("routed", 3.0, "local", "failover: dead: stream lost"),
+        ]
+        assert await st.finish_query(
+            "q1",
+            "u",
+            output={"text": "x"},
+            stats={},
+            executor="local",
+            failovers=["peerA"],
+            processing_ms=5.0,
+            cost=0.0,
+            attempts=2,
+            events=history,
+        )
         assert batches == [1, 1]
         events = await st.query_events("q1", "u")
         row = await st.get_query("q1", "u")
@@ -574,19 +589,34 @@ async def test_a_full_disk_is_storage_full_and_nothing_is_half_written(tmp_path:
 
     st = await Storage.open(tmp_path, 1)
     try:
-        await st.insert_query(query_id="q1", user_guid="u", realm="chat", payload={}, priority=10,
-                              deadline_at=1e12)
+        await st.insert_query(query_id="q1", user_guid="u", realm="chat", payload={}, priority=10, deadline_at=1e12)
         shard = st._shards[0]
         pages = await shard.run(lambda db: db.execute("PRAGMA page_count").fetchone()[0])
         await shard.run(lambda db: db.execute(f"PRAGMA max_page_count = {pages}"))
         with pytest.raises(StorageFull) as info:
-            await st.finish_query("q1", "u", output={"text": "x" * 200_000}, stats={}, executor="local",
-                                  failovers=[], processing_ms=1.0, cost=0.0)
+            await st.finish_query(
+                "q1",
+                "u",
+                output={"text": "x" * 200_000},
+                stats={},
+                executor="local",
+                failovers=[],
+                processing_ms=1.0,
+                cost=0.0,
+            )
         assert info.value.code.value == "storage_full" and "full" in info.value.message
         assert (await st.get_query("q1", "u"))["status"] == "queued"  # the query is still there
         await shard.run(lambda db: db.execute("PRAGMA max_page_count = 1073741823"))  # space is back
-        assert await st.finish_query("q1", "u", output={"text": "x" * 200_000}, stats={}, executor="local",
-                                     failovers=[], processing_ms=1.0, cost=0.0)
+        assert await st.finish_query(
+            "q1",
+            "u",
+            output={"text": "x" * 200_000},
+            stats={},
+            executor="local",
+            failovers=[],
+            processing_ms=1.0,
+            cost=0.0,
+        )
         assert (await st.get_result("q1", "u"))["output"] == {"text": "x" * 200_000}
     finally:
         await st.aclose()

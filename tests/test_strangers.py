@@ -58,9 +58,13 @@ async def _claim_the_best(fh: FederationHost, me: Identity) -> None:
     while True:
         seq += 1
         record = HealthRecord(
-            peer_id=me.peer_id, seq=seq, timestamp=time.time(),
+            peer_id=me.peer_id,
+            seq=seq,
+            timestamp=time.time(),
             realms=(RealmStatus("chat", model="llama-3-70b", queue_depth=0, slots=64, service_ms=5.0, gpu=True),),
-            version="sybil", success_ratio=1.0, addrs=tuple(fh.addrs())[:16],
+            version="sybil",
+            success_ratio=1.0,
+            addrs=tuple(fh.addrs())[:16],
         )
         try:
             await fh.pubsub.publish(HEALTH_TOPIC, sign_record(record, me))
@@ -79,8 +83,9 @@ async def test_sybils_relayed_over_one_connection_do_not_crowd_out_a_proven_exec
     assert warm.stdout.strip() and f"answered by {c.peer_id}" in warm.stderr, warm.stderr  # C is proven
     opened = [0]
     async with AsyncExitStack() as stack:
-        hub = await stack.enter_async_context(open_federation_host(Identity(Ed25519PrivateKey.generate()),
-                                                                   ["/ip4/127.0.0.1/tcp/0"]))
+        hub = await stack.enter_async_context(
+            open_federation_host(Identity(Ed25519PrivateKey.generate()), ["/ip4/127.0.0.1/tcp/0"])
+        )
         await hub.dial(r.addr, timeout=15)
         await hub.pubsub.subscribe(HEALTH_TOPIC)  # the hub relays the topic to R
         hub_addr = hub.addrs()[0]
@@ -107,8 +112,9 @@ async def test_sybils_relayed_over_one_connection_do_not_crowd_out_a_proven_exec
             assert all(p["score"] > 0 for p in await _cli_json(r, "peers") if p["peer_id"] in ids)
 
             # One after the other: C is never busy, so nothing but the ranking decides.
-            results = [await _cli(r, "query", "chat", f"question {i}", "--max-tokens", "4", check=False)
-                       for i in range(8)]
+            results = [
+                await _cli(r, "query", "chat", f"question {i}", "--max-tokens", "4", check=False) for i in range(8)
+            ]
             nursery.cancel_scope.cancel()
     assert len(results) == 8
     for res in results:
@@ -131,7 +137,7 @@ def _full_processing_cost_s(me: Identity, public_key: bytes, n: int = 300) -> fl
     msgs = []
     for f in frames:
         rpc = rpc_pb2.RPC()
-        rpc.ParseFromString(f[len(f) - _payload_len(f):])
+        rpc.ParseFromString(f[len(f) - _payload_len(f) :])
         msgs.append(rpc.publish[0])
     check = RecordCheck("someone-else")
     started = time.perf_counter()
@@ -160,8 +166,9 @@ async def _honest_queries(node: NodeProcess, n: int) -> list[float]:
     async with connect(node.ui) as client:
         for i in range(n):
             started = time.monotonic()
-            async for msg in client.stream("submit_query", realm="chat", stream=False,
-                                           payload={"prompt": f"local {i}", "max_tokens": 16}):
+            async for msg in client.stream(
+                "submit_query", realm="chat", stream=False, payload={"prompt": f"local {i}", "max_tokens": 16}
+            ):
                 assert msg["op"] != "error", msg
             out.append(time.monotonic() - started)
     return out
@@ -230,9 +237,11 @@ async def test_a_record_flood_from_one_peer_is_dropped_before_any_work_and_the_f
         cpu = proc_cpu_s(b.proc.pid) - cpu0
         wall = time.monotonic() - t0
     peer = await trio.to_thread.run_sync(b.peer, me.peer_id)
-    facts = (f"written {written} of {attempted} on {streams} streams in {wall:.1f}s, {cut_off}; B's CPU {cpu:.2f}s "
-             f"({len(latencies)} honest queries at {per_query_s:.3f}s each); full processing "
-             f"{1e6 * per_record_s:.0f} us/record; honest latencies {[round(x, 3) for x in latencies]}; {peer}")
+    facts = (
+        f"written {written} of {attempted} on {streams} streams in {wall:.1f}s, {cut_off}; B's CPU {cpu:.2f}s "
+        f"({len(latencies)} honest queries at {per_query_s:.3f}s each); full processing "
+        f"{1e6 * per_record_s:.0f} us/record; honest latencies {[round(x, 3) for x in latencies]}; {peer}"
+    )
     print(facts)
     assert attempted >= 50_000, facts  # a flood, not a trickle
     assert peer is not None and peer["state"] == "blocked", facts

@@ -21,6 +21,7 @@ from unittest import mock
 import pytest
 import trio
 from PIL import Image
+
 from rentahal.models import tiny
 from rentahal.scripts.federation import Federation, NodeProcess
 
@@ -74,12 +75,10 @@ def q(selector: str) -> str:
     return f"document.querySelector({json.dumps(selector)})"
 
 
-async def open_ui(browser: Browser, node: NodeProcess, tab: str = "chat", *,
-                  init_script: str = "") -> Page:
+async def open_ui(browser: Browser, node: NodeProcess, tab: str = "chat", *, init_script: str = "") -> Page:
     """The node's page, connected, on ``tab``."""
     page = await browser.new_page(page_url(node), init_script=init_script)
-    await page.wait_for(f"{q('#conn')}.dataset.state === 'connected'", timeout=15,
-                        show=f"{q('#conn')}.outerHTML")
+    await page.wait_for(f"{q('#conn')}.dataset.state === 'connected'", timeout=15, show=f"{q('#conn')}.outerHTML")
     await page.click(f"[data-tab={tab}]")
     await page.wait_for(f"!{q(f'#tab-{tab}')}.hidden")
     return page
@@ -93,8 +92,11 @@ async def fill_in(page: Page, prefix: str, fields: dict[str, str | int]) -> None
 async def answer_of(page: Page, answer: str, *, timeout: float = 60) -> dict[str, Any]:
     """Wait until the answer element ``answer`` ends (done, error or cancelled); what it shows,
     with the text of its section's status line."""
-    await page.wait_for(f"{json.dumps(ENDED)}.includes({q(answer)}.dataset.state)",
-                        timeout=timeout, show=f"{q(answer)}.closest('section').innerText")
+    await page.wait_for(
+        f"{json.dumps(ENDED)}.includes({q(answer)}.dataset.state)",
+        timeout=timeout,
+        show=f"{q(answer)}.closest('section').innerText",
+    )
     return await page.eval(f"""(a => ({{
         state: a.dataset.state, executor: a.dataset.executor, queryId: a.dataset.queryId,
         text: a.textContent, src: a.getAttribute('src') ?? '',
@@ -150,8 +152,7 @@ async def test_the_page_connects_to_its_node_and_streams_a_chat_answer(
 ) -> None:
     _, b = pair
     page = await open_ui(browser, b)
-    await page.wait_for(f"{q('#peer-id')}.textContent === {json.dumps(b.peer_id)}",
-                        show=f"{q('#peer-id')}.textContent")
+    await page.wait_for(f"{q('#peer-id')}.textContent === {json.dumps(b.peer_id)}", show=f"{q('#peer-id')}.textContent")
     assert re.fullmatch("[0-9a-f]{32}", await page.text("#whoami"))
     assert await page.eval("[document.querySelector('.brand h1').textContent, document.title]") == [NODE_NAME] * 2
 
@@ -269,7 +270,7 @@ async def test_speech_speaks_text_and_transcribes_an_audio_file(pair: Pair, brow
     assert shown["state"] == "done", shown
     assert shown["executor"] == b.peer_id and shown["src"].startswith("data:audio/wav;base64,")
     duration = await page.eval(f"""new Promise((resolve, reject) => {{
-        const audio = {q('#tts-answer')};
+        const audio = {q("#tts-answer")};
         if (audio.readyState >= 1) return resolve(audio.duration);
         audio.addEventListener('loadedmetadata', () => resolve(audio.duration));
         audio.addEventListener('error', () => reject(new Error('audio error ' + audio.error?.code)));
@@ -303,11 +304,13 @@ async def test_a_recording_from_the_microphone_is_transcribed(pair: Pair, browse
     a, b = pair
     page = await open_ui(browser, a, "speech", init_script=RECORDERS)  # the microphone: a beep
     await page.click("#speech-record")
-    await page.wait_for(f"{q('#speech-record')}.dataset.recording === 'true'",
-                        show=f"{q('#tab-speech .status')}.textContent")
+    await page.wait_for(
+        f"{q('#speech-record')}.dataset.recording === 'true'", show=f"{q('#tab-speech .status')}.textContent"
+    )
     # Record until the recorder holds some audio: ask it for what it has so far, until enough.
-    await page.wait_for("(r => r.state === 'recording' && (r.requestData(), r.bytes > 4000))"
-                        "(window.recorders[0])", timeout=15)
+    await page.wait_for(
+        "(r => r.state === 'recording' && (r.requestData(), r.bytes > 4000))(window.recorders[0])", timeout=15
+    )
     await page.click("#speech-record")
     shown = await answer_of(page, "#speech-answer")
     assert shown["state"] == "done", shown
@@ -322,8 +325,7 @@ async def test_the_dashboard_shows_realms_and_the_live_peer_and_refreshes(pair: 
     peer_row = f'#dash-peers tr[data-peer="{b.peer_id}"]'
     page = await open_ui(browser, a, "dashboard")
     for realm in ALL.split(","):
-        await page.wait_for(q(f"#dash-realms tr[data-realm={realm}]"),
-                            show=f"{q('#tab-dashboard')}.innerText")
+        await page.wait_for(q(f"#dash-realms tr[data-realm={realm}]"), show=f"{q('#tab-dashboard')}.innerText")
     await page.wait_for(f"{q(peer_row)}?.dataset.state === 'live'", show=f"{q('#dash-peers')}.outerHTML")
     count = int(await page.wait_for(f"{q('#dash-updated')}.dataset.count"))
     await page.wait_for(f"+{q('#dash-updated')}.dataset.count >= {count + 2}", timeout=10)
@@ -342,8 +344,9 @@ async def test_the_dashboard_shows_realms_and_the_live_peer_and_refreshes(pair: 
 
     own = await open_ui(browser, b, "dashboard")
     await own.wait_for(q("#dash-realms tr[data-realm=chat]"))
-    cells = await own.eval("[...document.querySelectorAll('#dash-realms tr[data-realm=chat] td')]"
-                           ".map(td => td.textContent)")
+    cells = await own.eval(
+        "[...document.querySelectorAll('#dash-realms tr[data-realm=chat] td')].map(td => td.textContent)"
+    )
     assert HOSTILE_NAME in cells, cells
     await no_page_errors(own)
 
@@ -354,8 +357,9 @@ async def test_an_imagine_query_cancelled_while_it_runs_ends_cancelled(pair: Pai
     page = await open_ui(browser, a, "imagine")
     await fill_in(page, "imagine", {"prompt": "a slow cat", "width": 256, "height": 256, "steps": 50})
     await page.click("#imagine-send")
-    await page.wait_for(f"{q('#imagine-progress')}.value >= 1", timeout=30,
-                        show=f"{q('#tab-imagine .status')}.textContent")
+    await page.wait_for(
+        f"{q('#imagine-progress')}.value >= 1", timeout=30, show=f"{q('#tab-imagine .status')}.textContent"
+    )
     await page.click("#imagine-cancel")
     shown = await answer_of(page, "#imagine-answer")
     assert shown["state"] == "cancelled" and shown["status"].startswith("cancelled: "), shown
@@ -427,8 +431,7 @@ async def test_the_ui_opened_over_the_lan_by_ip_connects(browser: Browser, tmp_p
         node = federation.start("lan", serve="none", settings={"ui.host": '"0.0.0.0"'})
         port = node.ui.rsplit(":", 1)[1].strip("/")
         page = await browser.new_page(f"http://{ip}:{port}/")
-        await page.wait_for(f"{q('#conn')}.dataset.state === 'connected'", timeout=15,
-                            show=f"{q('#conn')}.outerHTML")
+        await page.wait_for(f"{q('#conn')}.dataset.state === 'connected'", timeout=15, show=f"{q('#conn')}.outerHTML")
         await no_page_errors(page)
     finally:
         federation.close()
@@ -439,11 +442,14 @@ async def test_a_page_on_another_local_port_may_not_drive_the_node(tmp_path: Pat
 
     federation = Federation(tmp_path)
     try:
-        node = federation.start("origins", serve="none",
-                                settings={"ui.allowed_origins": '["http://localhost:5173"]'})
+        node = federation.start("origins", serve="none", settings={"ui.allowed_origins": '["http://localhost:5173"]'})
         port = node.ui.rsplit(":", 1)[1].strip("/")
-        for origin, allowed in ((f"http://127.0.0.1:{port}", True), ("http://localhost:3000", False),
-                                ("http://127.0.0.1:8080", False), ("http://localhost:5173", True)):
+        for origin, allowed in (
+            (f"http://127.0.0.1:{port}", True),
+            ("http://localhost:3000", False),
+            ("http://127.0.0.1:8080", False),
+            ("http://localhost:5173", True),
+        ):
             try:
                 async with open_websocket_url(node.ui, extra_headers=[(b"Origin", origin.encode())]) as ws:
                     await ws.send_message(json.dumps({"op": "status", "rid": 1}))

@@ -19,8 +19,8 @@ import trio
 from PIL import Image
 
 from rentahal.models.base import (
-    ModelFailure,
     BadRequest,
+    ModelFailure,
     Progress,
     Result,
     Token,
@@ -76,9 +76,7 @@ def ask(image: bytes | None = None, **kw: object) -> dict[str, object]:
 # ---------------------------------------------------------------- the files
 
 
-def test_tiny_files_are_small_and_deterministic(
-    tiny_pair: tuple[Path, Path], tmp_path: Path
-) -> None:
+def test_tiny_files_are_small_and_deterministic(tiny_pair: tuple[Path, Path], tmp_path: Path) -> None:
     model, mmproj = tiny_pair
     assert (model.name, mmproj.name) == ("model.gguf", "mmproj.gguf")  # the node relies on it
     assert mmproj.stat().st_size < 300_000
@@ -125,13 +123,18 @@ async def test_token_counts_match_llama_cpp(backend: VisionBackend) -> None:
     image = png((20, 120, 220))
     uri = "data:image/png;base64," + base64.b64encode(image).decode()
     endings = set()
-    for req in ({"max_tokens": 25, "temperature": 0, "seed": 1},
-                *({"max_tokens": 300, "temperature": 0.7, "seed": s} for s in range(8))):
+    for req in (
+        {"max_tokens": 25, "temperature": 0, "seed": 1},
+        *({"max_tokens": 300, "temperature": 0.7, "seed": s} for s in range(8)),
+    ):
         result = await backend.generate(ask(image, **req), Collector())
         reference = backend._loaded.llm.create_chat_completion(
-            messages=[{"role": "user", "content": [
-                {"type": "image_url", "image_url": {"url": uri}},
-                {"type": "text", "text": QUESTION}]}],
+            messages=[
+                {
+                    "role": "user",
+                    "content": [{"type": "image_url", "image_url": {"url": uri}}, {"type": "text", "text": QUESTION}],
+                }
+            ],
             **req,
         )
         assert reference["choices"][0]["message"]["content"] == result.output["text"]
@@ -186,15 +189,12 @@ async def test_prompt_goes_through_the_chat_template_with_one_bos(
     llm = backend._loaded.llm
     # The tiny template: "{{ bos_token }}user: <content>\nassistant:", the
     # content being the image marker, a newline and the question.
-    assert_prompt(llm, "user: ", "\nWhat is in this picture?\nassistant:",
-                  result.stats["prompt_tokens"])
+    assert_prompt(llm, "user: ", "\nWhat is in this picture?\nassistant:", result.stats["prompt_tokens"])
     ids = llm.input_ids[:2].tolist()
     assert ids[0] == llm.token_bos() and ids[1] != llm.token_bos()  # one BOS
 
 
-async def test_model_without_chat_template_gets_llava_format(
-    tiny_pair: tuple[Path, Path], tmp_path: Path
-) -> None:
+async def test_model_without_chat_template_gets_llava_format(tiny_pair: tuple[Path, Path], tmp_path: Path) -> None:
     model = write_tiny_llama(tmp_path / "no-template.gguf", chat_template=None)
     async with loaded(VisionBackend(model, tiny_pair[1], n_ctx=1024, threads=1)) as b:
         assert b.prompt_format == "llava-1.5"
@@ -202,20 +202,21 @@ async def test_model_without_chat_template_gets_llava_format(
         result = await b.generate(ask(max_tokens=12, temperature=0), sink)
         assert result.stats["tokens"] == 12 and sink.text == result.output["text"]
         # "<system> USER: <image>\n<question> ASSISTANT:", as LLaVA-1.5 was trained
-        system = ("A chat between a curious human and an artificial intelligence assistant. "
-                  "The assistant gives helpful, detailed, and polite answers to the human's "
-                  "questions.")
-        assert_prompt(b._loaded.llm, system + " USER: ",
-                      "\nWhat is in this picture? ASSISTANT:", result.stats["prompt_tokens"])
+        system = (
+            "A chat between a curious human and an artificial intelligence assistant. "
+            "The assistant gives helpful, detailed, and polite answers to the human's "
+            "questions."
+        )
+        assert_prompt(
+            b._loaded.llm, system + " USER: ", "\nWhat is in this picture? ASSISTANT:", result.stats["prompt_tokens"]
+        )
 
 
 async def test_generations_are_serialised(backend: VisionBackend) -> None:
     results: list[Result] = []
 
     async def one(seed: int) -> None:
-        results.append(
-            await backend.generate(ask(max_tokens=15, temperature=0, seed=seed), Collector())
-        )
+        results.append(await backend.generate(ask(max_tokens=15, temperature=0, seed=seed), Collector()))
 
     async with trio.open_nursery() as nursery:
         for seed in range(3):
@@ -225,12 +226,11 @@ async def test_generations_are_serialised(backend: VisionBackend) -> None:
 
 
 async def test_cancellation_stops_the_worker(tiny_pair: tuple[Path, Path]) -> None:
-    async with loaded(
-        VisionBackend(*tiny_pair, n_ctx=4096, threads=1, max_tokens_cap=100_000)
-    ) as backend:
+    async with loaded(VisionBackend(*tiny_pair, n_ctx=4096, threads=1, max_tokens_cap=100_000)) as backend:
         seen = 0
         at_cancel: list[int] = []
         with trio.CancelScope() as scope:
+
             async def sink(ev: Token | Progress) -> None:
                 nonlocal seen
                 seen += 1
@@ -288,9 +288,12 @@ async def test_handler_fetches_no_urls(backend: VisionBackend) -> None:
     for url in ("file:///etc/passwd", "http://127.0.0.1:1/x.png"):
         with pytest.raises(ValueError, match="only data: URIs"):
             backend._loaded.llm.create_chat_completion(
-                messages=[{"role": "user", "content": [
-                    {"type": "image_url", "image_url": {"url": url}},
-                    {"type": "text", "text": "hi"}]}],
+                messages=[
+                    {
+                        "role": "user",
+                        "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "hi"}],
+                    }
+                ],
                 max_tokens=2,
             )
 
@@ -351,8 +354,9 @@ def png_bomb(w: int = 20000, h: int = 20000) -> bytes:
     of RGB, for the default), with an IDAT that is not even valid: decoding
     it would fail with a different error than the size check's."""
     ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr)
-            + _png_chunk(b"IDAT", b"\x00" * 16) + _png_chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", b"\x00" * 16) + _png_chunk(b"IEND", b"")
+    )
 
 
 def jpeg_bomb() -> bytes:
@@ -367,15 +371,24 @@ def webp_bomb() -> bytes:
 
 def gif_bomb() -> bytes:
     # A 1x1 logical screen whose first frame is 60000x60000.
-    return (b"GIF89a" + struct.pack("<HHBBB", 1, 1, 0, 0, 0)
-            + b"\x21\xfe\x03abc\x00"  # a comment extension first
-            + b"\x2c" + struct.pack("<HHHHB", 0, 0, 60000, 60000, 0) + b"\x02\x02\x44\x01\x00;")
+    return (
+        b"GIF89a"
+        + struct.pack("<HHBBB", 1, 1, 0, 0, 0)
+        + b"\x21\xfe\x03abc\x00"  # a comment extension first
+        + b"\x2c"
+        + struct.pack("<HHHHB", 0, 0, 60000, 60000, 0)
+        + b"\x02\x02\x44\x01\x00;"
+    )
 
 
 @pytest.mark.parametrize(
     ("bomb", "dims"),
-    [(png_bomb(), "20000x20000"), (jpeg_bomb(), "30000x30000"),
-     (webp_bomb(), "16384x16384"), (gif_bomb(), "60000x60000")],
+    [
+        (png_bomb(), "20000x20000"),
+        (jpeg_bomb(), "30000x30000"),
+        (webp_bomb(), "16384x16384"),
+        (gif_bomb(), "60000x60000"),
+    ],
     ids=["png", "jpeg", "webp", "gif"],
 )
 def test_decompression_bombs_are_refused_from_the_header(bomb: bytes, dims: str) -> None:
@@ -386,15 +399,17 @@ def test_decompression_bombs_are_refused_from_the_header(bomb: bytes, dims: str)
     assert str(info.value).startswith(f"payload.image: {dims} is ")
     assert "the limit is 16777216" in str(info.value)
     with pytest.raises(BadRequest, match=f"^payload.image: {dims} is "):
-        parse_vision_payload(ask(bomb), max_tokens_cap=512, max_image_bytes=2**20,
-                             max_pixels=4096 * 4096)
+        parse_vision_payload(ask(bomb), max_tokens_cap=512, max_image_bytes=2**20, max_pixels=4096 * 4096)
 
 
 def test_pixel_limit_is_configurable() -> None:
     data = png(size=(100, 100))
     prepare_image(data, max_bytes=2**20, max_pixels=10_000, resize_to=64)
-    with pytest.raises(BadRequest, match=r"^payload\.image: 100x100 is 10000 pixels; "
-                                         r"the limit is 9999$"):
+    with pytest.raises(
+        BadRequest,
+        match=r"^payload\.image: 100x100 is 10000 pixels; "
+        r"the limit is 9999$",
+    ):
         prepare_image(data, max_bytes=2**20, max_pixels=9_999, resize_to=64)
 
 
@@ -411,8 +426,7 @@ def test_pixel_limit_is_configurable() -> None:
         (b"BM" + b"\x00" * 100, "not a PNG, JPEG, WebP or GIF image"),  # BMP: not accepted
         ("data:image/png;base64,AAAA", "expected binary image data, got str"),
     ],
-    ids=["random", "empty", "png-header", "jpeg-no-frame", "gif-no-image", "zero-width",
-         "truncated", "bmp", "str"],
+    ids=["random", "empty", "png-header", "jpeg-no-frame", "gif-no-image", "zero-width", "truncated", "bmp", "str"],
 )
 def test_bad_images_are_refused(data: bytes, message: str) -> None:
     with pytest.raises(BadRequest) as info:
@@ -425,8 +439,11 @@ def test_bad_images_are_refused(data: bytes, message: str) -> None:
 def test_oversized_bytes_are_refused() -> None:
     data = png(size=(300, 300))
     prepare_image(data, max_bytes=len(data), max_pixels=2**24, resize_to=64)
-    with pytest.raises(BadRequest, match=rf"^payload\.image: {len(data)} bytes exceeds "
-                                         rf"the limit of {len(data) - 1}$"):
+    with pytest.raises(
+        BadRequest,
+        match=rf"^payload\.image: {len(data)} bytes exceeds "
+        rf"the limit of {len(data) - 1}$",
+    ):
         prepare_image(data, max_bytes=len(data) - 1, max_pixels=2**24, resize_to=64)
 
 
@@ -441,10 +458,10 @@ def parse(payload: dict, **kw: int) -> VisionParams:
 def test_payload_defaults() -> None:
     image = png()
     p = parse({"prompt": "hi", "image": image}, max_tokens_cap=100)
-    assert p == VisionParams(prompt="hi", image=image, image_format="PNG", width=80, height=60,
-                             max_tokens=100, temperature=0.7, seed=None)
-    p = parse({"prompt": "x", "image": bytearray(image), "max_tokens": 3, "temperature": 0,
-               "seed": 9})
+    assert p == VisionParams(
+        prompt="hi", image=image, image_format="PNG", width=80, height=60, max_tokens=100, temperature=0.7, seed=None
+    )
+    p = parse({"prompt": "x", "image": bytearray(image), "max_tokens": 3, "temperature": 0, "seed": 9})
     assert (p.image, p.max_tokens, p.temperature, p.seed) == (image, 3, 0.0, 9)
 
 
@@ -511,9 +528,11 @@ async def test_missing_projector(tiny_pair: tuple[Path, Path], tmp_path: Path) -
 
 async def test_corrupt_projector(tiny_pair: tuple[Path, Path], tmp_path: Path) -> None:
     data = tiny_pair[1].read_bytes()
-    for name, content in [("text.gguf", b"this is not a model\n"),
-                          ("head.gguf", data[:1000]),
-                          ("tail.gguf", data[:-100])]:
+    for name, content in [
+        ("text.gguf", b"this is not a model\n"),
+        ("head.gguf", data[:1000]),
+        ("tail.gguf", data[:-100]),
+    ]:
         path = tmp_path / name
         path.write_bytes(content)
         message = await load_error(tiny_pair[0], path)
@@ -523,22 +542,17 @@ async def test_corrupt_projector(tiny_pair: tuple[Path, Path], tmp_path: Path) -
 async def test_language_model_given_as_projector(tiny_pair: tuple[Path, Path]) -> None:
     model = tiny_pair[0]
     assert await load_error(model, model) == (
-        f"vision projector {model}: not a multimodal projector (GGUF architecture 'llama'; "
-        "an mmproj file has 'clip')"
+        f"vision projector {model}: not a multimodal projector (GGUF architecture 'llama'; an mmproj file has 'clip')"
     )
 
 
-async def test_projector_without_vision_encoder(
-    tiny_pair: tuple[Path, Path], tmp_path: Path
-) -> None:
+async def test_projector_without_vision_encoder(tiny_pair: tuple[Path, Path], tmp_path: Path) -> None:
     audio = write_gguf_atomically(
-        tmp_path / "audio-mmproj.gguf", "clip",
-        lambda w: (w.add_bool("clip.has_vision_encoder", False),
-                   w.add_bool("clip.has_audio_encoder", True)),
+        tmp_path / "audio-mmproj.gguf",
+        "clip",
+        lambda w: (w.add_bool("clip.has_vision_encoder", False), w.add_bool("clip.has_audio_encoder", True)),
     )
-    assert await load_error(tiny_pair[0], audio) == (
-        f"vision projector {audio}: has no vision encoder"
-    )
+    assert await load_error(tiny_pair[0], audio) == (f"vision projector {audio}: has no vision encoder")
 
 
 async def test_projector_given_as_language_model(tiny_pair: tuple[Path, Path]) -> None:
@@ -567,7 +581,12 @@ async def test_corrupt_model(tiny_pair: tuple[Path, Path], tmp_path: Path) -> No
 
 
 def test_constructor_rejects_bad_limits(tiny_pair: tuple[Path, Path]) -> None:
-    for kw in ({"resize_to": 0}, {"max_pixels": -1}, {"max_image_bytes": 0},
-               {"max_tokens_cap": 0}, {"resize_to": True}):
+    for kw in (
+        {"resize_to": 0},
+        {"max_pixels": -1},
+        {"max_image_bytes": 0},
+        {"max_tokens_cap": 0},
+        {"resize_to": True},
+    ):
         with pytest.raises(ValueError):
             VisionBackend(*tiny_pair, **kw)  # type: ignore[arg-type]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import tracemalloc
 from typing import Any
 
@@ -11,7 +12,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rentahal.p2p import wire
-from rentahal.realms.events import Code
 from rentahal.p2p.wire import (
     DEFAULT_MAX_FRAME,
     PROTOCOL_ID,
@@ -19,7 +19,6 @@ from rentahal.p2p.wire import (
     Accepted,
     Cancel,
     Error,
-
     FrameDecoder,
     FrameTooLarge,
     InvalidField,
@@ -36,6 +35,7 @@ from rentahal.p2p.wire import (
     encode,
     error_for,
 )
+from rentahal.realms.events import Code
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -67,13 +67,24 @@ def nested(depth: int) -> dict[str, Any]:
 
 
 VALID: dict[str, dict[str, Any]] = {
-    "req": {"t": "req", "v": 2, "id": "q-1", "realm": "chat", "payload": {"prompt": "hi"},
-            "deadline_ms": 30_000, "origin": "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"},
+    "req": {
+        "t": "req",
+        "v": 2,
+        "id": "q-1",
+        "realm": "chat",
+        "payload": {"prompt": "hi"},
+        "deadline_ms": 30_000,
+        "origin": "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N",
+    },
     "accepted": {"t": "accepted", "id": "q-1", "position": 0, "eta_ms": None},
     "progress": {"t": "progress", "id": "q-1", "stage": "load", "done": 1, "total": 3},
     "token": {"t": "token", "id": "q-1", "text": "hel", "index": 0},
-    "result": {"t": "result", "id": "q-1", "output": {"text": "hello"},
-               "stats": {"tokens": 5, "secs": 0.5, "model": "x", "gpu": None}},
+    "result": {
+        "t": "result",
+        "id": "q-1",
+        "output": {"text": "hello"},
+        "stats": {"tokens": 5, "secs": 0.5, "model": "x", "gpu": None},
+    },
     "error": {"t": "error", "id": "q-1", "code": "busy", "message": "try later"},
     "cancel": {"t": "cancel", "id": "q-1"},
 }
@@ -102,8 +113,12 @@ realms = st.from_regex(r"[a-z0-9_-]{1,32}", fullmatch=True)
 origins = st.from_regex(r"[1-9A-HJ-NP-Za-km-z]{1,128}", fullmatch=True)
 counts = st.integers(0, 2**63 - 1)
 leaves = (
-    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1)
-    | st.floats(allow_nan=False) | st.text(max_size=12) | st.binary(max_size=12)
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=12)
+    | st.binary(max_size=12)
 )
 
 
@@ -112,8 +127,7 @@ def values(depth_left: int) -> st.SearchStrategy[Any]:
     if depth_left == 0:
         return leaves
     inner = st.deferred(lambda: values(depth_left - 1))
-    return leaves | st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner,
-                                                                   max_size=3)
+    return leaves | st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3)
 
 
 trees = st.dictionaries(st.text(max_size=8), values(wire.MAX_DEPTH - 1), max_size=4)
@@ -124,14 +138,18 @@ stats = st.dictionaries(
 )
 
 messages = st.one_of(
-    st.builds(QueryRequest, st.just(PROTOCOL_VERSION), ids, realms, trees,
-              st.integers(1, 86_400_000), origins),
+    st.builds(QueryRequest, st.just(PROTOCOL_VERSION), ids, realms, trees, st.integers(1, 86_400_000), origins),
     st.builds(Accepted, ids, counts, st.none() | counts),
     st.builds(Progress, ids, st.text(min_size=1, max_size=64), counts, st.none() | counts),
     st.builds(Token, ids, st.text(max_size=200), counts),
     st.builds(Result, ids, trees, stats),
-    st.builds(Error, st.just("") | ids, st.sampled_from([c for c in Code if c.on_wire]), st.text(max_size=1000),
-              st.none() | st.integers(0, 86_400_000)),
+    st.builds(
+        Error,
+        st.just("") | ids,
+        st.sampled_from([c for c in Code if c.on_wire]),
+        st.text(max_size=1000),
+        st.none() | st.integers(0, 86_400_000),
+    ),
     st.builds(Cancel, ids),
 )
 
@@ -139,7 +157,7 @@ messages = st.one_of(
 def chunked(data: bytes, cuts: list[int]) -> list[bytes]:
     points = sorted({c % (len(data) + 1) for c in cuts})
     bounds = [0, *points, len(data)]
-    return [data[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    return [data[a:b] for a, b in itertools.pairwise(bounds)]
 
 
 # --- round trips -------------------------------------------------------------------------------
@@ -274,14 +292,17 @@ def test_zero_length_frame() -> None:
         decode_body(b"")
 
 
-@pytest.mark.parametrize("body", [
-    b"\xc1",  # never-used msgpack byte
-    b"\x82\xa1t",  # map cut short inside the frame
-    b"\x81\xa1t\xa2\xff\xfe",  # invalid UTF-8 in a str
-    msgpack.packb({1: "int key"}),  # strict_map_key
-    msgpack.packb(VALID["cancel"]) + b"\x00",  # trailing bytes inside the frame
-    msgpack.packb(VALID["cancel"]) + msgpack.packb(VALID["cancel"]),
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"\xc1",  # never-used msgpack byte
+        b"\x82\xa1t",  # map cut short inside the frame
+        b"\x81\xa1t\xa2\xff\xfe",  # invalid UTF-8 in a str
+        msgpack.packb({1: "int key"}),  # strict_map_key
+        msgpack.packb(VALID["cancel"]) + b"\x00",  # trailing bytes inside the frame
+        msgpack.packb(VALID["cancel"]) + msgpack.packb(VALID["cancel"]),
+    ],
+)
 def test_not_msgpack_or_trailing_bytes(body: bytes) -> None:
     expect(MalformedFrame, raw_frame(body))
 
@@ -291,14 +312,17 @@ def test_msgpack_non_map(obj: Any) -> None:
     expect(MalformedFrame, frame(obj))
 
 
-@pytest.mark.parametrize("body", [
-    b"\x81\xa1t\xdb\xff\xff\xff\xff",  # str32 claiming 4 GiB
-    b"\x81\xa1t\xc6\xff\xff\xff\xff",  # bin32 claiming 4 GiB
-    b"\xdd\xff\xff\xff\xff",  # array32 claiming 4G items
-    b"\xdf\xff\xff\xff\xff",  # map32 claiming 4G pairs
-    b"\x81\xa1t\xdd\x00\x10\x00\x00",  # array32 of 1M items in an 8-byte frame
-    b"\x81\xa1t\xc9\xff\xff\xff\xff\x01",  # ext32 claiming 4 GiB
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"\x81\xa1t\xdb\xff\xff\xff\xff",  # str32 claiming 4 GiB
+        b"\x81\xa1t\xc6\xff\xff\xff\xff",  # bin32 claiming 4 GiB
+        b"\xdd\xff\xff\xff\xff",  # array32 claiming 4G items
+        b"\xdf\xff\xff\xff\xff",  # map32 claiming 4G pairs
+        b"\x81\xa1t\xdd\x00\x10\x00\x00",  # array32 of 1M items in an 8-byte frame
+        b"\x81\xa1t\xc9\xff\xff\xff\xff\x01",  # ext32 claiming 4 GiB
+    ],
+)
 def test_small_frame_claiming_huge_object(body: bytes) -> None:
     tracemalloc.start()
     try:
@@ -340,15 +364,33 @@ def test_extra_field(t: str) -> None:
 
 
 WRONG_TYPES = [
-    ("req", "deadline_ms", "1000"), ("req", "deadline_ms", True), ("req", "deadline_ms", 1.0),
-    ("req", "id", 5), ("req", "realm", 7), ("req", "origin", b"Qm"), ("req", "payload", [1]),
-    ("req", "payload", "x"), ("accepted", "position", "0"), ("accepted", "position", False),
-    ("accepted", "eta_ms", True), ("accepted", "eta_ms", 1.5), ("progress", "done", None),
-    ("progress", "total", "3"), ("progress", "stage", 1), ("token", "text", b"bytes"),
-    ("token", "index", True), ("result", "output", None), ("result", "stats", [1]),
-    ("result", "stats", {"ok": True}), ("result", "stats", {"l": [1]}),
-    ("result", "stats", {"m": {}}), ("result", "stats", {"b": b"x"}), ("error", "code", 3),
-    ("error", "message", None), ("error", "id", None), ("cancel", "id", ["q"]),
+    ("req", "deadline_ms", "1000"),
+    ("req", "deadline_ms", True),
+    ("req", "deadline_ms", 1.0),
+    ("req", "id", 5),
+    ("req", "realm", 7),
+    ("req", "origin", b"Qm"),
+    ("req", "payload", [1]),
+    ("req", "payload", "x"),
+    ("accepted", "position", "0"),
+    ("accepted", "position", False),
+    ("accepted", "eta_ms", True),
+    ("accepted", "eta_ms", 1.5),
+    ("progress", "done", None),
+    ("progress", "total", "3"),
+    ("progress", "stage", 1),
+    ("token", "text", b"bytes"),
+    ("token", "index", True),
+    ("result", "output", None),
+    ("result", "stats", [1]),
+    ("result", "stats", {"ok": True}),
+    ("result", "stats", {"l": [1]}),
+    ("result", "stats", {"m": {}}),
+    ("result", "stats", {"b": b"x"}),
+    ("error", "code", 3),
+    ("error", "message", None),
+    ("error", "id", None),
+    ("cancel", "id", ["q"]),
 ]
 
 
@@ -359,14 +401,27 @@ def test_wrong_typed_fields(t: str, key: str, value: Any) -> None:
 
 
 OUT_OF_RANGE = [
-    ("req", "deadline_ms", 0), ("req", "deadline_ms", 86_400_001), ("req", "deadline_ms", -5),
-    ("accepted", "position", -1), ("accepted", "eta_ms", -1), ("progress", "done", -1),
-    ("progress", "total", -1), ("token", "index", -1), ("token", "index", 2**64 - 1),
-    ("progress", "stage", ""), ("progress", "stage", "s" * 65),
-    ("token", "text", "x" * (64 * 1024 + 1)), ("token", "text", "é" * 40_000),
-    ("error", "message", "m" * 1001), ("req", "id", "q" * 65), ("req", "id", ""),
-    ("cancel", "id", ""), ("req", "realm", "r" * 33), ("req", "realm", ""),
-    ("req", "origin", "z" * 129), ("req", "origin", ""),
+    ("req", "deadline_ms", 0),
+    ("req", "deadline_ms", 86_400_001),
+    ("req", "deadline_ms", -5),
+    ("accepted", "position", -1),
+    ("accepted", "eta_ms", -1),
+    ("progress", "done", -1),
+    ("progress", "total", -1),
+    ("token", "index", -1),
+    ("token", "index", 2**64 - 1),
+    ("progress", "stage", ""),
+    ("progress", "stage", "s" * 65),
+    ("token", "text", "x" * (64 * 1024 + 1)),
+    ("token", "text", "é" * 40_000),
+    ("error", "message", "m" * 1001),
+    ("req", "id", "q" * 65),
+    ("req", "id", ""),
+    ("cancel", "id", ""),
+    ("req", "realm", "r" * 33),
+    ("req", "realm", ""),
+    ("req", "origin", "z" * 129),
+    ("req", "origin", ""),
 ]
 
 
@@ -378,20 +433,39 @@ def test_out_of_range_values(t: str, key: str, value: Any) -> None:
 
 def test_range_boundaries_accepted() -> None:
     for t, key, value in [
-        ("req", "deadline_ms", 1), ("req", "deadline_ms", 86_400_000), ("req", "id", "Q" * 64),
-        ("req", "realm", "r" * 32), ("req", "origin", "z" * 128), ("progress", "stage", "s" * 64),
-        ("token", "text", "x" * 64 * 1024), ("error", "message", "m" * 1000),
-        ("token", "text", "é" * 32 * 1024), ("accepted", "position", 2**63 - 1),
+        ("req", "deadline_ms", 1),
+        ("req", "deadline_ms", 86_400_000),
+        ("req", "id", "Q" * 64),
+        ("req", "realm", "r" * 32),
+        ("req", "origin", "z" * 128),
+        ("progress", "stage", "s" * 64),
+        ("token", "text", "x" * 64 * 1024),
+        ("error", "message", "m" * 1000),
+        ("token", "text", "é" * 32 * 1024),
+        ("accepted", "position", 2**63 - 1),
     ]:
         assert decode_one(frame(with_(t, **{key: value}))) is not None, (t, key)
 
 
-@pytest.mark.parametrize(("key", "value"), [
-    ("id", "a b"), ("id", "q!"), ("id", "é"), ("id", "q\n"), ("id", "q/1"),
-    ("realm", "CHAT!"), ("realm", "Chat"), ("realm", "chat\n"), ("realm", "ch.at"),
-    ("origin", "Qm0abc"), ("origin", "QmOabc"), ("origin", "QmIabc"), ("origin", "Qmlabc"),
-    ("origin", "Qm+abc"),
-])
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("id", "a b"),
+        ("id", "q!"),
+        ("id", "é"),
+        ("id", "q\n"),
+        ("id", "q/1"),
+        ("realm", "CHAT!"),
+        ("realm", "Chat"),
+        ("realm", "chat\n"),
+        ("realm", "ch.at"),
+        ("origin", "Qm0abc"),
+        ("origin", "QmOabc"),
+        ("origin", "QmIabc"),
+        ("origin", "Qmlabc"),
+        ("origin", "Qm+abc"),
+    ],
+)
 def test_bad_characters(key: str, value: str) -> None:
     err = expect(InvalidField, frame(with_("req", **{key: value})))
     assert isinstance(err, InvalidField) and err.field == key
@@ -431,10 +505,15 @@ def test_nesting_limit(t: str, key: str) -> None:
     expect(InvalidField, frame(with_(t, **{key: deep})))
 
 
-@pytest.mark.parametrize("payload", [
-    {b"k": 1}, {"k": {b"k": 1}}, {"k": msgpack.ExtType(5, b"x")},
-    {"k": [msgpack.ExtType(1, b"")]},
-])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {b"k": 1},
+        {"k": {b"k": 1}},
+        {"k": msgpack.ExtType(5, b"x")},
+        {"k": [msgpack.ExtType(1, b"")]},
+    ],
+)
 def test_payload_keys_and_values(payload: dict[Any, Any]) -> None:
     err = expect(InvalidField, frame(with_("req", payload=payload)))
     assert isinstance(err, InvalidField) and err.field == "payload"
@@ -446,26 +525,29 @@ def test_payload_keys_and_values(payload: dict[Any, Any]) -> None:
 REQ = QueryRequest(2, "q-1", "chat", {"p": 1}, 1000, "Qm1")
 
 
-@pytest.mark.parametrize("msg", [
-    QueryRequest(2, "q-1", "CHAT!", {}, 1000, "Qm1"),
-    QueryRequest(2, "q-1", "chat", {"p": (1, 2)}, 1000, "Qm1"),
-    QueryRequest(2, "q-1", "chat", {"p": 2**64}, 1000, "Qm1"),
-    QueryRequest(2, "q-1", "chat", {"p": "\ud800"}, 1000, "Qm1"),
-    QueryRequest(2, "q-1", "chat", {1: "x"}, 1000, "Qm1"),  # type: ignore[dict-item]
-    QueryRequest(2, "q-1", "chat", nested(wire.MAX_DEPTH + 1), 1000, "Qm1"),
-    QueryRequest(2, "q-1", "chat", {}, 0, "Qm1"),
-    QueryRequest(2, "", "chat", {}, 1, "Qm1"),
-    Accepted("q", True),  # type: ignore[arg-type]
-    Accepted("q", 0, -1),
-    Progress("q", "", 0),
-    Token("q", "x", -1),
-    Token("q", "x" * (64 * 1024 + 1), 0),
-    Result("q", {}, {"x": [1]}),  # type: ignore[dict-item]
-    Error("q", "nope", "m"),  # type: ignore[arg-type]
-    Error("q", Code.BUSY, "m" * 1001),
-    Error("q q", Code.BUSY, "m"),
-    Cancel(5),  # type: ignore[arg-type]
-])
+@pytest.mark.parametrize(
+    "msg",
+    [
+        QueryRequest(2, "q-1", "CHAT!", {}, 1000, "Qm1"),
+        QueryRequest(2, "q-1", "chat", {"p": (1, 2)}, 1000, "Qm1"),
+        QueryRequest(2, "q-1", "chat", {"p": 2**64}, 1000, "Qm1"),
+        QueryRequest(2, "q-1", "chat", {"p": "\ud800"}, 1000, "Qm1"),
+        QueryRequest(2, "q-1", "chat", {1: "x"}, 1000, "Qm1"),  # type: ignore[dict-item]
+        QueryRequest(2, "q-1", "chat", nested(wire.MAX_DEPTH + 1), 1000, "Qm1"),
+        QueryRequest(2, "q-1", "chat", {}, 0, "Qm1"),
+        QueryRequest(2, "", "chat", {}, 1, "Qm1"),
+        Accepted("q", True),  # type: ignore[arg-type]
+        Accepted("q", 0, -1),
+        Progress("q", "", 0),
+        Token("q", "x", -1),
+        Token("q", "x" * (64 * 1024 + 1), 0),
+        Result("q", {}, {"x": [1]}),  # type: ignore[dict-item]
+        Error("q", "nope", "m"),  # type: ignore[arg-type]
+        Error("q", Code.BUSY, "m" * 1001),
+        Error("q q", Code.BUSY, "m"),
+        Cancel(5),  # type: ignore[arg-type]
+    ],
+)
 def test_encode_rejects_invalid_messages(msg: wire.Message) -> None:
     with pytest.raises(InvalidField):
         encode(msg)
@@ -559,9 +641,29 @@ def test_fuzz_framed_arbitrary_bodies(body: bytes) -> None:
     drain(FrameDecoder(), [raw_frame(body)])
 
 
-fields = st.sampled_from(["t", "v", "id", "realm", "payload", "deadline_ms", "origin", "position",
-                          "eta_ms", "stage", "done", "total", "text", "index", "output", "stats",
-                          "code", "message", "x"])
+fields = st.sampled_from(
+    [
+        "t",
+        "v",
+        "id",
+        "realm",
+        "payload",
+        "deadline_ms",
+        "origin",
+        "position",
+        "eta_ms",
+        "stage",
+        "done",
+        "total",
+        "text",
+        "index",
+        "output",
+        "stats",
+        "code",
+        "message",
+        "x",
+    ]
+)
 types = st.sampled_from(sorted(VALID))
 
 

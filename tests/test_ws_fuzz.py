@@ -21,13 +21,20 @@ from rentahal.scripts.federation import Federation
 
 VALID: list[dict[str, Any]] = [
     {"op": "hello", "guid": "0" * 32, "nickname": "fuzz"},
-    {"op": "status"}, {"op": "peers"}, {"op": "realms"}, {"op": "stats"},
+    {"op": "status"},
+    {"op": "peers"},
+    {"op": "realms"},
+    {"op": "stats"},
     {"op": "route", "realm": "chat"},
     {"op": "submit_query", "realm": "chat", "payload": {"prompt": "hi", "max_tokens": 4}, "stream": False},
-    {"op": "watch", "query_id": "a" * 32}, {"op": "get_query", "query_id": "b" * 32},
-    {"op": "cancel", "query_id": "c" * 32}, {"op": "report", "query_id": "d" * 32, "reason": "wrong"},
-    {"op": "history", "limit": 5}, {"op": "set_nickname", "nickname": "n"},
-    {"op": "ban", "guid": "1" * 32}, {"op": "set_peer", "peer_id": "x", "blocked": True},
+    {"op": "watch", "query_id": "a" * 32},
+    {"op": "get_query", "query_id": "b" * 32},
+    {"op": "cancel", "query_id": "c" * 32},
+    {"op": "report", "query_id": "d" * 32, "reason": "wrong"},
+    {"op": "history", "limit": 5},
+    {"op": "set_nickname", "nickname": "n"},
+    {"op": "ban", "guid": "1" * 32},
+    {"op": "set_peer", "peer_id": "x", "blocked": True},
 ]
 
 
@@ -70,8 +77,20 @@ def fuzzed(rng: random.Random) -> str | bytes:
         depth = rng.choice((50, 5000, 100000))
         return '{"op":"submit_query","realm":"chat","payload":{"prompt":' + "[" * depth + "]" * depth + "}}"
     elif kind == 3:
-        return rng.choice(('{"op": NaN}', '{"op": "status", "rid": Infinity}', "[1,2]", "null", '"status"',
-                           "{", "\x00\xff", "", '{"op":"status"} trailing', "1e999"))
+        return rng.choice(
+            (
+                '{"op": NaN}',
+                '{"op": "status", "rid": Infinity}',
+                "[1,2]",
+                "null",
+                '"status"',
+                "{",
+                "\x00\xff",
+                "",
+                '{"op":"status"} trailing',
+                "1e999",
+            )
+        )
     elif kind == 4:
         return bytes(rng.randrange(256) for _ in range(rng.randrange(64)))
     elif kind == 5:
@@ -96,7 +115,7 @@ async def fuzz_session(url: str, n: int, seed: int) -> dict[str, int]:
     answered = 0
     codes: dict[str, int] = {}
     async with open_websocket_url(url, max_message_size=16 * 1024 * 1024) as ws:
-        for i in range(n):
+        for _i in range(n):
             msg = fuzzed(rng)
             await ws.send_message(msg)
             with trio.fail_after(30):
