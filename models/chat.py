@@ -63,7 +63,7 @@ from .base import (
     require_positive_int,
     show_value,
 )
-from .tiny import SMOKE_TEST_MODEL_NAME
+from .smoke import SMOKE_TEST_MODEL_NAME
 
 MAX_PROMPT_CHARS = 100_000
 MAX_MESSAGES = 256

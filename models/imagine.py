@@ -81,8 +81,7 @@ from .base import (
     require_positive_int,
     show_value,
 )
-from .tiny import SMOKE_TEST_MODEL_NAME
-from .tiny_diffusers import SMOKE_MARKER
+from .smoke import SMOKE_MARKER, SMOKE_TEST_MODEL_NAME
 
 MAX_PROMPT_CHARS = 2000
 MAX_SEED = 2**32 - 1

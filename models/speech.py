@@ -84,8 +84,7 @@ from .base import (
     reject_unknown_keys,
     show_value,
 )
-from .tiny import SMOKE_TEST_MODEL_NAME
-from .tiny_whisper import is_tiny_whisper_hparams
+from .smoke import SMOKE_TEST_MODEL_NAME, is_tiny_whisper_hparams
 
 log = logging.getLogger(__name__)
 

@@ -81,7 +81,7 @@ from .chat import (
     stream_chat_sync,
     stream_tokens,
 )
-from .tiny import SMOKE_TEST_MODEL_NAME
+from .smoke import SMOKE_TEST_MODEL_NAME
 
 MAX_PROMPT_CHARS = 20_000
 MEDIA_MARKER = "<__media__>"  # mtmd_default_marker(); checked at load

@@ -351,7 +351,7 @@ def _gpu_layers(requested: int, model: Path, realm: str) -> int:
 
 async def _chat(local: LocalRealms, rc: RealmConfig) -> Any:
     from ..models.chat import ChatBackend
-    from ..models.tiny import write_tiny_llama
+    from ..models.smoke.tiny_llama import write_tiny_llama
 
     path = local.model_path("chat", rc.model) or await local.smoke_model("chat.gguf", write_tiny_llama)
     layers = await trio.to_thread.run_sync(_gpu_layers, rc.n_gpu_layers, path, "chat")
@@ -359,7 +359,7 @@ async def _chat(local: LocalRealms, rc: RealmConfig) -> Any:
 
 
 async def _vision(local: LocalRealms, rc: RealmConfig) -> Any:
-    from ..models.tiny_vision import write_tiny_vision
+    from ..models.smoke.tiny_vision import write_tiny_vision
     from ..models.vision import VisionBackend
 
     model = local.model_path("vision", rc.model)
@@ -387,7 +387,7 @@ async def _vision(local: LocalRealms, rc: RealmConfig) -> Any:
 async def _imagine(local: LocalRealms, rc: RealmConfig) -> Any:
     try:
         from ..models.imagine import ImagineBackend
-        from ..models.tiny_diffusers import write_tiny_pipeline
+        from ..models.smoke.tiny_diffusers import write_tiny_pipeline
     except ImportError as exc:
         raise BackendUnavailable(f"install rentahal-node[image] ({exc.name} is missing)") from None
     path = local.model_path("imagine", rc.model) or await local.smoke_model(
@@ -398,8 +398,8 @@ async def _imagine(local: LocalRealms, rc: RealmConfig) -> Any:
 
 async def _speech(local: LocalRealms, rc: RealmConfig) -> Any:
     try:
+        from ..models.smoke.tiny_whisper import write_tiny_whisper
         from ..models.speech import SpeechBackend
-        from ..models.tiny_whisper import write_tiny_whisper
     except ImportError as exc:
         raise BackendUnavailable(f"install rentahal-node[speech] ({exc.name} is missing)") from None
     path = local.model_path("speech", rc.model) or await local.smoke_model("whisper.bin", write_tiny_whisper)

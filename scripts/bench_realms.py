@@ -512,8 +512,8 @@ def render(r: Results, info: dict[str, str]) -> str:
 
 
 def run_benchmark(tokens: int, n: int, images: int) -> Results:
-    from rentahal.models.tiny import write_tiny_llama
-    from rentahal.models.tiny_diffusers import write_tiny_pipeline
+    from rentahal.models.smoke.tiny_diffusers import write_tiny_pipeline
+    from rentahal.models.smoke.tiny_llama import write_tiny_llama
 
     started = _dt.datetime.now(_dt.UTC)
     competing_before = competing()

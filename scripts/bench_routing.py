@@ -526,7 +526,7 @@ def render(r: Results, info: dict[str, str]) -> str:
 
 
 def run_benchmark(n: int, tokens: int, warmup: int) -> Results:
-    from rentahal.models.tiny import write_tiny_llama
+    from rentahal.models.smoke.tiny_llama import write_tiny_llama
     from rentahal.scripts.federation import Federation
 
     started = _dt.datetime.now(_dt.UTC)

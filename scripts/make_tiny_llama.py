@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--context-length", type=int, default=4096, help="context length (default 4096)")
     args = parser.parse_args(argv)
 
-    from rentahal.models.tiny import write_tiny_llama
+    from rentahal.models.smoke.tiny_llama import write_tiny_llama
 
     try:
         path = write_tiny_llama(args.out, seed=args.seed, context_length=args.context_length)

@@ -30,7 +30,7 @@ from rentahal.models.chat import (
     parse_chat_payload,
     stream_tokens,
 )
-from rentahal.models.tiny import SMOKE_TEST_MODEL_NAME, write_tiny_llama
+from rentahal.models.smoke.tiny_llama import SMOKE_TEST_MODEL_NAME, write_tiny_llama
 from rentahal.scripts.make_tiny_llama import main as make_tiny_main
 
 from .backend_helpers import Collector, loaded

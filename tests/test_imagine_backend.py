@@ -34,8 +34,9 @@ from rentahal.models.imagine import (
     ImagineParams,
     parse_imagine_payload,
 )
-from rentahal.models.tiny import SMOKE_TEST_MODEL_NAME
-from rentahal.models.tiny_diffusers import SMOKE_MARKER, write_tiny_pipeline
+from rentahal.models.smoke import SMOKE_MARKER
+from rentahal.models.smoke.tiny_diffusers import write_tiny_pipeline
+from rentahal.models.smoke.tiny_llama import SMOKE_TEST_MODEL_NAME
 
 from .backend_helpers import Collector, load_error, loaded
 

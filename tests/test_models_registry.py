@@ -28,7 +28,7 @@ from rentahal.models.registry import (
     remove_model,
     resolve,
 )
-from rentahal.models.tiny import write_tiny_llama
+from rentahal.models.smoke.tiny_llama import write_tiny_llama
 
 WHISPER_MAGIC = struct.pack("<I", 0x67676D6C)
 

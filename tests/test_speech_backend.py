@@ -20,6 +20,9 @@ import pytest
 import trio
 
 from rentahal.models.base import BadRequest, ModelFailure, Progress
+from rentahal.models.smoke import is_tiny_whisper_hparams
+from rentahal.models.smoke.tiny_llama import SMOKE_TEST_MODEL_NAME, write_tiny_llama
+from rentahal.models.smoke.tiny_whisper import write_tiny_whisper
 from rentahal.models.speech import (
     SpeechBackend,
     SpeechParams,
@@ -27,8 +30,6 @@ from rentahal.models.speech import (
     parse_speech_payload,
     read_whisper_ggml,
 )
-from rentahal.models.tiny import SMOKE_TEST_MODEL_NAME, write_tiny_llama
-from rentahal.models.tiny_whisper import is_tiny_whisper_hparams, write_tiny_whisper
 
 from .backend_helpers import Collector, load_error, loaded
 

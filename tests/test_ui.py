@@ -22,7 +22,7 @@ import pytest
 import trio
 from PIL import Image
 
-from rentahal.models import tiny
+from rentahal.models.smoke import tiny_llama as tiny
 from rentahal.scripts.federation import Federation, NodeProcess
 
 from .browser import Browser, Page, open_browser

@@ -25,8 +25,8 @@ from rentahal.models.base import (
     Result,
     Token,
 )
-from rentahal.models.tiny import SMOKE_TEST_MODEL_NAME, write_gguf_atomically, write_tiny_llama
-from rentahal.models.tiny_vision import write_tiny_mmproj, write_tiny_vision
+from rentahal.models.smoke.tiny_llama import SMOKE_TEST_MODEL_NAME, write_gguf_atomically, write_tiny_llama
+from rentahal.models.smoke.tiny_vision import write_tiny_mmproj, write_tiny_vision
 from rentahal.models.vision import (
     VisionBackend,
     VisionParams,

@@ -30,7 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from .tiny import SMOKE_TEST_MODEL_NAME, TINY_LLAMA_N_EMBD, write_gguf_atomically, write_tiny_llama
+from . import SMOKE_TEST_MODEL_NAME
+from .tiny_llama import TINY_LLAMA_N_EMBD, write_gguf_atomically, write_tiny_llama
 
 TINY_VISION_MODEL_FILE = "model.gguf"
 TINY_VISION_MMPROJ_FILE = "mmproj.gguf"
@@ -62,7 +63,7 @@ def _projector_weights(rng: np.random.Generator, out_width: int) -> dict[str, np
     def zeros(n: int) -> np.ndarray:
         return np.zeros(n, dtype=np.float32)
 
-    # numpy shapes are the reverse of ggml's ne[] (see tiny.py).
+    # numpy shapes are the reverse of ggml's ne[] (see tiny_llama.py).
     t: dict[str, np.ndarray] = {
         # conv2d kernel, ggml {patch, patch, 3, n_embd}
         "v.patch_embd.weight": rand(_N_EMBD, 3, _PATCH_SIZE, _PATCH_SIZE, scale=1.0 / _PATCH_SIZE).astype(np.float16),

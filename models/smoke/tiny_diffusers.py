@@ -47,9 +47,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .tiny import SMOKE_TEST_MODEL_NAME
-
-SMOKE_MARKER = "rentahal-smoke-test.json"
+from . import SMOKE_MARKER, SMOKE_TEST_MODEL_NAME
 
 _BOS, _EOS = "<|startoftext|>", "<|endoftext|>"
 _MAX_TOKENS = 77  # CLIP's context: positions in the text encoder, tokenizer limit
@@ -290,7 +288,7 @@ def write_tiny_pipeline(path: Path, *, seed: int = 0) -> Path:
     smoke-test pipeline at `path` is replaced; anything else there raises
     FileExistsError (this never deletes a real model).
     """
-    from .imagine import quiet_progress_bars
+    from ..imagine import quiet_progress_bars
 
     path = Path(path)
     if path.exists() and not _replaceable(path):

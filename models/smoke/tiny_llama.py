@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-SMOKE_TEST_MODEL_NAME = "rentahal-smoke-test"
+from . import SMOKE_TEST_MODEL_NAME
 
 # Architecture (tiny on purpose: ~0.5 MB of float32).
 _N_EMBD = 64

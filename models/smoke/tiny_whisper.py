@@ -67,22 +67,22 @@ with one layer per side, and the speech backend labels such a model
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 
-from .tiny import replace_atomically
+from . import WHISPER_N_LAYER, WHISPER_N_STATE
+from .tiny_llama import replace_atomically
 
 GGML_MAGIC = 0x67676D6C
 
 N_VOCAB = 51865  # multilingual: special-token ids depend on it (see above)
 N_AUDIO_CTX = 1500  # 3000 mel frames (30 s) / conv2 stride 2
 N_TEXT_CTX = 448
-N_STATE = 64
+N_STATE = WHISPER_N_STATE
 N_HEAD = 1
-N_LAYER = 1
+N_LAYER = WHISPER_N_LAYER
 N_MELS = 80
 N_FFT = 201  # WHISPER_N_FFT 400 -> 201 frequency bins
 SAMPLE_RATE = 16000
@@ -142,16 +142,6 @@ _WORDS = [
     "east",
     "west",
 ]
-
-
-def is_tiny_whisper_hparams(hparams: Mapping[str, int]) -> bool:
-    """True for the hyperparameters `write_tiny_whisper` writes (the marker)."""
-    return (
-        hparams.get("n_audio_state") == N_STATE
-        and hparams.get("n_text_state") == N_STATE
-        and hparams.get("n_audio_layer") == N_LAYER
-        and hparams.get("n_text_layer") == N_LAYER
-    )
 
 
 def _mel_filters(sr: int = SAMPLE_RATE, n_fft: int = 400, n_mels: int = N_MELS) -> np.ndarray:
