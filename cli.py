@@ -401,15 +401,19 @@ def query(
     """Ask the federation through the local node; the answer goes to stdout (or --out), routing to stderr."""
     import tomllib
 
+    from .realms.catalog import CATALOG, REALMS
+
+    spec = CATALOG.get(realm)
+    if spec is None:
+        fail(f"unknown realm {realm!r}; expected one of {', '.join(REALMS)}")
     payload: dict[str, Any] = {}
-    if realm == "speech" and audio is not None:
-        payload["audio"] = _media(audio)
-    elif realm == "speech":
-        payload["text"] = prompt
-    else:
-        payload["prompt"] = prompt
-    if image is not None:
-        payload["image"] = _media(image)
+    for name, path in (("image", image), ("audio", audio)):
+        if path is not None:
+            if name not in spec.media_fields:
+                fail(f"--{name}: the {realm} realm takes no {name}")
+            payload[name] = _media(path)
+    if not (payload and spec.media_replaces_text):
+        payload[spec.text_field] = prompt
     for key, value in (("max_tokens", max_tokens), ("temperature", temperature), ("seed", seed)):
         if value is not None:
             payload[key] = value

@@ -144,6 +144,11 @@ def parse_chat_payload(payload: Mapping[str, object], *, max_tokens_cap: int) ->
     )
 
 
+def check_payload(payload: Mapping[str, object]) -> None:
+    """The chat realm's rules with the widest limits any executor may set (realms/catalog.py)."""
+    parse_chat_payload(payload, max_tokens_cap=1 << 30)
+
+
 def _parse_messages(raw: object) -> tuple[tuple[str, str], ...]:
     if not isinstance(raw, (list, tuple)):
         raise BadRequest(f"payload.messages: expected a list, got {type(raw).__name__}")

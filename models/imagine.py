@@ -193,6 +193,11 @@ def parse_imagine_payload(payload: Mapping[str, object], *, max_steps: int, max_
     )
 
 
+def check_payload(payload: Mapping[str, object]) -> None:
+    """The imagine realm's rules with the widest limits any executor may set (realms/catalog.py)."""
+    parse_imagine_payload(payload, max_steps=1000, max_pixels=64 * 1024 * 1024)
+
+
 # --------------------------------------------------------------------------
 # helpers
 

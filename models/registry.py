@@ -38,7 +38,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote, urljoin, urlsplit
 
-REALMS = ("chat", "vision", "imagine", "speech")
+from ..realms.catalog import REALMS
+
 FORMATS = ("gguf", "diffusers", "ggml-whisper", "gguf+mmproj")
 REALM_FORMATS: dict[str, tuple[str, ...]] = {
     "chat": ("gguf",),

@@ -300,6 +300,11 @@ def parse_speech_payload(payload: Mapping[str, object], *, max_audio_bytes: int,
     return SpeechParams(text=text, voice=voice, speed=speed)
 
 
+def check_payload(payload: Mapping[str, object]) -> None:
+    """The speech realm's rules with the widest limits any executor may set (realms/catalog.py)."""
+    parse_speech_payload(payload, max_audio_bytes=1 << 30, max_tts_chars=1 << 30)
+
+
 # --------------------------------------------------------------------------
 # the ggml file, checked before whisper.cpp sees it
 

@@ -361,8 +361,14 @@ def parse_vision_payload(
     )
 
 
+def check_payload(payload: Mapping[str, object]) -> None:
+    """The vision realm's rules with the widest limits any executor may set (realms/catalog.py)."""
+    parse_vision_payload(payload, max_tokens_cap=1 << 30, max_image_bytes=1 << 30, max_pixels=1 << 30)
+
+
 # --------------------------------------------------------------------------
 # llama.cpp plumbing: mtmd logging, chat handlers
+
 
 # ggml_log_level in this llama.cpp: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5
 _GGML_ERROR, _GGML_CONT = 4, 5

@@ -21,8 +21,8 @@ from types import MappingProxyType
 from typing import Any
 
 from ..p2p.wire import MAX_PAYLOAD
+from ..realms.catalog import CATALOG, REALMS
 
-REALMS = ("chat", "vision", "imagine", "speech")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 CMDLINE = "command line"
 
@@ -324,7 +324,7 @@ _SECTIONS: dict[str, type] = {
 }
 _LEAVES: dict[str, Any] = {  # every valid dotted key -> its built-in default
     **{f"{s}.{f.name}": f.default for s, c in _SECTIONS.items() for f in fields(c)},
-    **{f"realms.{r}.{f.name}": f.default for r in REALMS for f in fields(RealmConfig)},
+    **{f"realms.{r}.{f.name}": f.default for r in REALMS for f in fields(RealmConfig) if f.name in CATALOG[r].settings},
 }
 _CROSS = (  # (key, relation, other key, wording)
     ("p2p.health_heartbeat", operator.ge, "p2p.health_interval", "at least"),
@@ -362,6 +362,30 @@ def _section(cls: type, table: Any, prefix: str, label: str, base: Any) -> Any:
     return replace(base, **values)
 
 
+def _own_settings(definition: Any, table: Any, label: str) -> None:
+    """A realm takes its own settings only (its catalog entry's): ``realms.speech.n_ctx`` is
+    an error, not silently ignored."""
+    name = definition.name
+    for key in table if isinstance(table, dict) else ():
+        having = [r.name for r in CATALOG.values() if key in r.settings]
+        if key not in definition.settings and having:
+            raise ConfigError(
+                f"{label}: realms.{name}.{key}: not a setting of the {name} realm (only of {', '.join(having)}); "
+                f"{name} takes {', '.join(sorted(definition.settings))}"
+            )
+
+
+def _check_slots(definition: Any, rc: RealmConfig, label: str) -> None:
+    """No more slots than the realm's backend runs at once: more would be advertised to peers,
+    then wait on the backend's lock."""
+    name = definition.name
+    if rc.slots > definition.concurrency:
+        raise ConfigError(
+            f"{label}: realms.{name}.slots: the {name} backend runs {definition.concurrency} query at a time "
+            f"(one model context); slots may be at most {definition.concurrency}, got {rc.slots}"
+        )
+
+
 def _merge(data: Mapping[str, Any], label: str, base: Config) -> Config:
     """Validate a parsed TOML document (or a one-key override) on top of ``base``."""
     parts: dict[str, Any] = {}
@@ -376,7 +400,9 @@ def _merge(data: Mapping[str, Any], label: str, base: Config) -> Config:
                 if name not in REALMS:
                     names = [f"realms.{r}" for r in REALMS]
                     raise _unknown(label, f"realms.{name}", names, "realm")
+                _own_settings(CATALOG[name], sub, label)
                 realms[name] = _section(RealmConfig, sub, f"realms.{name}", label, realms[name])
+                _check_slots(CATALOG[name], realms[name], label)
             parts["realms"] = MappingProxyType(realms)
         else:
             raise _unknown(label, sec, [*_SECTIONS, "realms"], "section")

@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
 
+from ..realms.catalog import CATALOG
 from ..realms.events import Code, QueryError, UserError, dumps
 from .config import REALMS
 from .http import MessageRefused, serve_ui
@@ -141,14 +142,14 @@ def rate_key(client: str, guid: str, *, sysop: bool, limit_loopback: bool) -> tu
 
 
 def message_limits(config: Any) -> dict[str, int]:
-    """Largest websocket message per realm of a query ("" for every other request): a chat
-    prompt needs far less room than an image or a recording (max_payload_bytes, as base64)."""
+    """Largest websocket message per realm of a query ("" for every other request): a text
+    prompt needs far less room than an image or a recording (max_payload_bytes, as base64);
+    the realm's catalog entry says whether its payloads carry media."""
     limits = config.limits
     media = 4 * -(-config.storage.max_payload_bytes // 3) + MEDIA_SLACK
     return {
         "": limits.ws_request_bytes,
-        "chat": limits.ws_chat_bytes,
-        **{realm: media for realm in REALMS if realm != "chat"},
+        **{realm: media if CATALOG[realm].media else limits.ws_chat_bytes for realm in REALMS},
     }
 
 

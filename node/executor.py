@@ -24,6 +24,7 @@ import trio
 
 from ..p2p.health import RealmStatus
 from ..realms import events as ev
+from ..realms.catalog import CATALOG
 from ..realms.events import BadRequest, Code, ExecutorFailure, ModelFailure, QueryError
 from ..realms.queue import PositionReport, RealmQueue, outcome_of
 from ..realms.router import Query, StreamEmit
@@ -242,7 +243,7 @@ class LocalRealms:
             log.error("%s: %s", slot.name, slot.status)
 
     async def _load(self, slot: RealmSlot) -> None:
-        factory = BACKENDS[slot.name]
+        factory = CATALOG[slot.name].factory()
         backend = await factory(self, slot.config)
         # Test hook: a tiny model loads in a second; a real one can take minutes. Set in the
         # environment of a test that needs a slow load (tests/test_query_path.py), never in use.
@@ -309,20 +310,11 @@ class LocalRealms:
 def check_payload(realm: str, payload: dict[str, Any]) -> None:
     """Raise BadRequest if ``payload`` breaks ``realm``'s own rules, with the widest limits any
     executor may set (the one that runs it may allow less): a typo is the user's error, found
-    before the query is stored, never an executor's failure."""
-    from ..models import chat, imagine, speech, vision
-
-    big = 1 << 30
-    if realm == "chat":
-        chat.parse_chat_payload(payload, max_tokens_cap=big)
-    elif realm == "vision":
-        vision.parse_vision_payload(payload, max_tokens_cap=big, max_image_bytes=big, max_pixels=big)
-    elif realm == "imagine":
-        imagine.parse_imagine_payload(payload, max_steps=1000, max_pixels=64 * 1024 * 1024)
-    elif realm == "speech":
-        speech.parse_speech_payload(payload, max_audio_bytes=big, max_tts_chars=big)
-    else:
+    before the query is stored, never an executor's failure. The rules are the realm's (its
+    catalog entry names them)."""
+    if realm not in CATALOG:
         raise BadRequest(f"realm: unknown realm {realm!r}")
+    CATALOG[realm].checker()(payload)
 
 
 # --- one factory per realm: the backend for a realm's config -----------------------------------
@@ -349,7 +341,7 @@ def _gpu_layers(requested: int, model: Path, realm: str) -> int:
     )
 
 
-async def _chat(local: LocalRealms, rc: RealmConfig) -> Any:
+async def chat_backend(local: LocalRealms, rc: RealmConfig) -> Any:
     from ..models.chat import ChatBackend
     from ..models.smoke.tiny_llama import write_tiny_llama
 
@@ -358,7 +350,7 @@ async def _chat(local: LocalRealms, rc: RealmConfig) -> Any:
     return ChatBackend(path, n_ctx=rc.n_ctx, n_gpu_layers=layers, threads=rc.threads, max_tokens_cap=rc.max_tokens)
 
 
-async def _vision(local: LocalRealms, rc: RealmConfig) -> Any:
+async def vision_backend(local: LocalRealms, rc: RealmConfig) -> Any:
     from ..models.smoke.tiny_vision import write_tiny_vision
     from ..models.vision import VisionBackend
 
@@ -384,7 +376,7 @@ async def _vision(local: LocalRealms, rc: RealmConfig) -> Any:
     )
 
 
-async def _imagine(local: LocalRealms, rc: RealmConfig) -> Any:
+async def imagine_backend(local: LocalRealms, rc: RealmConfig) -> Any:
     try:
         from ..models.imagine import ImagineBackend
         from ..models.smoke.tiny_diffusers import write_tiny_pipeline
@@ -396,7 +388,7 @@ async def _imagine(local: LocalRealms, rc: RealmConfig) -> Any:
     return ImagineBackend(path, max_steps=rc.max_steps, max_pixels=rc.max_pixels, threads=rc.threads)
 
 
-async def _speech(local: LocalRealms, rc: RealmConfig) -> Any:
+async def speech_backend(local: LocalRealms, rc: RealmConfig) -> Any:
     try:
         from ..models.smoke.tiny_whisper import write_tiny_whisper
         from ..models.speech import SpeechBackend
@@ -408,11 +400,3 @@ async def _speech(local: LocalRealms, rc: RealmConfig) -> Any:
     threads = rc.threads or (1 if (os.cpu_count() or 1) <= 2 else 0)
     # A spoken answer must fit in one 8 MiB wire frame: 1500 characters is ~100 s of 22 kHz audio.
     return SpeechBackend(path, threads=threads, max_tts_chars=1500)
-
-
-BACKENDS: dict[str, Callable[[LocalRealms, RealmConfig], Awaitable[Any]]] = {
-    "chat": _chat,
-    "vision": _vision,
-    "imagine": _imagine,
-    "speech": _speech,
-}

@@ -17,11 +17,13 @@ from rentahal.node.config import (
     P2PConfig,
     RealmConfig,
     RouterConfig,
+    UIConfig,
     apply_overrides,
     default_config_text,
     load_config,
     parse_set_option,
 )
+from rentahal.realms.catalog import CATALOG
 
 PEER = "12D3KooWD3eckifWpRn9wQpMG9R9hX3sD158z7EqHWmweQAJU5SA"
 
@@ -88,15 +90,19 @@ def test_shipped_file_documents_every_key() -> None:
         "node": {"name", "log_level"},
         "p2p": {f.name for f in dataclasses.fields(P2PConfig)},
         "router": {f.name for f in dataclasses.fields(RouterConfig)},
-        "ui": {"host", "port"},
+        "ui": {f.name for f in dataclasses.fields(UIConfig)},
         "limits": {f.name for f in dataclasses.fields(LimitsConfig)},
     }
     for section, keys in expected.items():
         assert set(data[section]) == keys
     assert set(data["realms"]) == set(REALMS)
-    assert set(data["realms"]["chat"]) == {f.name for f in dataclasses.fields(RealmConfig)}
-    for realm in ("vision", "imagine", "speech"):
-        assert set(data["realms"][realm]) == {"serve", "model", "slots", "queue_limit"}
+    # Each realm's own settings (realms/catalog.py): every one of chat's, and the common ones
+    # plus what is theirs alone for the others.
+    assert set(data["realms"]["chat"]) == CATALOG["chat"].settings
+    assert set(data["realms"]["vision"]) == {"serve", "model", "mmproj", "slots", "queue_limit"}
+    assert set(data["realms"]["imagine"]) == {"serve", "model", "max_steps", "max_pixels", "slots", "queue_limit"}
+    assert set(data["realms"]["speech"]) == {"serve", "model", "slots", "queue_limit"}
+    assert {f.name for f in dataclasses.fields(RealmConfig)} == set().union(*(r.settings for r in CATALOG.values()))
 
 
 def test_partial_file_keeps_other_defaults(tmp_path: Path) -> None:
@@ -295,3 +301,25 @@ def test_parse_set_option() -> None:
     for bad in ("router.hang_timeout", "=3", ""):
         with pytest.raises(ConfigError, match="^command line: .*expected KEY=VALUE"):
             parse_set_option(bad)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("[realms.speech]\nn_ctx = 4096", ["realms.speech.n_ctx: not a setting of the speech realm", "chat, vision"]),
+        ("[realms.chat]\nmax_steps = 20", ["realms.chat.max_steps", "only of imagine"]),
+        ("[realms.imagine]\nmmproj = 'x.gguf'", ["realms.imagine.mmproj", "only of vision"]),
+        ("[realms.chat]\nslots = 2", ["realms.chat.slots", "runs 1 query at a time", "got 2"]),
+    ],
+)
+def test_a_realm_takes_only_its_own_settings(tmp_path: Path, text: str, expected: list[str]) -> None:
+    """The catalog (realms/catalog.py) says which keys a realm has and how many queries its backend
+    runs at once: another realm's key, or slots its backend cannot honour, is an error."""
+    path = tmp_path / "node.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    for part in expected:
+        assert part in str(info.value), str(info.value)
+    with pytest.raises(ConfigError):
+        apply_overrides(Config(), {"realms.speech.n_ctx": "4096"})

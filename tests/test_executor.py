@@ -112,13 +112,13 @@ async def test_watchdog_fails_a_stuck_query_and_restarts_the_backend(
     async def hung_backend(_local: Any, _rc: Any) -> Any:
         return HungBackend(release)
 
-    monkeypatch.setitem(executor_mod.BACKENDS, "chat", hung_backend)
+    monkeypatch.setattr(executor_mod, "chat_backend", hung_backend)
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(local.run)
             await local.loaded.wait()
             assert local.slots["chat"].model == "hung"
-            monkeypatch.setitem(executor_mod.BACKENDS, "chat", fresh_backend)
+            monkeypatch.setattr(executor_mod, "chat_backend", fresh_backend)
             started = trio.current_time()
             with pytest.raises(ExecutorFailure) as err:
                 await local.execute(query({"prompt": "x"}, deadline_s=0.2), events_sink([]))
@@ -172,7 +172,7 @@ async def test_positions_refusals_and_what_is_recorded(tmp_path: Path, monkeypat
     async def gate_backend(_local: Any, _rc: Any) -> Any:
         return GateBackend(threading.Event())
 
-    monkeypatch.setitem(executor_mod.BACKENDS, "chat", gate_backend)
+    monkeypatch.setattr(executor_mod, "chat_backend", gate_backend)
     local = make_local(tmp_path, **{"realms.chat.slots": "1", "realms.chat.queue_limit": "1"})
     local.storage = outcomes = Outcomes()
     async with trio.open_nursery() as nursery:

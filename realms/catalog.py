@@ -1,0 +1,104 @@
+"""The realms a node can serve, each defined once, here.
+
+A realm is what a user asks for (chat, vision, imagine, speech); this catalog says, for each one,
+everything the rest of the node needs to know about it: its ``realms.<name>.*`` settings (a key
+another realm has, such as ``realms.speech.n_ctx``, is an error, not silently ignored), how its
+payload is checked before a query is stored, the backend that serves it and the pip extra that
+backend needs, the model formats it loads, how large a websocket message for it may be, how the
+CLI shapes a payload, and how many queries its backend really runs at once (``slots`` may not
+promise more: every backend here serialises on one model context).
+
+Adding a realm = one :class:`RealmDef` here + one backend (``models/``) and its factory
+(``node/executor.py``). Code names live in strings and are imported on use: this module imports
+nothing heavy, and ``realms/`` stays free of ``node/`` and ``models/``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+# Settings every realm has: whether and what to serve, its queue, its price, who may use it.
+COMMON_SETTINGS = frozenset({
+    "serve", "model", "slots", "queue_limit", "threads", "cost_per_query", "cost_per_second", "allow", "trusted",
+})  # fmt: skip
+LLAMA_SETTINGS = frozenset({"n_ctx", "n_gpu_layers", "max_tokens", "cost_per_token"})
+
+
+@dataclass(frozen=True)
+class RealmDef:
+    name: str
+    summary: str  # one line, for --help, `realms` and the README
+    settings: frozenset[str]  # the realms.<name>.* keys that apply to it
+    backend: str  # "module:function": async factory(LocalRealms, RealmConfig) -> backend
+    check_payload: str  # "module:function": raises BadRequest for a payload no executor would take
+    model_formats: str  # what realms.<name>.model may name
+    extra: str | None = None  # `pip install rentahal-node[<extra>]` for its backend, if any
+    concurrency: int = 1  # queries its backend runs at once (the most `slots` may say)
+    media: bool = False  # its payloads carry media: websocket messages up to storage.max_payload_bytes
+    text_field: str = "prompt"  # the payload field the CLI's positional text goes to
+    media_fields: tuple[str, ...] = ()  # payload fields the CLI fills from files (--image, --audio)
+    media_replaces_text: bool = False  # a media file given, the text is not sent (speech: transcribe)
+    defaults: Mapping[str, Any] = field(default_factory=dict)  # realm-specific setting defaults
+
+    def checker(self) -> Callable[[dict[str, Any]], None]:
+        checker: Callable[[dict[str, Any]], None] = _resolve(self.check_payload)
+        return checker
+
+    def factory(self) -> Callable[..., Any]:
+        factory: Callable[..., Any] = _resolve(self.backend)
+        return factory
+
+
+def _resolve(ref: str) -> Any:
+    module, _, name = ref.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+CATALOG: Mapping[str, RealmDef] = MappingProxyType({
+    r.name: r
+    for r in (
+        RealmDef(
+            "chat", "text generation with an LLM (llama.cpp)",
+            COMMON_SETTINGS | LLAMA_SETTINGS,
+            backend="rentahal.node.executor:chat_backend",
+            check_payload="rentahal.models.chat:check_payload",
+            model_formats="a GGUF file (a path, store:<name> or hf:<repo>/<file>)",
+        ),
+        RealmDef(
+            "vision", "questions about an image (a LLaVA-style GGUF and its projector)",
+            COMMON_SETTINGS | LLAMA_SETTINGS | {"mmproj"},
+            backend="rentahal.node.executor:vision_backend",
+            check_payload="rentahal.models.vision:check_payload",
+            model_formats="a GGUF file and its mmproj GGUF", media=True, media_fields=("image",),
+        ),
+        RealmDef(
+            "imagine", "text to image (diffusers, torch)",
+            COMMON_SETTINGS | {"max_steps", "max_pixels"},
+            backend="rentahal.node.executor:imagine_backend",
+            check_payload="rentahal.models.imagine:check_payload",
+            model_formats="a diffusers pipeline folder", extra="image", media=True,
+        ),
+        RealmDef(
+            "speech", "speech to text (whisper.cpp) and text to speech (espeak-ng)",
+            COMMON_SETTINGS,
+            backend="rentahal.node.executor:speech_backend",
+            check_payload="rentahal.models.speech:check_payload",
+            model_formats="a whisper.cpp ggml .bin file", extra="speech", media=True, text_field="text",
+            media_fields=("audio",), media_replaces_text=True,
+        ),
+    )
+})  # fmt: skip
+
+REALMS: tuple[str, ...] = tuple(CATALOG)
+
+
+def realm(name: str) -> RealmDef:
+    """The realm called ``name``; KeyError names the known ones."""
+    try:
+        return CATALOG[name]
+    except KeyError:
+        raise KeyError(f"unknown realm {name!r}; expected one of {', '.join(REALMS)}") from None
