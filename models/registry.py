@@ -218,87 +218,29 @@ def file_format(path: Path) -> str | None:
     return None
 
 
-_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_GGUF_STRING, _GGUF_ARRAY = 8, 9
-
-
-def gguf_metadata(path: Path, *, max_kv: int = 64, stop_at: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Scalar and string metadata from a GGUF header (arrays are skipped), without reading
-    tensors. Reads at most ``max_kv`` entries, and stops early once every key in ``stop_at``
-    was seen (``"*.block_count"`` matches any prefix). Never raises: {} when unreadable."""
-    out: dict[str, Any] = {}
-
-    def seen_all() -> bool:
-        for want in stop_at:
-            if want.startswith("*"):
-                if not any(k.endswith(want[1:]) for k in out):
-                    return False
-            elif want not in out:
-                return False
-        return bool(stop_at)
+def gguf_metadata(path: Path, *, max_kv: int = 4096) -> dict[str, Any]:
+    """Scalar and string metadata of a GGUF file, read by gguf's own GGUFReader (memory-mapped:
+    tensors are not read); arrays are left out. ``max_kv`` bounds the entries kept. Never raises:
+    {} when the file is not a GGUF the reader can parse."""
+    from gguf import GGUFReader, GGUFValueType
 
     try:
-        with open(path, "rb") as f:
-
-            def read(fmt: str) -> Any:
-                size = struct.calcsize(fmt)
-                data = f.read(size)
-                if len(data) != size:
-                    raise EOFError
-                return struct.unpack(fmt, data)[0]
-
-            def read_str() -> str:
-                n = read("<Q")
-                if n > 1 << 20:
-                    raise ValueError("string too long")
-                data = f.read(n)
-                if len(data) != n:
-                    raise EOFError
-                return data.decode("utf-8", "replace")
-
-            def skip(vtype: int, depth: int = 0) -> None:
-                if vtype in _GGUF_SCALARS:
-                    f.seek(struct.calcsize(_GGUF_SCALARS[vtype]), os.SEEK_CUR)
-                elif vtype == _GGUF_STRING:
-                    n = read("<Q")
-                    if n > 1 << 20:
-                        raise ValueError("string too long")
-                    f.seek(n, os.SEEK_CUR)
-                elif vtype == _GGUF_ARRAY and depth < 2:
-                    etype, count = read("<I"), read("<Q")
-                    if count > 1 << 24:
-                        raise ValueError("array too long")
-                    if etype in _GGUF_SCALARS:
-                        f.seek(count * struct.calcsize(_GGUF_SCALARS[etype]), os.SEEK_CUR)
-                    else:
-                        for _ in range(count):
-                            skip(etype, depth + 1)
-                else:
-                    raise ValueError(f"bad value type {vtype}")
-
-            if f.read(4) != GGUF_MAGIC or read("<I") not in (2, 3):
-                return {}
-            read("<Q")  # tensor count
-            n_kv = read("<Q")
-            for _ in range(min(n_kv, max_kv)):
-                key = read_str()
-                vtype = read("<I")
-                if vtype in _GGUF_SCALARS:
-                    out[key] = read(_GGUF_SCALARS[vtype])
-                elif vtype == _GGUF_STRING:
-                    out[key] = read_str()
-                else:
-                    skip(vtype)
-                if seen_all():
-                    break
-    except (OSError, EOFError, ValueError, struct.error):
-        pass
-    return out
+        reader = GGUFReader(path, "r")
+        out: dict[str, Any] = {}
+        for name, field in reader.fields.items():
+            if name.startswith("GGUF.") or not field.types or field.types[0] is GGUFValueType.ARRAY:
+                continue
+            out[name] = field.contents()
+            if len(out) >= max_kv:
+                break
+        return out
+    except Exception:  # a truncated or hostile file: the reader raises ValueError, IndexError, ...
+        return {}
 
 
 def gguf_layer_count(path: Path) -> int | None:
     """``<arch>.block_count`` of a GGUF model (its number of layers), or None."""
-    meta = gguf_metadata(path, stop_at=("general.architecture", "*.block_count"))
+    meta = gguf_metadata(path)
     arch = meta.get("general.architecture")
     count = meta.get(f"{arch}.block_count") if isinstance(arch, str) else None
     if count is None:
@@ -309,7 +251,7 @@ def gguf_layer_count(path: Path) -> int | None:
 def _is_mmproj(path: Path) -> bool:
     if "mmproj" in path.name.lower():
         return True
-    return gguf_metadata(path, stop_at=("general.architecture",)).get("general.architecture") == "clip"
+    return gguf_metadata(path).get("general.architecture") == "clip"
 
 
 def _visible(folder: Path) -> list[Path]:
@@ -761,10 +703,7 @@ def pull(
                 raise ModelError(
                     f"sha256 mismatch for {url}: expected {want}, got {digest}; the download was discarded"
                 )
-            if (
-                realm == "chat"
-                and gguf_metadata(job.part, stop_at=("general.architecture",)).get("general.architecture") == "clip"
-            ):
+            if realm == "chat" and gguf_metadata(job.part).get("general.architecture") == "clip":
                 job.discard()
                 raise ModelError(f"{url} is a multimodal projector (mmproj), not a chat model; discarded")
             try:
