@@ -1,10 +1,17 @@
 """One local port for the web UI: its static files over HTTP and the control websocket.
 
 trio-websocket alone answers a plain HTTP GET with 400, so this listener reads each
-connection's request head itself. A websocket upgrade is handed to trio-websocket with the
-bytes already read put back in front of the stream; any other request is answered here: GET or
-HEAD of one of the bundled UI files (node/ui/), 404 for other paths, 405 for other methods.
-Files are read once at start; every answer closes its connection (the UI is three files).
+connection's request head itself, with h11 (the HTTP/1.1 state machine wsproto is built on). A
+websocket upgrade is handed to trio-websocket with the bytes already read put back in front of
+the stream; any other request is answered here, through h11: GET or HEAD of one of the bundled
+UI files (node/ui/), 404 for other paths, 405 for other methods. Files are read once at start;
+every answer closes its connection (the UI is three files).
+
+Why h11 under trio-websocket and not an ASGI server (hypercorn): a websocket message here is
+refused part by part as it arrives once it passes its realm's size or the node-wide budget for
+large messages (:class:`BudgetedWebSocket`), so 32 clients sending 15 MiB each cost almost
+nothing (issue 9's row: +900 MB before). An ASGI server assembles each message up to one
+``websocket_max_message_size`` per connection before the application sees any of it.
 """
 
 from __future__ import annotations
@@ -13,10 +20,11 @@ import contextlib
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
+import h11
 import trio
 from trio_websocket import WebSocketConnection, WebSocketRequest
 from wsproto import ConnectionType, WSConnection
@@ -57,7 +65,11 @@ SECURITY_HEADERS = (
 
 
 class BadHead(Exception):
-    pass
+    """A request h11 could not parse; ``status`` is the answer it suggests (400, 431, ...)."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass(frozen=True)
@@ -66,40 +78,50 @@ class RequestHead:
     target: str
     headers: dict[str, str]  # lower-cased names; a repeated header keeps its last value
     raw: bytes  # everything read so far (the head and any bytes after it)
+    # The h11 server connection that parsed it: the answer is written through it.
+    conn: h11.Connection = field(repr=False, compare=False, default_factory=lambda: h11.Connection(h11.SERVER))
+
+
+def _new_conn() -> h11.Connection:
+    return h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+
+
+def _head_of(conn: h11.Connection, raw: bytes) -> RequestHead | None:
+    """The request head once h11 has parsed one from what it was fed; None if it needs more."""
+    try:
+        event = conn.next_event()
+    except h11.RemoteProtocolError as exc:
+        raise BadHead(str(exc), exc.error_status_hint) from None
+    if event is h11.NEED_DATA:
+        return None
+    if not isinstance(event, h11.Request):  # pragma: no cover - a server's first event is a Request
+        raise BadHead(f"unexpected {type(event).__name__}")
+    if raw.find(b"\r\n\r\n") > MAX_HEAD:  # h11 checks its buffer only while a head is incomplete
+        raise BadHead(f"request head over {MAX_HEAD} bytes", 431)
+    headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in event.headers}  # h11 lower-cases names
+    return RequestHead(event.method.decode("ascii"), event.target.decode("latin-1"), headers, raw, conn)
 
 
 def parse_head(data: bytes) -> RequestHead:
     """Parse an HTTP/1.x request head from ``data`` (which holds at least the blank line)."""
-    head, sep, _ = data.partition(b"\r\n\r\n")
-    if not sep:
+    conn = _new_conn()
+    conn.receive_data(data)
+    head = _head_of(conn, data)
+    if head is None:
         raise BadHead("incomplete request head")
-    try:
-        text = head.decode("latin-1")
-    except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes every byte
-        raise BadHead("undecodable request head") from None
-    lines = text.split("\r\n")
-    parts = lines[0].split(" ")
-    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-        raise BadHead(f"bad request line {lines[0][:80]!r}")
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        name, colon, value = line.partition(":")
-        if not colon or not name or name != name.strip():
-            raise BadHead(f"bad header line {line[:80]!r}")
-        headers[name.lower()] = value.strip()
-    return RequestHead(parts[0], parts[1], headers, data)
+    return head
 
 
 async def read_head(stream: trio.abc.Stream) -> RequestHead:
-    buf = bytearray()
-    while (end := buf.find(b"\r\n\r\n")) < 0 and len(buf) <= MAX_HEAD:
+    conn = _new_conn()
+    raw = bytearray()
+    while (head := _head_of(conn, bytes(raw))) is None:
         chunk = await stream.receive_some(4096)
         if not chunk:
             raise BadHead("connection closed before the request head ended")
-        buf += chunk
-    if end < 0 or end > MAX_HEAD:
-        raise BadHead(f"request head over {MAX_HEAD} bytes")
-    return parse_head(bytes(buf))
+        raw += chunk
+        conn.receive_data(chunk)
+    return head
 
 
 class ReplayStream(trio.abc.Stream):
@@ -149,27 +171,45 @@ def response(
     *,
     head_only: bool = False,
     extra: tuple[tuple[str, str], ...] = (),
+    conn: h11.Connection | None = None,
 ) -> bytes:
-    lines = [
-        f"HTTP/1.1 {status} {reason}",
-        f"Content-Type: {content_type}",
-        f"Content-Length: {len(body)}",
-        "Connection: close",
-        *(f"{k}: {v}" for k, v in SECURITY_HEADERS + extra),
+    """The bytes of a whole answer, written by h11 on ``conn`` (the request's connection; a
+    connection whose request could not be parsed still takes its error answer)."""
+    conn = conn or _answering_conn()
+    headers = [
+        ("Content-Type", content_type),
+        ("Content-Length", str(len(body))),
+        ("Connection", "close"),
+        *SECURITY_HEADERS,
+        *extra,
     ]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (b"" if head_only else body)
+    out = conn.send(h11.Response(status_code=status, reason=reason.encode("ascii"), headers=headers)) or b""
+    if body and not head_only:
+        out += conn.send(h11.Data(data=body)) or b""
+    return out + (conn.send(h11.EndOfMessage()) or b"")
+
+
+def _answering_conn() -> h11.Connection:
+    """An h11 connection ready to answer (for a refusal sent before a request was read)."""
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(b"GET / HTTP/1.1\r\nHost: refused\r\n\r\n")
+    conn.next_event()
+    return conn
 
 
 def answer_http(head: RequestHead, files: dict[str, tuple[str, bytes]]) -> bytes:
     """The whole HTTP response to a request that is not a websocket upgrade."""
     text = "text/plain; charset=utf-8"
+    conn = head.conn
     if head.method not in ("GET", "HEAD"):
-        return response(405, "Method Not Allowed", b"only GET and HEAD\n", text, extra=(("Allow", "GET, HEAD"),))
+        return response(
+            405, "Method Not Allowed", b"only GET and HEAD\n", text, extra=(("Allow", "GET, HEAD"),), conn=conn
+        )
     path = head.target.split("?", 1)[0].split("#", 1)[0]
     if path not in files:
-        return response(404, "Not Found", b"not found\n", text, head_only=head.method == "HEAD")
+        return response(404, "Not Found", b"not found\n", text, head_only=head.method == "HEAD", conn=conn)
     content_type, body = files[path]
-    return response(200, "OK", body, content_type, head_only=head.method == "HEAD")
+    return response(200, "OK", body, content_type, head_only=head.method == "HEAD", conn=conn)
 
 
 # (request, client address, the request head's headers: lower-cased names, Host included)
@@ -390,7 +430,8 @@ async def _read_head_or_answer(stream: trio.SocketStream, head_timeout: float) -
         log.debug("dropped a UI connection: %s", exc)
         if isinstance(exc, BadHead):
             body = f"bad request: {exc}\n".encode()
-            await _answer_and_close(stream, response(400, "Bad Request", body, "text/plain; charset=utf-8"))
+            reason = "Request Header Fields Too Large" if exc.status == 431 else "Bad Request"
+            await _answer_and_close(stream, response(exc.status, reason, body, "text/plain; charset=utf-8"))
         else:
             await trio.aclose_forcefully(stream)
         return None

@@ -55,13 +55,13 @@ async def test_files_and_the_websocket_share_the_port(port: int) -> None:
     assert status == "HTTP/1.1 200 OK" and body == FILES["/"][1]
     assert headers["content-type"].startswith("text/html") and headers["content-length"] == str(len(body))
     assert "default-src 'self'" in headers["content-security-policy"] and headers["x-content-type-options"] == "nosniff"
-    status, headers, body = split(await raw(port, b"GET /app.js?v=2 HTTP/1.1\r\n\r\n"))
+    status, headers, body = split(await raw(port, b"GET /app.js?v=2 HTTP/1.1\r\nHost: x\r\n\r\n"))
     assert (
         status.endswith("200 OK")
         and headers["content-type"].startswith("text/javascript")
         and body == b"console.log(1)"
     )
-    status, headers, body = split(await raw(port, b"HEAD /app.js HTTP/1.1\r\n\r\n"))
+    status, headers, body = split(await raw(port, b"HEAD /app.js HTTP/1.1\r\nHost: x\r\n\r\n"))
     assert status.endswith("200 OK") and body == b"" and headers["content-length"] == "14"
     async with open_websocket_url(f"ws://127.0.0.1:{port}/some/path") as ws:
         await ws.send_message("hi")
@@ -71,12 +71,13 @@ async def test_files_and_the_websocket_share_the_port(port: int) -> None:
 @pytest.mark.parametrize(
     "request_bytes, status",
     [
-        (b"GET /../../etc/passwd HTTP/1.1\r\n\r\n", "404"),
-        (b"GET /node.toml HTTP/1.1\r\n\r\n", "404"),
-        (b"POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n", "405"),
+        (b"GET /../../etc/passwd HTTP/1.1\r\nHost: x\r\n\r\n", "404"),
+        (b"GET /node.toml HTTP/1.1\r\nHost: x\r\n\r\n", "404"),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", "405"),
         (b"GARBAGE\r\n\r\n", "400"),
-        (b"GET / HTTP/1.1\r\nno colon here\r\n\r\n", "400"),
-        (b"GET / HTTP/1.1\r\nX: " + b"a" * 20000 + b"\r\n\r\n", "400"),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n", "400"),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 20000 + b"\r\n\r\n", "431"),
+        (b"GET / HTTP/1.1\r\n\r\n", "400"),  # HTTP/1.1 without Host (RFC 9112)
     ],
 )
 async def test_bad_requests_get_a_clear_status(port: int, request_bytes: bytes, status: str) -> None:
@@ -88,7 +89,7 @@ async def test_a_silent_or_half_sent_client_is_dropped_and_others_are_served(por
     silent = await trio.open_tcp_stream("127.0.0.1", port)
     half = await trio.open_tcp_stream("127.0.0.1", port)
     await half.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n")  # never ends its head
-    status, _, _ = split(await raw(port, b"GET / HTTP/1.1\r\n\r\n"))  # served meanwhile
+    status, _, _ = split(await raw(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"))  # served meanwhile
     assert status.endswith("200 OK")
     with trio.fail_after(10):  # head_timeout is 1 s here: both are hung up on
         for stream in (silent, half):
@@ -106,10 +107,15 @@ def test_parse_head_and_answers() -> None:
         "a:1",
     )
     assert head.raw.endswith(b"rest")
-    for bad in (b"GET / HTTP/1.1\r\n", b"GET /\r\n\r\n", b"GET / SPDY/3\r\n\r\n", b"GET / HTTP/1.1\r\n : x\r\n\r\n"):
+    for bad in (
+        b"GET / HTTP/1.1\r\nHost: x\r\n",
+        b"GET /\r\n\r\n",
+        b"GET / SPDY/3\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\nBad Name: x\r\n\r\n",
+    ):
         with pytest.raises(BadHead):
             parse_head(bad)
-    assert answer_http(parse_head(b"DELETE / HTTP/1.1\r\n\r\n"), FILES).startswith(b"HTTP/1.1 405")
+    assert answer_http(parse_head(b"DELETE / HTTP/1.1\r\nHost: x\r\n\r\n"), FILES).startswith(b"HTTP/1.1 405")
 
 
 def test_the_bundled_ui_is_installed() -> None:
@@ -166,13 +172,13 @@ async def test_connections_are_capped_per_client_with_an_answer_and_a_reserve(nu
     )
     url = f"ws://127.0.0.1:{port}/"
     async with open_websocket_url(url), open_websocket_url(url):  # every ordinary place taken
-        status, headers, _ = split(await raw(port, b"GET / HTTP/1.1\r\n\r\n"))
+        status, headers, _ = split(await raw(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"))
         assert status.endswith("503 Service Unavailable") and headers["retry-after"] == "5"
         # ... but not the reserved one, which the operator's request may take.
         async with open_websocket_url(url, extra_headers=[(b"X-Sysop", b"yes")]):
-            status, _, _ = split(await raw(port, b"GET / HTTP/1.1\r\nX-Sysop: yes\r\n\r\n"))
+            status, _, _ = split(await raw(port, b"GET / HTTP/1.1\r\nHost: x\r\nX-Sysop: yes\r\n\r\n"))
             assert status.endswith("503 Service Unavailable")  # the reserve is one place
-        status, _, body = split(await raw(port, b"GET / HTTP/1.1\r\nX-Sysop: yes\r\n\r\n"))
+        status, _, body = split(await raw(port, b"GET / HTTP/1.1\r\nHost: x\r\nX-Sysop: yes\r\n\r\n"))
         assert status.endswith("200 OK") and body == FILES["/"][1]
     # Connections that never send a request are capped too, and answered at once.
     idle = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(2)]
@@ -185,7 +191,7 @@ async def test_connections_are_capped_per_client_with_an_answer_and_a_reserve(nu
     await idle[0].aclose()
     with trio.fail_after(10):  # a place is free again: the next request is served
         while True:
-            resp = await raw(port, b"GET / HTTP/1.1\r\n\r\n")
+            resp = await raw(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
             if resp and not resp.startswith(b"HTTP/1.1 503"):  # idle[0]'s close may still be on its way
                 break
     assert split(resp)[0].endswith("200 OK")
@@ -193,7 +199,9 @@ async def test_connections_are_capped_per_client_with_an_answer_and_a_reserve(nu
 
 
 async def test_bytes_the_server_did_not_read_do_not_cut_its_answer_off(port: int) -> None:
-    status, _, body = split(await raw(port, b"GET / HTTP/1.1\r\n\r\n" + b"x" * 100_000))
+    status, _, body = split(await raw(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + b"x" * 100_000))
     assert status.endswith("200 OK") and body == FILES["/"][1]
-    status, _, _ = split(await raw(port, b"POST / HTTP/1.1\r\nContent-Length: 100000\r\n\r\n" + b"y" * 100_000))
+    status, _, _ = split(
+        await raw(port, b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n" + b"y" * 100_000)
+    )
     assert status.endswith("405 Method Not Allowed")
