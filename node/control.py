@@ -306,6 +306,23 @@ class ControlSession:
     async def op_stats(self, req: dict[str, Any], rid: Any) -> dict[str, Any]:
         return {"stats": await self.node.stats_report()}
 
+    async def op_dashboard(self, req: dict[str, Any], rid: Any) -> None:
+        """Subscribe to the dashboard: the current snapshot now (with ``rid``), then the node's
+        one-a-second snapshot (``{"op": "dashboard", "snapshot": ...}``, no rid) until the
+        connection ends."""
+        dashboards = self.node.dashboards
+        try:
+            token, snapshots = dashboards.subscribe()
+        except OverflowError as exc:
+            raise Refused("busy", f"{exc}; try again later") from None
+        try:
+            await self.send({"op": "dashboard", "rid": rid, "snapshot": await self.node.dashboard_snapshot()})
+            async for text in snapshots:
+                async with self.send_lock:
+                    await self.ws.send_message(text)
+        finally:
+            dashboards.unsubscribe(token)
+
     # --- queries ---------------------------------------------------------------------------------
     def _subscriber(self, rid: Any, *, tokens: bool = True) -> Any:
         async def deliver(event: dict[str, Any]) -> None:
@@ -475,6 +492,7 @@ OPS: dict[str, tuple[set[str], set[str]]] = {
     "realms": (set(), set()),
     "route": ({"realm"}, set()),
     "stats": (set(), set()),
+    "dashboard": (set(), set()),
     "submit_query": ({"realm", "payload"}, {"stream"}),
     "watch": ({"query_id"}, set()),
     "get_query": ({"query_id"}, set()),

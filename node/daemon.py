@@ -39,6 +39,7 @@ from ..realms.queue import Priority
 from ..realms.router import LOCAL, Query, RealmRouter, StreamEmit
 from ..realms.spotcheck import SpotChecker
 from .config import REALMS, Config
+from .dashboard import Dashboards
 from .datadir import RUN_FILE, SYSOP_TOKEN_FILE
 from .executor import LocalRealms, check_payload
 from .limits import RateLimiter
@@ -233,6 +234,8 @@ class Node:
                     nursery.start_soon(self._flush_outcomes)
                     nursery.start_soon(self._watch_executors)
                     await nursery.start(self.queries.run)
+                    self.dashboards = Dashboards(self.dashboard_snapshot)
+                    await nursery.start(self.dashboards.run)
                     from .control import serve_control
 
                     self.ui_url = await nursery.start(serve_control, self)
@@ -568,6 +571,15 @@ class Node:
         if await self.queries.cancel(query_id, by_guid=by_guid, sysop=sysop):  # another user's
             await self.storage.audit("sysop", "cancel_query", query_id)
 
+    async def dashboard_snapshot(self) -> dict[str, Any]:
+        """What a dashboard shows, in one piece (node/dashboard.py pushes it every second)."""
+        return {
+            "status": self.status_report(),
+            "realms": self.realms_report(),
+            "stats": await self.stats_report(),
+            "peers": self.peers_report(),
+        }
+
     async def stats_report(self) -> dict[str, Any]:
         stored = await self.storage.stats()
         out = {}
@@ -748,6 +760,7 @@ class Node:
                 "introductions_refused": self.gossip.budget.refused_introductions if self.gossip.budget else 0,
             },
             "spot_checks": {"canaries_sent": self.spot.checks, "peers_caught": self.spot.caught},
+            "dashboards": {"open": len(self.dashboards), "snapshots_built": self.dashboards.built},
         }
 
 

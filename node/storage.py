@@ -15,6 +15,7 @@ Values are always bound parameters; SQL is only ever formatted with our own iden
 
 from __future__ import annotations
 
+import bisect
 import errno
 import hashlib
 import json
@@ -23,6 +24,7 @@ import os
 import re
 import sqlite3
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -365,6 +367,26 @@ def _open_node(db_dir: Path, shards: int) -> Database:
     return db
 
 
+class DurationWindow:
+    """The last DURATIONS_KEPT durations of a realm, kept in arrival order and sorted, so that a
+    percentile is a lookup: the dashboard asked every second once sorted them all per request."""
+
+    def __init__(self) -> None:
+        self.order: deque[float] = deque()
+        self.sorted: list[float] = []
+
+    def add(self, ms: float) -> None:
+        self.order.append(ms)
+        bisect.insort(self.sorted, ms)
+        if len(self.order) > DURATIONS_KEPT:
+            old = self.order.popleft()
+            del self.sorted[bisect.bisect_left(self.sorted, old)]
+
+    def percentile(self, q: float) -> float:
+        """Nearest rank."""
+        return self.sorted[math.ceil(q * len(self.sorted)) - 1] if self.sorted else 0.0
+
+
 # --- the storage ----------------------------------------------------------------------------
 
 
@@ -373,6 +395,8 @@ class Storage:
         self.data_dir, self._node, self._shards, self._closed = data_dir, node, shards, False
         # realm -> [served_local, served_for_peers, failures, cancelled, ms, cost, [(ms, at)]]
         self._outcomes: dict[str, list[Any]] = {}
+        # realm -> the last DURATIONS_KEPT durations, in arrival order and sorted: p95 without a sort
+        self._windows: dict[str, DurationWindow] | None = None
 
     @classmethod
     async def open(cls, data_dir: Path, shards: int) -> Storage:
@@ -693,6 +717,8 @@ class Storage:
             c[4] += ms
             c[5] += cost
             c[6].append((ms, time.time()))
+            if self._windows is not None:
+                self._windows.setdefault(realm, DurationWindow()).add(ms)
 
     async def flush_outcomes(self) -> None:
         """Store the counted outcomes in one transaction; kept for the next try if it fails."""
@@ -739,20 +765,36 @@ class Storage:
         """Per realm: served_local, served_for_peers, failures, cancelled, avg_ms, p95_ms
         (nearest rank, over the last DURATIONS_KEPT served queries) and total_cost."""
 
+        if self._windows is None:  # once: the stored durations, oldest first; then kept in memory
+
+            def load(db: Database) -> dict[str, DurationWindow]:
+                windows: dict[str, DurationWindow] = {}
+                for realm, ms in db.execute("SELECT realm, ms FROM durations ORDER BY id"):
+                    windows.setdefault(realm, DurationWindow()).add(ms)
+                return windows
+
+            await self.flush_outcomes()
+            self._windows = {}  # what is served while the stored ones load goes here meanwhile
+            loaded = await self._node.run(load)
+            for realm, meanwhile in self._windows.items():
+                for ms in meanwhile.order:
+                    loaded.setdefault(realm, DurationWindow()).add(ms)
+            self._windows = loaded
+
         def read(db: Database) -> dict[str, Row]:
             out = {}
             for row in db.query("SELECT * FROM realm_stats ORDER BY realm"):
-                sql = "SELECT ms FROM durations WHERE realm = ? ORDER BY ms"
-                ms = [r[0] for r in db.execute(sql, (row["realm"],))]
                 served = row["served_local"] + row["served_for_peers"]
                 total_ms, realm = row.pop("total_ms"), row.pop("realm")
+                window = windows.get(realm)
                 out[realm] = {
                     **row,
                     "avg_ms": total_ms / served if served else 0.0,
-                    "p95_ms": ms[math.ceil(0.95 * len(ms)) - 1] if ms else 0.0,
+                    "p95_ms": window.percentile(0.95) if window else 0.0,
                 }
             return out
 
+        windows = self._windows
         await self.flush_outcomes()
         return await self._node.run(read)
 

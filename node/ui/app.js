@@ -102,7 +102,7 @@ async function hello(ws) {
     $('#whoami').textContent = a.guid;
     if (typeof a.nickname === 'string' && document.activeElement !== $('#nickname')) $('#nickname').value = a.nickname;
     Object.values(slots).forEach((s) => s.reattach());
-    refreshDashboard();
+    watchDashboard();
     loadHistory();
   } catch (e) {
     if (e.closed) return; // the connection dropped: onClose reconnects
@@ -131,6 +131,7 @@ function onMessage(raw) {
   if (!msg || typeof msg !== 'object') return;
   const fn = conn.handlers.get(msg.rid);
   if (fn) fn(msg);
+  else if (msg.op === 'dashboard' && msg.rid === undefined) drawDashboard(msg.snapshot);
   else if (msg.op === 'error') console.warn('node:', msg.code, msg.message);
 }
 
@@ -548,28 +549,37 @@ async function saveNickname() {
 
 // --- dashboard -------------------------------------------------------------------------------
 
-const dash = { busy: false, count: 0 };
+const dash = { count: 0 };
 
-async function refreshDashboard() {
-  if (dash.busy || !conn.ready) return;
-  dash.busy = true;
+// The node pushes one snapshot a second to every dashboard (op 'dashboard'); this page
+// subscribes once per connection and draws each snapshot it is sent.
+function watchDashboard() {
+  const rid = conn.nextRid++;
+  conn.handlers.set(rid, (msg) => {
+    conn.handlers.delete(rid);
+    if (msg.op === 'dashboard') drawDashboard(msg.snapshot);
+    else if (!msg.closed) showDashboardError(msg);
+  });
+  conn.ws.send(JSON.stringify({ op: 'dashboard', rid }));
+}
+
+function showDashboardError(msg) {
   const status = $('#tab-dashboard .status');
-  try {
-    const [st, re, sts, pe] = await Promise.all(['status', 'realms', 'stats', 'peers'].map((op) => request(op)));
-    renderNode(st.status || {});
-    renderRealms(Array.isArray(re.realms) ? re.realms : [], sts.stats || {});
-    renderPeers(Array.isArray(pe.peers) ? pe.peers : []);
-    const u = $('#dash-updated');
-    u.textContent = new Date().toLocaleTimeString();
-    u.dataset.count = String(++dash.count);
-    status.textContent = '';
-    status.classList.remove('error');
-  } catch (e) {
-    status.textContent = `refresh failed: ${errText(e)}`;
-    status.classList.add('error');
-  } finally {
-    dash.busy = false;
-  }
+  status.textContent = `dashboard: ${errText(msg)}`;
+  status.classList.add('error');
+}
+
+function drawDashboard(snap) {
+  if (!snap || typeof snap !== 'object') return;
+  renderNode(snap.status || {});
+  renderRealms(Array.isArray(snap.realms) ? snap.realms : [], snap.stats || {});
+  renderPeers(Array.isArray(snap.peers) ? snap.peers : []);
+  const u = $('#dash-updated');
+  u.textContent = new Date().toLocaleTimeString();
+  u.dataset.count = String(++dash.count);
+  const status = $('#tab-dashboard .status');
+  status.textContent = '';
+  status.classList.remove('error');
 }
 
 function renderNode(s) {
@@ -683,7 +693,6 @@ function showTab(name) {
   });
   TABS.forEach((t) => { $(`#tab-${t}`).hidden = t !== name; });
   if (location.hash !== `#${name}`) history.replaceState(null, '', `#${name}`);
-  if (name === 'dashboard') refreshDashboard();
 }
 
 // --- wiring ----------------------------------------------------------------------------------
@@ -711,5 +720,4 @@ $('#speech-send').addEventListener('click', sendSpeechFile);
 $('#tts-send').addEventListener('click', sendTts);
 updateRecordButton();
 showTab(location.hash.slice(1));
-setInterval(refreshDashboard, 1000);
 connect();
