@@ -17,7 +17,7 @@ import json
 import logging
 import re
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
 import trio
@@ -28,10 +28,37 @@ from ..realms.events import Code, QueryError, UserError, dumps
 from .config import REALMS
 from .http import MessageRefused, serve_ui
 from .limits import client_network
-from .queries import Refused, check_guid, check_nickname
+from .queries import Refused, check_guid
 
 if TYPE_CHECKING:
-    from .daemon import Node
+    from ..realms.router import RealmRouter
+    from .config import Config
+    from .dashboard import Dashboards
+    from .limits import RateLimiter
+    from .queries import QueryManager
+    from .sysop import Sysop
+
+
+class ControlAPI(Protocol):
+    """What the control protocol needs of a node: its services and its reports. ``Node``
+    provides it; nothing here reaches past it (into storage, the peer table, the host)."""
+
+    config: Config
+    sysop_token: str
+    queries: QueryManager  # users, their queries and their history
+    sysop: Sysop  # the sysop's audited actions
+    router: RealmRouter
+    dashboards: Dashboards
+    submit_limiter: RateLimiter
+
+    def status_report(self) -> dict[str, Any]: ...
+    def peers_report(self) -> list[dict[str, Any]]: ...
+    def realms_report(self) -> list[dict[str, Any]]: ...
+    async def stats_report(self) -> dict[str, Any]: ...
+    async def dashboard_snapshot(self) -> dict[str, Any]: ...
+    def report_answer(self, row: dict[str, Any], reason: str) -> dict[str, Any]: ...
+    def caught_reason(self, peer_id: str) -> str: ...
+
 
 log = logging.getLogger("rentahal.control")
 
@@ -75,7 +102,7 @@ def origin_allowed(origin: str | None, host_header: str | None = None, allowed: 
     return True
 
 
-async def serve_control(node: Node, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+async def serve_control(node: ControlAPI, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
     cfg = node.config.ui
 
     async def handler(request: WebSocketRequest, client: str, headers: dict[str, str]) -> None:
@@ -158,7 +185,7 @@ def _size(raw: str | bytes) -> int:
 
 
 class ControlSession:
-    def __init__(self, node: Node, ws: WebSocketConnection, *, client: str = "127.0.0.1") -> None:
+    def __init__(self, node: ControlAPI, ws: WebSocketConnection, *, client: str = "127.0.0.1") -> None:
         self.node = node
         self.ws = ws
         self.client = client
@@ -275,20 +302,11 @@ class ControlSession:
             self.sysop = True
         if "guid" in req:
             self.guid = check_guid(req["guid"])
-        user = await self.node.storage.ensure_user(self.guid)
-        if "nickname" in req:
-            await self.node.storage.set_nickname(self.guid, check_nickname(req["nickname"]))
-            user = await self.node.storage.get_user(self.guid) or user
-        if user["banned"]:
-            reason = f": {user['ban_reason']}" if user["ban_reason"] else ""
-            raise Refused("banned", f"you are banned from this node{reason}")
+        user = await self.node.queries.hello(self.guid, req.get("nickname"))
         return {"guid": self.guid, "nickname": user["nickname"], "sysop": self.sysop}
 
     async def op_set_nickname(self, req: dict[str, Any], rid: Any) -> dict[str, Any]:
-        nickname = check_nickname(req["nickname"])
-        await self.node.storage.ensure_user(self.guid)
-        await self.node.storage.set_nickname(self.guid, nickname)
-        return {"nickname": nickname}
+        return {"nickname": await self.node.queries.set_nickname(self.guid, req["nickname"])}
 
     # --- what the node knows -----------------------------------------------------------------
     async def op_status(self, req: dict[str, Any], rid: Any) -> dict[str, Any]:
@@ -386,9 +404,7 @@ class ControlSession:
     async def op_watch(self, req: dict[str, Any], rid: Any) -> dict[str, Any] | None:
         """Follow a query (e.g. after reconnecting); a finished one answers from storage."""
         query_id = _query_id(req)
-        row = await self.node.storage.get_query(query_id)
-        if row is None or (row["user_guid"] != self.guid and not self.sysop):
-            raise Refused("not_found", f"no query {query_id} of yours")
+        await self.node.queries.owned(query_id, self.guid, sysop=self.sysop)
         subscriber = self._subscriber(rid)
         if self.node.queries.subscribe(query_id, subscriber):
             self._follow(query_id, subscriber)
@@ -396,35 +412,19 @@ class ControlSession:
         return await self.op_get_query(req, rid)
 
     async def op_get_query(self, req: dict[str, Any], rid: Any) -> dict[str, Any]:
-        query_id = _query_id(req)
-        row = await self.node.storage.get_query(query_id)
-        if row is None or (row["user_guid"] != self.guid and not self.sysop):
-            raise Refused("not_found", f"no query {query_id} of yours")
-        result = await self.node.storage.get_result(query_id, row["user_guid"])
-        events = await self.node.storage.query_events(query_id, row["user_guid"])
-        live = self.node.queries.live(query_id)
-        if live is not None:  # running: its newest steps are in memory until it ends
-            row["status"] = live.status
-            row["executor"] = live.executor or row["executor"]
-            events += [
-                {"query_id": query_id, "status": e.status, "at": e.at, "executor": e.executor, "detail": e.detail}
-                for e in live.history
-            ]
+        row, result, events = await self.node.queries.details(_query_id(req), self.guid, sysop=self.sysop)
         return {"query": self._flagged(_row(row)), "result": result, "events": events}
 
     async def op_report(self, req: dict[str, Any], rid: Any) -> dict[str, Any]:
         """ "This answer is wrong": held against the peer that gave it, which is spot-checked."""
-        query_id = _query_id(req)
-        row = await self.node.storage.get_query(query_id)
-        if row is None or (row["user_guid"] != self.guid and not self.sysop):
-            raise Refused("not_found", f"no query {query_id} of yours")
+        row = await self.node.queries.owned(_query_id(req), self.guid, sysop=self.sysop)
         reason = req.get("reason", "")
         if not isinstance(reason, str) or len(reason) > 200:
             raise Refused("bad_request", "reason must be a string of at most 200 characters")
         return self.node.report_answer(row, reason)
 
     async def op_cancel(self, req: dict[str, Any], rid: Any) -> dict[str, Any]:
-        await self.node.cancel_query(_query_id(req), by_guid=self.guid, sysop=self.sysop)
+        await self.node.sysop.cancel(_query_id(req), by_guid=self.guid, sysop=self.sysop)
         return {"query_id": req["query_id"], "cancelled": True}
 
     async def op_history(self, req: dict[str, Any], rid: Any) -> dict[str, Any]:
@@ -438,11 +438,7 @@ class ControlSession:
         limit = req.get("limit", 50)
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 10000:
             raise Refused("bad_request", "limit must be an integer 1..10000")
-        rows = await self.node.storage.history(user, limit=limit)
-        for r in rows:
-            live = self.node.queries.live(r["id"])
-            if live is not None:  # running: its status is newer in memory than on disk
-                r["status"], r["executor"] = live.status, live.executor or r["executor"]
+        rows = await self.node.queries.history(user, limit)
         return {"history": [self._flagged(_row(r)) for r in rows]}
 
     def _flagged(self, row: dict[str, Any]) -> dict[str, Any]:
@@ -454,33 +450,33 @@ class ControlSession:
 
     # --- sysop -----------------------------------------------------------------------------------
     async def op_users(self, req: dict[str, Any], rid: Any) -> dict[str, Any]:
-        return {"users": await self.node.storage.list_users()}
+        return {"users": await self.node.sysop.users()}
 
     async def op_ban(self, req: dict[str, Any], rid: Any) -> dict[str, Any]:
         reason = req.get("reason", "")
         if not isinstance(reason, str) or len(reason) > 500:
             raise Refused("bad_request", "reason must be a string of at most 500 characters")
-        await self.node.ban(req["guid"], True, reason)
+        await self.node.sysop.ban(req["guid"], True, reason)
         return {"guid": req["guid"], "banned": True}
 
     async def op_unban(self, req: dict[str, Any], rid: Any) -> dict[str, Any]:
-        await self.node.ban(req["guid"], False)
+        await self.node.sysop.ban(req["guid"], False)
         return {"guid": req["guid"], "banned": False}
 
     async def op_set_realm(self, req: dict[str, Any], rid: Any) -> dict[str, Any]:
         if not isinstance(req["enabled"], bool):
             raise Refused("bad_request", "enabled must be true or false")
-        await self.node.set_realm_enabled(req["realm"], req["enabled"])
+        await self.node.sysop.set_realm_enabled(req["realm"], req["enabled"])
         return {"realm": req["realm"], "enabled": req["enabled"]}
 
     async def op_set_peer(self, req: dict[str, Any], rid: Any) -> dict[str, Any]:
         if not isinstance(req["blocked"], bool) or not isinstance(req["peer_id"], str):
             raise Refused("bad_request", "peer_id must be a string and blocked true or false")
-        await self.node.set_peer_blocked(req["peer_id"], req["blocked"])
+        await self.node.sysop.set_peer_blocked(req["peer_id"], req["blocked"])
         return {"peer_id": req["peer_id"], "blocked": req["blocked"]}
 
     async def op_audit(self, req: dict[str, Any], rid: Any) -> dict[str, Any]:
-        return {"audit": await self.node.storage.audit_log()}
+        return {"audit": await self.node.sysop.audit_log()}
 
 
 # op -> (required fields, optional fields)

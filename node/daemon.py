@@ -43,8 +43,9 @@ from .dashboard import Dashboards
 from .datadir import RUN_FILE, SYSOP_TOKEN_FILE
 from .executor import LocalRealms, check_payload
 from .limits import RateLimiter
-from .queries import QueryManager, Refused, check_guid
+from .queries import QueryManager, Refused
 from .storage import Storage
+from .sysop import Sysop
 
 log = logging.getLogger("rentahal.node")
 
@@ -171,6 +172,12 @@ class Node:
                 max_payload_bytes=cfg.storage.max_payload_bytes,
                 max_active_per_user=cfg.limits.max_active,
                 check_payload=check_payload,
+            )
+            self.sysop = Sysop(
+                self.storage,
+                self.queries,
+                realm_enabled=lambda realm, on: (self.local.disabled.discard if on else self.local.disabled.add)(realm),
+                peer_blocked=self.table.set_blocked,
             )
             service = QueryService(
                 self._serve_peer_query,
@@ -545,32 +552,6 @@ class Node:
         return result
 
     # --- sysop actions (the control channel checks the token) ----------------------------------
-    async def ban(self, guid: str, banned: bool, reason: str = "") -> None:
-        guid = check_guid(guid)
-        if not await self.storage.set_banned(guid, banned, reason):
-            raise Refused("not_found", f"no user {guid}")
-        self.queries.ban_changed(guid, banned, reason if banned else "")
-        await self.storage.audit("sysop", "ban" if banned else "unban", guid, reason)
-        log.info("sysop: %s user %s%s", "banned" if banned else "unbanned", guid, f" ({reason})" if reason else "")
-
-    async def set_realm_enabled(self, realm: str, enabled: bool) -> None:
-        await self.storage.set_realm_enabled(realm, enabled)
-        (self.local.disabled.discard if enabled else self.local.disabled.add)(realm)
-        await self.storage.audit("sysop", "enable_realm" if enabled else "disable_realm", realm)
-        log.info("sysop: realm %s %s", realm, "enabled" if enabled else "disabled")
-
-    async def set_peer_blocked(self, peer_id: str, blocked: bool) -> None:
-        if not peer_id or len(peer_id) > 128 or not peer_id.isalnum():
-            raise Refused("bad_request", "peer_id must be a base58 libp2p peer ID")
-        await self.storage.set_peer_blocked(peer_id, blocked)
-        self.table.set_blocked(peer_id, blocked)
-        await self.storage.audit("sysop", "block_peer" if blocked else "unblock_peer", peer_id)
-        log.info("sysop: peer %s %s", peer_id, "blocked" if blocked else "unblocked")
-
-    async def cancel_query(self, query_id: str, *, by_guid: str | None, sysop: bool) -> None:
-        if await self.queries.cancel(query_id, by_guid=by_guid, sysop=sysop):  # another user's
-            await self.storage.audit("sysop", "cancel_query", query_id)
-
     async def dashboard_snapshot(self) -> dict[str, Any]:
         """What a dashboard shows, in one piece (node/dashboard.py pushes it every second)."""
         return {

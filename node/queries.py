@@ -350,6 +350,57 @@ class QueryManager:
         active.subscribers.append(subscriber)
         return True
 
+    # --- users and their stored queries, as a client asks for them --------------------------------
+    async def hello(self, guid: str, nickname: str | None = None) -> dict[str, Any]:
+        """The user ``guid`` (created if new, nickname set if given); Refused if banned."""
+        user = await self.storage.ensure_user(guid)
+        if nickname is not None:
+            await self.storage.set_nickname(guid, check_nickname(nickname))
+            user = await self.storage.get_user(guid) or user
+        if user["banned"]:
+            reason = f": {user['ban_reason']}" if user["ban_reason"] else ""
+            raise Refused("banned", f"you are banned from this node{reason}")
+        return dict(user)
+
+    async def set_nickname(self, guid: str, nickname: object) -> str:
+        checked = check_nickname(nickname)
+        await self.storage.ensure_user(guid)
+        await self.storage.set_nickname(guid, checked)
+        return checked
+
+    async def owned(self, query_id: str, guid: str, *, sysop: bool) -> dict[str, Any]:
+        """The stored query, if it is ``guid``'s (or the sysop asks); else not_found, whether it
+        exists or not (a user learns nothing of others' queries)."""
+        row = await self.storage.get_query(query_id)
+        if row is None or (row["user_guid"] != guid and not sysop):
+            raise Refused("not_found", f"no query {query_id} of yours")
+        return dict(row)
+
+    async def details(self, query_id: str, guid: str, *, sysop: bool) -> tuple[dict[str, Any], Any, list[Any]]:
+        """(query, result, events) of a query of ``guid``'s: stored, with what is newer in
+        memory while it runs."""
+        row = await self.owned(query_id, guid, sysop=sysop)
+        result = await self.storage.get_result(query_id, row["user_guid"])
+        events = list(await self.storage.query_events(query_id, row["user_guid"]))
+        live = self.live(query_id)
+        if live is not None:  # running: its newest steps are in memory until it ends
+            row["status"] = live.status
+            row["executor"] = live.executor or row["executor"]
+            events += [
+                {"query_id": query_id, "status": e.status, "at": e.at, "executor": e.executor, "detail": e.detail}
+                for e in live.history
+            ]
+        return row, result, events
+
+    async def history(self, user: str | None, limit: int) -> list[dict[str, Any]]:
+        """A user's queries, newest first (every user's for ``None``); running ones as they are."""
+        rows = [dict(r) for r in await self.storage.history(user, limit=limit)]
+        for r in rows:
+            live = self.live(r["id"])
+            if live is not None:  # running: its status is newer in memory than on disk
+                r["status"], r["executor"] = live.status, live.executor or r["executor"]
+        return rows
+
     def live(self, query_id: str) -> ActiveQuery | None:
         """A query running now: its status and history are newer than what is stored."""
         return self.active.get(query_id)
