@@ -14,8 +14,7 @@ import secrets
 import signal
 import sys
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -218,7 +217,7 @@ def _cli_guid(data_dir: Path) -> str:
 
 
 def _hello(data_dir: Path, *, sysop: bool) -> dict[str, Any]:
-    hello: dict[str, Any] = {"op": "hello", "rid": 0, "guid": _cli_guid(data_dir)}
+    hello: dict[str, Any] = {"guid": _cli_guid(data_dir)}
     if sysop:
         try:
             hello["sysop_token"] = (data_dir / SYSOP_TOKEN_FILE).read_text().strip()
@@ -227,51 +226,18 @@ def _hello(data_dir: Path, *, sysop: bool) -> dict[str, Any]:
     return hello
 
 
-CONNECT_TIMEOUT = 5.0  # seconds the CLI gives the node to accept it and answer its hello
-
-
-def _admission(data_dir: Path) -> list[tuple[bytes, bytes]]:
-    """The sysop token in the request head, when this user can read it: the node keeps places
-    for it, so clients holding every ordinary place cannot lock the operator's CLI out."""
-    try:
-        return [(b"X-Rentahal-Sysop", (data_dir / SYSOP_TOKEN_FILE).read_bytes().strip())]
-    except OSError:
-        return []
-
-
-class _Welcome(Exception):
-    """The node answered the hello with an error (banned, a wrong token)."""
-
-    def __init__(self, reply: dict[str, Any]) -> None:
-        self.reply = reply
-
-
-@asynccontextmanager
-async def _session(path: Path, url: str, *, sysop: bool, max_message_size: int = 1 << 20) -> AsyncIterator[Any]:
-    """A websocket to the node, said hello to; the node has CONNECT_TIMEOUT to get that far."""
-    import trio
-    from trio_websocket import open_websocket_url
-
-    async with open_websocket_url(
-        url, extra_headers=_admission(path), connect_timeout=CONNECT_TIMEOUT, max_message_size=max_message_size
-    ) as ws:
-        with trio.fail_after(CONNECT_TIMEOUT):
-            await ws.send_message(json.dumps(_hello(path, sysop=sysop)))
-            welcome = json.loads(await ws.get_message())
-        if welcome.get("op") == "error":
-            raise _Welcome(welcome)
-        yield ws
-
-
 def _run_client(go: Callable[[], Awaitable[dict[str, Any]]], url: str) -> dict[str, Any]:
-    """Run a client coroutine; a node that cannot be reached or refuses is one line, exit 2."""
+    """Run a client coroutine (node/client.py); a node that cannot be reached, refuses or does not
+    answer in time is one line and exit 2; an error answer is returned as the node sent it."""
     import trio
     from trio_websocket import ConnectionClosed, ConnectionRejected, HandshakeError
 
+    from .node.client import CONNECT_TIMEOUT, NodeError
+
     try:
         return trio.run(go)
-    except _Welcome as exc:
-        return exc.reply
+    except NodeError as exc:
+        return {"op": "error", "code": exc.code, "message": exc.message}
     except ConnectionRejected as exc:
         retry = {k.decode().lower(): v.decode() for k, v in exc.headers or ()}.get("retry-after")
         fail(
@@ -285,13 +251,14 @@ def _run_client(go: Callable[[], Awaitable[dict[str, Any]]], url: str) -> dict[s
 
 
 def _request(data_dir: Path | None, message: dict[str, Any], *, sysop: bool = False) -> dict[str, Any]:
+    from .node.client import connect
+
     path = resolve_data_dir(data_dir)
     url = _node_url(path)
 
     async def go() -> dict[str, Any]:
-        async with _session(path, url, sysop=sysop) as ws:
-            await ws.send_message(json.dumps({**message, "rid": 1}))
-            return json.loads(await ws.get_message())
+        async with connect(url, data_dir=path, **_hello(path, sysop=sysop)) as client:
+            return await client.call(**message)
 
     reply = _run_client(go, url)
     if reply.get("op") == "error":
@@ -448,15 +415,11 @@ def query(
             sys.stdout.flush()
             printed[0] += 1
 
+    from .node.client import connect
+
     async def go() -> dict[str, Any]:
-        async with _session(path, url, sysop=False, max_message_size=256 * 1024 * 1024) as ws:
-            await ws.send_message(
-                json.dumps(
-                    {"op": "submit_query", "rid": 1, "realm": realm, "payload": payload, "stream": live or as_json}
-                )
-            )
-            while True:
-                msg = json.loads(await ws.get_message())
+        async with connect(url, data_dir=path, **_hello(path, sysop=False)) as client:
+            async for msg in client.stream("submit_query", realm=realm, payload=payload, stream=bool(live or as_json)):
                 if detach and msg.get("op") == "event" and msg["event"]["type"] == "queued":
                     return {"op": "detached", "query_id": msg["event"]["query_id"]}
                 if as_json:
@@ -466,6 +429,7 @@ def query(
                         on_event(msg["event"])
                     continue
                 return msg
+        return {"op": "error", "code": "disconnected", "message": "the node closed the connection"}
 
     try:
         reply = _run_client(go, url)

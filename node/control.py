@@ -25,6 +25,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketReque
 
 from ..realms.catalog import CATALOG
 from ..realms.events import Code, QueryError, UserError, dumps
+from .client import SYSOP_HEADER as _SYSOP_HEADER
 from .config import REALMS
 from .http import MessageRefused, serve_ui
 from .limits import client_network
@@ -52,6 +53,7 @@ class ControlAPI(Protocol):
     submit_limiter: RateLimiter
 
     def status_report(self) -> dict[str, Any]: ...
+    def health_report(self) -> dict[str, Any]: ...
     def peers_report(self) -> list[dict[str, Any]]: ...
     def realms_report(self) -> list[dict[str, Any]]: ...
     async def stats_report(self) -> dict[str, Any]: ...
@@ -63,7 +65,7 @@ class ControlAPI(Protocol):
 log = logging.getLogger("rentahal.control")
 
 MEDIA_SLACK = 64 * 1024  # a media request's JSON around its base64 payload
-SYSOP_HEADER = "x-rentahal-sysop"  # the sysop token in a websocket request head: a reserved place
+SYSOP_HEADER = _SYSOP_HEADER.decode().lower()  # the sysop token in a request head: a reserved place
 MAX_INFLIGHT_PER_CONNECTION = 16
 
 
@@ -136,6 +138,7 @@ async def serve_control(node: ControlAPI, *, task_status: trio.TaskStatus[str] =
                 cfg.port,
                 max_message_size=max(message_limits(node.config).values()),
                 message_budget=limits.ws_buffer_bytes,
+                routes={"/healthz": node.health_report},
                 may_use_reserved=is_sysop,
                 task_status=task_status,
             )

@@ -39,6 +39,7 @@ from ..realms.queue import Priority
 from ..realms.router import LOCAL, Query, RealmRouter, StreamEmit
 from ..realms.spotcheck import SpotChecker
 from .config import REALMS, Config
+from .control import serve_control
 from .dashboard import Dashboards
 from .datadir import RUN_FILE, SYSOP_TOKEN_FILE
 from .executor import LocalRealms, check_payload
@@ -243,8 +244,6 @@ class Node:
                     await nursery.start(self.queries.run)
                     self.dashboards = Dashboards(self.dashboard_snapshot)
                     await nursery.start(self.dashboards.run)
-                    from .control import serve_control
-
                     self.ui_url = await nursery.start(serve_control, self)
                     self._write_run_file()
                     log.info("ready peer=%s ui=%s", self.peer_id, self.ui_url)
@@ -720,6 +719,16 @@ class Node:
                 ip: {"dialed": ok, "seen_ip": seen, "port": port}
                 for ip, (ok, seen, port, _) in self.dialback.verdict.answers.items()
             },
+        }
+
+    def health_report(self) -> dict[str, Any]:
+        """``GET /healthz``: up (it answers), its peer ID, and each realm's state (ready,
+        loading, disabled, not served: ...), for supervisors and harnesses."""
+        return {
+            "ok": True,
+            "peer_id": self.peer_id,
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "realms": {realm: self.local.slots[realm].status for realm in REALMS},
         }
 
     def status_report(self) -> dict[str, Any]:

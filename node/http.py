@@ -17,6 +17,7 @@ nothing (issue 9's row: +900 MB before). An ASGI server assembles each message u
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -197,10 +198,20 @@ def _answering_conn() -> h11.Connection:
     return conn
 
 
-def answer_http(head: RequestHead, files: dict[str, tuple[str, bytes]]) -> bytes:
-    """The whole HTTP response to a request that is not a websocket upgrade."""
+JsonRoute = Callable[[], dict[str, Any]]  # GET path -> a JSON answer made on each request
+
+
+def answer_http(
+    head: RequestHead, files: dict[str, tuple[str, bytes]], routes: dict[str, JsonRoute] | None = None
+) -> bytes:
+    """The whole HTTP response to a request that is not a websocket upgrade: a bundled file,
+    or a JSON route (``/healthz``)."""
     text = "text/plain; charset=utf-8"
     conn = head.conn
+    path = head.target.split("?", 1)[0].split("#", 1)[0]
+    if routes and path in routes and head.method in ("GET", "HEAD"):
+        body = (json.dumps(routes[path]()) + "\n").encode()
+        return response(200, "OK", body, "application/json", head_only=head.method == "HEAD", conn=conn)
     if head.method not in ("GET", "HEAD"):
         return response(
             405, "Method Not Allowed", b"only GET and HEAD\n", text, extra=(("Allow", "GET, HEAD"),), conn=conn
@@ -328,6 +339,7 @@ async def serve_ui(
     max_per_client: int = MAX_CONNECTIONS_PER_CLIENT,
     max_pending_per_client: int = MAX_PENDING_PER_CLIENT,
     reserved: int = RESERVED_CONNECTIONS,
+    routes: dict[str, JsonRoute] | None = None,
     may_use_reserved: Callable[[dict[str, str]], bool] | None = None,
     message_budget: int = MESSAGE_BUDGET,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
@@ -393,7 +405,7 @@ async def serve_ui(
 
     async def serve_request(stream: trio.SocketStream, client: str, head: RequestHead) -> None:
         if head.headers.get("upgrade", "").lower() != "websocket":
-            await _answer_and_close(stream, answer_http(head, files))
+            await _answer_and_close(stream, answer_http(head, files, routes))
             return
         connection: BudgetedWebSocket | None = None
         try:

@@ -1,7 +1,9 @@
 """The one way tests and benchmarks start a local federation: `rentahal-node run` processes on loopback.
 
-Readiness and state changes are read from each node's log as they happen (a reader thread
-feeds the lines to waiters), so nothing sleeps hoping the other side is ready.
+A node is ready when its run file names this process and its /healthz says each realm it serves
+is loaded (node/client.py); state changes are read from its log as they happen (a reader thread
+feeds the lines to waiters), so nothing sleeps hoping the other side is ready. Clients of a
+node's websocket come from node/client.py, re-exported here.
 """
 
 from __future__ import annotations
@@ -17,6 +19,10 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from ..node.client import NodeClient, NodeError, connect, health, read_run_file
+
+__all__ = ["Federation", "NodeClient", "NodeError", "NodeProcess", "connect"]
 
 BIN = str(Path(sys.executable).with_name("rentahal-node"))
 if not Path(BIN).exists():
@@ -76,15 +82,32 @@ class NodeProcess:
         return self
 
     def wait_ready(self) -> NodeProcess:
-        """Network up, then every realm it serves loaded (models load after the network)."""
-        since = self._started_at_line
-        m = self.wait_for(r"ready peer=(\S+) ui=(\S+)", START_TIMEOUT, after=since)
-        self.peer_id, self.ui = m.group(1), m.group(2)
-        self.addr = self.wait_for(r"listening on (\S+)", 1, after=since).group(1)
-        for realm in self.serve.split(","):
-            if realm not in ("", "none"):
-                self.wait_for(rf"{realm}: (serving|not served)", START_TIMEOUT, after=since)
-        return self
+        """Network up (the run file this process wrote once it was ready), then every realm it
+        serves loaded or given up on (its /healthz): learnt from the node, not its log wording."""
+        assert self.proc is not None
+        deadline = time.monotonic() + START_TIMEOUT
+        info = None
+        while info is None or info.get("pid") != self.proc.pid:
+            self._check_alive("a run file", deadline)
+            time.sleep(0.02)  # polling the file the node writes when it is ready
+            info = read_run_file(self.data_dir)
+        self.peer_id, self.ui, self.addr = info["peer_id"], info["ui"], info["addrs"][0]
+        wanted = [r for r in self.serve.split(",") if r not in ("", "none")]
+        while True:
+            realms = (health(self.ui) or {}).get("realms", {})
+            if all(realms.get(r) not in (None, "loading", "restarting") for r in wanted):
+                return self
+            self._check_alive(f"realms {wanted} loaded (now {realms})", deadline)
+            time.sleep(0.05)  # polling /healthz while models load
+
+    def _check_alive(self, waiting_for: str, deadline: float) -> None:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            if self._reader is not None:
+                self._reader.join(5)
+            raise AssertionError(f"{self.name} exited waiting for {waiting_for}:\n{self.log()}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{self.name}: no {waiting_for} within {START_TIMEOUT}s:\n{self.log()}")
 
     def _prefix(self) -> list[str]:
         return ["ip", "netns", "exec", self.netns] if self.netns else []
@@ -201,98 +224,3 @@ class Federation:
     def close(self) -> None:
         for n in self.nodes:
             n.stop()
-
-
-class NodeError(Exception):
-    """An ``error`` answer from a node: ``code`` and ``message`` as the node sent them."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-
-
-class NodeClient:
-    """A client of a node's local websocket, speaking the protocol the CLI and the UI speak.
-
-    A reader task hands each message to the request it answers (by ``rid``), so several
-    requests and query streams can be in flight on one connection.
-    """
-
-    def __init__(self, ws: Any) -> None:
-        import itertools
-
-        import trio
-
-        self.ws = ws
-        self._rids = itertools.count(1)
-        self._routes: dict[int, Any] = {}
-        self._trio = trio
-
-    async def _read(self) -> None:
-        from trio_websocket import ConnectionClosed
-
-        try:
-            while True:
-                msg = json.loads(await self.ws.get_message())
-                route = self._routes.get(msg.get("rid"))
-                if route is not None:
-                    route.send_nowait(msg)
-        except ConnectionClosed:  # the node went away: every open request ends
-            for route in self._routes.values():
-                route.close()
-
-    def _open(self) -> tuple[int, Any]:
-        rid = next(self._rids)
-        send, receive = self._trio.open_memory_channel[dict[str, Any]](float("inf"))
-        self._routes[rid] = send
-        return rid, receive
-
-    async def call(self, op: str, **fields: Any) -> dict[str, Any]:
-        rid, receive = self._open()
-        try:
-            await self.ws.send_message(json.dumps({"op": op, "rid": rid, **fields}))
-            msg = await receive.receive()
-        finally:
-            self._routes.pop(rid, None)
-        if msg["op"] == "error":
-            raise NodeError(msg["code"], msg["message"])
-        return msg
-
-    async def stream(self, op: str, **fields: Any) -> Any:
-        """Yield every message answering this request, up to its ``result`` or ``error``."""
-        rid, receive = self._open()
-        try:
-            await self.ws.send_message(json.dumps({"op": op, "rid": rid, **fields}))
-            while True:
-                msg = await receive.receive()
-                yield msg
-                if msg["op"] in ("result", "error"):
-                    return
-        finally:
-            self._routes.pop(rid, None)
-
-
-def connect(url: str, **hello: Any) -> Any:
-    """``async with connect(node.ui, guid=...) as client``: a NodeClient that has said hello."""
-    from contextlib import asynccontextmanager
-
-    import trio
-    from trio_websocket import open_websocket_url
-
-    @asynccontextmanager
-    async def session() -> Any:
-        async with open_websocket_url(url, max_message_size=64 * 1024 * 1024) as ws:
-            # Hello before the reader starts, so a refusal surfaces as a plain NodeError.
-            await ws.send_message(json.dumps({"op": "hello", "rid": 0, **hello}))
-            welcome = json.loads(await ws.get_message())
-            if welcome["op"] == "error":
-                raise NodeError(welcome["code"], welcome["message"])
-            async with trio.open_nursery() as nursery:
-                client = NodeClient(ws)
-                client.welcome = welcome
-                nursery.start_soon(client._read)
-                yield client
-                nursery.cancel_scope.cancel()
-
-    return session()
