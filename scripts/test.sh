@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # System tools: the speech realm's (audio conversion, offline text to speech), the browser
-# the web UI is tested in (Debian's chromium, driven headless over the DevTools protocol), and
+# the web UI is tested in (Debian's chromium, driven headless by Playwright), and
 # the multi-host testbed's (network namespaces with iproute2, NAT routers with nftables).
 if ! command -v ffmpeg >/dev/null || ! command -v espeak-ng >/dev/null || ! [ -x /usr/bin/chromium ] \
     || ! command -v ip >/dev/null || ! command -v nft >/dev/null; then

@@ -1,10 +1,9 @@
-"""A small headless-Chromium driver for the UI tests, speaking the Chrome DevTools Protocol.
+"""Headless Chromium for the UI tests, driven by Playwright (sync API) with Debian's chromium.
 
-One websocket to the browser endpoint; each page is a target attached with ``flatten=True``, so
-its commands and events travel on that same socket, tagged with the page's ``sessionId``. A
-reader task routes each answer to the command waiting for it (by ``id``) and each event to its
-page. The browser runs in a process group of its own in a fresh profile directory: on leaving
-``open_browser`` the whole group is killed and the directory removed, whatever happened inside.
+Playwright's sync objects belong to the thread that made them, so every call runs on one thread
+of its own (a single-worker executor); the trio tests await each call through
+``trio.to_thread``. What a page logs, throws or opens as a dialog is collected from before its
+first script runs, and a dialog is dismissed (and counted as an error).
 
     async with open_browser() as browser:
         page = await browser.new_page("http://127.0.0.1:8765/")
@@ -13,28 +12,21 @@ page. The browser runs in a process group of its own in a fresh profile director
 
 from __future__ import annotations
 
-import base64
-import itertools
 import json
 import os
-import re
 import shutil
-import signal
-import subprocess
 import tempfile
-from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = (
-    "--headless",
     "--no-sandbox",
     "--disable-gpu",
     "--disable-quic",
@@ -51,13 +43,10 @@ FLAGS = (
     "--disable-backgrounding-occluded-windows",
     "--autoplay-policy=no-user-gesture-required",
     "--disable-breakpad",
-    "--remote-debugging-port=0",
 )
-START_TIMEOUT = 30.0
 COMMAND_TIMEOUT = 30.0
-CLOSE_TIMEOUT = 5.0
 POLL_INTERVAL = 0.05
-MAX_MESSAGE = 64 * 1024 * 1024  # screenshots and data: URLs come back whole
+T = TypeVar("T")
 
 
 class BrowserError(Exception):
@@ -75,169 +64,119 @@ class PageTimeout(BrowserError):
 @dataclass(frozen=True)
 class ConsoleMessage:
     """Something a page said: ``kind`` is a console level (log, warning, error, ...), ``exception``
-    for an uncaught exception or rejection, ``dialog`` for an alert/confirm/prompt, or
-    ``log.<level>`` for the browser's own messages (a failed resource load, a CSP violation)."""
+    for an uncaught exception, ``dialog`` for an alert/confirm/prompt."""
 
     kind: str
     text: str
 
     @property
     def is_error(self) -> bool:
-        return self.kind in ("error", "assert", "exception", "dialog", "log.error")
+        return self.kind in ("error", "assert", "exception", "dialog")
+
+
+class _Thread:
+    """Runs every Playwright call on one thread."""
+
+    def __init__(self) -> None:
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="playwright")
+
+    async def run(self, fn: Callable[[], T], timeout: float = COMMAND_TIMEOUT) -> T:
+        future = self.pool.submit(fn)
+        try:
+            with trio.fail_after(timeout + 5):
+                return await trio.to_thread.run_sync(future.result, abandon_on_cancel=True)
+        except trio.TooSlowError:
+            raise BrowserError(f"no answer from the browser within {timeout}s") from None
 
 
 class Browser:
     """A running browser; make pages with ``new_page``. Built by ``open_browser``."""
 
-    def __init__(self, ws: WebSocketConnection, nursery: trio.Nursery) -> None:
-        self._ws = ws
-        self._nursery = nursery
-        self._ids = itertools.count(1)
-        self._answers: dict[int, trio.MemorySendChannel[dict[str, Any]]] = {}
-        self._pages: dict[str, Page] = {}
-
-    async def send(
-        self,
-        method: str,
-        params: dict[str, Any] | None = None,
-        *,
-        session: str | None = None,
-        timeout: float = COMMAND_TIMEOUT,
-    ) -> dict[str, Any]:
-        """One CDP command; its result, or BrowserError with the browser's reason."""
-        cid = next(self._ids)
-        send, receive = trio.open_memory_channel[dict[str, Any]](1)
-        self._answers[cid] = send
-        message: dict[str, Any] = {"id": cid, "method": method, "params": params or {}}
-        if session is not None:
-            message["sessionId"] = session
-        try:
-            with trio.fail_after(timeout):
-                try:
-                    await self._ws.send_message(json.dumps(message))
-                    answer = await receive.receive()
-                except (trio.EndOfChannel, ConnectionClosed):
-                    raise BrowserError(f"{method}: the browser closed the connection") from None
-        except trio.TooSlowError:
-            raise BrowserError(f"{method}: no answer within {timeout}s") from None
-        finally:
-            self._answers.pop(cid, None)
-        if "error" in answer:
-            error = answer["error"]
-            raise BrowserError(f"{method}: {error.get('message')} {error.get('data', '')}".strip())
-        return answer.get("result", {})
+    def __init__(self, thread: _Thread, pw_browser: Any) -> None:
+        self._thread = thread
+        self._browser = pw_browser
 
     async def new_page(self, url: str, *, init_script: str = "", timeout: float = COMMAND_TIMEOUT) -> Page:
-        """A new tab that loads ``url``; returns once its load event fired. Console messages and
-        exceptions are collected from before the first byte of the page; ``init_script`` runs in
-        every document of the tab before the page's own scripts."""
-        target = (await self.send("Target.createTarget", {"url": "about:blank"}))["targetId"]
-        attached = await self.send("Target.attachToTarget", {"targetId": target, "flatten": True})
-        session = attached["sessionId"]
-        page = Page(self, target, session)
-        self._pages[session] = page
-        for domain in ("Runtime", "Page", "Log", "DOM"):
-            await page.send(f"{domain}.enable")
-        if init_script:
-            await page.send("Page.addScriptToEvaluateOnNewDocument", {"source": init_script})
+        """A new tab that loads ``url``; returns once its load event fired. ``init_script`` runs
+        in every document of the tab before the page's own scripts."""
+
+        def make() -> Any:
+            context = self._browser.new_context()
+            pw_page = context.new_page()
+            return pw_page
+
+        pw_page = await self._thread.run(make)
+        page = Page(self._thread, pw_page)
+        await self._thread.run(lambda: page._listen(init_script))
         await page.goto(url, timeout=timeout)
         return page
-
-    async def _close(self, proc: trio.Process) -> None:
-        """Ask the browser to quit (it then ends its helpers itself) and wait until it did."""
-        try:
-            await self._ws.send_message(json.dumps({"id": 0, "method": "Browser.close"}))
-        except ConnectionClosed:
-            pass
-        await proc.wait()
-
-    async def _read(self) -> None:
-        try:
-            while True:
-                message = json.loads(await self._ws.get_message())
-                if "id" in message:
-                    route = self._answers.get(message["id"])
-                    if route is not None:
-                        route.send_nowait(message)
-                elif (page := self._pages.get(message.get("sessionId", ""))) is not None:
-                    page._on_event(message["method"], message.get("params", {}))
-        except ConnectionClosed:
-            pass
-        finally:  # every command still waiting learns the browser is gone
-            for route in self._answers.values():
-                route.close()
 
 
 class Page:
     """One tab. ``console`` holds everything it logged and every uncaught exception."""
 
-    def __init__(self, browser: Browser, target: str, session: str) -> None:
-        self.browser = browser
-        self.target = target
-        self.session = session
+    def __init__(self, thread: _Thread, pw_page: Any) -> None:
+        self._thread = thread
+        self._page = pw_page
         self.console: list[ConsoleMessage] = []
-        self._event_waiters: list[tuple[str, trio.MemorySendChannel[dict[str, Any]]]] = []
+
+    def _listen(self, init_script: str) -> None:
+        page = self._page
+        page.on("console", lambda m: self.console.append(ConsoleMessage(m.type, m.text)))
+        page.on("pageerror", lambda e: self.console.append(ConsoleMessage("exception", str(e))))
+
+        def dialog(d: Any) -> None:
+            self.console.append(ConsoleMessage("dialog", f"{d.type}: {d.message}"))
+            d.dismiss()
+
+        page.on("dialog", dialog)
+        if init_script:
+            page.add_init_script(init_script)
 
     @property
     def errors(self) -> list[ConsoleMessage]:
         return [m for m in self.console if m.is_error]
 
-    async def send(
-        self, method: str, params: dict[str, Any] | None = None, *, timeout: float = COMMAND_TIMEOUT
-    ) -> dict[str, Any]:
-        return await self.browser.send(method, params, session=self.session, timeout=timeout)
-
     async def goto(self, url: str, *, timeout: float = COMMAND_TIMEOUT) -> None:
-        loaded = self._expect("Page.loadEventFired")
-        with trio.fail_after(timeout):
-            nav = await self.send("Page.navigate", {"url": url}, timeout=timeout)
-            if nav.get("errorText"):
-                raise BrowserError(f"loading {url}: {nav['errorText']}")
-            await loaded.receive()
+        try:
+            await self._thread.run(lambda: self._page.goto(url, timeout=timeout * 1000, wait_until="load"), timeout)
+        except BrowserError:
+            raise
+        except Exception as exc:  # playwright's Error: a failed navigation
+            raise BrowserError(f"loading {url}: {exc}") from None
 
     async def eval(self, js: str, *, timeout: float = COMMAND_TIMEOUT) -> Any:
         """The value of a JavaScript expression (awaited if it is a promise), as JSON."""
-        answer = await self.send(
-            "Runtime.evaluate",
-            {
-                "expression": js,
-                "returnByValue": True,
-                "awaitPromise": True,
-                "userGesture": True,
-            },
-            timeout=timeout,
-        )
-        if "exceptionDetails" in answer:
-            raise JavaScriptError(f"{_exception_text(answer['exceptionDetails'])}\n  in: {js}")
-        return answer["result"].get("value")
+        from playwright.sync_api import Error
+
+        def run() -> Any:
+            try:
+                # Wrapped in a function: Playwright evaluates a bare expression or a function.
+                return self._page.evaluate(f"async () => ({js})")
+            except Error as exc:
+                raise JavaScriptError(f"{str(exc).splitlines()[0]}\n  in: {js}") from None
+
+        return await self._thread.run(run, timeout)
 
     async def wait_for(self, condition: str, *, timeout: float = 10.0, show: str | None = None) -> Any:
         """Evaluate ``condition`` until it is truthy (in JavaScript) and return its value (an
-        element's value is True).
-
-        A condition that throws counts as not yet true (its element may not exist yet); the last
-        such error is part of the PageTimeout message, with the value of ``show`` if given, and
-        the page's errors, so a failure says what the page looked like.
-        """
-        # Truthiness is JavaScript's: an element is truthy there but arrives here as {}.
+        element's value is True). A condition that throws counts as not yet true; the last such
+        error, the value of ``show`` and the page's errors are in the PageTimeout message."""
         probe = (
             f"(async () => {{ const v = await ({condition});"
             " return v ? {ok: true, value: v instanceof Node ? true : v} : {ok: false}; })()"
         )
         last_error = ""
-        try:
-            with trio.fail_after(timeout):
-                while True:
-                    try:
-                        met = await self.eval(probe)
-                    except JavaScriptError as exc:
-                        last_error = str(exc).splitlines()[0]
-                    else:
-                        if met["ok"]:
-                            return met["value"]
-                    await trio.sleep(POLL_INTERVAL)  # pacing between reads of the page's state
-        except trio.TooSlowError:
-            pass
+        with trio.move_on_after(timeout):
+            while True:
+                try:
+                    met = await self.eval(probe)
+                except JavaScriptError as exc:
+                    last_error = str(exc).splitlines()[0]
+                else:
+                    if met["ok"]:
+                        return met["value"]
+                await trio.sleep(POLL_INTERVAL)  # pacing between reads of the page's state
         lines = [f"still false after {timeout}s: {condition}"]
         if last_error:
             lines.append(f"  last error: {last_error}")
@@ -266,56 +205,16 @@ class Page:
 
     async def set_file_input(self, selector: str, *paths: str | os.PathLike[str]) -> None:
         """Choose files on an ``<input type=file>``, as the file picker would (fires change)."""
-        root = (await self.send("DOM.getDocument", {"depth": 0}))["root"]["nodeId"]
-        found = await self.send("DOM.querySelector", {"nodeId": root, "selector": selector})
-        node = found["nodeId"]
-        if not node:
-            raise BrowserError(f"no element matches {selector!r}")
         files = [str(Path(p).resolve()) for p in paths]
-        await self.send("DOM.setFileInputFiles", {"nodeId": node, "files": files})
+        await self._thread.run(lambda: self._page.set_input_files(selector, files))
 
     async def screenshot(self, path: str | os.PathLike[str]) -> Path:
-        data = (await self.send("Page.captureScreenshot", {"format": "png"}))["data"]
         out = Path(path)
-        out.write_bytes(base64.b64decode(data))
+        await self._thread.run(lambda: self._page.screenshot(path=str(out)))
         return out
 
     async def close(self) -> None:
-        await self.browser.send("Target.closeTarget", {"targetId": self.target})
-        self.browser._pages.pop(self.session, None)
-
-    # --- events --------------------------------------------------------------------------------
-    def _expect(self, method: str) -> trio.MemoryReceiveChannel[dict[str, Any]]:
-        """A channel that gets the params of the next ``method`` event; ask before causing it."""
-        send, receive = trio.open_memory_channel[dict[str, Any]](1)
-        self._event_waiters.append((method, send))
-        return receive
-
-    def _on_event(self, method: str, params: dict[str, Any]) -> None:
-        if method == "Runtime.consoleAPICalled":
-            text = " ".join(_remote_text(a) for a in params.get("args", []))
-            self.console.append(ConsoleMessage(params.get("type", "log"), text))
-        elif method == "Runtime.exceptionThrown":
-            text = _exception_text(params["exceptionDetails"])
-            self.console.append(ConsoleMessage("exception", text))
-        elif method == "Log.entryAdded":
-            entry = params["entry"]
-            text = entry.get("text", "") + (f" ({entry['url']})" if entry.get("url") else "")
-            self.console.append(ConsoleMessage(f"log.{entry.get('level', 'info')}", text))
-        elif method == "Page.javascriptDialogOpening":
-            # A dialog blocks the page until answered: note it (an error for the tests) and go on.
-            text = f"{params.get('type')}: {params.get('message')}"
-            self.console.append(ConsoleMessage("dialog", text))
-            self.browser._nursery.start_soon(self._dismiss_dialog)
-        for waiter in [w for w in self._event_waiters if w[0] == method]:
-            self._event_waiters.remove(waiter)
-            waiter[1].send_nowait(params)
-
-    async def _dismiss_dialog(self) -> None:
-        try:
-            await self.send("Page.handleJavaScriptDialog", {"accept": False})
-        except BrowserError:
-            pass  # already gone with its page
+        await self._thread.run(lambda: self._page.context.close())
 
 
 def _element(selector: str) -> str:
@@ -325,106 +224,39 @@ def _element(selector: str) -> str:
     return f"(document.querySelector({sel}) ?? {missing})"
 
 
-def _remote_text(obj: dict[str, Any]) -> str:
-    if "value" in obj:
-        return obj["value"] if isinstance(obj["value"], str) else json.dumps(obj["value"])
-    return obj.get("description") or obj.get("unserializableValue") or obj.get("type", "")
-
-
-def _exception_text(details: dict[str, Any]) -> str:
-    exc = details.get("exception") or {}
-    text = exc.get("description") or exc.get("value") or details.get("text", "exception")
-    return str(text)
-
-
-class _Stderr:
-    """The browser's stderr: finds the DevTools URL, then keeps draining (a full pipe would stall
-    the browser) and remembers the tail for error messages."""
-
-    def __init__(self, stream: trio.abc.ReceiveStream) -> None:
-        self.stream = stream
-        self.tail: deque[str] = deque(maxlen=40)
-        self._buffer = b""
-
-    async def readline(self) -> str | None:
-        """The next line, or None at the end of the stream."""
-        while b"\n" not in self._buffer:
-            chunk = await self.stream.receive_some()
-            if not chunk:
-                return None
-            self._buffer += chunk
-        line, self._buffer = self._buffer.split(b"\n", 1)
-        text = line.decode("utf-8", "replace")
-        self.tail.append(text)
-        return text
-
-    async def devtools_url(self) -> str:
-        while (line := await self.readline()) is not None:
-            if m := re.search(r"DevTools listening on (ws://\S+)", line):
-                return m.group(1)
-        raise BrowserError("chromium exited before listening:\n" + "\n".join(self.tail))
-
-    async def drain(self) -> None:
-        while await self.readline() is not None:
-            pass
-
-
 @asynccontextmanager
 async def open_browser(*, executable: str = CHROMIUM) -> AsyncIterator[Browser]:
-    """A headless Chromium for the duration of the block, killed with its children at the end."""
+    """A headless Chromium (Debian's, by path) for the duration of the block."""
     if not Path(executable).exists():
         raise BrowserError(f"no browser at {executable} (apt-get install chromium)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        raise BrowserError("playwright is not installed (pip install -e '.[test]')") from None
+    thread = _Thread()
     profile = Path(tempfile.mkdtemp(prefix="rentahal-chromium-"))
-    try:
-        proc = await trio.lowlevel.open_process(
-            [executable, *FLAGS, f"--user-data-dir={profile}", "about:blank"],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            start_new_session=True,  # its own process group: renderers and helpers die with it
-        )
+    state: dict[str, Any] = {}
+
+    def start() -> Any:
+        state["pw"] = sync_playwright().start()
+        return state["pw"].chromium.launch(executable_path=executable, headless=True, args=list(FLAGS))
+
+    def stop() -> None:
         try:
-            assert proc.stderr is not None
-            stderr = _Stderr(proc.stderr)
-            try:
-                with trio.fail_after(START_TIMEOUT):
-                    url = await stderr.devtools_url()
-            except trio.TooSlowError:
-                raise BrowserError(
-                    f"chromium did not listen within {START_TIMEOUT}s:\n" + "\n".join(stderr.tail)
-                ) from None
-            async with _single_errors(), trio.open_nursery() as nursery:
-                nursery.start_soon(stderr.drain)
-                async with open_websocket_url(url, max_message_size=MAX_MESSAGE) as ws:
-                    browser = Browser(ws, nursery)
-                    nursery.start_soon(browser._read)
-                    try:
-                        yield browser
-                    finally:
-                        with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
-                            await browser._close(proc)
-                nursery.cancel_scope.cancel()
+            if "browser" in state:
+                state["browser"].close()
         finally:
-            with trio.CancelScope(shield=True):
-                _kill_group(proc.pid)  # whatever is left of it: a hung browser, a stray helper
-                await proc.wait()
+            if "pw" in state:
+                state["pw"].stop()
+
+    try:
+        state["browser"] = await thread.run(start)
+        yield Browser(thread, state["browser"])
     finally:
+        with trio.CancelScope(shield=True):
+            try:
+                await thread.run(stop, 10.0)
+            except Exception:
+                pass
+            thread.pool.shutdown(wait=False)
         shutil.rmtree(profile, ignore_errors=True)
-
-
-def _kill_group(pgid: int) -> None:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
-@asynccontextmanager
-async def _single_errors() -> AsyncIterator[None]:
-    """Let a test's own failure out of the browser's nursery as itself, not in an ExceptionGroup."""
-    try:
-        yield
-    except BaseExceptionGroup as group:
-        if len(group.exceptions) == 1:
-            raise group.exceptions[0] from None
-        raise
