@@ -79,6 +79,10 @@ def main() -> None:
         "| --- | --- | --- | --- |",
         *(f"| {s} | {r0:.1f} MB | {r1:.1f} MB | {', '.join(libs) or 'none'} |" for s, r0, r1, libs in rows),
         "",
+        "Target (issue 10): a chat-only node at most 150 MB, with no torch, diffusers or whisper.cpp "
+        "mapped: they are imported only by the realms that need them (imagine, speech), and a CPU-only "
+        "llama.cpp build skips the GPU probe that imported torch (+225 MB, +1 s at start before).",
+        "",
     ]
     text = "\n".join(lines)
     print(text)
