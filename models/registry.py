@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, unquote, urljoin, urlsplit
+from urllib.parse import unquote, urljoin, urlsplit
 
 from ..realms.catalog import REALMS
 
@@ -514,19 +514,54 @@ def remove_model(data_dir: Path, realm: str, name: str) -> None:
 
 
 # --- resolving node.toml's realms.<realm>.model ---------------------------------------------------
-def _parse_hub_id(ref: str) -> tuple[str, str, str]:
-    """``hf:owner/repo/path/in/repo`` -> (owner, repo, path)."""
-    parts = ref[3:].strip("/").split("/")
-    if len(parts) < 3 or not all(parts) or any(p in (".", "..") for p in parts):
-        raise ModelError(f"bad hub id {ref!r}: expected hf:owner/repo/path/to/file")
-    return parts[0], parts[1], "/".join(parts[2:])
+def _parse_hub_id(ref: str) -> tuple[str, str, str, str]:
+    """``hf:owner/repo/path/in/repo[@revision]`` -> (owner, repo, path, revision or "main")."""
+    body, at, revision = ref[3:].strip("/").partition("@")
+    parts = body.strip("/").split("/")
+    if len(parts) < 3 or not all(parts) or any(p in (".", "..") for p in parts) or (at and not revision):
+        raise ModelError(f"bad hub id {ref!r}: expected hf:owner/repo/path/to/file[@revision]")
+    return parts[0], parts[1], "/".join(parts[2:]), revision or "main"
 
 
-def hub_url(ref: str) -> str:
-    """The download URL of a hub id: ``$RENTAHAL_HUB_URL/owner/repo/resolve/main/path``."""
-    owner, repo, path = _parse_hub_id(ref)
-    base = (os.environ.get(HUB_ENV) or DEFAULT_HUB_URL).rstrip("/")
-    return f"{base}/{quote(owner)}/{quote(repo)}/resolve/main/{quote(path)}"
+def _hub_base() -> str:
+    return (os.environ.get(HUB_ENV) or DEFAULT_HUB_URL).rstrip("/")
+
+
+def hub_url(ref: str, revision: str | None = None) -> str:
+    """The download URL of a hub id (huggingface_hub's ``hf_hub_url``), at ``revision`` (a
+    commit, once pinned) or the one the id names."""
+    from huggingface_hub import hf_hub_url
+
+    owner, repo, path, named = _parse_hub_id(ref)
+    return hf_hub_url(f"{owner}/{repo}", path, revision=revision or named, endpoint=_hub_base())
+
+
+def pin_hub_file(ref: str, token: str = "") -> tuple[str, str]:
+    """(download URL at a commit, that commit) for a hub id: the hub is asked (huggingface_hub's
+    ``model_info``) which commit its revision names now, and whether the file is there, so a
+    pull fetches exactly one version of the file and records which."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+
+    owner, repo, path, revision = _parse_hub_id(ref)
+    repo_id = f"{owner}/{repo}"
+    try:
+        info = HfApi(endpoint=_hub_base(), token=token or False).model_info(repo_id, revision=revision)
+    except RepositoryNotFoundError:
+        raise ModelError(f"{ref}: no repository {repo_id} on {_hub_base()} (or it needs {HUB_TOKEN_ENV})") from None
+    except RevisionNotFoundError:
+        raise ModelError(f"{ref}: {repo_id} has no revision {revision!r}") from None
+    except HfHubHTTPError as exc:
+        if getattr(exc.response, "status_code", None) == 404:
+            raise ModelError(f"{ref}: the hub has no {repo_id} at {revision} (or it needs {HUB_TOKEN_ENV})") from None
+        raise ModelError(f"{ref}: the hub at {_hub_base()} refused: {str(exc).splitlines()[0]}") from None
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{ref}: the hub at {_hub_base()} did not answer ({type(exc).__name__}: {exc})") from None
+    if not info.sha:
+        raise ModelError(f"{ref}: the hub named no commit for {repo_id}@{revision}")
+    if path not in {s.rfilename for s in info.siblings or ()}:
+        raise ModelError(f"{ref}: no file {path} in {repo_id} at {revision} ({info.sha[:12]})")
+    return hub_url(ref, info.sha), info.sha
 
 
 def resolve(data_dir: Path, realm: str, ref: str) -> Path | None:
@@ -644,9 +679,10 @@ def pull(
     _check_realm(realm)
     source = url.strip()
     auth: dict[str, str] = {}
+    commit = ""
     if source.startswith("hf:"):
-        url = hub_url(source)
         token = os.environ.get(HUB_TOKEN_ENV, "").strip()
+        url, commit = pin_hub_file(source, token)
         if token:
             auth = {"Authorization": f"Bearer {token}"}
     else:
@@ -715,6 +751,7 @@ def pull(
                     "realm": realm,
                     "format": "gguf" if job.magic[0] == GGUF_MAGIC else "ggml-whisper",
                     "source": source,
+                    **({"revision": commit} if commit else {}),
                     "added_at": _now(),
                     "entry": target.name,
                     "mmproj": None,

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -44,6 +45,7 @@ class Behaviour:
     ignore_range: bool = False
     status: dict[str, int] = field(default_factory=dict)  # path -> forced status
     redirects: dict[str, str] = field(default_factory=dict)  # path -> Location
+    json: dict[str, Any] = field(default_factory=dict)  # path -> a JSON answer
     requests: list[tuple[str, str | None]] = field(default_factory=list)  # (path, Range header)
     headers: list[dict[str, str]] = field(default_factory=list)
     body_bytes_sent: int = 0
@@ -63,6 +65,14 @@ def _handler(b: Behaviour) -> type[BaseHTTPRequestHandler]:
             with b.lock:
                 b.requests.append((path, rng))
                 b.headers.append(dict(self.headers))
+            if path in b.json:  # a hub API answer (huggingface_hub's model_info)
+                body = json.dumps(b.json[path]).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                return
             if path in b.redirects:
                 self.send_response(302)
                 self.send_header("Location", b.redirects[path])
@@ -281,18 +291,40 @@ def test_pull_server_ignoring_range_restarts(tmp_path: Path, server: Server) -> 
     assert info.path.read_bytes() == data and info.verified
 
 
-def test_pull_hub_id(tmp_path: Path, server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def hub_repo(server: Server, files: dict[str, bytes], *, revision: str = "main", commit: str = COMMIT) -> None:
+    """owner/repo on the test hub: what huggingface_hub's model_info reads, and the files at the commit."""
+    server.b.json[f"/api/models/owner/repo/revision/{revision}"] = {
+        "id": "owner/repo", "sha": commit, "siblings": [{"rfilename": name} for name in files],
+    }  # fmt: skip
+    for name, data in files.items():
+        server.b.files[f"/owner/repo/resolve/{commit}/{name}"] = data
+
+
+def test_pull_hub_id_pins_the_revision(tmp_path: Path, server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
     data = WHISPER_MAGIC + b"\x00" * 5000
-    server.b.files["/owner/repo/resolve/main/sub/ggml-tiny.en.bin"] = data
+    hub_repo(server, {"sub/ggml-tiny.en.bin": data, "README.md": b"hi"})
     monkeypatch.setenv("RENTAHAL_HUB_URL", server.url + "/")
     monkeypatch.setenv("HF_TOKEN", "secret-token")
     ref = "hf:owner/repo/sub/ggml-tiny.en.bin"
     info = pull(tmp_path, "speech", ref, sha256=sha(data))
     assert info.name == "ggml-tiny.en" and info.format == "ggml-whisper" and info.source == ref
+    # The file was fetched at the commit "main" named when the pull asked, and that is recorded.
+    assert server.b.requests[-1][0] == f"/owner/repo/resolve/{COMMIT}/sub/ggml-tiny.en.bin"
+    assert json.loads((info.dir / "model.json").read_text())["revision"] == COMMIT
     assert server.b.headers[-1].get("Authorization") == "Bearer secret-token"
     assert resolve(tmp_path, "speech", ref) == info.path
     with pytest.raises(ModelError, match="bad hub id"):
         pull(tmp_path, "speech", "hf:owner/repo")
+    with pytest.raises(ModelError, match="no file sub/other.bin in owner/repo at main"):
+        pull(tmp_path, "speech", "hf:owner/repo/sub/other.bin")
+    with pytest.raises(ModelError, match="has no owner/repo at v9"):
+        pull(tmp_path, "speech", "hf:owner/repo/sub/ggml-tiny.en.bin@v9", name="v9")
+    hub_repo(server, {"sub/ggml-tiny.en.bin": data}, revision="v1", commit="f" * 40)
+    pinned = pull(tmp_path, "speech", "hf:owner/repo/sub/ggml-tiny.en.bin@v1", name="v1")
+    assert server.b.requests[-1][0] == f"/owner/repo/resolve/{'f' * 40}/sub/ggml-tiny.en.bin" and pinned.verified
 
 
 def test_pull_progress_increases_to_total(tmp_path: Path, server: Server) -> None:
