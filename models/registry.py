@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urljoin, urlsplit
+from urllib.parse import unquote, urlsplit
 
 from ..realms.catalog import REALMS
 
@@ -672,8 +672,8 @@ def pull(
     checked against it; a mismatch discards it. The file is renamed into place and the manifest
     written last. ``progress(done, total)`` is called as bytes arrive (total None when the server
     does not say); ``done`` starts at the resumed size, and drops to 0 on a restart.
-    ``client`` is an ``httpx.Client`` to use instead of a new one (redirects are followed here,
-    by hand, whatever its setting)."""
+    ``client`` is an ``httpx.Client`` to use instead of a new one (redirects are followed by
+    httpx, up to its ``max_redirects``, whatever its follow_redirects setting)."""
     import httpx
 
     _check_realm(realm)
@@ -722,7 +722,7 @@ def pull(
     )
     own = client is None
     if own:
-        client = httpx.Client(timeout=httpx.Timeout(timeout), follow_redirects=False)
+        client = httpx.Client(timeout=httpx.Timeout(timeout), follow_redirects=True, max_redirects=MAX_REDIRECTS)
     try:
         with _lock(folder, job.what):
             _refuse_existing(folder, realm, name)
@@ -908,22 +908,19 @@ class _Pull:
 
 
 def _open_stream(client: Any, url: str, headers: dict[str, str], auth: dict[str, str], auth_host: str) -> Any:
-    """GET ``url`` (streaming), following at most MAX_REDIRECTS http(s) redirects by hand so
-    that no other scheme is ever followed and credentials go to ``auth_host`` only."""
-    for _ in range(MAX_REDIRECTS + 1):
-        extra = auth if urlsplit(url).netloc == auth_host else {}
-        request = client.build_request("GET", url, headers={**headers, **extra})
-        response = client.send(request, stream=True, follow_redirects=False)
-        if response.status_code in (301, 302, 303, 307, 308) and "location" in response.headers:
-            location = response.headers["location"]
-            response.close()
-            nxt = urljoin(url, location)
-            if urlsplit(nxt).scheme.lower() not in ("http", "https"):
-                raise ModelError(f"{url} redirects to {location!r}: only http(s) redirects are followed")
-            url = nxt
-            continue
-        return response
-    raise ModelError(f"too many redirects (more than {MAX_REDIRECTS}) from {url}")
+    """GET ``url`` (streaming), httpx following its redirects: http(s) only (another scheme is
+    UnsupportedProtocol), at most the client's ``max_redirects``, and the Authorization header
+    dropped by httpx as soon as a redirect leaves the origin it was meant for."""
+    import httpx
+
+    extra = auth if urlsplit(url).netloc == auth_host else {}
+    request = client.build_request("GET", url, headers={**headers, **extra})
+    try:
+        return client.send(request, stream=True, follow_redirects=True)
+    except httpx.TooManyRedirects:
+        raise ModelError(f"too many redirects (more than {client.max_redirects}) from {url}") from None
+    except httpx.UnsupportedProtocol:
+        raise ModelError(f"{url} redirects to a URL that is not http(s): only http(s) is followed") from None
 
 
 def _check_space(part: Path, needed: int | None) -> None:

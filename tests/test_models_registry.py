@@ -322,6 +322,14 @@ def test_pull_hub_id_pins_the_revision(tmp_path: Path, server: Server, monkeypat
         pull(tmp_path, "speech", "hf:owner/repo/sub/other.bin")
     with pytest.raises(ModelError, match="has no owner/repo at v9"):
         pull(tmp_path, "speech", "hf:owner/repo/sub/ggml-tiny.en.bin@v9", name="v9")
+    # An LFS file redirects to another host (a CDN): the token stays with the hub.
+    hub_repo(server, {"big.bin": b""}, revision="lfs", commit="e" * 40)
+    cdn = server.url.replace("127.0.0.1", "localhost") + "/cdn/big.bin"
+    server.b.redirects[f"/owner/repo/resolve/{'e' * 40}/big.bin"] = cdn
+    server.b.files["/cdn/big.bin"] = data
+    pull(tmp_path, "speech", "hf:owner/repo/big.bin@lfs", name="lfs")
+    assert server.b.requests[-1][0] == "/cdn/big.bin" and "Authorization" not in server.b.headers[-1]
+    assert server.b.headers[-2].get("Authorization") == "Bearer secret-token"  # the hub's own answer
     hub_repo(server, {"sub/ggml-tiny.en.bin": data}, revision="v1", commit="f" * 40)
     pinned = pull(tmp_path, "speech", "hf:owner/repo/sub/ggml-tiny.en.bin@v1", name="v1")
     assert server.b.requests[-1][0] == f"/owner/repo/resolve/{'f' * 40}/sub/ggml-tiny.en.bin" and pinned.verified
