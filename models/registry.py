@@ -540,11 +540,18 @@ def pin_hub_file(ref: str, token: str = "") -> tuple[str, str]:
     """(download URL at a commit, that commit) for a hub id: the hub is asked (huggingface_hub's
     ``model_info``) which commit its revision names now, and whether the file is there, so a
     pull fetches exactly one version of the file and records which."""
+    owner, repo, path, revision = _parse_hub_id(ref)
+    commit, names = _hub_commit(ref, f"{owner}/{repo}", revision, token)
+    if path not in names:
+        raise ModelError(f"{ref}: no file {path} in {owner}/{repo} at {revision} ({commit[:12]})")
+    return hub_url(ref, commit), commit
+
+
+def _hub_commit(ref: str, repo_id: str, revision: str, token: str) -> tuple[str, set[str]]:
+    """(the commit ``revision`` names now, the repository's file names at it)."""
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
-    owner, repo, path, revision = _parse_hub_id(ref)
-    repo_id = f"{owner}/{repo}"
     try:
         info = HfApi(endpoint=_hub_base(), token=token or False).model_info(repo_id, revision=revision)
     except RepositoryNotFoundError:
@@ -559,9 +566,74 @@ def pin_hub_file(ref: str, token: str = "") -> tuple[str, str]:
         raise ModelError(f"{ref}: the hub at {_hub_base()} did not answer ({type(exc).__name__}: {exc})") from None
     if not info.sha:
         raise ModelError(f"{ref}: the hub named no commit for {repo_id}@{revision}")
-    if path not in {s.rfilename for s in info.siblings or ()}:
-        raise ModelError(f"{ref}: no file {path} in {repo_id} at {revision} ({info.sha[:12]})")
-    return hub_url(ref, info.sha), info.sha
+    return info.sha, {s.rfilename for s in info.siblings or ()}
+
+
+def _parse_hub_repo(ref: str) -> tuple[str, str, str, str]:
+    """``hf:owner/repo[/folder][@revision]`` -> (owner, repo, folder or "", revision or "main")."""
+    body, at, revision = ref[3:].strip("/").partition("@")
+    parts = body.strip("/").split("/")
+    if len(parts) < 2 or not all(parts) or any(p in (".", "..") for p in parts) or (at and not revision):
+        raise ModelError(f"bad hub id {ref!r}: expected hf:owner/repo[/folder][@revision]")
+    return parts[0], parts[1], "/".join(parts[2:]), revision or "main"
+
+
+_HUB_SKIP = (".md", ".png", ".jpg", ".jpeg", ".gif", ".webp")  # a repo's card and pictures
+
+
+def _pull_hub_folder(data_dir: Path, realm: str, ref: str, name: str | None, client: Any, timeout: float) -> ModelInfo:
+    """A diffusers pipeline (imagine) from the hub: every file of the repo (or of its folder) at
+    one commit, downloaded, then added to the store like a local folder, with the hub id and the
+    commit in its manifest."""
+    import httpx
+    from huggingface_hub import hf_hub_url
+
+    owner, repo, folder, revision = _parse_hub_repo(ref)
+    repo_id = f"{owner}/{repo}"
+    token = os.environ.get(HUB_TOKEN_ENV, "").strip()
+    commit, names = _hub_commit(ref, repo_id, revision, token)
+    prefix = f"{folder}/" if folder else ""
+    wanted = sorted(
+        n for n in names if n.startswith(prefix) and not Path(n).name.startswith(".") and not n.endswith(_HUB_SKIP)
+    )
+    if f"{prefix}model_index.json" not in wanted:
+        raise ModelError(f"{ref}: no {prefix}model_index.json at {commit[:12]}: not a diffusers pipeline")
+    name = name or default_name(f"{repo}{'-' + folder.replace('/', '-') if folder else ''}")
+    _refuse_existing(_model_dir(data_dir, realm, name), realm, name)
+    base = _hub_base()
+    auth = {"Authorization": f"Bearer {token}"} if token else {}
+    stage = Path(data_dir) / "models" / f".pull-{realm}-{name}-{secrets.token_hex(4)}"
+    own = client is None
+    if own:
+        client = httpx.Client(timeout=httpx.Timeout(timeout), follow_redirects=True, max_redirects=MAX_REDIRECTS)
+    try:
+        for n in wanted:
+            url = hf_hub_url(repo_id, n, revision=commit, endpoint=base)
+            target = stage / name / n[len(prefix) :]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                response = _open_stream(client, url, {}, auth, urlsplit(base).netloc)
+                try:
+                    if response.status_code != 200:
+                        raise ModelError(f"{ref}: {n}: the hub answered {response.status_code}")
+                    with open(target, "wb") as f:
+                        for chunk in response.iter_bytes(CHUNK):
+                            f.write(chunk)
+                finally:
+                    response.close()
+            except httpx.HTTPError as exc:
+                raise ModelError(f"{ref}: {n}: download failed ({type(exc).__name__}: {exc})") from None
+        info = add_model(data_dir, realm, name, stage / name)
+        manifest = json.loads((info.dir / MANIFEST).read_text())
+        manifest.update(source=ref, revision=commit)
+        _write_json(info.dir / MANIFEST, manifest)
+        return _load(info.dir, realm)
+    except OSError as exc:
+        raise ModelError(f"cannot pull {ref}: {_oserr(exc)}") from None
+    finally:
+        if own:
+            client.close()
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def resolve(data_dir: Path, realm: str, ref: str) -> Path | None:
@@ -678,6 +750,13 @@ def pull(
 
     _check_realm(realm)
     source = url.strip()
+    if realm == "imagine":
+        if not source.startswith("hf:"):
+            raise ModelError(
+                "imagine models are diffusers folders: pull one from the hub (hf:owner/repo[/folder][@revision]) "
+                "or download the folder and run: rentahal-node models add imagine FOLDER"
+            )
+        return _pull_hub_folder(data_dir, realm, source, name, client, timeout)
     auth: dict[str, str] = {}
     commit = ""
     if source.startswith("hf:"):
@@ -690,11 +769,6 @@ def pull(
     parts = urlsplit(url)
     if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
         raise ModelError(f"cannot pull {source!r}: expected an http(s) URL or a hub id hf:owner/repo/file")
-    if realm == "imagine":
-        raise ModelError(
-            "imagine models are diffusers folders, which a single download cannot fetch; "
-            "download the folder and run: rentahal-node models add imagine FOLDER"
-        )
     if name is None:
         name = default_name(source)
         if not name:

@@ -415,6 +415,30 @@ def test_add_link(tmp_path: Path, tiny_gguf: Path) -> None:
     assert src.exists()
 
 
+def test_pull_a_diffusers_folder_from_the_hub(tmp_path: Path, server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """imagine models are folders: every file of the repo's folder, at one commit."""
+    monkeypatch.setenv("RENTAHAL_HUB_URL", server.url + "/")
+    files = {
+        "sd/model_index.json": b'{"_class_name": "StableDiffusionPipeline"}',
+        "sd/unet/config.json": b"{}",
+        "sd/unet/diffusion_pytorch_model.safetensors": b"\x00" * 4096,
+        "README.md": b"a card",
+        "sd/sample.png": b"picture",
+        "other/model_index.json": b"{}",
+    }
+    hub_repo(server, files)
+    info = pull(tmp_path, "imagine", "hf:owner/repo/sd", name="tiny-sd")
+    assert info.format == "diffusers" and info.verified and info.source == "hf:owner/repo/sd"
+    assert sorted(f.path for f in info.files) == [
+        "tiny-sd/model_index.json", "tiny-sd/unet/config.json", "tiny-sd/unet/diffusion_pytorch_model.safetensors",
+    ]  # fmt: skip
+    assert json.loads((info.dir / "model.json").read_text())["revision"] == COMMIT
+    assert resolve(tmp_path, "imagine", "store:tiny-sd") == info.path
+    assert not [p for p in (tmp_path / "models").iterdir() if p.name.startswith(".pull-")]  # staging gone
+    with pytest.raises(ModelError, match="not a diffusers pipeline"):
+        pull(tmp_path, "imagine", "hf:owner/repo/sd/unet", name="unet-only")
+
+
 def test_add_folder_formats(tmp_path: Path, tiny_gguf: Path) -> None:
     sd = tmp_path / "sd-tiny"
     (sd / "unet").mkdir(parents=True)
