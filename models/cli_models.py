@@ -127,14 +127,19 @@ class _Bar:
 
 @models_app.command()
 def pull(
-    realm: str = typer.Argument(..., help="chat, vision or speech"),
-    url: str = typer.Argument(..., metavar="URL_OR_HUB_ID", help="An http(s) URL or hf:owner/repo/path/file"),
+    realm: str = typer.Argument(..., help="chat, vision, imagine or speech"),
+    url: str = typer.Argument(
+        ...,
+        metavar="URL_OR_HUB_ID",
+        help="An http(s) URL or hf:owner/repo/path/file[@revision]; for imagine hf:owner/repo[/folder][@revision]",
+    ),
     data_dir: Path | None = DataDir,
     name: str | None = typer.Option(None, "--name", help="Name in the store [default: from the file name]"),
     sha256: str | None = typer.Option(None, "--sha256", help="Expected sha256 of the file (hex)"),
     timeout: float = typer.Option(30.0, "--timeout", help="Seconds without progress before giving up"),
 ) -> None:
-    """Download a model file into the store; run it again to resume an interrupted download."""
+    """Download a model into the store (a hub id at one pinned commit); run it again to resume an
+    interrupted file download."""
     from .registry import ModelError, default_name
     from .registry import pull as pull_model
 
