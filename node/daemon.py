@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import time
-from collections import deque
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -44,22 +43,17 @@ from .dashboard import Dashboards
 from .datadir import RUN_FILE, SYSOP_TOKEN_FILE
 from .executor import LocalRealms, check_payload
 from .limits import RateLimiter
+from .peer_memory import PeerMemory
 from .queries import QueryManager, Refused
 from .storage import Storage
 from .sysop import Sysop
+from .violations import Violations
 
 log = logging.getLogger("rentahal.node")
 
 MAX_PEERS = 5000
-REMEMBER_PEERS_FOR = 7 * 86400.0  # a restarted node redials peers seen within this long
-REMEMBERED_PEERS = 64
-REMEMBER_INTERVAL = 2.0
-REMEMBER_REFRESH = 300.0
 OUTCOME_FLUSH = 1.0
 WATCH_EXECUTORS = 0.5  # how often live executors without an open query stream are looked for
-VIOLATION_WINDOW = 60.0
-VIOLATION_LIMIT = 20  # protocol violations in a window before a peer is blocked
-VIOLATION_BLOCK = 600.0  # seconds it stays blocked
 MAX_WATCHED = 64  # executors a node holds an idle query stream to
 WATCH_RETRY = 10.0  # seconds before a peer that refused a query stream is tried again
 
@@ -95,7 +89,6 @@ class Node:
         self._queries_served = 0
         self.sysop_token = read_sysop_token(data_dir)
         self._attempts: dict[str, int] = {}  # peer -> our queries running on it now
-        self._violations: dict[str, deque[float]] = {}  # peer -> times of its recent violations
         self.submit_limiter = RateLimiter(config.limits.queries_per_minute, config.limits.burst)
         self.peer_limiter = RateLimiter(config.limits.peer_queries_per_minute, config.limits.peer_burst)
 
@@ -180,9 +173,11 @@ class Node:
                 realm_enabled=lambda realm, on: (self.local.disabled.discard if on else self.local.disabled.add)(realm),
                 peer_blocked=self.table.set_blocked,
             )
+            self.violations = Violations(self.table, fh)
+            self.peer_memory = PeerMemory(self.storage, self.table, fh, self.peer_id, self._dial_quietly)
             service = QueryService(
                 self._serve_peer_query,
-                on_violation=self._on_violation,
+                on_violation=self.violations.count,
                 refuse=self.table.is_blocked,
                 max_streams_per_peer=lim.peer_streams,
                 frame_budget=ByteBudget(lim.buffer_bytes, lim.peer_buffer_bytes),
@@ -204,10 +199,9 @@ class Node:
                     await nursery.start(self.local.run)
                     await nursery.start(self.client.run)
                     nursery.start_soon(self._advertise)
-                    self._violation_reports, violations = trio.open_memory_channel[tuple[str, str]](64)
-                    nursery.start_soon(self._count_reported_violations, violations)
+                    nursery.start_soon(self.violations.run)
                     budget = GossipBudget(
-                        cfg.p2p.gossip_per_second, cfg.p2p.introductions_per_minute, on_violation=self._report_violation
+                        cfg.p2p.gossip_per_second, cfg.p2p.introductions_per_minute, on_violation=self.violations.report
                     )
                     fh.pubsub.budget, fh.pubsub.refuse = budget, self.table.is_blocked
                     self.gossip = gossip = HealthGossip(
@@ -233,8 +227,8 @@ class Node:
                     await nursery.start(self.spot.run)
                     await nursery.start(self.relay.run)
                     await nursery.start(self.maintenance.run)
-                    nursery.start_soon(self._rejoin_remembered)
-                    nursery.start_soon(self._remember_peers)
+                    nursery.start_soon(self.peer_memory.rejoin)
+                    nursery.start_soon(self.peer_memory.remember)
                     nursery.start_soon(self.dialback.run)
                     if cfg.p2p.mdns:
                         nursery.start_soon(LanDiscovery(fh, self._on_lan_peer).run)
@@ -346,68 +340,6 @@ class Node:
     async def _on_lan_peer(self, peer_id: str, addrs: tuple[str, ...]) -> None:
         self.table.hear_of(peer_id, addrs, source="mdns")
         await self._dial_quietly(peer_id)
-
-    # --- remembered peers --------------------------------------------------------------------
-    def _addrs_to_remember(self, peer_id: str) -> list[str]:
-        """Addresses of a connected peer worth redialing after a restart: those this node
-        dialed it on, and those it claims on the IP address its connection comes from (or, over
-        a relay, its relay addresses). Loopback only between local-only nodes."""
-        entry = self.table.get(peer_id)
-        facts = self.fh.connection(peer_id)
-        if entry is None or facts is None:
-            return []
-        remote, _, relayed = facts
-        parsed = None if relayed else addrlib.parse(remote)
-        seen_ip = parsed.host if parsed else ""
-        keep = list(reversed(entry.verified))
-        for a in entry.addrs:
-            p = addrlib.parse(a)
-            if (relayed and "/p2p-circuit" in a) or (p is not None and seen_ip and p.host == seen_ip):
-                keep.append(addrlib.without_peer(a, peer_id))
-        local = self.fh.local_only()
-        return [a for a in dict.fromkeys(keep) if local or addrlib.scope(a) not in ("loopback", "link-local")][:8]
-
-    async def _remember_peers(self) -> None:
-        """Persist connected peers' addresses when they change, so a restart can rejoin."""
-        saved: dict[str, tuple[list[str], float]] = {}
-        while True:
-            await trio.sleep(REMEMBER_INTERVAL)
-            new = 0
-            now = trio.current_time()
-            for pid in self.fh.connected_peers():
-                addrs = self._addrs_to_remember(pid)
-                last = saved.get(pid)
-                # Written when the addresses change, and every few minutes to keep last_seen fresh.
-                if addrs and (last is None or last[0] != addrs or now - last[1] > REMEMBER_REFRESH):
-                    try:
-                        await self.storage.note_peer(pid, addrs)
-                        new += pid not in saved
-                        saved[pid] = (addrs, now)
-                    except Exception as exc:  # a storage hiccup costs the memory of one peer only
-                        log.debug("could not remember peer %s: %s", pid, exc)
-            if new:
-                log.info("remembered %d more peer(s) to rejoin through after a restart (%d in all)", new, len(saved))
-            if len(saved) > MAX_PEERS:
-                saved.clear()
-
-    async def _rejoin_remembered(self) -> None:
-        """Dial the peers this node was connected to before it restarted."""
-        try:
-            known = await self.storage.known_peers(max_age=REMEMBER_PEERS_FOR, limit=REMEMBERED_PEERS)
-        except Exception as exc:
-            log.warning("could not read remembered peers: %s", exc)
-            return
-        if not known:
-            return
-        log.info("rejoining through %d remembered peer(s)", len(known))
-        async with trio.open_nursery() as nursery:
-            for pid, addrs in known.items():
-                if pid == self.peer_id:
-                    continue
-                for a in reversed(addrs):
-                    self.table.verify_addr(pid, a)
-                self.table.hear_of(pid, source="remembered")
-                nursery.start_soon(self._dial_quietly, pid)
 
     # --- health gossip -----------------------------------------------------------------------
     def health_record(self, seq: int) -> HealthRecord:
@@ -577,52 +509,6 @@ class Node:
             row = {**zero, **stored.get(realm, {})}
             out[realm] = {**row, "queue_depth": slot.queue.depth, "running": slot.queue.running}
         return out
-
-    def _report_violation(self, peer_id: str, reason: str) -> None:
-        """A violation seen where nothing may wait (pubsub's validator): counted soon after, or,
-        with 64 reports already waiting, dropped (the flood is counted well enough)."""
-        try:
-            self._violation_reports.send_nowait((peer_id, reason))
-        except trio.WouldBlock:
-            pass
-
-    async def _count_reported_violations(self, reports: trio.MemoryReceiveChannel[tuple[str, str]]) -> None:
-        async for peer_id, reason in reports:
-            await self._on_violation(peer_id, reason)
-
-    async def _on_violation(self, peer_id: str, reason: str) -> None:
-        """Count a protocol violation: one log line per peer per minute, and past
-        VIOLATION_LIMIT in a minute the peer is disconnected and blocked for a while."""
-        self.table.record_failure(peer_id, FailureKind.PROTOCOL, reason)
-        now = trio.current_time()
-        if len(self._violations) > MAX_PEERS:
-            self._violations.clear()
-        times = self._violations.setdefault(peer_id, deque())
-        times.append(now)
-        while times and times[0] < now - VIOLATION_WINDOW:
-            times.popleft()
-        if len(times) == 1:  # the first in a minute: said once, however many follow
-            log.warning("protocol violation by %s: %s", peer_id, reason)
-        if len(times) >= VIOLATION_LIMIT and not self.table.is_blocked(peer_id):
-            self.table.penalize(
-                peer_id,
-                VIOLATION_BLOCK,
-                f"{len(times)} protocol violations in {VIOLATION_WINDOW:g}s (last: {reason[:100]})",
-            )
-            log.warning(
-                "blocked peer %s for %gs: %d protocol violations in %gs",
-                peer_id,
-                VIOLATION_BLOCK,
-                len(times),
-                VIOLATION_WINDOW,
-            )
-            from libp2p.peer.id import ID
-
-            with trio.move_on_after(2):
-                try:
-                    await self.fh.host.disconnect(ID.from_base58(peer_id))
-                except Exception as exc:  # it may be gone already
-                    log.debug("disconnecting %s: %s", peer_id, exc)
 
     # --- reports for the CLI and UI ----------------------------------------------------------
     def peers_report(self) -> list[dict[str, Any]]:
