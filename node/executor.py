@@ -25,12 +25,13 @@ import trio
 from ..p2p.health import RealmStatus
 from ..realms import events as ev
 from ..realms.catalog import CATALOG
-from ..realms.events import BadRequest, Code, ExecutorFailure, ModelFailure, QueryError
+from ..realms.events import BadRequest, Code, ExecutorFailure, FailureKind, ModelFailure, QueryError
 from ..realms.queue import PositionReport, RealmQueue, outcome_of
 from ..realms.router import Query, StreamEmit
 from .config import Config, RealmConfig
 
 log = logging.getLogger("rentahal.node")
+LOADING_RETRY_AFTER = 1.0  # seconds a peer asking while a model loads is told to wait
 
 WATCHDOG_GRACE = 5.0
 SMOKE_DIR = "smoke-test"
@@ -113,6 +114,13 @@ class LocalRealms:
         """Run ``query`` here: wait for a slot (reporting the position), stream the backend's
         events, return its result with the cost. Raises QueryError."""
         slot = self.slots.get(query.realm)
+        if slot is not None and self.loading(query.realm):
+            # Alive, and about to serve it (a restart, a model loading): busy, not "not served",
+            # so the asker waits a moment or asks another rather than giving up on this one.
+            raise ExecutorFailure(
+                f"{query.realm}: {self.not_served_reason(query.realm)}", Code.BUSY,
+                kind=FailureKind.REFUSED, retry_after=LOADING_RETRY_AFTER,
+            )  # fmt: skip
         if slot is None or not self.serves(query.realm):
             raise ExecutorFailure(f"{query.realm}: {self.not_served_reason(query.realm)}", Code.REALM_NOT_SERVED)
 
