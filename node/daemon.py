@@ -240,6 +240,7 @@ class Node:
                     await nursery.start(self.dashboards.run)
                     self.ui_url = await nursery.start(serve_control, self)
                     self._write_run_file()
+                    nursery.start_soon(self._keep_run_file)
                     log.info("ready peer=%s ui=%s", self.peer_id, self.ui_url)
                     task_status.started(self)
             finally:
@@ -247,8 +248,21 @@ class Node:
                 with trio.CancelScope(shield=True):
                     await self.local.aclose()
 
+    async def _keep_run_file(self) -> None:
+        """Rewrite the run file as realms load or fail: it says what this node serves now."""
+        while True:
+            changed = self.local.next_status_change()  # taken before writing: no change is missed
+            self._write_run_file()
+            await changed.wait()
+
     def _write_run_file(self) -> None:
-        info = {"pid": os.getpid(), "peer_id": self.peer_id, "ui": self.ui_url, "addrs": self.fh.addrs()}
+        info = {
+            "pid": os.getpid(),
+            "peer_id": self.peer_id,
+            "ui": self.ui_url,
+            "addrs": self.fh.addrs(),
+            "realms": {realm: self.local.slots[realm].status for realm in REALMS},
+        }
         tmp = self.data_dir / (RUN_FILE + ".tmp")
         tmp.write_text(json.dumps(info))
         os.replace(tmp, self.data_dir / RUN_FILE)

@@ -93,6 +93,10 @@ class LocalRealms:
         slot = self.slots.get(realm)
         return slot is not None and slot.status in ("loading", "restarting") and realm not in self.disabled
 
+    def next_status_change(self) -> trio.Event:
+        """Set when some realm's status next changes (a load ends, a restart, ...)."""
+        return self._status_changed
+
     async def wait_loaded(self, realm: str) -> None:
         """Until the realm's model has loaded (or failed to)."""
         while self.loading(realm):

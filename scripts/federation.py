@@ -1,9 +1,9 @@
 """The one way tests and benchmarks start a local federation: `rentahal-node run` processes on loopback.
 
-A node is ready when its run file names this process and its /healthz says each realm it serves
-is loaded (node/client.py); state changes are read from its log as they happen (a reader thread
-feeds the lines to waiters), so nothing sleeps hoping the other side is ready. Clients of a
-node's websocket come from node/client.py, re-exported here.
+A node is ready when its run file names this process and says each realm it serves is loaded
+(the node rewrites it as realms load; node/client.py reads it); state changes are read from its
+log as they happen (a reader thread feeds the lines to waiters), so nothing sleeps hoping the
+other side is ready. Clients of a node's websocket come from node/client.py, re-exported here.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..node.client import NodeClient, NodeError, connect, health, read_run_file
+from ..node.client import NodeClient, NodeError, connect, read_run_file
 
 __all__ = ["Federation", "NodeClient", "NodeError", "NodeProcess", "connect"]
 
@@ -93,12 +93,12 @@ class NodeProcess:
             info = read_run_file(self.data_dir)
         self.peer_id, self.ui, self.addr = info["peer_id"], info["ui"], info["addrs"][0]
         wanted = [r for r in self.serve.split(",") if r not in ("", "none")]
-        while True:
-            realms = (health(self.ui) or {}).get("realms", {})
+        while True:  # the run file is rewritten as realms load (a netns node's UI is not reachable here)
+            realms = (read_run_file(self.data_dir) or {}).get("realms", {})
             if all(realms.get(r) not in (None, "loading", "restarting") for r in wanted):
                 return self
             self._check_alive(f"realms {wanted} loaded (now {realms})", deadline)
-            time.sleep(0.05)  # polling /healthz while models load
+            time.sleep(0.05)  # polling the run file while models load
 
     def _check_alive(self, waiting_for: str, deadline: float) -> None:
         assert self.proc is not None
