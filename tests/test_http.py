@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from trio_websocket import WebSocketRequest, open_websocket_url
 
 from rentahal.node.http import BadHead, answer_http, load_ui_files, parse_head, serve_ui
@@ -182,6 +183,7 @@ async def test_connections_are_capped_per_client_with_an_answer_and_a_reserve(nu
         assert status.endswith("200 OK") and body == FILES["/"][1]
     # Connections that never send a request are capped too, and answered at once.
     idle = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(2)]
+    await trio.testing.wait_all_tasks_blocked()  # the server (this process) has taken both in
     extra = await trio.open_tcp_stream("127.0.0.1", port)
     with trio.fail_after(10):  # at once, not after the 60 s head timeout
         got = b""
