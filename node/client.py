@@ -151,8 +151,13 @@ async def connect(
             welcome = json.loads(await ws.get_message())
         if welcome["op"] == "error":
             raise NodeError(welcome["code"], welcome["message"])
-        async with trio.open_nursery() as nursery:
-            client = NodeClient(ws, welcome)
-            nursery.start_soon(client._read)
-            yield client
-            nursery.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as nursery:
+                client = NodeClient(ws, welcome)
+                nursery.start_soon(client._read)
+                yield client
+                nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:  # the caller's own exception, wrapped by the reader's nursery
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
