@@ -516,11 +516,13 @@ def remove_model(data_dir: Path, realm: str, name: str) -> None:
 # --- resolving node.toml's realms.<realm>.model ---------------------------------------------------
 def _parse_hub_id(ref: str) -> tuple[str, str, str, str]:
     """``hf:owner/repo/path/in/repo[@revision]`` -> (owner, repo, path, revision or "main")."""
-    body, at, revision = ref[3:].strip("/").partition("@")
-    parts = body.strip("/").split("/")
-    if len(parts) < 3 or not all(parts) or any(p in (".", "..") for p in parts) or (at and not revision):
+    try:
+        owner, repo, path, revision = _parse_hub_repo(ref)
+    except ModelError:
+        path = ""
+    if not path:
         raise ModelError(f"bad hub id {ref!r}: expected hf:owner/repo/path/to/file[@revision]")
-    return parts[0], parts[1], "/".join(parts[2:]), revision or "main"
+    return owner, repo, path, revision
 
 
 def _hub_base() -> str:
