@@ -18,7 +18,9 @@ import pytest
 from rentahal.scripts.federation import BIN, Federation
 
 
-def run_node(data_dir: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def run_node(
+    data_dir: Path, *args: str, ui_port: int = 0, listen: str = "/ip4/127.0.0.1/tcp/0", timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [
             BIN,
@@ -26,9 +28,9 @@ def run_node(data_dir: Path, *args: str, timeout: float = 60) -> subprocess.Comp
             "--data-dir",
             str(data_dir),
             "--ui-port",
-            "0",
+            str(ui_port),
             "--listen",
-            "/ip4/127.0.0.1/tcp/0",
+            listen,
             "--serve",
             "none",
             *args,
@@ -78,23 +80,7 @@ def test_p2p_port_taken(tmp_path: Path) -> None:
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        res = subprocess.run(
-            [
-                BIN,
-                "run",
-                "--data-dir",
-                str(tmp_path / "n"),
-                "--ui-port",
-                "0",
-                "--serve",
-                "none",
-                "--listen",
-                f"/ip4/127.0.0.1/tcp/{port}",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        res = run_node(tmp_path / "n", listen=f"/ip4/127.0.0.1/tcp/{port}")
     line = one_line(res)
     assert f"/tcp/{port}" in line and "already in use" in line, line
 
@@ -106,23 +92,7 @@ def test_ui_port_taken(federation: Federation) -> None:
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        res = subprocess.run(
-            [
-                BIN,
-                "run",
-                "--data-dir",
-                str(data_dir),
-                "--ui-port",
-                str(port),
-                "--serve",
-                "none",
-                "--listen",
-                "/ip4/127.0.0.1/tcp/0",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        res = run_node(data_dir, ui_port=port)
     line = one_line(res)
     assert "ui.port" in line and str(port) in line and "already in use" in line, line
     assert snapshot(data_dir) == before
