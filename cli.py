@@ -14,6 +14,7 @@ import secrets
 import signal
 import sys
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, NoReturn
@@ -608,6 +609,59 @@ def peer(
         fail(f"action must be block or unblock, got {action!r}")
     _request(data_dir, {"op": "set_peer", "peer_id": peer_id, "blocked": action == "block"}, sysop=True)
     typer.echo(f"{peer_id} {action}ed")
+
+
+@app.command()
+def audit(data_dir: Path | None = DataDir, as_json: bool = typer.Option(False, "--json")) -> None:
+    """The sysop's actions on this node, newest first (sysop)."""
+    rows = _request(data_dir, {"op": "audit"}, sysop=True)["audit"]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    typer.echo(f"{'WHEN (UTC)':<19}  {'ACTOR':<6} {'ACTION':<16} {'TARGET':<34} DETAIL")
+    for r in rows:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r["at"]))
+        typer.echo(f"{when:<19}  {r['actor']:<6} {r['action']:<16} {r['target']:<34} {r['detail']}")
+
+
+keys_app = typer.Typer(help="API keys for the OpenAI-compatible API (sysop).", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("create")
+def keys_create(
+    name: str = typer.Argument(..., help="Who the key is for (shown in lists and the audit log)"),
+    data_dir: Path | None = DataDir,
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Make a key; it is printed once and only its hash is kept. Each key is a user of its own."""
+    ans = _request(data_dir, {"op": "keys_create", "name": name}, sysop=True)
+    if as_json:
+        typer.echo(json.dumps({k: ans[k] for k in ("id", "name", "user", "key")}, indent=2))
+        return
+    typer.echo(ans["key"])
+    typer.echo(f"key {ans['id']} for {ans['name']!r} (user {ans['user']}): shown once, keep it now", err=True)
+
+
+@keys_app.command("list")
+def keys_list(data_dir: Path | None = DataDir, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Every key: its id, name, user and whether it is revoked (never the key itself)."""
+    rows = _request(data_dir, {"op": "keys_list"}, sysop=True)["keys"]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    typer.echo(f"{'ID':<9} {'NAME':<24} {'USER':<32}  {'CREATED (UTC)':<19}  STATE")
+    for r in rows:
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r["created_at"]))
+        state = "revoked" if r["revoked_at"] else "live"
+        typer.echo(f"{r['id']:<9} {r['name'][:24]:<24} {r['user_guid']:<32}  {created:<19}  {state}")
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str, data_dir: Path | None = DataDir) -> None:
+    """Revoke a key (by the id `keys list` shows): refused from the next request on."""
+    _request(data_dir, {"op": "keys_revoke", "key_id": key_id}, sysop=True)
+    typer.echo(f"revoked key {key_id}")
 
 
 from .models.cli_models import models_app  # noqa: E402  (a sub-app, mounted below)

@@ -72,7 +72,8 @@ MAX_STOP_CHARS = 64
 MAX_SEED = 2**31 - 1
 ROLES = ("system", "user", "assistant")
 DEFAULT_TEMPERATURE = 0.7
-_ALLOWED_KEYS = frozenset({"prompt", "messages", "max_tokens", "temperature", "seed", "ignore_eos", "stop"})
+_ALLOWED_KEYS = frozenset({"prompt", "messages", "max_tokens", "temperature", "top_p", "seed", "ignore_eos", "stop"})
+DEFAULT_TOP_P = 0.95  # llama.cpp's own default
 _GGUF_MAGIC = b"GGUF"
 
 
@@ -85,6 +86,7 @@ class ChatParams:
     messages: tuple[tuple[str, str], ...]  # (role, content)
     max_tokens: int
     temperature: float
+    top_p: float
     seed: int | None
     ignore_eos: bool
     stop: tuple[str, ...]
@@ -112,6 +114,7 @@ def parse_chat_payload(payload: Mapping[str, object], *, max_tokens_cap: int) ->
     cap = max_tokens_cap
     max_tokens = check_int_range("payload.max_tokens", payload.get("max_tokens", min(256, cap)), 1, cap)
     temperature = check_number_range("payload.temperature", payload.get("temperature", DEFAULT_TEMPERATURE), 0, 2)
+    top_p = check_number_range("payload.top_p", payload.get("top_p", DEFAULT_TOP_P), 0, 1)
 
     # JSON clients often send "seed": null for "no seed"; treat it as absent.
     seed = payload.get("seed")
@@ -138,6 +141,7 @@ def parse_chat_payload(payload: Mapping[str, object], *, max_tokens_cap: int) ->
         messages=messages,
         max_tokens=int(max_tokens),
         temperature=temperature,
+        top_p=top_p,
         seed=seed,  # type: ignore[arg-type]
         ignore_eos=ignore_eos,
         stop=tuple(stop),
@@ -425,6 +429,7 @@ def stream_chat_sync(
     temperature: float,
     seed: int | None,
     put: Callable[[str], None],
+    top_p: float = DEFAULT_TOP_P,
     eog_ids: np.ndarray,
     stop_token: int | None,
     ignore_eos: bool = False,
@@ -485,6 +490,7 @@ def stream_chat_sync(
                 messages=messages,
                 max_tokens=max_tokens,
                 temperature=temperature,
+                top_p=top_p,
                 seed=seed,
                 stop=[],
                 stream=True,
@@ -649,6 +655,7 @@ class ChatBackend:
             [{"role": r, "content": c} for r, c in params.messages],
             max_tokens=params.max_tokens,
             temperature=params.temperature,
+            top_p=params.top_p,
             seed=params.seed,
             put=put,
             eog_ids=self._eog_ids,

@@ -248,6 +248,24 @@ class UIConfig:
     allowed_origins: tuple[str, ...] = _origins()
 
 
+API_KEY_MODES = ("remote", "all", "none")
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    """The OpenAI-compatible API and /metrics on the UI port."""
+
+    enabled: bool = _bool(True)
+    # Which clients must show an API key (`rentahal-node keys create`): "remote" (any client
+    # not on loopback), "all", or "none" (only sensible on a trusted network).
+    keys: str = _str("remote", lambda s: s in API_KEY_MODES, "one of " + ", ".join(map(repr, API_KEY_MODES)))
+    # /metrics: whether a client off loopback must show a key too (Prometheus sends one as a
+    # bearer token: `authorization` in its scrape config).
+    metrics_need_key: bool = _bool(True)
+    # Largest request body (JSON, or a multipart upload for transcriptions), in bytes.
+    max_body_bytes: int = _int(12 * 1024 * 1024, 1024, 1 << 30)
+
+
 @dataclass(frozen=True)
 class StorageConfig:
     shards: int = _int(4, 1, 64)
@@ -305,6 +323,7 @@ class Config:
     p2p: P2PConfig = field(default_factory=P2PConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
     ui: UIConfig = field(default_factory=UIConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     realms: Mapping[str, RealmConfig] = field(default_factory=_default_realms, hash=False)
@@ -319,6 +338,7 @@ _SECTIONS: dict[str, type] = {
     "p2p": P2PConfig,
     "router": RouterConfig,
     "ui": UIConfig,
+    "api": ApiConfig,
     "storage": StorageConfig,
     "limits": LimitsConfig,
 }

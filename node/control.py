@@ -33,9 +33,11 @@ from .queries import Refused, check_guid
 
 if TYPE_CHECKING:
     from ..realms.router import RealmRouter
+    from .apikeys import ApiKeys
     from .config import Config
     from .dashboard import Dashboards
     from .limits import RateLimiter
+    from .metrics import Metrics
     from .queries import QueryManager
     from .sysop import Sysop
 
@@ -51,11 +53,14 @@ class ControlAPI(Protocol):
     router: RealmRouter
     dashboards: Dashboards
     submit_limiter: RateLimiter
+    metrics: Metrics
+    api_keys: ApiKeys
 
     def status_report(self) -> dict[str, Any]: ...
     def health_report(self) -> dict[str, Any]: ...
     def peers_report(self) -> list[dict[str, Any]]: ...
     def realms_report(self) -> list[dict[str, Any]]: ...
+    def models_report(self) -> list[dict[str, Any]]: ...
     async def stats_report(self) -> dict[str, Any]: ...
     async def dashboard_snapshot(self) -> dict[str, Any]: ...
     def report_answer(self, row: dict[str, Any], reason: str) -> dict[str, Any]: ...
@@ -139,6 +144,7 @@ async def serve_control(node: ControlAPI, *, task_status: trio.TaskStatus[str] =
                 max_message_size=max(message_limits(node.config).values()),
                 message_budget=limits.ws_buffer_bytes,
                 routes={"/healthz": node.health_report},
+                api=api_routes(node),
                 may_use_reserved=is_sysop,
                 task_status=task_status,
             )
@@ -146,6 +152,16 @@ async def serve_control(node: ControlAPI, *, task_status: trio.TaskStatus[str] =
         host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
         log.info("web UI at http://%s:%d/", host if cfg.host not in ("0.0.0.0", "::") else "127.0.0.1", port)
         task_status.started(f"ws://{host}:{port}/")
+
+
+def api_routes(node: Any) -> dict[str, Any]:
+    """The OpenAI-compatible API and /metrics, when [api] enabled."""
+    if not node.config.api.enabled:
+        return {}
+    from .openai_api import OpenAIApi
+
+    api = OpenAIApi(node)
+    return {"/v1/": api.handle, "/v1": api.handle, "/metrics": api.metrics_endpoint}
 
 
 def is_loopback(host: str) -> bool:
@@ -395,6 +411,7 @@ class ControlSession:
             return
         wait = self.node.submit_limiter.take(key)
         if wait > 0:
+            self.node.metrics.rate_limited("websocket")
             if self.node.submit_limiter.first_refusal(key):  # one line per client, not per refusal
                 who = f"user {self.guid}" if key[0] == "user" else f"client {self.client}"
                 log.info("rate-limited %s (%g queries/min, burst %d)", who, limits.queries_per_minute, limits.burst)
@@ -481,6 +498,17 @@ class ControlSession:
     async def op_audit(self, req: dict[str, Any], rid: Any) -> dict[str, Any]:
         return {"audit": await self.node.sysop.audit_log()}
 
+    async def op_keys_create(self, req: dict[str, Any], rid: Any) -> dict[str, Any]:
+        return await self.node.sysop.create_key(self.node.api_keys, req["name"])
+
+    async def op_keys_list(self, req: dict[str, Any], rid: Any) -> dict[str, Any]:
+        return {"keys": await self.node.api_keys.list()}
+
+    async def op_keys_revoke(self, req: dict[str, Any], rid: Any) -> dict[str, Any]:
+        if not await self.node.sysop.revoke_key(self.node.api_keys, req["key_id"]):
+            raise Refused("not_found", f"no live key {req['key_id']}")
+        return {"key_id": req["key_id"], "revoked": True}
+
 
 # op -> (required fields, optional fields)
 OPS: dict[str, tuple[set[str], set[str]]] = {
@@ -504,8 +532,11 @@ OPS: dict[str, tuple[set[str], set[str]]] = {
     "set_realm": ({"realm", "enabled"}, set()),
     "set_peer": ({"peer_id", "blocked"}, set()),
     "audit": (set(), set()),
+    "keys_create": ({"name"}, set()),
+    "keys_list": (set(), set()),
+    "keys_revoke": ({"key_id"}, set()),
 }
-SYSOP_OPS = {"users", "ban", "unban", "set_realm", "set_peer", "audit"}
+SYSOP_OPS = {"users", "ban", "unban", "set_realm", "set_peer", "audit", "keys_create", "keys_list", "keys_revoke"}
 
 
 # The JSON type of every request field (a bool is never taken for an integer).
@@ -524,6 +555,8 @@ FIELD_TYPES: dict[str, type] = {
     "enabled": bool,
     "peer_id": str,
     "blocked": bool,
+    "name": str,
+    "key_id": str,
 }
 JSON_TYPE = {str: "a string", dict: "an object", bool: "true or false", int: "an integer"}
 INT_RANGE = (-(2**63), 2**63 - 1)  # what storage and the wire (msgpack) can hold

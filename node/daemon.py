@@ -37,12 +37,14 @@ from ..realms.events import Code, ExecutorFailure, FailureKind, QueryError, Stor
 from ..realms.queue import Priority
 from ..realms.router import LOCAL, Query, RealmRouter, StreamEmit
 from ..realms.spotcheck import SpotChecker
+from .apikeys import ApiKeys
 from .config import REALMS, Config
 from .control import serve_control
 from .dashboard import Dashboards
 from .datadir import RUN_FILE, SYSOP_TOKEN_FILE
 from .executor import LocalRealms, check_payload
 from .limits import RateLimiter
+from .metrics import Metrics
 from .peer_memory import PeerMemory
 from .queries import QueryManager, Refused
 from .storage import Storage
@@ -87,15 +89,19 @@ class Node:
         self.table: PeerTable
         self.router: RealmRouter
         self._queries_served = 0
+        self._records_accepted = 0  # health records that changed the peer table (for /metrics)
         self.sysop_token = read_sysop_token(data_dir)
         self._attempts: dict[str, int] = {}  # peer -> our queries running on it now
         self.submit_limiter = RateLimiter(config.limits.queries_per_minute, config.limits.burst)
         self.peer_limiter = RateLimiter(config.limits.peer_queries_per_minute, config.limits.peer_burst)
+        self.metrics = Metrics()
+        self.local.metrics = self.metrics
 
     # --- lifecycle ---------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.config
         self.storage = await Storage.open(self.data_dir, cfg.storage.shards)
+        self.api_keys = ApiKeys(self.storage)
         try:
             await self._run(task_status)
         finally:
@@ -166,6 +172,7 @@ class Node:
                 max_payload_bytes=cfg.storage.max_payload_bytes,
                 max_active_per_user=cfg.limits.max_active,
                 check_payload=check_payload,
+                metrics=self.metrics,
             )
             self.sysop = Sysop(
                 self.storage,
@@ -236,6 +243,7 @@ class Node:
                     nursery.start_soon(self._flush_outcomes)
                     nursery.start_soon(self._watch_executors)
                     await nursery.start(self.queries.run)
+                    self.metrics.add_levels(self.metrics_levels)
                     self.dashboards = Dashboards(self.dashboard_snapshot)
                     await nursery.start(self.dashboards.run)
                     self.ui_url = await nursery.start(serve_control, self)
@@ -370,6 +378,7 @@ class Node:
 
     def _take_record(self, record: HealthRecord) -> None:
         if self.table.apply_record(record):
+            self._records_accepted += 1
             self.realm_discovery.records_changed()
             self.maintenance.record_arrived(record.peer_id)
 
@@ -458,6 +467,7 @@ class Node:
             raise ExecutorFailure("this node does not serve you", Code.BUSY)
         wait = self.peer_limiter.take(incoming.peer_id)
         if wait > 0:
+            self.metrics.rate_limited("peer")
             limits = self.config.limits
             if self.peer_limiter.first_refusal(incoming.peer_id):
                 log.warning(
@@ -619,6 +629,60 @@ class Node:
                 ip: {"dialed": ok, "seen_ip": seen, "port": port}
                 for ip, (ok, seen, port, _) in self.dialback.verdict.answers.items()
             },
+        }
+
+    def models_report(self) -> list[dict[str, Any]]:
+        """Every model served here or by a live peer: its name, realm and how many executors."""
+        counts: dict[tuple[str, str], int] = {}
+        for realm in REALMS:
+            if self.local.serves(realm) and self.local.model_name(realm):
+                key = (self.local.model_name(realm), realm)
+                counts[key] = counts.get(key, 0) + 1
+            for c in self.table.candidates(realm)[0]:
+                model = self.router._peer_model(c.peer_id, realm)
+                if model:
+                    counts[(model, realm)] = counts.get((model, realm), 0) + 1
+        realms_of: dict[str, int] = {}
+        for m, _ in counts:
+            realms_of[m] = realms_of.get(m, 0) + 1
+        # A name served in two realms (the smoke-test models) is listed once per realm, as realm:name.
+        return [
+            {"id": m if realms_of[m] == 1 else f"{r}:{m}", "model": m, "realm": r, "executors": n}
+            for (m, r), n in sorted(counts.items(), key=lambda x: (x[0][1], x[0][0]))
+        ]
+
+    def metrics_levels(self) -> dict[str, Any]:
+        """What /metrics reads at each scrape (node/metrics.NodeCollector)."""
+        peers: dict[str, int] = {state.value: 0 for state in PeerState}
+        for e in self.table:
+            peers[self.table.state(e).value] += 1
+        budget = self.gossip.budget
+        disc = self.realm_discovery
+        return {
+            "realms": {
+                realm: {
+                    "queue_depth": slot.queue.depth,
+                    "running": slot.queue.running,
+                    "served": int(self.local.serves(realm)),
+                }
+                for realm, slot in self.local.slots.items()
+            },
+            "peers": peers,
+            "gossip": {
+                "records_published": self.gossip.published,
+                "records_accepted": self._records_accepted,
+                "records_rejected": self.gossip.checker.rejected,
+                "messages_dropped": budget.dropped if budget else 0,
+                "introductions_refused": budget.refused_introductions if budget else 0,
+            },
+            "dht": {
+                "provides_ok": disc.provides_ok,
+                "provides_failed": disc.provides_failed,
+                "lookups": disc.lookups,
+                "lookups_failed": disc.lookups_failed,
+                "providers_found": disc.providers_found,
+            },
+            "relay": {"reservations_now": len(self.relay.reservations), "serving_now": int(self.relay.hop)},
         }
 
     def health_report(self) -> dict[str, Any]:

@@ -24,7 +24,7 @@ import trio
 
 from ..p2p.health import RealmStatus
 from ..realms import events as ev
-from ..realms.catalog import CATALOG
+from ..realms.catalog import CATALOG, backend_payload, wanted_model
 from ..realms.events import BadRequest, Code, ExecutorFailure, FailureKind, ModelFailure, QueryError
 from ..realms.queue import PositionReport, RealmQueue, outcome_of
 from ..realms.router import Query, StreamEmit
@@ -67,6 +67,7 @@ class LocalRealms:
         self.loaded = trio.Event()
         self.disabled: set[str] = set()  # by the sysop, at run time
         self.storage: Any = None  # set by the node once storage is open
+        self.metrics: Any = None  # set by the node (node/metrics.py)
         self.peer_id = ""
         self.watchdog_grace = WATCHDOG_GRACE
         self._status_changed = trio.Event()
@@ -84,6 +85,10 @@ class LocalRealms:
     def serves(self, realm: str) -> bool:
         slot = self.slots.get(realm)
         return slot is not None and slot.status == "ready" and realm not in self.disabled
+
+    def model_name(self, realm: str) -> str:
+        slot = self.slots.get(realm)
+        return slot.model if slot else ""
 
     def queue_depth(self, realm: str) -> int:
         slot = self.slots.get(realm)
@@ -127,6 +132,12 @@ class LocalRealms:
             )  # fmt: skip
         if slot is None or not self.serves(query.realm):
             raise ExecutorFailure(f"{query.realm}: {self.not_served_reason(query.realm)}", Code.REALM_NOT_SERVED)
+        try:
+            model = wanted_model(query.payload)
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+        if model is not None and model != slot.model:
+            raise ExecutorFailure(f"{query.realm}: serves model {slot.model!r}, not {model!r}", Code.REALM_NOT_SERVED)
 
         async def accepted(position: int, eta_ms: int | None) -> None:
             await emit(ev.Accepted(position, eta_ms))
@@ -169,7 +180,9 @@ class LocalRealms:
                         raise ExecutorFailure(
                             f"{query.realm}: {self.not_served_reason(query.realm)}", Code.BUSY, retry_after=1.0
                         )
-                    result: ev.Result = await self._guarded(slot, lambda: backend.generate(query.payload, emit))
+                    result: ev.Result = await self._guarded(
+                        slot, lambda: backend.generate(backend_payload(query.payload), emit)
+                    )
                     return result
         except trio.TooSlowError:
             raise ExecutorFailure(f"deadline of {query.deadline_s:.1f}s passed", Code.DEADLINE_EXCEEDED) from None
@@ -224,6 +237,10 @@ class LocalRealms:
     def _record(self, realm: str, **outcome: Any) -> None:
         if self.storage is not None:
             self.storage.record_outcome(realm, **outcome)
+        if self.metrics is not None:
+            ok, cancelled = outcome.get("ok"), outcome.get("cancelled")
+            result = "cancelled" if cancelled else "done" if ok else "failed"
+            self.metrics.executed_query(realm, for_peer=bool(outcome.get("for_peer")), outcome=result)
 
     # --- loading -----------------------------------------------------------------------------
     async def load_all(self) -> None:
@@ -326,7 +343,11 @@ def check_payload(realm: str, payload: dict[str, Any]) -> None:
     catalog entry names them)."""
     if realm not in CATALOG:
         raise BadRequest(f"realm: unknown realm {realm!r}")
-    CATALOG[realm].checker()(payload)
+    try:
+        wanted_model(payload)
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
+    CATALOG[realm].checker()(backend_payload(payload))
 
 
 # --- one factory per realm: the backend for a realm's config -----------------------------------

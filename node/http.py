@@ -223,6 +223,91 @@ def answer_http(
     return response(200, "OK", body, content_type, head_only=head.method == "HEAD", conn=conn)
 
 
+class Exchange:
+    """One HTTP request to an API route (``/v1/...``, ``/metrics``) and its answer, over the
+    connection h11 parsed the head from: the body is read through h11 with a size cap, the
+    answer is written whole (:meth:`send`) or streamed (:meth:`start`, :meth:`write`,
+    :meth:`finish`: chunked, for server-sent events). Every answer closes the connection."""
+
+    def __init__(self, stream: trio.abc.Stream, head: RequestHead, client: str) -> None:
+        self.stream = stream
+        self.head = head
+        self.client = client
+        self.method = head.method
+        self.path, _, self.query = head.target.split("#", 1)[0].partition("?")
+        self.headers = head.headers
+        self.started = False  # an answer's head has been sent
+
+    async def body(self, limit: int) -> bytes:
+        """The whole request body; BadHead (413) past ``limit`` bytes, (400) if malformed."""
+        declared = self.headers.get("content-length")
+        if declared is not None and declared.strip().isdigit() and int(declared) > limit:
+            raise BadHead(f"request body of {int(declared)} bytes; this node takes at most {limit}", 413)
+        conn = self.head.conn
+        out = bytearray()
+        while True:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise BadHead(str(exc), exc.error_status_hint) from None
+            if event is h11.NEED_DATA:
+                chunk = await self.stream.receive_some(65536)
+                if not chunk:
+                    raise BadHead("connection closed before the request body ended")
+                conn.receive_data(chunk)
+            elif isinstance(event, h11.Data):
+                out += event.data
+                if len(out) > limit:
+                    raise BadHead(f"request body over {limit} bytes, the most this node takes", 413)
+            elif isinstance(event, h11.EndOfMessage):
+                return bytes(out)
+            else:  # pragma: no cover - h11 yields only these between a Request and its end
+                raise BadHead(f"unexpected {type(event).__name__}")
+
+    async def send(self, status: int, body: bytes, content_type: str, extra: tuple[tuple[str, str], ...] = ()) -> None:
+        """The whole answer; the connection is closed after it."""
+        self.started = True
+        data = response(
+            status, _REASONS.get(status, "Status"), body, content_type, extra=extra, conn=self.head.conn,
+            head_only=self.method == "HEAD",
+        )  # fmt: skip
+        await _answer_and_close(self.stream, data)
+
+    async def start(self, status: int, content_type: str, extra: tuple[tuple[str, str], ...] = ()) -> None:
+        """Send the head of a streamed answer (chunked transfer: no length is known)."""
+        self.started = True
+        headers = [("Content-Type", content_type), ("Connection", "close"), *SECURITY_HEADERS, *extra]
+        event = h11.Response(status_code=status, reason=_REASONS.get(status, "Status").encode(), headers=headers)
+        await self.stream.send_all(self.head.conn.send(event) or b"")
+
+    async def write(self, data: bytes) -> None:
+        """A piece of a streamed answer; raises trio.BrokenResourceError once the client is gone."""
+        if data:
+            await self.stream.send_all(self.head.conn.send(h11.Data(data=data)) or b"")
+
+    async def finish(self) -> None:
+        await _answer_and_close(self.stream, self.head.conn.send(h11.EndOfMessage()) or b"")
+
+    async def wait_gone(self) -> None:
+        """Return once the client has closed its side (or broken the connection): a client that
+        hangs up on a streamed answer. Reads and drops anything it sends meanwhile."""
+        try:
+            while await self.stream.receive_some(65536):
+                pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+
+
+_REASONS = {
+    200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+    405: "Method Not Allowed", 409: "Conflict", 413: "Content Too Large", 415: "Unsupported Media Type",
+    429: "Too Many Requests", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
+    502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout",
+}  # fmt: skip
+
+# An API route: answers one request through its Exchange (the connection is closed after it).
+ApiHandler = Callable[[Exchange], Awaitable[None]]
+
 # (request, client address, the request head's headers: lower-cased names, Host included)
 WebSocketHandler = Callable[[WebSocketRequest, str, dict[str, str]], Awaitable[None]]
 
@@ -340,6 +425,7 @@ async def serve_ui(
     max_pending_per_client: int = MAX_PENDING_PER_CLIENT,
     reserved: int = RESERVED_CONNECTIONS,
     routes: dict[str, JsonRoute] | None = None,
+    api: dict[str, ApiHandler] | None = None,
     may_use_reserved: Callable[[dict[str, str]], bool] | None = None,
     message_budget: int = MESSAGE_BUDGET,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
@@ -353,7 +439,10 @@ async def serve_ui(
     served (``max_per_client``, ``max_connections`` in all). A request whose head passes
     ``may_use_reserved`` (the sysop's CLI) has ``reserved`` more places of its own, so clients
     holding every ordinary place cannot lock the operator out. Past a cap the answer is 503 with
-    ``Retry-After``, never a silent close."""
+    ``Retry-After``, never a silent close.
+
+    ``api`` maps a path prefix ("/v1/", "/metrics") to a handler that answers any method
+    itself through an :class:`Exchange` (bodies, streamed answers)."""
     budget = ByteBudget(message_budget)
     files = load_ui_files() if files is None else files
     if "/" not in files:
@@ -405,7 +494,12 @@ async def serve_ui(
 
     async def serve_request(stream: trio.SocketStream, client: str, head: RequestHead) -> None:
         if head.headers.get("upgrade", "").lower() != "websocket":
-            await _answer_and_close(stream, answer_http(head, files, routes))
+            path = head.target.split("?", 1)[0]
+            handler_for = next((h for prefix, h in (api or {}).items() if path.startswith(prefix)), None)
+            if handler_for is not None:
+                await _serve_api(handler_for, Exchange(stream, head, client))
+            else:
+                await _answer_and_close(stream, answer_http(head, files, routes))
             return
         connection: BudgetedWebSocket | None = None
         try:
@@ -431,6 +525,21 @@ async def serve_ui(
     listeners = await trio.open_tcp_listeners(port, host=host)
     task_status.started(listeners[0].socket.getsockname()[1])
     await trio.serve_listeners(connection, listeners)
+
+
+async def _serve_api(handler: ApiHandler, exchange: Exchange) -> None:
+    """Run an API handler; a malformed body is answered with its status, a client gone is no
+    error, and the connection is closed however the handler ended."""
+    try:
+        await handler(exchange)
+    except BadHead as exc:
+        if not exchange.started:
+            body = json.dumps({"error": {"message": str(exc), "type": "invalid_request_error", "code": None}})
+            await exchange.send(exc.status, body.encode(), "application/json")
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass  # the client hung up
+    finally:
+        await trio.aclose_forcefully(exchange.stream)
 
 
 async def _read_head_or_answer(stream: trio.SocketStream, head_timeout: float) -> RequestHead | None:

@@ -29,6 +29,7 @@ from ..realms.router import Query, RealmRouter
 from .storage import QueryEvent
 
 if TYPE_CHECKING:
+    from .metrics import Metrics
     from .storage import Storage
 
 log = logging.getLogger("rentahal.queries")
@@ -102,8 +103,10 @@ class QueryManager:
         max_payload_bytes: int,
         max_active_per_user: int = 64,
         check_payload: Callable[[str, dict[str, Any]], None] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.storage = storage
+        self.metrics = metrics
         self.router = router
         self.origin = origin
         self.query_deadline = query_deadline
@@ -235,8 +238,13 @@ class QueryManager:
     async def _run(self, active: ActiveQuery, payload: dict[str, Any], priority: int, deadline_at: float) -> None:
         qid = active.query_id
         started = time.time()
+        first_token: list[float] = []
 
         async def emit(event: ev.Event) -> None:
+            if isinstance(event, ev.Token) and not first_token:
+                first_token.append(time.time() - started)
+            if isinstance(event, ev.Failover) and self.metrics is not None:
+                self.metrics.failover(event.kind.value)
             if isinstance(event, ev.Routed):
                 active.attempt, active.executor = event.attempt, event.executor
                 active.note("routed", event.executor)
@@ -258,18 +266,30 @@ class QueryManager:
                 result = await self.router.run(query, emit)
                 with trio.CancelScope(shield=True):  # an answer in hand is stored and sent, cancel or not
                     await self._store_result(active, result, started)
+                if self.metrics is not None:
+                    ttft = first_token[0] if first_token else None
+                    self.metrics.query_ended(
+                        active.realm, "done", result.executor, time.time() - started, ttft, result.stats
+                    )
             if active.scope.cancelled_caught and active.status != "done":
+                self._count_end(active, "cancelled")
                 await self._end(active, Code.CANCELLED, f"cancelled by {active.cancelled_by}", "cancelled")
                 log.info("query %s cancelled by %s", qid, active.cancelled_by)
         except QueryError as exc:
+            self._count_end(active, "cancelled" if exc.code is Code.CANCELLED else "failed")
             await self._end(active, exc.code, exc.message)
             level = logging.DEBUG if exc.fault in (ev.Fault.USER, ev.Fault.NOBODY) else logging.INFO
             log.log(level, "query %s (%s) failed: %s: %s", qid, active.realm, exc.code.value, exc.message)
         except Exception as exc:  # a bug or hostile data must end this query only, never the node
             log.error("query %s (%s) failed inside this node: %s: %s", qid, active.realm, type(exc).__name__, exc)
+            self._count_end(active, "failed")
             await self._end(active, Code.INTERNAL, f"internal error ({type(exc).__name__})")
         finally:
             self.active.pop(qid, None)
+
+    def _count_end(self, active: ActiveQuery, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.query_ended(active.realm, outcome, active.executor, 0.0, None)
 
     async def _store_result(self, active: ActiveQuery, result: ev.Result, started: float) -> None:
         stats = result.stats

@@ -144,6 +144,11 @@ MIGRATIONS_NODE: list[Migration] = [
         at REAL NOT NULL);
     CREATE INDEX durations_realm ON durations (realm, id);
     """,
+    """
+    CREATE TABLE api_keys (
+        id TEXT PRIMARY KEY, name TEXT NOT NULL, hash TEXT NOT NULL UNIQUE, user_guid TEXT NOT NULL,
+        created_at REAL NOT NULL, revoked_at REAL);
+    """,
 ]
 
 
@@ -696,6 +701,26 @@ class Storage:
     async def audit_log(self, limit: int = 100) -> list[Row]:
         """Newest first."""
         return await self._node.rows("SELECT * FROM audit ORDER BY id DESC LIMIT ?", (limit,))
+
+    # --- API keys (only their SHA-256 is stored) ------------------------------------------------
+
+    async def add_api_key(self, key_id: str, name: str, digest: str, user_guid: str) -> None:
+        sql = "INSERT INTO api_keys (id, name, hash, user_guid, created_at) VALUES (?, ?, ?, ?, ?)"
+        await self._node.execute(sql, (key_id, name, digest, user_guid, time.time()))
+
+    async def api_key(self, digest: str) -> Row | None:
+        rows = await self._node.rows("SELECT * FROM api_keys WHERE hash = ?", (digest,))
+        return rows[0] if rows else None
+
+    async def api_keys(self) -> list[Row]:
+        return await self._node.rows(
+            "SELECT id, name, user_guid, created_at, revoked_at FROM api_keys ORDER BY created_at"
+        )
+
+    async def revoke_api_key(self, key_id: str) -> bool:
+        """True if the key existed and was live."""
+        sql = "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL"
+        return await self._node.execute(sql, (time.time(), key_id)) > 0
 
     def record_outcome(
         self,

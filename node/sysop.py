@@ -11,6 +11,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from .apikeys import ApiKeys
 from .queries import QueryManager, Refused, check_guid
 from .storage import Storage
 
@@ -57,6 +58,17 @@ class Sysop:
         """A user cancels their own query; the sysop anyone's, which is audited."""
         if await self.queries.cancel(query_id, by_guid=by_guid, sysop=sysop):  # another user's
             await self.storage.audit("sysop", "cancel_query", query_id)
+
+    async def create_key(self, keys: ApiKeys, name: str) -> dict[str, Any]:
+        user, key = await keys.create(name)
+        await self.storage.audit("sysop", "create_api_key", user.key_id, name)
+        return {"id": user.key_id, "name": user.name, "user": user.user_guid, "key": key}
+
+    async def revoke_key(self, keys: ApiKeys, key_id: str) -> bool:
+        revoked = await keys.revoke(key_id)
+        if revoked:
+            await self.storage.audit("sysop", "revoke_api_key", key_id)
+        return revoked
 
     async def users(self) -> list[dict[str, Any]]:
         return await self.storage.list_users()

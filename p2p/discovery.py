@@ -37,6 +37,8 @@ class RealmDiscovery:
         self.refresh = refresh
         self.dial = dial  # dial a peer, logging (not raising) a failure
         self._records_changed = trio.Event()
+        # counters for /metrics: provide rounds that stored / failed, lookups and what they found
+        self.provides_ok = self.provides_failed = self.lookups = self.lookups_failed = self.providers_found = 0
 
     def records_changed(self) -> None:
         """Called by the node whenever the peer table took a new health record."""
@@ -51,19 +53,25 @@ class RealmDiscovery:
                     with trio.fail_after(PROVIDE_TIMEOUT):
                         ok = await self.fh.provide_realm(realm)
                     log.debug("dht: provided %s (%s)", realm, "stored" if ok else "no peer took it")
+                    self.provides_ok += int(bool(ok))
+                    self.provides_failed += int(not ok)
                 except Exception as exc:  # the DHT may have no peers yet; try again next round
+                    self.provides_failed += 1
                     log.debug("dht: provide %s failed: %s", realm, exc)
             await trio.sleep(self.refresh)
 
     async def discover(self, realm: str) -> None:
         """Fill the peer table from the DHT, then wait until a provider is a live candidate
         (the caller bounds the wait)."""
+        self.lookups += 1
         try:
             with trio.fail_after(LOOKUP_TIMEOUT):
                 found = await self.fh.find_realm_providers(realm)
         except Exception as exc:
+            self.lookups_failed += 1
             log.info("dht: lookup for %s failed: %s", realm, exc)
             return
+        self.providers_found += len(found)
         fresh = [p for p in found if (e := self.table.get(p)) is None or e.record is None]
         unconnected = [p for p in found if (e := self.table.get(p)) is None or not e.connected]
         log.info("dht: %d provider(s) of %s, %d new", len(found), realm, len(fresh))

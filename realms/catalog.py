@@ -95,6 +95,26 @@ CATALOG: Mapping[str, RealmDef] = MappingProxyType({
 
 REALMS: tuple[str, ...] = tuple(CATALOG)
 
+# A payload field for the router, not the backend: "model" asks for executors serving that
+# model (the OpenAI API's `model`); the executor checks it and hands the backend the rest.
+MODEL_FIELD = "model"
+MAX_MODEL_NAME = 256
+
+
+def wanted_model(payload: Mapping[str, Any]) -> str | None:
+    """The model a payload asks for, if any; ValueError names what is wrong with it."""
+    model = payload.get(MODEL_FIELD)
+    if model is None:
+        return None
+    if not isinstance(model, str) or not 1 <= len(model) <= MAX_MODEL_NAME or not model.isprintable():
+        raise ValueError(f"payload.{MODEL_FIELD}: expected a model name of 1..{MAX_MODEL_NAME} printable characters")
+    return model
+
+
+def backend_payload(payload: dict[str, Any]) -> dict[str, Any]:
+    """The payload without its routing fields: what the realm's backend is given."""
+    return payload if MODEL_FIELD not in payload else {k: v for k, v in payload.items() if k != MODEL_FIELD}
+
 
 def realm(name: str) -> RealmDef:
     """The realm called ``name``; KeyError names the known ones."""

@@ -19,6 +19,7 @@ import trio
 
 from ..p2p.peers import PeerTable
 from . import events as ev
+from .catalog import wanted_model
 from .events import Code, ExecutorFailure, FailureKind, Fault, QueryError
 
 log = logging.getLogger("rentahal.router")
@@ -44,6 +45,8 @@ class Query:
 
 class LocalExecutor(Protocol):
     def serves(self, realm: str) -> bool: ...
+
+    def model_name(self, realm: str) -> str: ...
 
     def queue_depth(self, realm: str) -> int: ...
 
@@ -107,9 +110,23 @@ class RealmRouter:
             return "not connected yet: dialed on first use"
         return "via relay" if e.relayed else "direct"
 
-    def plan(self, realm: str) -> RoutePlan:
+    def _peer_model(self, peer_id: str, realm: str) -> str:
+        e = self.table.get(peer_id)
+        status = e.record.realm(realm) if e is not None and e.record is not None else None
+        return status.model if status is not None else ""
+
+    def plan(self, realm: str, model: str | None = None) -> RoutePlan:
+        """Every executor for ``realm``, best first, and why the others are out; with ``model``,
+        only those serving that model (as their health records say: the executor checks)."""
         peers, excluded = self.table.candidates(realm)
         out = [RouteEntry(x.peer_id, 0.0, x.reason) for x in excluded]
+        if model is not None:
+            out += [
+                RouteEntry(c.peer_id, 0.0, f"serves model {self._peer_model(c.peer_id, realm)!r}, not {model!r}")
+                for c in peers
+                if self._peer_model(c.peer_id, realm) != model
+            ]
+            peers = [c for c in peers if self._peer_model(c.peer_id, realm) == model]
         trusted = self.trusted.get(realm)
         if trusted:  # a private federation: only the peers named in realms.<realm>.trusted
             out += [
@@ -119,7 +136,9 @@ class RealmRouter:
             ]
             peers = [c for c in peers if c.peer_id in trusted]
         entries = [RouteEntry(c.peer_id, c.score, self._path(c.peer_id)) for c in peers]
-        if self.local.serves(realm):
+        if self.local.serves(realm) and model is not None and self.local.model_name(realm) != model:
+            out.insert(0, RouteEntry(LOCAL, 0.0, f"serves model {self.local.model_name(realm)!r}, not {model!r}"))
+        elif self.local.serves(realm):
             depth = self.local.queue_depth(realm)
             if depth < self.local_queue_limit:
                 entries.insert(0, RouteEntry(LOCAL, 100.0, f"served here, {depth} queued"))
@@ -136,19 +155,24 @@ class RealmRouter:
         """Run ``query`` on the best executor, failing over; return the answer. Raises
         QueryError: the last executor's failure, or ``deadline_exceeded``."""
         deadline_at = trio.current_time() + query.deadline_s
-        plan = self.plan(query.realm)
+        try:
+            model = wanted_model(query.payload)
+        except ValueError as exc:
+            raise QueryError(str(exc), Code.BAD_REQUEST) from None
+        plan = self.plan(query.realm, model)
         if not plan.candidates and self.local.loading(query.realm):
             # Its model is loading here (a restart resumes queries before models are up): wait.
             with trio.move_on_at(deadline_at):
                 await self.local.wait_loaded(query.realm)
-            plan = self.plan(query.realm)
+            plan = self.plan(query.realm, model)
         if not plan.candidates and self.discover is not None:
             with trio.move_on_at(min(deadline_at, trio.current_time() + 5.0)):
                 await self.discover(query.realm)
-            plan = self.plan(query.realm)
+            plan = self.plan(query.realm, model)
         if not plan.candidates:
             reasons = "; ".join(f"{x.executor[:16]}: {x.note}" for x in plan.excluded) or "no peers known"
-            raise QueryError(f"no executor for realm {query.realm!r} ({reasons})", Code.REALM_NOT_SERVED)
+            what = f"realm {query.realm!r}" + (f" with model {model!r}" if model is not None else "")
+            raise QueryError(f"no executor for {what} ({reasons})", Code.REALM_NOT_SERVED)
         # (not before, executor): an executor that answered busy comes back after its retry-after
         line: list[tuple[float, str]] = [(0.0, c.executor) for c in plan.candidates[: self.max_attempts]]
         tried: list[str] = []
@@ -158,7 +182,11 @@ class RealmRouter:
         last: QueryError | None = None
         current = ""
         with trio.move_on_at(deadline_at) as deadline:
-            while line or self._refill(line, query.realm, tried) or await self._revived(line, query, tried, gone, last):
+            while (
+                line
+                or self._refill(line, query.realm, tried, model=model)
+                or await self._revived(line, query, tried, gone, last)
+            ):
                 line.sort(key=lambda x: x[0])  # stable: ranked order among the ready ones
                 not_before, executor = line.pop(0)
                 current = ""  # waiting out a retry-after is nobody's fault
@@ -228,7 +256,7 @@ class RealmRouter:
                 Code.DEADLINE_EXCEEDED,
             )
         assert last is not None
-        others = "; ".join(f"{x.executor[:16]}: {x.note}" for x in self.plan(query.realm).excluded[:3])
+        others = "; ".join(f"{x.executor[:16]}: {x.note}" for x in self.plan(query.realm, model).excluded[:3])
         raise QueryError(
             f"all {len(tried)} executor(s) failed; last: {last.message}"
             + (f" (not tried: {others})" if others else ""),
@@ -236,16 +264,22 @@ class RealmRouter:
         )
 
     def _refill(
-        self, line: list[tuple[float, str]], realm: str, tried: list[str], vanished: frozenset[str] = frozenset()
+        self,
+        line: list[tuple[float, str]],
+        realm: str,
+        tried: list[str],
+        vanished: frozenset[str] = frozenset(),
+        *,
+        model: str | None = None,
     ) -> bool:
         """Every executor in line has failed: add any that became a candidate meanwhile (a peer
         back from a moment of silence), up to ``max_attempts`` attempts in all. An executor in
         ``vanished`` (its stream died under the query) may be tried again once it is a candidate
         again: a restarted process, a new connection."""
         room = self.max_attempts - len(tried)
-        fresh = [c.executor for c in self.plan(realm).candidates if c.executor not in tried or c.executor in vanished][
-            : max(room, 0)
-        ]
+        fresh = [
+            c.executor for c in self.plan(realm, model).candidates if c.executor not in tried or c.executor in vanished
+        ][: max(room, 0)]
         line.extend((0.0, executor) for executor in fresh)
         return bool(fresh)
 
@@ -265,7 +299,7 @@ class RealmRouter:
         if len(tried) >= self.max_attempts:
             return False
         with trio.move_on_after(REVIVE_WAIT):
-            while not self._refill(line, query.realm, tried, frozenset(gone)):
+            while not self._refill(line, query.realm, tried, frozenset(gone), model=wanted_model(query.payload)):
                 await trio.sleep(REVIVE_POLL)
             return True
         return False

@@ -232,7 +232,7 @@ async def test_prompt_longer_than_context_is_bad_request(tiny_path: Path) -> Non
 def test_payload_defaults() -> None:
     p = parse_chat_payload({"prompt": "hi"}, max_tokens_cap=100)
     assert p == ChatParams(
-        messages=(("user", "hi"),), max_tokens=100, temperature=0.7, seed=None, ignore_eos=False, stop=()
+        messages=(("user", "hi"),), max_tokens=100, temperature=0.7, top_p=0.95, seed=None, ignore_eos=False, stop=()
     )
     p = parse_chat_payload(
         {"messages": [{"role": "user", "content": "x"}], "seed": 1, "temperature": 1, "stop": ["\n"]},

@@ -50,6 +50,9 @@ class FakeLocal:
     def serves(self, realm: str) -> bool:
         return self._serves
 
+    def model_name(self, realm: str) -> str:
+        return "local-model"
+
     def queue_depth(self, realm: str) -> int:
         return self.depth
 

@@ -1,0 +1,165 @@
+"""Prometheus metrics: ``GET /metrics`` on the UI port, written by prometheus_client.
+
+Two kinds. Events are counted as they happen, by the code they happen in: queries this node's
+users asked (by realm, outcome and the kind of executor that answered: ``local``, ``peer``, or
+``none`` when none did), their latency and time to first token, tokens and images served,
+failovers by cause, queries executed here (for this node's users or for peers), rate-limit
+refusals, API errors. Levels are read when Prometheus scrapes, from the node's own state
+(:class:`NodeCollector`): queue depth and running queries per realm, peers by state, gossip,
+DHT and relay counters; and the process's RSS and open files (prometheus_client's own
+process collector). Every node has its own registry: several nodes in one process (tests) never
+share a count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+def executor_kind(executor: str | None) -> str:
+    if not executor:
+        return "none"
+    return "local" if executor == "local" else "peer"
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.queries = Counter(
+            "rentahal_queries",
+            "Queries of this node's users that ended, by realm, outcome and executor kind",
+            ["realm", "outcome", "executor"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "rentahal_query_duration_seconds",
+            "Time from submission to answer of this node's users' queries",
+            ["realm", "executor"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "rentahal_time_to_first_token_seconds",
+            "Time from submission to the first streamed token",
+            ["realm", "executor"],
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.tokens = Counter("rentahal_tokens", "Tokens generated for this node's users", ["realm"], registry=r)
+        self.images = Counter("rentahal_images", "Images generated for this node's users", registry=r)
+        self.failovers = Counter(
+            "rentahal_failovers",
+            "Attempts that failed and moved a query to another executor, by cause",
+            ["cause"],
+            registry=r,
+        )
+        self.executed = Counter(
+            "rentahal_executed_queries",
+            "Queries this node's models ran, by realm, requester and outcome",
+            ["realm", "requester", "outcome"],
+            registry=r,
+        )
+        self.refusals = Counter(
+            "rentahal_rate_limited",
+            "Submissions refused by a rate limit, by channel (websocket, api, peer)",
+            ["channel"],
+            registry=r,
+        )
+        self.api_errors = Counter(
+            "rentahal_api_errors", "OpenAI API answers with an error, by HTTP status", ["status"], registry=r
+        )
+        ProcessCollector(registry=r)  # process_resident_memory_bytes, process_open_fds, CPU seconds
+
+    # --- events -------------------------------------------------------------------------------
+    def query_ended(
+        self,
+        realm: str,
+        outcome: str,
+        executor: str | None,
+        seconds: float,
+        ttft: float | None,
+        stats: dict[str, Any] | None = None,
+    ) -> None:
+        kind = executor_kind(executor)
+        self.queries.labels(realm, outcome, kind).inc()
+        if outcome != "done":
+            return
+        self.latency.labels(realm, kind).observe(max(seconds, 0.0))
+        if ttft is not None:
+            self.ttft.labels(realm, kind).observe(max(ttft, 0.0))
+        tokens = (stats or {}).get("tokens")
+        if isinstance(tokens, int) and not isinstance(tokens, bool) and 0 < tokens < 1 << 40:
+            self.tokens.labels(realm).inc(tokens)
+        if realm == "imagine":
+            self.images.inc()
+
+    def failover(self, cause: str) -> None:
+        self.failovers.labels(cause).inc()
+
+    def executed_query(self, realm: str, *, for_peer: bool, outcome: str) -> None:
+        self.executed.labels(realm, "peer" if for_peer else "local", outcome).inc()
+
+    def rate_limited(self, channel: str) -> None:
+        self.refusals.labels(channel).inc()
+
+    def api_error(self, status: int) -> None:
+        self.api_errors.labels(str(status)).inc()
+
+    def add_levels(self, read: Callable[[], dict[str, Any]]) -> None:
+        """Levels read from the node at each scrape (see :class:`NodeCollector`)."""
+        self.registry.register(NodeCollector(read))
+
+    def exposition(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class NodeCollector(Collector):
+    """Gauges and counters the node keeps anyway, read at scrape time. ``read()`` returns::
+
+    {"realms": {realm: {"queue_depth": n, "running": n, "served": 0|1}},
+     "peers": {state: n}, "gossip": {name: n}, "dht": {name: n}, "relay": {name: n}}
+    """
+
+    def __init__(self, read: Callable[[], dict[str, Any]]) -> None:
+        self.read = read
+
+    def describe(self) -> list[Metric]:
+        return []  # not known before the node runs: collected only
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self.read()
+        depth = GaugeMetricFamily("rentahal_queue_depth", "Queries queued or running here, by realm", labels=["realm"])
+        running = GaugeMetricFamily("rentahal_running", "Queries running here now, by realm", labels=["realm"])
+        served = GaugeMetricFamily("rentahal_realm_served", "1 if this node serves the realm now", labels=["realm"])
+        for realm, r in snap.get("realms", {}).items():
+            depth.add_metric([realm], r.get("queue_depth", 0))
+            running.add_metric([realm], r.get("running", 0))
+            served.add_metric([realm], r.get("served", 0))
+        yield from (depth, running, served)
+        peers = GaugeMetricFamily("rentahal_peers", "Known peers, by state", labels=["state"])
+        for state, n in snap.get("peers", {}).items():
+            peers.add_metric([state], n)
+        yield peers
+        for group, help_ in (
+            ("gossip", "Health-record gossip since start"),
+            ("dht", "Kademlia DHT provides and lookups since start"),
+            ("relay", "Circuit relay use since start"),
+        ):
+            for name, value in snap.get(group, {}).items():
+                if name.endswith("_now"):  # a level, not a count
+                    g = GaugeMetricFamily(f"rentahal_{group}_{name[:-4]}", help_)
+                    g.add_metric([], value)
+                    yield g
+                else:
+                    c = CounterMetricFamily(f"rentahal_{group}_{name}", help_)
+                    c.add_metric([], value)
+                    yield c
