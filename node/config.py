@@ -309,6 +309,15 @@ class RealmConfig:
     cost_per_query: float = _float(0.0, 0.0, 1e9)
     cost_per_second: float = _float(0.0, 0.0, 1e9)
     cost_per_token: float = _float(0.0, 0.0, 1e9)
+    # An external model server instead of a local model (realms/catalog.py says which realms):
+    # its base URL, its API ("openai": any OpenAI-compatible server; "anthropic": the messages
+    # API), the model to ask it for, and where its key is (an environment variable or a 0600
+    # file: never node.toml).
+    url: str = _str("", lambda s: s == "" or s.startswith(("http://", "https://")), "an http:// or https:// URL")
+    api: str = _str("openai", lambda s: s in ("openai", "anthropic"), "'openai' or 'anthropic'")
+    remote_model: str = _str("", lambda s: len(s) <= 256 and s.isprintable(), "<= 256 printable characters")
+    key_env: str = _str("", lambda s: s == "" or s.replace("_", "a").isalnum(), "an environment variable name")
+    key_file: str = _str("")
     allow: tuple[str, ...] = _peer_ids()  # serve this realm to these peers only (empty: to all)
     trusted: tuple[str, ...] = _peer_ids()  # route this realm to these peers only (empty: any)
 
@@ -372,6 +381,11 @@ def _section(cls: type, table: Any, prefix: str, label: str, base: Any) -> Any:
     values = {}
     for key, raw in table.items():
         dotted = f"{prefix}.{key}"
+        if key not in spec and key in ("key", "api_key", "token"):
+            raise ConfigError(
+                f"{label}: {dotted}: keys never go in node.toml; name an environment variable "
+                f"({prefix}.key_env) or a 0600 file ({prefix}.key_file)"
+            )
         if key not in spec:
             near = [k for k in _LEAVES if k.startswith(prefix + ".")]
             raise _unknown(label, dotted, near or _LEAVES)

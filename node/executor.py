@@ -375,6 +375,13 @@ def _gpu_layers(requested: int, model: Path, realm: str) -> int:
 
 
 async def chat_backend(local: LocalRealms, rc: RealmConfig) -> Any:
+    if rc.url:  # an external model server (models/external.py)
+        from ..models.external import ExternalChatBackend, read_key
+
+        key = read_key(rc.key_env, rc.key_file, "chat")
+        return ExternalChatBackend(
+            rc.url, api=rc.api, remote_model=rc.remote_model, key=key, max_tokens_cap=rc.max_tokens
+        )
     from ..models.chat import ChatBackend
     from ..models.smoke.tiny_llama import write_tiny_llama
 

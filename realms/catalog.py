@@ -26,6 +26,8 @@ COMMON_SETTINGS = frozenset({
     "serve", "model", "slots", "queue_limit", "threads", "cost_per_query", "cost_per_second", "allow", "trusted",
 })  # fmt: skip
 LLAMA_SETTINGS = frozenset({"n_ctx", "n_gpu_layers", "max_tokens", "cost_per_token"})
+# A realm that may be served by an external model server (models/external.py) instead.
+EXTERNAL_SETTINGS = frozenset({"url", "api", "remote_model", "key_env", "key_file"})
 
 
 @dataclass(frozen=True)
@@ -62,8 +64,8 @@ CATALOG: Mapping[str, RealmDef] = MappingProxyType({
     r.name: r
     for r in (
         RealmDef(
-            "chat", "text generation with an LLM (llama.cpp)",
-            COMMON_SETTINGS | LLAMA_SETTINGS,
+            "chat", "text generation with an LLM (llama.cpp, or an external OpenAI/Anthropic-API server)",
+            COMMON_SETTINGS | LLAMA_SETTINGS | EXTERNAL_SETTINGS,
             backend="rentahal.node.executor:chat_backend",
             check_payload="rentahal.models.chat:check_payload",
             model_formats="a GGUF file (a path, store:<name> or hf:<repo>/<file>)",
