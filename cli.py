@@ -31,6 +31,24 @@ app = typer.Typer(
     help="A peer-to-peer federation node serving AI realms (chat, vision, imagine, speech).",
 )
 
+
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"rentahal-node {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit"
+    ),
+) -> None:
+    """A peer-to-peer federation node serving AI realms (chat, vision, imagine, speech)."""
+
+
 DataDir = typer.Option(
     None,
     "--data-dir",
@@ -38,6 +56,11 @@ DataDir = typer.Option(
     help="Node data dir [default: ~/.rentahal]",
     show_default=False,
 )
+
+
+def said(as_json: bool, data: dict[str, Any], text: str) -> None:
+    """A command's outcome: one line for people, or the same facts as JSON for programs."""
+    typer.echo(json.dumps(data, indent=2) if as_json else text)
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -68,12 +91,15 @@ def ensure_initialised(data_dir: Path) -> tuple[str, bool]:
 
 
 @app.command()
-def init(data_dir: Path | None = DataDir) -> None:
+def init(
+    data_dir: Path | None = DataDir, as_json: bool = typer.Option(False, "--json", help="Print the outcome as JSON")
+) -> None:
     """Create the data dir, the node's Ed25519 identity, node.toml and a sysop token."""
     path = resolve_data_dir(data_dir)
     peer_id, created = ensure_initialised(path)
-    typer.echo(f"{'created' if created else 'existing'} node {peer_id} in {path}", err=True)
-    typer.echo(peer_id)
+    if not as_json:
+        typer.echo(f"{'created' if created else 'existing'} node {peer_id} in {path}", err=True)
+    said(as_json, {"peer_id": peer_id, "data_dir": str(path), "created": created}, peer_id)
 
 
 @app.command()
@@ -84,6 +110,7 @@ def run(
     ui_port: int | None = typer.Option(None, "--ui-port", help="Local websocket port (0 = any free)"),
     serve: str | None = typer.Option(None, "--serve", help="Realms to serve: REALM,... or none"),
     log_level: str | None = typer.Option(None, "--log-level", help="debug|info|warning|error"),
+    log_format: str | None = typer.Option(None, "--log-format", help="text | json (one JSON object per line)"),
     set_: list[str] = typer.Option([], "--set", help="Override any node.toml key: KEY=VALUE (repeatable)"),
 ) -> None:
     """Run the node in the foreground until Ctrl-C or SIGTERM."""
@@ -113,6 +140,8 @@ def run(
             overrides["ui.port"] = str(ui_port)
         if log_level is not None:
             overrides["node.log_level"] = json.dumps(log_level)
+        if log_format is not None:
+            overrides["node.log_format"] = json.dumps(log_format)
         if serve is not None:
             wanted = {r.strip() for r in serve.split(",") if r.strip()} - {"none"}
             unknown = wanted - set(REALMS)
@@ -131,7 +160,7 @@ def run(
         check_ui_port(config.ui.host, config.ui.port)
     except (OSError, ListenError) as exc:
         fail(str(exc))
-    setup_logging(config.node.log_level)
+    setup_logging(config.node.log_level, config.node.log_format)
     try:
         trio.run(_run_node, config, path)
     except KeyboardInterrupt:
@@ -146,12 +175,27 @@ def run(
         lock.release()
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line: time (ISO 8601, UTC), level, logger, message."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False)
+
+
+def setup_logging(level: str, fmt: str = "text") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        JsonLogFormatter() if fmt == "json" else logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
     )
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
 
 
 SHUTDOWN_TIMEOUT = 20.0
@@ -271,6 +315,19 @@ def _short(peer_id: str) -> str:
     return peer_id if len(peer_id) <= 20 else f"{peer_id[:8]}…{peer_id[-8:]}"
 
 
+def _who(peer_id: str, names: dict[str, str]) -> str:
+    """A peer as people read it: the name it gives itself (its claim, not checked) beside its
+    short ID; "local" for this node."""
+    if peer_id == "local":
+        return peer_id
+    name = names.get(peer_id, "")
+    return f"{name} ({_short(peer_id)})" if name else _short(peer_id)
+
+
+def _names(data_dir: Path | None) -> dict[str, str]:
+    return {p["peer_id"]: p.get("name") or "" for p in _request(data_dir, {"op": "peers"})["peers"]}
+
+
 @app.command()
 def peers(data_dir: Path | None = DataDir, as_json: bool = typer.Option(False, "--json")) -> None:
     """Peers the running node knows: state, score, realms, record age, RTT."""
@@ -278,7 +335,7 @@ def peers(data_dir: Path | None = DataDir, as_json: bool = typer.Option(False, "
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
-    typer.echo(f"{'PEER':<52} {'STATE':<13} {'SCORE':>6} {'AGE':>6} {'RTT':>8} {'PATH':<8} REALMS")
+    typer.echo(f"{'PEER':<19} {'NAME':<16} {'STATE':<13} {'SCORE':>6} {'AGE':>6} {'RTT':>8} {'PATH':<8} REALMS")
     for p in rows:
         age = "-" if p["record_age_s"] is None else f"{p['record_age_s']:.1f}s"
         rtt = "-" if p["rtt_ms"] is None else f"{p['rtt_ms']:.1f}ms"
@@ -286,8 +343,9 @@ def peers(data_dir: Path | None = DataDir, as_json: bool = typer.Option(False, "
         why += f"  (blocked: {p['blocked']})" if p.get("blocked") else ""
         why += f"  trusted for {','.join(p['trusted'])}" if p.get("trusted") else ""
         why += f"  allowed {','.join(p['allowed'])}" if p.get("allowed") else ""
+        name = (p.get("name") or "-")[:16]
         typer.echo(
-            f"{p['peer_id']:<52} {p['state']:<13} {p['score']:>6.1f} {age:>6} {rtt:>8} "
+            f"{_short(p['peer_id']):<19} {name:<16} {p['state']:<13} {p['score']:>6.1f} {age:>6} {rtt:>8} "
             f"{p.get('path') or '-':<8} {','.join(p['realms']) or '-'}{why}"
         )
 
@@ -320,14 +378,15 @@ def route(
     if as_json:
         typer.echo(json.dumps(plan, indent=2))
         return
+    names = _names(data_dir)
     if not plan["candidates"]:
         typer.echo(f"no executor for {realm}")
     for i, c in enumerate(plan["candidates"], 1):
         note = f"  ({c['note']})" if c["note"] else ""
-        typer.echo(f"{i}. {c['executor']}  score {c['score']:.1f}{note}")
+        typer.echo(f"{i}. {_who(c['executor'], names)}  score {c['score']:.1f}{note}")
     if explain:
         for x in plan["excluded"]:
-            typer.echo(f"-  {x['executor']}  excluded: {x['reason']}")
+            typer.echo(f"-  {_who(x['executor'], names)}  excluded: {x['reason']}")
 
 
 def _media(path: Path) -> dict[str, str]:
@@ -399,13 +458,14 @@ def query(
     path = resolve_data_dir(data_dir)
     url = _node_url(path)
     printed = [0]
+    names: dict[str, str] = {}
 
     def on_event(ev: dict[str, Any]) -> None:
         kind = ev.get("type")
         if kind == "routed":
-            typer.echo(f"executor: {ev['executor']} (attempt {ev['attempt']})", err=True)
+            typer.echo(f"executor: {_who(ev['executor'], names)} (attempt {ev['attempt']})", err=True)
         elif kind == "failover":
-            typer.echo(f"failover: {ev['executor']} {ev['kind']}: {ev['message']}", err=True)
+            typer.echo(f"failover: {_who(ev['executor'], names)} {ev['kind']}: {ev['message']}", err=True)
             if live and printed[0]:
                 sys.stdout.write("\n")
                 printed[0] = 0
@@ -420,6 +480,8 @@ def query(
 
     async def go() -> dict[str, Any]:
         async with connect(url, data_dir=path, **_hello(path, sysop=False)) as client:
+            if not as_json:  # peers' names, for the routing lines
+                names.update({p["peer_id"]: p.get("name") or "" for p in (await client.call(op="peers"))["peers"]})
             async for msg in client.stream("submit_query", realm=realm, payload=payload, stream=bool(live or as_json)):
                 if detach and msg.get("op") == "event" and msg["event"]["type"] == "queued":
                     return {"op": "detached", "query_id": msg["event"]["query_id"]}
@@ -460,9 +522,13 @@ def query(
         typer.echo(output.get("text", ""))
     stats = result.get("stats", {})
     typer.echo(
-        f"answered by {result['executor']} in {stats.get('ms', 0):.0f} ms"
+        f"answered by {_who(result['executor'], names)} in {stats.get('ms', 0):.0f} ms"
         + (f", {stats['tokens']} tokens" if "tokens" in stats else "")
-        + (f", after failover from {', '.join(result['failovers'])}" if result["failovers"] else ""),
+        + (
+            f", after failover from {', '.join(_who(f, names) for f in result['failovers'])}"
+            if result["failovers"]
+            else ""
+        ),
         err=True,
     )
 
@@ -498,14 +564,17 @@ def stats(data_dir: Path | None = DataDir, as_json: bool = typer.Option(False, "
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
+    typer.echo("executed here (since the data dir began) | asked by this node's users (since start)")
     typer.echo(
-        f"{'REALM':<9} {'LOCAL':>6} {'PEERS':>6} {'FAILED':>6} {'CANCEL':>6} {'AVG MS':>8} {'P95 MS':>8} {'COST':>9} {'QUEUE':>5}"  # noqa: E501
+        f"{'REALM':<9} {'LOCAL':>6} {'PEERS':>6} {'FAILED':>6} {'CANCEL':>6} {'AVG MS':>8} {'P95 MS':>8} {'COST':>9} "
+        f"{'QUEUE':>5} | {'ASKED':>6} {'BY PEER':>7} {'FAILED':>6}"
     )
     for realm, r in rows.items():
         typer.echo(
             f"{realm:<9} {r.get('served_local', 0):>6} {r.get('served_for_peers', 0):>6} {r.get('failures', 0):>6} "
             f"{r.get('cancelled', 0):>6} {r.get('avg_ms') or 0:>8.1f} {r.get('p95_ms') or 0:>8.1f} "
-            f"{r.get('total_cost', 0):>9.3f} {r['queue_depth']:>5}"
+            f"{r.get('total_cost', 0):>9.3f} {r['queue_depth']:>5} | {r.get('asked_done', 0):>6} "
+            f"{r.get('answered_by_peers', 0):>7} {r.get('asked_failed', 0):>6}"
         )
 
 
@@ -528,9 +597,10 @@ def history(
         typer.echo(json.dumps(rows, indent=2))
         return
     for r in rows:
-        typer.echo(
-            f"{r['id']}  {r['status']:<9} {r['realm']:<7} {(r.get('executor') or '-')[:20]:<20}  {(r.get('prompt') or '')[:40]!r}"  # noqa: E501
-        )
+        executor = _short(r["executor"]) if r.get("executor") else "-"
+        typer.echo(f"{r['id']}  {r['status']:<9} {r['realm']:<7} {executor:<19}  {(r.get('prompt') or '')[:40]!r}")
+        if r.get("error_code"):  # why it failed (or was cancelled)
+            typer.echo(f"    {r['error_code']}: {(r.get('error_message') or '')[:300]}")
         if r.get("suspect"):
             typer.echo(f"    ! {r['suspect']}")
 
@@ -540,10 +610,12 @@ def report(
     query_id: str,
     data_dir: Path | None = DataDir,
     reason: str = typer.Option("", "--reason", help="What was wrong with the answer (at most 200 characters)"),
+    as_json: bool = typer.Option(False, "--json", help="Print the outcome as JSON"),
 ) -> None:
     """Report an answer as wrong: held against the peer that gave it, which is spot-checked at once."""
     ans = _request(data_dir, {"op": "report", "query_id": query_id, "reason": reason})
-    typer.echo(f"reported the answer of {ans['executor']} to {query_id}; a spot-check of it is queued")
+    ans.pop("rid", None)
+    said(as_json, ans, f"reported the answer of {_short(ans['executor'])} to {query_id}; a spot-check of it is queued")
 
 
 @app.command()
@@ -551,10 +623,11 @@ def cancel(
     query_id: str,
     data_dir: Path | None = DataDir,
     as_sysop: bool = typer.Option(False, "--sysop", help="Cancel another user's query (sysop token)"),
+    as_json: bool = typer.Option(False, "--json", help="Print the outcome as JSON"),
 ) -> None:
     """Cancel a running or queued query of yours (another user's with --sysop)."""
     _request(data_dir, {"op": "cancel", "query_id": query_id}, sysop=as_sysop)
-    typer.echo(f"cancelled {query_id}")
+    said(as_json, {"query_id": query_id, "cancelled": True}, f"cancelled {query_id}")
 
 
 @app.command()
@@ -572,17 +645,26 @@ def users(data_dir: Path | None = DataDir, as_json: bool = typer.Option(False, "
 
 
 @app.command()
-def ban(guid: str, data_dir: Path | None = DataDir, reason: str = typer.Option("", "--reason")) -> None:
+def ban(
+    guid: str,
+    data_dir: Path | None = DataDir,
+    reason: str = typer.Option("", "--reason"),
+    as_json: bool = typer.Option(False, "--json", help="Print the outcome as JSON"),
+) -> None:
     """Ban a user from this node (sysop)."""
     _request(data_dir, {"op": "ban", "guid": guid, "reason": reason}, sysop=True)
-    typer.echo(f"banned {guid}")
+    said(as_json, {"guid": guid, "banned": True, "reason": reason}, f"banned {guid}")
 
 
 @app.command()
-def unban(guid: str, data_dir: Path | None = DataDir) -> None:
+def unban(
+    guid: str,
+    data_dir: Path | None = DataDir,
+    as_json: bool = typer.Option(False, "--json", help="Print the outcome as JSON"),
+) -> None:
     """Lift a ban (sysop)."""
     _request(data_dir, {"op": "unban", "guid": guid}, sysop=True)
-    typer.echo(f"unbanned {guid}")
+    said(as_json, {"guid": guid, "banned": False}, f"unbanned {guid}")
 
 
 @app.command()
@@ -590,12 +672,13 @@ def realm(
     name: str,
     action: str = typer.Argument(..., help="enable | disable"),
     data_dir: Path | None = DataDir,
+    as_json: bool = typer.Option(False, "--json", help="Print the outcome as JSON"),
 ) -> None:
     """Enable or disable serving a realm on this node (sysop)."""
     if action not in ("enable", "disable"):
         fail(f"action must be enable or disable, got {action!r}")
     _request(data_dir, {"op": "set_realm", "realm": name, "enabled": action == "enable"}, sysop=True)
-    typer.echo(f"{name} {action}d")
+    said(as_json, {"realm": name, "enabled": action == "enable"}, f"{name} {action}d")
 
 
 @app.command()
@@ -603,12 +686,13 @@ def peer(
     peer_id: str,
     action: str = typer.Argument(..., help="block | unblock"),
     data_dir: Path | None = DataDir,
+    as_json: bool = typer.Option(False, "--json", help="Print the outcome as JSON"),
 ) -> None:
     """Block or unblock a peer: it gets no queries from this node and its queries are refused (sysop)."""
     if action not in ("block", "unblock"):
         fail(f"action must be block or unblock, got {action!r}")
     _request(data_dir, {"op": "set_peer", "peer_id": peer_id, "blocked": action == "block"}, sysop=True)
-    typer.echo(f"{peer_id} {action}ed")
+    said(as_json, {"peer_id": peer_id, "blocked": action == "block"}, f"{peer_id} {action}ed")
 
 
 @app.command()
@@ -658,10 +742,14 @@ def keys_list(data_dir: Path | None = DataDir, as_json: bool = typer.Option(Fals
 
 
 @keys_app.command("revoke")
-def keys_revoke(key_id: str, data_dir: Path | None = DataDir) -> None:
+def keys_revoke(
+    key_id: str,
+    data_dir: Path | None = DataDir,
+    as_json: bool = typer.Option(False, "--json", help="Print the outcome as JSON"),
+) -> None:
     """Revoke a key (by the id `keys list` shows): refused from the next request on."""
     _request(data_dir, {"op": "keys_revoke", "key_id": key_id}, sysop=True)
-    typer.echo(f"revoked key {key_id}")
+    said(as_json, {"key_id": key_id, "revoked": True}, f"revoked key {key_id}")
 
 
 from .models.cli_models import models_app  # noqa: E402  (a sub-app, mounted below)
@@ -673,16 +761,19 @@ app.add_typer(db_app, name="db")
 
 
 @db_app.command("check")
-def db_check(data_dir: Path | None = DataDir) -> None:
+def db_check(
+    data_dir: Path | None = DataDir, as_json: bool = typer.Option(False, "--json", help="Print the outcome as JSON")
+) -> None:
     """Check the integrity of every shard and of the node database."""
     from .node.storage import check
 
     path = resolve_data_dir(data_dir)
-    bad = 0
-    for name, verdict in check(path):
+    verdicts = list(check(path))
+    for name, verdict in verdicts if not as_json else ():
         typer.echo(f"{name}: {verdict}")
-        bad += verdict != "ok"
-    if bad:
+    if as_json:
+        typer.echo(json.dumps(dict(verdicts), indent=2))
+    if any(verdict != "ok" for _, verdict in verdicts):
         raise typer.Exit(1)
 
 
@@ -690,6 +781,7 @@ def db_check(data_dir: Path | None = DataDir) -> None:
 def db_reshard(
     shards: int = typer.Option(..., "--shards", min=1, max=64),
     data_dir: Path | None = DataDir,
+    as_json: bool = typer.Option(False, "--json", help="Print the outcome as JSON"),
 ) -> None:
     """Move every user's rows to a new number of shards (node stopped), and record it."""
     from .node.config import ConfigError, load_config
@@ -704,7 +796,8 @@ def db_reshard(
         old, moved = reshard(path, shards)
     except StorageError as exc:
         fail(str(exc))
-    typer.echo(f"resharded {path}: {old} -> {shards} shards, {moved} rows moved")
+    said(as_json, {"old_shards": old, "shards": shards, "rows_moved": moved},
+         f"resharded {path}: {old} -> {shards} shards, {moved} rows moved")  # fmt: skip
     try:
         cfg = load_config(path / CONFIG_FILE)
     except ConfigError:

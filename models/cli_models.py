@@ -137,6 +137,7 @@ def pull(
     name: str | None = typer.Option(None, "--name", help="Name in the store [default: from the file name]"),
     sha256: str | None = typer.Option(None, "--sha256", help="Expected sha256 of the file (hex)"),
     timeout: float = typer.Option(30.0, "--timeout", help="Seconds without progress before giving up"),
+    as_json: bool = typer.Option(False, "--json", help="Print the outcome as JSON"),
 ) -> None:
     """Download a model into the store (a hub id at one pinned commit); run it again to resume an
     interrupted file download."""
@@ -156,6 +157,11 @@ def pull(
         fail("interrupted; run the same command again to resume", 130)
     bar.close()
     sha = info.files[0].sha256 if info.files else "?"
+    if as_json:
+        typer.echo(
+            json.dumps({"realm": info.realm, "name": info.name, "ref": info.ref, "bytes": info.size, "sha256": sha})
+        )
+        return
     typer.echo(f"pulled {info.realm}/{info.name}: {_size(info.size)}, sha256 {sha}", err=True)
     typer.echo(_served_hint(info.realm, info.name), err=True)
     typer.echo(info.ref)
@@ -168,6 +174,7 @@ def add(
     data_dir: Path | None = DataDir,
     name: str | None = typer.Option(None, "--name", help="Name in the store [default: from the file name]"),
     link: bool = typer.Option(False, "--link", help="Symlink instead of copying (the source must stay)"),
+    as_json: bool = typer.Option(False, "--json", help="Print the outcome as JSON"),
 ) -> None:
     """Copy (or link) a local model file or folder into the store, checking its format."""
     from .registry import ModelError, add_model, default_name
@@ -181,6 +188,13 @@ def add(
         info = add_model(path, realm, name, source, link=link)
     except ModelError as exc:
         fail(str(exc))
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {"realm": info.realm, "name": info.name, "ref": info.ref, "bytes": info.size, "format": info.format}
+            )
+        )
+        return
     typer.echo(
         f"added {info.realm}/{info.name}: {info.format}, {_size(info.size)}{' (linked)' if link else ''}", err=True
     )
@@ -193,6 +207,7 @@ def remove(
     realm: str = typer.Argument(...),
     name: str = typer.Argument(...),
     data_dir: Path | None = DataDir,
+    as_json: bool = typer.Option(False, "--json", help="Print the outcome as JSON"),
 ) -> None:
     """Remove a model (or an unfinished pull) from the store; a linked source is left alone."""
     from .registry import ModelError, remove_model
@@ -201,7 +216,10 @@ def remove(
         remove_model(resolve_data_dir(data_dir), realm, name)
     except ModelError as exc:
         fail(str(exc))
-    typer.echo(f"removed {realm}/{name}", err=True)
+    if as_json:
+        typer.echo(json.dumps({"realm": realm, "name": name, "removed": True}))
+    else:
+        typer.echo(f"removed {realm}/{name}", err=True)
 
 
 @models_app.command()

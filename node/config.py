@@ -202,6 +202,8 @@ def _origins() -> Any:
 class NodeSection:
     name: str = _str("", lambda s: len(s) <= 64 and s.isprintable(), "<= 64 printable characters")
     log_level: str = _str("info", lambda s: s in LOG_LEVELS, "one of " + "|".join(LOG_LEVELS))
+    # "text" (one line per event) or "json" (one JSON object per line, for journald/Loki/ELK)
+    log_format: str = _str("text", lambda s: s in ("text", "json"), "'text' or 'json'")
 
 
 @dataclass(frozen=True)

@@ -321,7 +321,7 @@ class ControlSession:
             self.sysop = True
         if "guid" in req:
             self.guid = check_guid(req["guid"])
-        user = await self.node.queries.hello(self.guid, req.get("nickname"))
+        user = await self.node.queries.hello(self.guid, req.get("nickname"), sysop=self.sysop)
         return {"guid": self.guid, "nickname": user["nickname"], "sysop": self.sysop}
 
     async def op_set_nickname(self, req: dict[str, Any], rid: Any) -> dict[str, Any]:

@@ -531,7 +531,10 @@ class Node:
         for realm in REALMS:
             slot = self.local.slots[realm]
             row = {**zero, **stored.get(realm, {})}
-            out[realm] = {**row, "queue_depth": slot.queue.depth, "running": slot.queue.running}
+            # what this node's users asked (a routing-only node's whole work), since start
+            out[realm] = {
+                **row, **self.metrics.asked(realm), "queue_depth": slot.queue.depth, "running": slot.queue.running,
+            }  # fmt: skip
         return out
 
     # --- reports for the CLI and UI ----------------------------------------------------------
@@ -544,6 +547,7 @@ class Node:
             out.append(
                 {
                     "peer_id": e.peer_id,
+                    "name": e.record.node_name if e.record else "",  # what the peer calls itself
                     "addrs": list(e.addrs),
                     "realms": realms,
                     "models": {r.name: r.model for r in e.record.realms} if e.record else {},

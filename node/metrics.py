@@ -78,6 +78,17 @@ class Metrics:
             "rentahal_api_errors", "OpenAI API answers with an error, by HTTP status", ["status"], registry=r
         )
         ProcessCollector(registry=r)  # process_resident_memory_bytes, process_open_fds, CPU seconds
+        self.ended: dict[tuple[str, str, str], int] = {}  # (realm, outcome, executor kind) -> queries
+
+    def asked(self, realm: str) -> dict[str, int]:
+        """This node's users' queries of ``realm`` since start: routed here or to peers."""
+        mine = {k: n for k, n in self.ended.items() if k[0] == realm}
+        return {
+            "asked_done": sum(n for (_, o, _), n in mine.items() if o == "done"),
+            "asked_failed": sum(n for (_, o, _), n in mine.items() if o == "failed"),
+            "asked_cancelled": sum(n for (_, o, _), n in mine.items() if o == "cancelled"),
+            "answered_by_peers": sum(n for (_, o, k), n in mine.items() if o == "done" and k == "peer"),
+        }
 
     # --- events -------------------------------------------------------------------------------
     def query_ended(
@@ -91,6 +102,8 @@ class Metrics:
     ) -> None:
         kind = executor_kind(executor)
         self.queries.labels(realm, outcome, kind).inc()
+        key = (realm, outcome, kind)
+        self.ended[key] = self.ended.get(key, 0) + 1
         if outcome != "done":
             return
         self.latency.labels(realm, kind).observe(max(seconds, 0.0))

@@ -371,13 +371,14 @@ class QueryManager:
         return True
 
     # --- users and their stored queries, as a client asks for them --------------------------------
-    async def hello(self, guid: str, nickname: str | None = None) -> dict[str, Any]:
-        """The user ``guid`` (created if new, nickname set if given); Refused if banned."""
+    async def hello(self, guid: str, nickname: str | None = None, *, sysop: bool = False) -> dict[str, Any]:
+        """The user ``guid`` (created if new, nickname set if given); Refused if banned, unless
+        the sysop's token came with it (the sysop is never locked out of their own node)."""
         user = await self.storage.ensure_user(guid)
         if nickname is not None:
             await self.storage.set_nickname(guid, check_nickname(nickname))
             user = await self.storage.get_user(guid) or user
-        if user["banned"]:
+        if user["banned"] and not sysop:
             reason = f": {user['ban_reason']}" if user["ban_reason"] else ""
             raise Refused("banned", f"you are banned from this node{reason}")
         return dict(user)

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from rentahal.cli import _short as short
 from rentahal.scripts.federation import Federation, NodeProcess
 
 CHAT = {"realms.chat.max_tokens": "4000", "realms.chat.n_ctx": "4096"}
@@ -47,7 +48,7 @@ def test_router_node_discovers_peers_and_routes_chat(federation: Federation) -> 
 
     res = a.cli("query", "chat", "hello", "--max-tokens", "16", "--seed", "1")
     assert res.stdout.strip(), res.stderr
-    assert any(f"answered by {p.peer_id}" in res.stderr for p in (b, c)), res.stderr
+    assert any(f"answered by {short(p.peer_id)}" in res.stderr for p in (b, c)), res.stderr
 
     plan = a.cli_json("route", "chat")
     assert {x["executor"] for x in plan["candidates"]} == {b.peer_id, c.peer_id}

@@ -7,11 +7,13 @@ Where a testbed cannot be built the tests are skipped with the reason, never pas
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from rentahal.cli import _short as short
 from rentahal.scripts import testbed as tb
 from rentahal.scripts.federation import Federation, NodeProcess
 
@@ -48,11 +50,10 @@ def lan_of_three(bed: tb.Testbed, cidr: str) -> list[tb.Host]:
 
 
 def answered_by(node: NodeProcess, prompt: str = "hello") -> str:
-    res = node.cli("query", "chat", prompt, "--max-tokens", "8", "--seed", "1", timeout=90)
-    assert res.stdout.strip(), res.stderr
-    line = next((x for x in res.stderr.splitlines() if "answered by" in x), "")
-    assert line, res.stderr
-    return line.split("answered by", 1)[1].split()[0]
+    res = node.cli("query", "chat", prompt, "--max-tokens", "8", "--seed", "1", "--json", timeout=90)
+    done = [m for m in map(json.loads, res.stdout.splitlines()) if m["op"] == "result"]
+    assert done, res.stderr
+    return str(done[-1]["result"]["executor"])
 
 
 def test_lan_of_three_hosts_on_default_listen_addresses(net: tuple[tb.Testbed, Federation]) -> None:
@@ -143,7 +144,7 @@ def test_two_homes_behind_nats_reach_each_other_through_a_relay_then_directly(
     assert deadline_plan is not None, n2.log()
     assert answered_by(n2, "again") == n1.peer_id
     explained = n2.cli("route", "chat", "--explain").stdout
-    assert f"{n1.peer_id}  score" in explained and "(direct)" in explained, explained
+    assert f"{short(n1.peer_id)}  score" in explained and "(direct)" in explained, explained
 
 
 def test_symmetric_nats_on_both_sides_the_relay_carries_tokens_and_images(
@@ -176,7 +177,7 @@ def test_symmetric_nats_on_both_sides_the_relay_carries_tokens_and_images(
         "steps=2",
         timeout=120,
     )
-    assert f"answered by {n1.peer_id}" in res.stderr, res.stderr
+    assert f"answered by {short(n1.peer_id)}" in res.stderr, res.stderr
     with Image.open(out) as img:
         assert img.size == (64, 64)
 
@@ -287,10 +288,10 @@ def test_without_a_relay_a_home_is_unreachable_not_busy(net: tuple[tb.Testbed, F
     n2.wait_for(rf"peer {n1.peer_id} is unreachable", 60)
     peer = n2.peer(n1.peer_id)
     assert peer["state"] == "unreachable" and peer["unreachable"] and not peer["connected"], peer
-    row = next(x for x in n2.cli("peers").stdout.splitlines() if x.startswith(n1.peer_id))
+    row = next(x for x in n2.cli("peers").stdout.splitlines() if x.startswith(short(n1.peer_id)))
     assert " unreachable " in row and f"({peer['unreachable']})" in row, row
     explained = n2.cli("route", "chat", "--explain").stdout
-    assert f"{n1.peer_id}  excluded: unreachable: " in explained, explained
+    assert f"{short(n1.peer_id)}  excluded: unreachable: " in explained, explained
     res = n2.cli("query", "chat", "hello", "--max-tokens", "4", check=False, timeout=90)
     assert res.returncode == 1 and "busy" not in res.stderr, res.stderr
     assert "unreachable" in res.stderr, res.stderr
