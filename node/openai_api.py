@@ -282,7 +282,10 @@ def chat_request(body: dict[str, Any]) -> Shaped:
         role = msg.get("role")
         role = "system" if role == "developer" else role
         if role not in ("system", "user", "assistant"):
-            raise _bad(f"messages[{i}].role: expected system, developer, user or assistant; got {str(role)[:40]!r}")
+            raise _bad(
+                f"messages[{i}].role: expected system, developer, user or assistant; got {str(role)[:40]!r}",
+                "messages",
+            )
         text, imgs = _message_parts(msg, i)
         images += imgs
         shaped.append({"role": role, "content": text})
