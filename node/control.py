@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from .limits import RateLimiter
     from .metrics import Metrics
     from .queries import QueryManager
+    from .reports import Reports
     from .sysop import Sysop
 
 
@@ -55,14 +56,8 @@ class ControlAPI(Protocol):
     submit_limiter: RateLimiter
     metrics: Metrics
     api_keys: ApiKeys
+    reports: Reports  # status, health, peers, realms, models, stats, the dashboard's snapshot
 
-    def status_report(self) -> dict[str, Any]: ...
-    def health_report(self) -> dict[str, Any]: ...
-    def peers_report(self) -> list[dict[str, Any]]: ...
-    def realms_report(self) -> list[dict[str, Any]]: ...
-    def models_report(self) -> list[dict[str, Any]]: ...
-    async def stats_report(self) -> dict[str, Any]: ...
-    async def dashboard_snapshot(self) -> dict[str, Any]: ...
     def report_answer(self, row: dict[str, Any], reason: str) -> dict[str, Any]: ...
     def caught_reason(self, peer_id: str) -> str: ...
 
@@ -143,7 +138,7 @@ async def serve_control(node: ControlAPI, *, task_status: trio.TaskStatus[str] =
                 cfg.port,
                 max_message_size=max(message_limits(node.config).values()),
                 message_budget=limits.ws_buffer_bytes,
-                routes={"/healthz": node.health_report},
+                routes={"/healthz": node.reports.health_report},
                 api=api_routes(node),
                 may_use_reserved=is_sysop,
                 task_status=task_status,
@@ -329,19 +324,19 @@ class ControlSession:
 
     # --- what the node knows -----------------------------------------------------------------
     async def op_status(self, req: dict[str, Any], rid: Any) -> dict[str, Any]:
-        return {"status": self.node.status_report()}
+        return {"status": self.node.reports.status_report()}
 
     async def op_peers(self, req: dict[str, Any], rid: Any) -> dict[str, Any]:
-        return {"peers": self.node.peers_report()}
+        return {"peers": self.node.reports.peers_report()}
 
     async def op_realms(self, req: dict[str, Any], rid: Any) -> dict[str, Any]:
-        return {"realms": self.node.realms_report()}
+        return {"realms": self.node.reports.realms_report()}
 
     async def op_route(self, req: dict[str, Any], rid: Any) -> dict[str, Any]:
         return {"route": self.node.router.plan(req["realm"]).to_json()}
 
     async def op_stats(self, req: dict[str, Any], rid: Any) -> dict[str, Any]:
-        return {"stats": await self.node.stats_report()}
+        return {"stats": await self.node.reports.stats_report()}
 
     async def op_dashboard(self, req: dict[str, Any], rid: Any) -> None:
         """Subscribe to the dashboard: the current snapshot now (with ``rid``), then the node's
@@ -353,7 +348,7 @@ class ControlSession:
         except OverflowError as exc:
             raise Refused("busy", f"{exc}; try again later") from None
         try:
-            await self.send({"op": "dashboard", "rid": rid, "snapshot": await self.node.dashboard_snapshot()})
+            await self.send({"op": "dashboard", "rid": rid, "snapshot": await self.node.reports.dashboard_snapshot()})
             async for text in snapshots:
                 async with self.send_lock:
                     await self.ws.send_message(text)

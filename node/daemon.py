@@ -17,7 +17,6 @@ from typing import Any
 import trio
 
 from .. import __version__
-from ..p2p import addrs as addrlib
 from ..p2p.budget import ByteBudget, ConnectionGate
 from ..p2p.discovery import RealmDiscovery
 from ..p2p.gossip import GossipBudget, HealthGossip
@@ -47,6 +46,7 @@ from .limits import RateLimiter
 from .metrics import Metrics
 from .peer_memory import PeerMemory
 from .queries import QueryManager, Refused
+from .reports import Reports
 from .storage import Storage
 from .sysop import Sysop
 from .violations import Violations
@@ -95,6 +95,7 @@ class Node:
         self.submit_limiter = RateLimiter(config.limits.queries_per_minute, config.limits.burst)
         self.peer_limiter = RateLimiter(config.limits.peer_queries_per_minute, config.limits.peer_burst)
         self.metrics = Metrics()
+        self.reports = Reports(self)
         self.local.metrics = self.metrics
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -243,8 +244,8 @@ class Node:
                     nursery.start_soon(self._flush_outcomes)
                     nursery.start_soon(self._watch_executors)
                     await nursery.start(self.queries.run)
-                    self.metrics.add_levels(self.metrics_levels)
-                    self.dashboards = Dashboards(self.dashboard_snapshot)
+                    self.metrics.add_levels(self.reports.metrics_levels)
+                    self.dashboards = Dashboards(self.reports.dashboard_snapshot)
                     await nursery.start(self.dashboards.run)
                     self.ui_url = await nursery.start(serve_control, self)
                     self._write_run_file()
@@ -505,221 +506,6 @@ class Node:
             raise QueryError(f"{type(exc).__name__}", Code.INTERNAL) from None
         self._queries_served += 1
         return result
-
-    # --- sysop actions (the control channel checks the token) ----------------------------------
-    async def dashboard_snapshot(self) -> dict[str, Any]:
-        """What a dashboard shows, in one piece (node/dashboard.py pushes it every second)."""
-        return {
-            "status": self.status_report(),
-            "realms": self.realms_report(),
-            "stats": await self.stats_report(),
-            "peers": self.peers_report(),
-        }
-
-    async def stats_report(self) -> dict[str, Any]:
-        stored = await self.storage.stats()
-        out = {}
-        zero = {
-            "served_local": 0,
-            "served_for_peers": 0,
-            "failures": 0,
-            "cancelled": 0,
-            "avg_ms": None,
-            "p95_ms": None,
-            "total_cost": 0.0,
-        }
-        for realm in REALMS:
-            slot = self.local.slots[realm]
-            row = {**zero, **stored.get(realm, {})}
-            # what this node's users asked (a routing-only node's whole work), since start
-            out[realm] = {
-                **row, **self.metrics.asked(realm), "queue_depth": slot.queue.depth, "running": slot.queue.running,
-            }  # fmt: skip
-        return out
-
-    # --- reports for the CLI and UI ----------------------------------------------------------
-    def peers_report(self) -> list[dict[str, Any]]:
-        out = []
-        connected = self.fh.connected_peers()
-        for e in self.table:
-            realms = [r.name for r in e.record.realms] if e.record else []
-            age = self.table.record_age(e)
-            out.append(
-                {
-                    "peer_id": e.peer_id,
-                    "name": e.record.node_name if e.record else "",  # what the peer calls itself
-                    "addrs": list(e.addrs),
-                    "realms": realms,
-                    "models": {r.name: r.model for r in e.record.realms} if e.record else {},
-                    "scores": {r: self.table.score(e, r) for r in realms},
-                    "score": max((self.table.score(e, r) for r in realms), default=0.0),
-                    "state": self.table.state(e).value,
-                    "record_age_s": None if age is None else round(age, 3),
-                    "rtt_ms": None if e.rtt_ms is None else round(e.rtt_ms, 3),
-                    "latency_ms": None if e.latency_ms is None else round(e.latency_ms, 3),
-                    "connected": e.peer_id in connected,
-                    "path": ("relayed" if e.relayed else "direct") if e.peer_id in connected else None,
-                    "unreachable": e.unreachable or None,
-                    "verified_addrs": list(reversed(e.verified)),
-                    "failures": e.consecutive_failures,
-                    "last_failure": e.last_failure,
-                    "violations": e.violations,
-                    "proven": self.table.proven(e),  # answered a query or a spot-check of this node's
-                    "spot_checked": e.spot_passed,
-                    "caught": e.caught or None,
-                    "reports": e.reports,
-                    "trusted": [r for r, rc in self.config.realms.items() if e.peer_id in rc.trusted],
-                    "allowed": [r for r, rc in self.config.realms.items() if e.peer_id in rc.allow],
-                    "blocked": (
-                        "by the sysop" if e.blocked else e.penalty_reason if self.table.is_blocked(e.peer_id) else None
-                    ),
-                    "sources": sorted(e.sources),
-                }
-            )
-        return sorted(out, key=lambda p: p["peer_id"])
-
-    def realms_report(self) -> list[dict[str, Any]]:
-        out = []
-        for realm in REALMS:
-            slot = self.local.slots[realm]
-            peers, _ = self.table.candidates(realm)
-            out.append(
-                {
-                    "realm": realm,
-                    "local": {
-                        "status": slot.status,
-                        "model": slot.model,
-                        "smoke_test": slot.smoke_test,
-                        "queue_depth": slot.queue.depth,
-                    },
-                    "live_peers": len(peers),
-                    "peers": [c.peer_id for c in peers],
-                }
-            )
-        return out
-
-    def reachability_report(self) -> dict[str, Any]:
-        """Whether peers can dial this node, in words and as data, and the --bootstrap string a
-        friend should use."""
-        state = self.dialback.state
-        addrs = self.fh.addrs()
-        relayed = [a for a in addrs if "/p2p-circuit" in a]
-        direct = [a for a in addrs if "/p2p-circuit" not in a]
-        public = [a for a in direct if addrlib.scope(a) in ("public", "dns")] or [
-            addrlib.with_peer(a, self.peer_id) for a in self.dialback.verdict.public_addrs
-        ]
-        announced = [addrlib.with_peer(a, self.peer_id) for a in self.config.p2p.announce]
-        if state is Reachability.PUBLIC:
-            best = (announced or public or direct or [""])[0]
-            text = f"public at {addrlib.without_peer(best, self.peer_id)}"
-        elif relayed:
-            best = relayed[0]
-            text = f"behind NAT, reachable via relay {addrlib.without_peer(best, self.peer_id)}"
-        elif state is Reachability.PRIVATE:
-            best = (announced or [""])[0]
-            text = "unreachable: behind NAT or a firewall, and no relay reservation yet"
-        elif self.fh.local_only():
-            best = direct[0] if direct else ""
-            text = "local only: listening on loopback, reachable from this host alone"
-        else:
-            best = (announced or direct or [""])[0]
-            text = "unknown: no peer has tried to dial this node yet"
-        return {
-            "state": "relayed" if state is not Reachability.PUBLIC and relayed else state.value,
-            "text": text,
-            "bootstrap": best,
-            "relays": relayed,
-            "witnesses": {
-                ip: {"dialed": ok, "seen_ip": seen, "port": port}
-                for ip, (ok, seen, port, _) in self.dialback.verdict.answers.items()
-            },
-        }
-
-    def models_report(self) -> list[dict[str, Any]]:
-        """Every model served here or by a live peer: its name, realm and how many executors."""
-        counts: dict[tuple[str, str], int] = {}
-        for realm in REALMS:
-            if self.local.serves(realm) and self.local.model_name(realm):
-                key = (self.local.model_name(realm), realm)
-                counts[key] = counts.get(key, 0) + 1
-            for c in self.table.candidates(realm)[0]:
-                model = self.router._peer_model(c.peer_id, realm)
-                if model:
-                    counts[(model, realm)] = counts.get((model, realm), 0) + 1
-        realms_of: dict[str, int] = {}
-        for m, _ in counts:
-            realms_of[m] = realms_of.get(m, 0) + 1
-        # A name served in two realms (the smoke-test models) is listed once per realm, as realm:name.
-        return [
-            {"id": m if realms_of[m] == 1 else f"{r}:{m}", "model": m, "realm": r, "executors": n}
-            for (m, r), n in sorted(counts.items(), key=lambda x: (x[0][1], x[0][0]))
-        ]
-
-    def metrics_levels(self) -> dict[str, Any]:
-        """What /metrics reads at each scrape (node/metrics.NodeCollector)."""
-        peers: dict[str, int] = {state.value: 0 for state in PeerState}
-        for e in self.table:
-            peers[self.table.state(e).value] += 1
-        budget = self.gossip.budget
-        disc = self.realm_discovery
-        return {
-            "realms": {
-                realm: {
-                    "queue_depth": slot.queue.depth,
-                    "running": slot.queue.running,
-                    "served": int(self.local.serves(realm)),
-                }
-                for realm, slot in self.local.slots.items()
-            },
-            "peers": peers,
-            "gossip": {
-                "records_published": self.gossip.published,
-                "records_accepted": self._records_accepted,
-                "records_rejected": self.gossip.checker.rejected,
-                "messages_dropped": budget.dropped if budget else 0,
-                "introductions_refused": budget.refused_introductions if budget else 0,
-            },
-            "dht": {
-                "provides_ok": disc.provides_ok,
-                "provides_failed": disc.provides_failed,
-                "lookups": disc.lookups,
-                "lookups_failed": disc.lookups_failed,
-                "providers_found": disc.providers_found,
-            },
-            "relay": {"reservations_now": len(self.relay.reservations), "serving_now": int(self.relay.hop)},
-        }
-
-    def health_report(self) -> dict[str, Any]:
-        """``GET /healthz``: up (it answers), its peer ID, and each realm's state (ready,
-        loading, disabled, not served: ...), for supervisors and harnesses."""
-        return {
-            "ok": True,
-            "peer_id": self.peer_id,
-            "uptime_s": round(time.time() - self.started_at, 1),
-            "realms": {realm: self.local.slots[realm].status for realm in REALMS},
-        }
-
-    def status_report(self) -> dict[str, Any]:
-        return {
-            "peer_id": self.peer_id,
-            "name": self.config.node.name,
-            "version": __version__,
-            "reachability": self.reachability_report(),
-            "listen": self.fh.listen_addrs(),
-            "addrs": self.fh.addrs(),
-            "ui": self.ui_url,
-            "uptime_s": round(time.time() - self.started_at, 1),
-            "queries_served_for_peers": self._queries_served,
-            "gossip": {  # what peers' gossip cost this node, and what it refused
-                "records_published": self.gossip.published,
-                "records_rejected": self.gossip.checker.rejected,
-                "messages_dropped": self.gossip.budget.dropped if self.gossip.budget else 0,
-                "streams_reset": self.gossip.budget.dropped_streams if self.gossip.budget else 0,
-                "introductions_refused": self.gossip.budget.refused_introductions if self.gossip.budget else 0,
-            },
-            "spot_checks": {"canaries_sent": self.spot.checks, "peers_caught": self.spot.caught},
-            "dashboards": {"open": len(self.dashboards), "snapshots_built": self.dashboards.built},
-        }
 
 
 __all__ = ["RUN_FILE", "Node"]

@@ -60,6 +60,7 @@ if TYPE_CHECKING:
     from .limits import RateLimiter
     from .metrics import Metrics
     from .queries import QueryManager
+    from .reports import Reports
 
 log = logging.getLogger("rentahal.api")
 
@@ -452,8 +453,7 @@ class ApiNode(Protocol):
     api_keys: ApiKeys
     submit_limiter: RateLimiter
     metrics: Metrics
-
-    def models_report(self) -> list[dict[str, Any]]: ...
+    reports: Reports  # models_report: what /v1/models lists
 
 
 @dataclass(frozen=True)
@@ -662,13 +662,13 @@ class OpenAIApi:
         data = [
             {"id": m["id"], "object": "model", "created": 0, "owned_by": "rentahal", "realm": m["realm"],
              "executors": m["executors"]}
-            for m in self.node.models_report()
+            for m in self.node.reports.models_report()
         ]  # fmt: skip
         await ex.send(200, json.dumps({"object": "list", "data": data}).encode(), JSON)
 
     async def model(self, ex: Exchange, caller: Caller) -> None:
         wanted = ex.path.rstrip("/")[len("/v1/models/") :]
-        for m in self.node.models_report():
+        for m in self.node.reports.models_report():
             if m["id"] == wanted:
                 body = {"id": m["id"], "object": "model", "created": 0, "owned_by": "rentahal", "realm": m["realm"]}
                 await ex.send(200, json.dumps(body).encode(), JSON)
