@@ -311,6 +311,15 @@ def _request(data_dir: Path | None, message: dict[str, Any], *, sysop: bool = Fa
     return reply
 
 
+def _rows(data_dir: Path | None, op: str, key: str, as_json: bool, *, sysop: bool = False) -> list[Any] | None:
+    """A listing command's rows from the node, or None once they were printed as JSON."""
+    rows: list[Any] = _request(data_dir, {"op": op}, sysop=sysop)[key]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return None
+    return rows
+
+
 def _short(peer_id: str) -> str:
     return peer_id if len(peer_id) <= 20 else f"{peer_id[:8]}…{peer_id[-8:]}"
 
@@ -331,9 +340,8 @@ def _names(data_dir: Path | None) -> dict[str, str]:
 @app.command()
 def peers(data_dir: Path | None = DataDir, as_json: bool = typer.Option(False, "--json")) -> None:
     """Peers the running node knows: state, score, realms, record age, RTT."""
-    rows = _request(data_dir, {"op": "peers"})["peers"]
-    if as_json:
-        typer.echo(json.dumps(rows, indent=2))
+    rows = _rows(data_dir, "peers", "peers", as_json)
+    if rows is None:
         return
     typer.echo(f"{'PEER':<19} {'NAME':<16} {'STATE':<13} {'SCORE':>6} {'AGE':>6} {'RTT':>8} {'PATH':<8} REALMS")
     for p in rows:
@@ -353,9 +361,8 @@ def peers(data_dir: Path | None = DataDir, as_json: bool = typer.Option(False, "
 @app.command()
 def realms(data_dir: Path | None = DataDir, as_json: bool = typer.Option(False, "--json")) -> None:
     """Realms served here and by how many live peers."""
-    rows = _request(data_dir, {"op": "realms"})["realms"]
-    if as_json:
-        typer.echo(json.dumps(rows, indent=2))
+    rows = _rows(data_dir, "realms", "realms", as_json)
+    if rows is None:
         return
     typer.echo(f"{'REALM':<9} {'LIVE PEERS':>10}  HERE")
     for r in rows:
@@ -560,9 +567,8 @@ def status(data_dir: Path | None = DataDir, as_json: bool = typer.Option(False, 
 @app.command()
 def stats(data_dir: Path | None = DataDir, as_json: bool = typer.Option(False, "--json")) -> None:
     """Per-realm statistics of this node (they survive restarts)."""
-    rows = _request(data_dir, {"op": "stats"})["stats"]
-    if as_json:
-        typer.echo(json.dumps(rows, indent=2))
+    rows = _rows(data_dir, "stats", "stats", as_json)
+    if rows is None:
         return
     typer.echo("executed here (since the data dir began) | asked by this node's users (since start)")
     typer.echo(
@@ -633,9 +639,8 @@ def cancel(
 @app.command()
 def users(data_dir: Path | None = DataDir, as_json: bool = typer.Option(False, "--json")) -> None:
     """Users of this node (sysop)."""
-    rows = _request(data_dir, {"op": "users"}, sysop=True)["users"]
-    if as_json:
-        typer.echo(json.dumps(rows, indent=2))
+    rows = _rows(data_dir, "users", "users", as_json, sysop=True)
+    if rows is None:
         return
     typer.echo(f"{'GUID':<32}  {'NICKNAME':<20} {'QUERIES':>7} {'COST':>9}  BANNED")
     for u in rows:
@@ -698,9 +703,8 @@ def peer(
 @app.command()
 def audit(data_dir: Path | None = DataDir, as_json: bool = typer.Option(False, "--json")) -> None:
     """The sysop's actions on this node, newest first (sysop)."""
-    rows = _request(data_dir, {"op": "audit"}, sysop=True)["audit"]
-    if as_json:
-        typer.echo(json.dumps(rows, indent=2))
+    rows = _rows(data_dir, "audit", "audit", as_json, sysop=True)
+    if rows is None:
         return
     typer.echo(f"{'WHEN (UTC)':<19}  {'ACTOR':<6} {'ACTION':<16} {'TARGET':<34} DETAIL")
     for r in rows:
@@ -730,9 +734,8 @@ def keys_create(
 @keys_app.command("list")
 def keys_list(data_dir: Path | None = DataDir, as_json: bool = typer.Option(False, "--json")) -> None:
     """Every key: its id, name, user and whether it is revoked (never the key itself)."""
-    rows = _request(data_dir, {"op": "keys_list"}, sysop=True)["keys"]
-    if as_json:
-        typer.echo(json.dumps(rows, indent=2))
+    rows = _rows(data_dir, "keys_list", "keys", as_json, sysop=True)
+    if rows is None:
         return
     typer.echo(f"{'ID':<9} {'NAME':<24} {'USER':<32}  {'CREATED (UTC)':<19}  STATE")
     for r in rows:

@@ -34,49 +34,25 @@ def executor_kind(executor: str | None) -> str:
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        self.queries = Counter(
-            "rentahal_queries",
-            "Queries of this node's users that ended, by realm, outcome and executor kind",
-            ["realm", "outcome", "executor"],
-            registry=r,
+
+        def counter(name: str, help_: str, *labels: str) -> Counter:
+            return Counter(name, help_, list(labels), registry=r)
+
+        def histogram(name: str, help_: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(name, help_, ["realm", "executor"], buckets=buckets, registry=r)
+
+        who = "this node's users"
+        self.queries = counter("rentahal_queries", f"Queries of {who} that ended", "realm", "outcome", "executor")
+        self.latency = histogram("rentahal_query_duration_seconds", f"Submission to answer, {who}", LATENCY_BUCKETS)
+        self.ttft = histogram("rentahal_time_to_first_token_seconds", "Submission to the first token", TTFT_BUCKETS)
+        self.tokens = counter("rentahal_tokens", f"Tokens generated for {who}", "realm")
+        self.images = counter("rentahal_images", f"Images generated for {who}")
+        self.failovers = counter("rentahal_failovers", "Attempts failed over to another executor", "cause")
+        self.executed = counter(
+            "rentahal_executed_queries", "Queries this node's models ran", "realm", "requester", "outcome"
         )
-        self.latency = Histogram(
-            "rentahal_query_duration_seconds",
-            "Time from submission to answer of this node's users' queries",
-            ["realm", "executor"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.ttft = Histogram(
-            "rentahal_time_to_first_token_seconds",
-            "Time from submission to the first streamed token",
-            ["realm", "executor"],
-            buckets=TTFT_BUCKETS,
-            registry=r,
-        )
-        self.tokens = Counter("rentahal_tokens", "Tokens generated for this node's users", ["realm"], registry=r)
-        self.images = Counter("rentahal_images", "Images generated for this node's users", registry=r)
-        self.failovers = Counter(
-            "rentahal_failovers",
-            "Attempts that failed and moved a query to another executor, by cause",
-            ["cause"],
-            registry=r,
-        )
-        self.executed = Counter(
-            "rentahal_executed_queries",
-            "Queries this node's models ran, by realm, requester and outcome",
-            ["realm", "requester", "outcome"],
-            registry=r,
-        )
-        self.refusals = Counter(
-            "rentahal_rate_limited",
-            "Submissions refused by a rate limit, by channel (websocket, api, peer)",
-            ["channel"],
-            registry=r,
-        )
-        self.api_errors = Counter(
-            "rentahal_api_errors", "OpenAI API answers with an error, by HTTP status", ["status"], registry=r
-        )
+        self.refusals = counter("rentahal_rate_limited", "Submissions refused by a rate limit", "channel")
+        self.api_errors = counter("rentahal_api_errors", "OpenAI API answers with an error", "status")
         ProcessCollector(registry=r)  # process_resident_memory_bytes, process_open_fds, CPU seconds
         self.ended: dict[tuple[str, str, str], int] = {}  # (realm, outcome, executor kind) -> queries
 
