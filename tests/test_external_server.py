@@ -15,6 +15,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
@@ -139,3 +140,62 @@ def test_an_unreachable_server_leaves_the_realm_unserved_with_why(federation: Fe
     with pytest.raises(openai.APIStatusError) as refused:
         client(b).chat.completions.create(model="any", messages=[{"role": "user", "content": "x"}], max_tokens=2)
     assert refused.value.status_code == 503
+
+
+async def test_the_anthropic_messages_api_is_spoken(tmp_path: Path) -> None:
+    """Against a stand-in that answers as Anthropic's messages API documents (no network here:
+    a test double of the hosted API, not a claim that it was tried against Anthropic)."""
+    import http.server
+    import threading
+
+    from rentahal.models.external import ExternalChatBackend
+
+    seen: dict[str, Any] = {}
+    events = [
+        {"type": "message_start", "message": {"usage": {"input_tokens": 11, "output_tokens": 1}}},
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hello"}},
+        {"type": "ping"},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": " there"}},
+        {"type": "content_block_stop", "index": 0},
+        {"type": "message_delta", "delta": {"stop_reason": "max_tokens"}, "usage": {"output_tokens": 2}},
+        {"type": "message_stop"},
+    ]
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            seen["path"], seen["headers"] = self.path, dict(self.headers)
+            seen["body"] = json.loads(self.rfile.read(int(self.headers["content-length"])))
+            self.send_response(200)
+            self.send_header("content-type", "text/event-stream")
+            self.end_headers()
+            for e in events:
+                self.wfile.write(f"event: {e['type']}\ndata: {json.dumps(e)}\n\n".encode())
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        backend = ExternalChatBackend(
+            f"http://127.0.0.1:{server.server_address[1]}", api="anthropic", remote_model="claude-test", key="sk-ant"
+        )
+        await backend.load()
+        tokens: list[str] = []
+
+        async def sink(event: Any) -> None:
+            tokens.append(event.text)
+
+        payload = {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]}
+        result = await backend.generate({**payload, "max_tokens": 2, "temperature": 1.5}, sink)
+        await backend.aclose()
+    finally:
+        server.shutdown()
+    assert seen["path"] == "/v1/messages"
+    assert seen["headers"]["x-api-key"] == "sk-ant" and seen["headers"]["anthropic-version"] == "2023-06-01"
+    assert seen["body"]["system"] == "be brief" and seen["body"]["messages"] == [{"role": "user", "content": "hi"}]
+    assert seen["body"]["temperature"] == 1.0 and seen["body"]["max_tokens"] == 2 and seen["body"]["stream"] is True
+    assert tokens == ["Hello", " there"]
+    assert result.output == {"text": "Hello there", "model": "claude-test"}
+    assert (result.stats["tokens"], result.stats["prompt_tokens"], result.stats["finish_reason"]) == (2, 11, "length")
