@@ -153,6 +153,11 @@ def check_payload(payload: Mapping[str, object]) -> None:
     parse_chat_payload(payload, max_tokens_cap=1 << 30)
 
 
+def canary(words: str, seed: int) -> dict[str, Any]:
+    """A spot-check query (realms/spotcheck.py): greedy, short, reproducible."""
+    return {"prompt": f"Continue: {words}", "max_tokens": 8, "temperature": 0.0, "seed": seed}
+
+
 def _parse_messages(raw: object) -> tuple[tuple[str, str], ...]:
     if not isinstance(raw, (list, tuple)):
         raise BadRequest(f"payload.messages: expected a list, got {type(raw).__name__}")

@@ -198,6 +198,11 @@ def check_payload(payload: Mapping[str, object]) -> None:
     parse_imagine_payload(payload, max_steps=1000, max_pixels=64 * 1024 * 1024)
 
 
+def canary(words: str, seed: int) -> dict[str, Any]:
+    """A spot-check query (realms/spotcheck.py): two steps of a small image."""
+    return {"prompt": words, "seed": seed, "steps": 2, "width": 64, "height": 64}
+
+
 # --------------------------------------------------------------------------
 # helpers
 

@@ -38,16 +38,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from ..realms.catalog import REALMS
+from ..realms.catalog import CATALOG, REALMS
 
 FORMATS = ("gguf", "diffusers", "ggml-whisper", "gguf+mmproj")
-REALM_FORMATS: dict[str, tuple[str, ...]] = {
-    "chat": ("gguf",),
-    # A plain GGUF is accepted for vision: its projector is then named by realms.vision.mmproj.
-    "vision": ("gguf+mmproj", "gguf"),
-    "imagine": ("diffusers",),
-    "speech": ("ggml-whisper",),
-}
+# What each realm's store takes, from its catalog entry (realms/catalog.py).
+REALM_FORMATS: dict[str, tuple[str, ...]] = {name: r.store_formats for name, r in CATALOG.items()}
 FORMAT_WORDS = {
     "gguf": "a GGUF file",
     "gguf+mmproj": "a folder with a model GGUF and its mmproj projector GGUF",

@@ -305,6 +305,11 @@ def check_payload(payload: Mapping[str, object]) -> None:
     parse_speech_payload(payload, max_audio_bytes=1 << 30, max_tts_chars=1 << 30)
 
 
+def canary(words: str, seed: int) -> dict[str, Any]:
+    """A spot-check query (realms/spotcheck.py): the words spoken."""
+    return {"text": words}
+
+
 # --------------------------------------------------------------------------
 # the ggml file, checked before whisper.cpp sees it
 

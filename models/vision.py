@@ -366,6 +366,14 @@ def check_payload(payload: Mapping[str, object]) -> None:
     parse_vision_payload(payload, max_tokens_cap=1 << 30, max_image_bytes=1 << 30, max_pixels=1 << 30)
 
 
+def canary(words: str, seed: int) -> dict[str, Any]:
+    """A spot-check query (realms/spotcheck.py): a random picture, greedy, short."""
+    from ..realms.spotcheck import canary_image
+
+    prompt = f"Describe this picture of {words}."
+    return {"prompt": prompt, "image": canary_image(seed), "max_tokens": 8, "temperature": 0.0, "seed": seed}
+
+
 # --------------------------------------------------------------------------
 # llama.cpp plumbing: mtmd logging, chat handlers
 

@@ -38,6 +38,8 @@ class RealmDef:
     backend: str  # "module:function": async factory(LocalRealms, RealmConfig) -> backend
     check_payload: str  # "module:function": raises BadRequest for a payload no executor would take
     model_formats: str  # what realms.<name>.model may name
+    store_formats: tuple[str, ...]  # what `rentahal-node models add/pull` takes (models/registry.py)
+    canary: str  # "module:function": (words, seed) -> a deterministic payload for spot-checks
     extra: str | None = None  # `pip install rentahal-node[<extra>]` for its backend, if any
     concurrency: int = 1  # queries its backend runs at once (the most `slots` may say)
     media: bool = False  # its payloads carry media: websocket messages up to storage.max_payload_bytes
@@ -49,6 +51,10 @@ class RealmDef:
     def checker(self) -> Callable[[dict[str, Any]], None]:
         checker: Callable[[dict[str, Any]], None] = _resolve(self.check_payload)
         return checker
+
+    def canary_payload(self, words: str, seed: int) -> dict[str, Any]:
+        payload: dict[str, Any] = _resolve(self.canary)(words, seed)
+        return payload
 
     def factory(self) -> Callable[..., Any]:
         factory: Callable[..., Any] = _resolve(self.backend)
@@ -69,6 +75,7 @@ CATALOG: Mapping[str, RealmDef] = MappingProxyType({
             backend="rentahal.node.executor:chat_backend",
             check_payload="rentahal.models.chat:check_payload",
             model_formats="a GGUF file (a path, store:<name> or hf:<repo>/<file>)",
+            store_formats=("gguf",), canary="rentahal.models.chat:canary",
         ),
         RealmDef(
             "vision", "questions about an image (a LLaVA-style GGUF and its projector)",
@@ -76,6 +83,8 @@ CATALOG: Mapping[str, RealmDef] = MappingProxyType({
             backend="rentahal.node.executor:vision_backend",
             check_payload="rentahal.models.vision:check_payload",
             model_formats="a GGUF file and its mmproj GGUF", media=True, media_fields=("image",),
+            # A plain GGUF is accepted: its projector is then named by realms.vision.mmproj.
+            store_formats=("gguf+mmproj", "gguf"), canary="rentahal.models.vision:canary",
         ),
         RealmDef(
             "imagine", "text to image (diffusers, torch)",
@@ -83,6 +92,7 @@ CATALOG: Mapping[str, RealmDef] = MappingProxyType({
             backend="rentahal.node.executor:imagine_backend",
             check_payload="rentahal.models.imagine:check_payload",
             model_formats="a diffusers pipeline folder", extra="image", media=True,
+            store_formats=("diffusers",), canary="rentahal.models.imagine:canary",
         ),
         RealmDef(
             "speech", "speech to text (whisper.cpp) and text to speech (espeak-ng)",
@@ -91,6 +101,7 @@ CATALOG: Mapping[str, RealmDef] = MappingProxyType({
             check_payload="rentahal.models.speech:check_payload",
             model_formats="a whisper.cpp ggml .bin file", extra="speech", media=True, text_field="text",
             media_fields=("audio",), media_replaces_text=True,
+            store_formats=("ggml-whisper",), canary="rentahal.models.speech:canary",
         ),
     )
 })  # fmt: skip

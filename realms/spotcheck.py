@@ -33,6 +33,7 @@ import trio
 
 from ..p2p.peers import PeerState, PeerTable
 from . import events as ev
+from .catalog import CATALOG
 from .router import Query
 
 log = logging.getLogger("rentahal.spotcheck")
@@ -88,24 +89,17 @@ def _png(seed: int, size: int = 16) -> bytes:
 
 
 def canary(realm: str, seed: int) -> dict[str, Any] | None:
-    """A deterministic query for ``realm`` built from ``seed``; None if the realm has none."""
+    """A deterministic query for ``realm`` built from ``seed`` (the realm's own canary builder,
+    named in its catalog entry); None if the realm is unknown."""
     rng = random.Random(seed)
     words = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(4, 9)))
-    if realm == "chat":
-        return {"prompt": f"Continue: {words}", "max_tokens": 8, "temperature": 0.0, "seed": seed % 2**31}
-    if realm == "vision":
-        return {
-            "prompt": f"Describe this picture of {words}.",
-            "image": _png(seed),
-            "max_tokens": 8,
-            "temperature": 0.0,
-            "seed": seed % 2**31,
-        }
-    if realm == "imagine":
-        return {"prompt": words, "seed": seed % 2**31, "steps": 2, "width": 64, "height": 64}
-    if realm == "speech":
-        return {"text": words}
-    return None
+    definition = CATALOG.get(realm)
+    return definition.canary_payload(words, seed % 2**31) if definition is not None else None
+
+
+def canary_image(seed: int) -> bytes:
+    """A small random PNG for a vision canary."""
+    return _png(seed)
 
 
 def agree(a: dict[str, Any], b: dict[str, Any]) -> bool:

@@ -12,6 +12,7 @@ import pytest
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from rentahal.cli import _short as short
 from rentahal.p2p import wire
 from rentahal.p2p.health import HEALTH_TOPIC, HealthRecord, RealmStatus, sign_record
 from rentahal.p2p.host import FederationHost
@@ -234,7 +235,7 @@ async def test_a_user_reports_a_wrong_answer_and_the_peer_is_checked_and_caught(
         (row,) = await trio.to_thread.run_sync(lambda: r.cli_json("history"))
         assert row["executor"] == me.peer_id and "suspect" not in row
         out = await trio.to_thread.run_sync(lambda: r.cli("report", row["id"], "--reason", "not an answer"))
-        assert me.peer_id in out.stdout
+        assert short(me.peer_id) in out.stdout
         liar = await _poll(r, lambda: (p := r.peer(me.peer_id)) and p["caught"] and p, 30)
         assert liar["state"] == "blocked" and liar["reports"] == 1
         (row,) = await trio.to_thread.run_sync(lambda: r.cli_json("history"))
