@@ -22,6 +22,7 @@ import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from importlib import resources
 from typing import Any
 
@@ -37,6 +38,7 @@ log = logging.getLogger("rentahal.http")
 
 MAX_HEAD = 16 * 1024  # bytes of request line + headers
 HEAD_TIMEOUT = 10.0  # seconds a client may take to send its request head
+BODY_TIMEOUT = 60.0  # seconds an API client may take to send its request body
 MAX_CONNECTIONS = 512  # open UI connections in all (each holds a file descriptor)
 MAX_CONNECTIONS_PER_CLIENT = 64  # served at once per IPv4 address / IPv6 /64
 MAX_PENDING_PER_CLIENT = 128  # connections per client that have not sent their request yet
@@ -238,8 +240,17 @@ class Exchange:
         self.headers = head.headers
         self.started = False  # an answer's head has been sent
 
-    async def body(self, limit: int) -> bytes:
-        """The whole request body; BadHead (413) past ``limit`` bytes, (400) if malformed."""
+    async def body(self, limit: int, timeout: float = BODY_TIMEOUT) -> bytes:
+        """The whole request body; BadHead (413) past ``limit`` bytes, (400) if malformed, (408)
+        if it has not all come within ``timeout`` seconds (a client trickling a body holds a
+        connection of its client's quota, not forever)."""
+        try:
+            with trio.fail_after(timeout):
+                return await self._body(limit)
+        except trio.TooSlowError:
+            raise BadHead(f"request body not received within {timeout:g} s", 408) from None
+
+    async def _body(self, limit: int) -> bytes:
         declared = self.headers.get("content-length")
         if declared is not None and declared.strip().isdigit() and int(declared) > limit:
             raise BadHead(f"request body of {int(declared)} bytes; this node takes at most {limit}", 413)
@@ -268,7 +279,7 @@ class Exchange:
         """The whole answer; the connection is closed after it."""
         self.started = True
         data = response(
-            status, _REASONS.get(status, "Status"), body, content_type, extra=extra, conn=self.head.conn,
+            status, _reason(status), body, content_type, extra=extra, conn=self.head.conn,
             head_only=self.method == "HEAD",
         )  # fmt: skip
         await _answer_and_close(self.stream, data)
@@ -277,7 +288,7 @@ class Exchange:
         """Send the head of a streamed answer (chunked transfer: no length is known)."""
         self.started = True
         headers = [("Content-Type", content_type), ("Connection", "close"), *SECURITY_HEADERS, *extra]
-        event = h11.Response(status_code=status, reason=_REASONS.get(status, "Status").encode(), headers=headers)
+        event = h11.Response(status_code=status, reason=_reason(status).encode(), headers=headers)
         await self.stream.send_all(self.head.conn.send(event) or b"")
 
     async def write(self, data: bytes) -> None:
@@ -298,12 +309,12 @@ class Exchange:
             pass
 
 
-_REASONS = {
-    200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
-    405: "Method Not Allowed", 409: "Conflict", 413: "Content Too Large", 415: "Unsupported Media Type",
-    429: "Too Many Requests", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
-    502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout",
-}  # fmt: skip
+def _reason(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Status"
+
 
 # An API route: answers one request through its Exchange (the connection is closed after it).
 ApiHandler = Callable[[Exchange], Awaitable[None]]
