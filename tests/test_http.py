@@ -10,7 +10,7 @@ import trio
 import trio.testing
 from trio_websocket import WebSocketRequest, open_websocket_url
 
-from rentahal.node.http import BadHead, answer_http, load_ui_files, parse_head, serve_ui
+from rentahal.node.http import BODY_TIMEOUT, BadHead, Exchange, answer_http, load_ui_files, parse_head, serve_ui
 
 FILES = {
     "/": ("text/html; charset=utf-8", b"<!doctype html><title>t</title>"),
@@ -207,3 +207,44 @@ async def test_bytes_the_server_did_not_read_do_not_cut_its_answer_off(port: int
         await raw(port, b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n" + b"y" * 100_000)
     )
     assert status.endswith("405 Method Not Allowed")
+
+
+# --- API request bodies (Exchange) ----------------------------------------------------------------
+
+
+async def _exchange(head: bytes, body_parts: list[bytes]) -> tuple[Exchange, trio.abc.Stream]:
+    server, client = trio.testing.memory_stream_pair()
+    await client.send_all(head)
+    parsed = None
+    raw = b""
+    while parsed is None:  # the head (and any body bytes after it) fed to h11, as serve_ui does
+        raw += await server.receive_some(65536)
+        try:
+            parsed = parse_head(raw)
+        except BadHead:
+            continue
+    for part in body_parts:
+        await client.send_all(part)
+    return Exchange(server, parsed, "127.0.0.1"), client
+
+
+async def test_an_api_body_is_read_whole_and_capped() -> None:
+    ex, _ = await _exchange(b"POST /v1/x HTTP/1.1\r\nHost: a\r\nContent-Length: 11\r\n\r\nhello", [b" world"])
+    assert await ex.body(100) == b"hello world"
+    ex, _ = await _exchange(b"POST /v1/x HTTP/1.1\r\nHost: a\r\nContent-Length: 500\r\n\r\n", [])
+    with pytest.raises(BadHead) as too_big:
+        await ex.body(100)
+    assert too_big.value.status == 413
+    chunked = b"POST /v1/x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+    ex, _ = await _exchange(chunked, [b"40\r\n" + b"x" * 64 + b"\r\n", b"40\r\n" + b"x" * 64 + b"\r\n0\r\n\r\n"])
+    with pytest.raises(BadHead) as undeclared:  # no length announced: counted as it comes
+        await ex.body(100)
+    assert undeclared.value.status == 413
+
+
+async def test_a_trickled_body_times_out_with_408(autojump_clock: trio.testing.MockClock) -> None:
+    ex, _client = await _exchange(b"POST /v1/x HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nabc", [])
+    started = trio.current_time()
+    with pytest.raises(BadHead) as slow:
+        await ex.body(100)
+    assert slow.value.status == 408 and trio.current_time() - started == pytest.approx(BODY_TIMEOUT)
