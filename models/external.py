@@ -146,7 +146,7 @@ class ExternalChatBackend:
             url, body, pieces = f"{self.url}/chat/completions", self._openai_body(params), self._openai_pieces
         text: list[str] = []
         usage: dict[str, Any] = {}
-        finish = "stop"
+        finish = ""
         try:
             async with self._client.stream("POST", url, json=body) as answer:
                 if answer.status_code != 200:
@@ -155,11 +155,13 @@ class ExternalChatBackend:
                     if piece:
                         await send(Token(piece, len(text)))
                         text.append(piece)
-                    if done:
+                    if done and not finish:
                         finish = done
                     usage.update(counts)
         except httpx.HTTPError as exc:
             raise ModelFailure(f"external server {self.url}: {type(exc).__name__}: {_short(str(exc))}") from None
+        if not finish:  # the stream ended without saying the answer was done: it was cut off
+            raise ModelFailure(f"external server {self.url}: the answer broke off after {len(text)} pieces")
         elapsed = time.perf_counter() - start
         tokens = int(usage.get("completion", len(text)))
         return Result(
@@ -195,6 +197,7 @@ class ExternalChatBackend:
     async def _openai_pieces(self, answer: httpx.Response) -> AsyncIterator[tuple[str, str, dict[str, int]]]:
         async for data in _sse_data(answer):
             if data == "[DONE]":
+                yield "", "stop", {}  # the end, whether or not a finish_reason came first
                 return
             chunk = _json_object(data, self.url)
             if "error" in chunk:
@@ -208,8 +211,7 @@ class ExternalChatBackend:
             for choice in chunk.get("choices") or ():
                 if not isinstance(choice, dict):
                     continue
-                delta = choice.get("delta") or {}
-                piece = delta.get("content") if isinstance(delta, dict) else None
+                piece = _obj(choice.get("delta")).get("content")
                 reason = choice.get("finish_reason")
                 yield (
                     (piece if isinstance(piece, str) else ""),
@@ -241,21 +243,22 @@ class ExternalChatBackend:
             event = _json_object(data, self.url)
             kind = event.get("type")
             if kind == "message_start":
-                u = (event.get("message") or {}).get("usage") or {}
+                u = _obj(_obj(event.get("message")).get("usage"))
                 yield "", "", {"prompt": _count(u.get("input_tokens"))}
             elif kind == "content_block_delta":
-                delta = event.get("delta") or {}
+                delta = _obj(event.get("delta"))
                 if delta.get("type") == "text_delta" and isinstance(delta.get("text"), str):
                     yield delta["text"], "", {}
             elif kind == "message_delta":
-                reason = (event.get("delta") or {}).get("stop_reason")
-                u = event.get("usage") or {}
+                reason = _obj(event.get("delta")).get("stop_reason")
+                u = _obj(event.get("usage"))
                 yield "", "length" if reason == "max_tokens" else "stop", {"completion": _count(u.get("output_tokens"))}
             elif kind == "error":
                 raise ModelFailure(
                     f"external server {self.url}: {_short(json.dumps(event.get('error')))}", code="backend_failed"
                 )
             elif kind == "message_stop":
+                yield "", "stop", {}
                 return
 
 
@@ -282,6 +285,11 @@ def _json_object(data: str, url: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ModelFailure(f"external server {url} sent an event that is not an object", code="backend_failed")
     return value
+
+
+def _obj(value: object) -> dict[str, Any]:
+    """A field that should be an object; anything else (a hostile or broken server) is empty."""
+    return value if isinstance(value, dict) else {}
 
 
 def _count(value: object) -> int:

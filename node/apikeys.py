@@ -48,6 +48,7 @@ class ApiKeys:
     def __init__(self, storage: Storage) -> None:
         self.storage = storage
         self._cache: dict[str, KeyUser | None] = {}  # digest -> its user, or None: not a live key
+        self._generation = 0  # bumped by every revoke: a lookup begun before it is not cached
 
     async def create(self, name: str) -> tuple[KeyUser, str]:
         """A new key; the key itself is returned once and never stored."""
@@ -67,6 +68,7 @@ class ApiKeys:
         if not isinstance(key_id, str) or not re.fullmatch(r"[0-9a-f]{8}", key_id):
             raise Refused("bad_request", "key id must be 8 hex digits (as `keys list` shows it)")
         revoked = await self.storage.revoke_api_key(key_id)
+        self._generation += 1
         self._cache.clear()  # the revoked key's digest is unknown here: forget every lookup
         return revoked
 
@@ -77,11 +79,13 @@ class ApiKeys:
         d = digest(key)
         if d in self._cache:
             return self._cache[d]
+        generation = self._generation
         row = await self.storage.api_key(d)
         user = None
         if row is not None and row["revoked_at"] is None and hmac.compare_digest(row["hash"], d):
             user = KeyUser(row["id"], row["name"], row["user_guid"])
-        if len(self._cache) >= MAX_CACHED:
-            self._cache.clear()
-        self._cache[d] = user
+        if generation == self._generation:  # no revoke meanwhile: the answer still holds
+            if len(self._cache) >= MAX_CACHED:
+                self._cache.clear()
+            self._cache[d] = user
         return user

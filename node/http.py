@@ -39,6 +39,7 @@ log = logging.getLogger("rentahal.http")
 MAX_HEAD = 16 * 1024  # bytes of request line + headers
 HEAD_TIMEOUT = 10.0  # seconds a client may take to send its request head
 BODY_TIMEOUT = 60.0  # seconds an API client may take to send its request body
+WRITE_TIMEOUT = 30.0  # seconds a streamed answer waits for a client that reads nothing
 MAX_CONNECTIONS = 512  # open UI connections in all (each holds a file descriptor)
 MAX_CONNECTIONS_PER_CLIENT = 64  # served at once per IPv4 address / IPv6 /64
 MAX_PENDING_PER_CLIENT = 128  # connections per client that have not sent their request yet
@@ -289,12 +290,21 @@ class Exchange:
         self.started = True
         headers = [("Content-Type", content_type), ("Connection", "close"), *SECURITY_HEADERS, *extra]
         event = h11.Response(status_code=status, reason=_reason(status).encode(), headers=headers)
-        await self.stream.send_all(self.head.conn.send(event) or b"")
+        await self._send(self.head.conn.send(event) or b"")
 
     async def write(self, data: bytes) -> None:
         """A piece of a streamed answer; raises trio.BrokenResourceError once the client is gone."""
         if data:
-            await self.stream.send_all(self.head.conn.send(h11.Data(data=data)) or b"")
+            await self._send(self.head.conn.send(h11.Data(data=data)) or b"")
+
+    async def _send(self, data: bytes) -> None:
+        """Send, or give the client up (BrokenResourceError) if it takes none of it for
+        WRITE_TIMEOUT seconds: a client that stops reading does not hold its place forever."""
+        try:
+            with trio.fail_after(WRITE_TIMEOUT):
+                await self.stream.send_all(data)
+        except trio.TooSlowError:
+            raise trio.BrokenResourceError(f"the client read nothing for {WRITE_TIMEOUT:g} s") from None
 
     async def finish(self) -> None:
         await _answer_and_close(self.stream, self.head.conn.send(h11.EndOfMessage()) or b"")
@@ -546,9 +556,12 @@ async def _serve_api(handler: ApiHandler, exchange: Exchange) -> None:
     except BadHead as exc:
         if not exchange.started:
             body = json.dumps({"error": {"message": str(exc), "type": "invalid_request_error", "code": None}})
-            await exchange.send(exc.status, body.encode(), "application/json")
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
+            with contextlib.suppress(Exception):
+                await exchange.send(exc.status, body.encode(), "application/json")
+    except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
         pass  # the client hung up
+    except Exception as exc:  # one request's trouble must never take the UI port down
+        log.error("API request %s failed: %s: %s", exchange.path[:100], type(exc).__name__, exc)
     finally:
         await trio.aclose_forcefully(exchange.stream)
 

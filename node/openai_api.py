@@ -32,8 +32,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import email.parser
 import email.policy
+import ipaddress
 import json
 import logging
 import math
@@ -137,7 +139,7 @@ def _number(body: dict[str, Any], name: str, lo: float, hi: float) -> float | No
     v = body.get(name)
     if v is None:
         return None
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi or not math.isfinite(v):
         raise _bad(f"{name}: expected a number {lo:g}..{hi:g}", name)
     return float(v)
 
@@ -376,10 +378,24 @@ def speech_request(body: dict[str, Any]) -> Shaped:
     return Shaped("speech", payload, model, extra={"format": fmt})
 
 
+MAX_PARTS = 16  # a transcription upload has a file and a handful of fields
+
+
 def parse_multipart(content_type: str, body: bytes) -> dict[str, str | bytes]:
-    """The fields of a ``multipart/form-data`` body: text fields as str, files as bytes."""
+    """The fields of a ``multipart/form-data`` body: text fields as str, files as bytes. At most
+    MAX_PARTS parts (counted before parsing: the stdlib parser is slow on many tiny parts)."""
     if not content_type.lower().startswith("multipart/form-data"):
         raise ApiError(415, "expected a multipart/form-data upload", "invalid_request_error")
+    boundary = next(
+        (
+            p.split("=", 1)[1].strip().strip('"')
+            for p in content_type.split(";")[1:]
+            if p.strip().startswith("boundary=")
+        ),
+        "",
+    )
+    if not boundary or body.count(b"--" + boundary.encode("latin-1", "replace")) > MAX_PARTS + 1:
+        raise _bad(f"the multipart body needs a boundary and at most {MAX_PARTS} parts")
     head = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode("latin-1", "replace")
     msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
     if not msg.is_multipart():
@@ -469,6 +485,22 @@ def _is_loopback(host: str) -> bool:
     return is_loopback(host)
 
 
+def _host_name(host_header: str) -> str:
+    """The name in a Host header, without its port ("[::1]:8765" -> "::1")."""
+    h = host_header.strip()
+    if h.startswith("["):
+        return h[1:].split("]", 1)[0]
+    return h.rsplit(":", 1)[0] if h.count(":") == 1 else h
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def _finish_reason(stats: dict[str, Any]) -> str:
     return "length" if stats.get("finish_reason") == "length" else "stop"
 
@@ -494,6 +526,7 @@ def _no_constant(name: str) -> Any:
 class OpenAIApi:
     def __init__(self, node: ApiNode) -> None:
         self.node = node
+        self._parsing = trio.CapacityLimiter(1)  # multipart bodies parsed in a thread, one at a time
         self.routes: dict[tuple[str, str], Callable[[Exchange, Caller], Any]] = {
             ("POST", "/v1/chat/completions"): self.chat_completions,
             ("POST", "/v1/completions"): self.completions,
@@ -507,6 +540,7 @@ class OpenAIApi:
     async def handle(self, ex: Exchange) -> None:
         """Answer one request under /v1/; every failure in OpenAI's error shape."""
         try:
+            self.check_origin(ex)
             caller = await self.authenticate(ex)
             path = ex.path.rstrip("/")
             route = self.routes.get((ex.method, path))
@@ -516,21 +550,41 @@ class OpenAIApi:
                 if any(p == path for _, p in self.routes):
                     raise ApiError(405, f"{ex.method} is not allowed on {path}", "invalid_request_error")
                 raise ApiError(404, f"no route {ex.method} {path[:200]}", "invalid_request_error", "unknown_url")
+            if ex.method == "POST":
+                self._check_rate(caller)  # before the body is read: a refused client costs nothing
             await route(ex, caller)
         except ApiError as exc:
             await self._error(ex, exc)
         except BadHead as exc:
             await self._error(ex, ApiError(exc.status, str(exc)))
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
             pass  # the client hung up
         except Exception as exc:  # a bug must answer this request, never take the port down
             log.error("API request %s %s failed: %s: %s", ex.method, ex.path[:100], type(exc).__name__, exc)
             await self._error(ex, ApiError(500, f"internal error ({type(exc).__name__})", "server_error"))
 
+    def check_origin(self, ex: Exchange) -> None:
+        """A browser page may use the API only if it may use the websocket (the node's own page,
+        or ``ui.allowed_origins``): another site the sysop visits cannot post queries through
+        the sysop's browser. And a request by DNS name is refused unless it shows a key: a page
+        of a name that resolves to this machine (DNS rebinding) is not this machine's client."""
+        from .control import origin_allowed
+
+        if not origin_allowed(ex.headers.get("origin"), ex.headers.get("host"), self.node.config.ui.allowed_origins):
+            raise ApiError(403, "this web page's origin may not use the API (ui.allowed_origins)", "permission_error")
+        host = _host_name(ex.headers.get("host", ""))
+        keyed = ex.headers.get("authorization", "").lower().startswith("bearer rh-")
+        if host and host != "localhost" and not _is_ip(host) and not keyed:
+            raise ApiError(
+                403, f"requests for host {host[:100]!r} need an API key (a DNS name is not trusted as this machine)",
+                "permission_error",
+            )  # fmt: skip
+
     async def metrics_endpoint(self, ex: Exchange) -> None:
         """``GET /metrics`` (Prometheus text format); a key is needed off loopback unless
         ``[api] metrics_need_key = false``."""
         try:
+            self.check_origin(ex)
             if ex.method not in ("GET", "HEAD"):
                 raise ApiError(405, "only GET /metrics")
             if ex.path.rstrip("/") != "/metrics":
@@ -547,6 +601,11 @@ class OpenAIApi:
             await ex.send(200, body, content_type)
         except ApiError as exc:
             await self._error(ex, exc)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        except Exception as exc:
+            log.error("/metrics failed: %s: %s", type(exc).__name__, exc)
+            await self._error(ex, ApiError(500, f"internal error ({type(exc).__name__})", "server_error"))
 
     async def _error(self, ex: Exchange, exc: ApiError) -> None:
         self.node.metrics.api_error(exc.status)
@@ -555,13 +614,14 @@ class OpenAIApi:
         extra: tuple[tuple[str, str], ...] = ()
         if exc.status == 401:
             extra = (("WWW-Authenticate", 'Bearer realm="rentahal"'),)
-        await ex.send(exc.status, json.dumps(exc.body()).encode(), JSON, extra)
+        with contextlib.suppress(Exception):  # a connection h11 can no longer answer on is just closed
+            await ex.send(exc.status, json.dumps(exc.body()).encode(), JSON, extra)
 
     async def authenticate(self, ex: Exchange) -> Caller:
         auth = ex.headers.get("authorization", "")
         loopback = _is_loopback(ex.client)
         mode = self.node.config.api.keys
-        if auth and loopback and mode != "all" and not KEY_RE.match(auth.partition(" ")[2].strip()):
+        if auth and (loopback or mode == "none") and mode != "all" and not KEY_RE.match(auth.partition(" ")[2].strip()):
             # Clients insist on some key ("sk-no-key", "ollama"): on loopback, where none is
             # needed, a token that is not one of this node's keys is no key at all. A key of
             # this node's shape that is wrong or revoked is refused everywhere.
@@ -587,6 +647,9 @@ class OpenAIApi:
         return Caller(LOCAL_API_GUID, None, ex.client)
 
     async def _json(self, ex: Exchange) -> dict[str, Any]:
+        kind = ex.headers.get("content-type", "application/json").split(";", 1)[0].strip().lower()
+        if kind != "application/json":  # also keeps a page's "simple" cross-site form posts out
+            raise ApiError(415, f"expected Content-Type: application/json, got {kind[:60]!r}")
         raw = await ex.body(self.node.config.api.max_body_bytes)
         try:
             body = json.loads(raw, parse_constant=_no_constant)
@@ -616,7 +679,6 @@ class OpenAIApi:
         self, ex: Exchange, caller: Caller, shaped: Shaped
     ) -> AsyncIterator[trio.MemoryReceiveChannel[dict[str, Any]]]:
         """Submit the query; yield its events. A client that hangs up meanwhile cancels it."""
-        self._check_rate(caller)
         send, receive = trio.open_memory_channel[dict[str, Any]](math.inf)
         try:
             query_id = await self.node.queries.submit(
@@ -718,6 +780,7 @@ class OpenAIApi:
                 c = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}
             return {**head, "choices": [c]}
 
+        failed: ApiError | None = None
         async with self._query(ex, caller, shaped) as events:
             async for event in events:
                 kind_ = event["type"]
@@ -740,11 +803,11 @@ class OpenAIApi:
                     head["model"] = shaped.model or str(output.get("model", ""))
                     rest = resumed.advance(str(output.get("text", "")))
                     if resumed.diverged:
-                        await self._stream_error(ex, ApiError(
+                        failed = ApiError(
                             502, "an executor failed mid-answer and its replacement answered differently; "
                             "the text streamed so far is incomplete: ask again", "server_error", "backend_failed",
-                        ))  # fmt: skip
-                        return
+                        )  # fmt: skip
+                        break
                     if rest:
                         await ex.write(_sse(chunk(rest)))
                     await ex.write(_sse(chunk(None, _finish_reason(stats))))
@@ -753,14 +816,14 @@ class OpenAIApi:
                     await ex.write(_sse("[DONE]"))
                     break
                 else:
-                    await self._stream_error(ex, error_for(event["code"], event["message"], model=shaped.model))
-                    return
-        await ex.finish()
-
-    async def _stream_error(self, ex: Exchange, exc: ApiError) -> None:
-        self.node.metrics.api_error(exc.status)
-        await ex.write(_sse(exc.body()))
-        await ex.write(_sse("[DONE]"))
+                    failed = error_for(event["code"], event["message"], model=shaped.model)
+                    break
+        if not head:  # the client hung up before the answer began (watch() cancelled the query)
+            raise trio.BrokenResourceError("the client hung up")
+        if failed is not None:  # the stream has begun: the error goes in it
+            self.node.metrics.api_error(failed.status)
+            await ex.write(_sse(failed.body()))
+            await ex.write(_sse("[DONE]"))
         await ex.finish()
 
     async def images(self, ex: Exchange, caller: Caller) -> None:
@@ -775,7 +838,10 @@ class OpenAIApi:
 
     async def transcriptions(self, ex: Exchange, caller: Caller) -> None:
         raw = await ex.body(self.node.config.api.max_body_bytes)
-        shaped = transcription_request(parse_multipart(ex.headers.get("content-type", ""), raw))
+        form = await trio.to_thread.run_sync(
+            parse_multipart, ex.headers.get("content-type", ""), raw, limiter=self._parsing
+        )  # off the event loop, one at a time
+        shaped = transcription_request(form)
         result = await self._answer(ex, caller, shaped)
         text = str(result["output"].get("text", ""))
         fmt = shaped.extra["format"]

@@ -162,7 +162,9 @@ def test_errors_come_in_openai_shape(pair: tuple[NodeProcess, NodeProcess]) -> N
     with pytest.raises(openai.NotFoundError) as missing:
         sdk.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
     assert missing.value.code == "model_not_found"
-    req = urllib.request.Request(api_base(a) + "/chat/completions", data=b"{not json", method="POST")
+    req = urllib.request.Request(
+        api_base(a) + "/chat/completions", data=b"{not json", headers={"Content-Type": "application/json"}
+    )
     with pytest.raises(urllib.error.HTTPError) as raw:
         urllib.request.urlopen(req, timeout=10)
     assert raw.value.code == 400
@@ -252,3 +254,54 @@ def test_keys_are_needed_off_loopback_and_a_wrong_one_is_401(federation: Federat
         keyed.chat.completions.create(model="any", messages=hello, max_tokens=2)
     actions = [r["action"] for r in a.cli_json("audit")]
     assert actions[:2] == ["revoke_api_key", "create_api_key"]
+
+
+def _raw(node: NodeProcess, request: bytes, *, read: bool = True) -> tuple[int, bytes]:
+    """One raw HTTP exchange with a node's UI port (what no SDK would send)."""
+    import socket
+
+    port = int(node.ui.rsplit(":", 1)[1].strip("/"))
+    with socket.create_connection(("127.0.0.1", port), timeout=15) as s:
+        s.sendall(request)
+        if not read:
+            return 0, b""
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+def _post(path: str, body: bytes, *headers: str) -> bytes:
+    extra = "".join(f"{h}\r\n" for h in headers)
+    return f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(body)}\r\n{extra}\r\n".encode() + body
+
+
+def test_hostile_and_careless_clients_get_answers_and_the_node_stays_up(federation: Federation) -> None:
+    a = federation.start("A", serve="none")
+    chat = json.dumps({"model": "any", "messages": [{"role": "user", "content": "hi"}], "stream": True}).encode()
+    # Another site's page posting through the sysop's browser, and a DNS-rebinding page.
+    status, body = _raw(a, _post("/v1/chat/completions", chat, "Content-Type: application/json",
+                                 "Origin: http://evil.example"))  # fmt: skip
+    assert status == 403 and json.loads(body)["error"]["type"] == "permission_error"
+    rebound = _post("/v1/chat/completions", chat, "Content-Type: application/json").replace(
+        b"Host: 127.0.0.1", b"Host: evil.example:8765"
+    )
+    assert _raw(a, rebound)[0] == 403
+    # A form post without JSON's content type (no CORS preflight for it) is refused.
+    assert _raw(a, _post("/v1/chat/completions", chat, "Content-Type: text/plain"))[0] == 415
+    # A number too large for a float, and a multipart body of many tiny parts.
+    huge = b'{"messages": [{"role": "user", "content": "x"}], "temperature": 1' + b"0" * 400 + b"}"
+    status, body = _raw(a, _post("/v1/chat/completions", huge, "Content-Type: application/json"))
+    assert status == 400 and "temperature" in json.loads(body)["error"]["message"]
+    parts = b"".join(b'--b\r\nContent-Disposition: form-data; name="x"\r\n\r\ny\r\n' for _ in range(200)) + b"--b--\r\n"
+    status, body = _raw(a, _post("/v1/audio/transcriptions", parts, "Content-Type: multipart/form-data; boundary=b"))
+    assert status == 400 and "parts" in json.loads(body)["error"]["message"]
+    # A streaming client that hangs up before its answer begins (A waits for an executor that
+    # never comes): its query is cancelled, and the node keeps serving.
+    _raw(a, _post("/v1/chat/completions", chat, "Content-Type: application/json"), read=False)
+    a.wait_for(r"query \w+ \(chat\) failed|cancelled", 30)
+    health = json.loads(urllib.request.urlopen(api_base(a)[: -len("/v1")] + "/healthz", timeout=10).read())
+    assert health["ok"] is True
+    assert client(a).models.list().data == []
+    assert not [line for line in a.lines if " ERROR " in line or "Traceback" in line], a.log()
