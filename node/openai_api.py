@@ -477,6 +477,16 @@ class Caller:
     user_guid: str
     key_id: str | None  # None: an unkeyed client on loopback
     client: str
+    local: bool = False  # on this machine, not through a proxy
+
+
+PROXY_HEADERS = ("forwarded", "x-forwarded-for", "x-real-ip")
+
+
+def _on_this_machine(ex: Exchange) -> bool:
+    """A client on loopback, and not one a reverse proxy on this machine passes on (which would
+    make every client of the proxy look local: keyless and unlimited)."""
+    return _is_loopback(ex.client) and not any(h in ex.headers for h in PROXY_HEADERS)
 
 
 def _is_loopback(host: str) -> bool:
@@ -589,11 +599,9 @@ class OpenAIApi:
                 raise ApiError(405, "only GET /metrics")
             if ex.path.rstrip("/") != "/metrics":
                 raise ApiError(404, f"no route {ex.path[:200]}", "invalid_request_error", "unknown_url")
-            if self.node.config.api.metrics_need_key and (
-                ex.headers.get("authorization") or not _is_loopback(ex.client)
-            ):
+            if self.node.config.api.metrics_need_key and (ex.headers.get("authorization") or not _on_this_machine(ex)):
                 caller = await self.authenticate(ex)
-                if caller.key_id is None and not _is_loopback(ex.client):
+                if caller.key_id is None and not _on_this_machine(ex):
                     raise ApiError(
                         401, "a key is needed for /metrics off loopback", "invalid_request_error", "invalid_api_key"
                     )
@@ -619,7 +627,7 @@ class OpenAIApi:
 
     async def authenticate(self, ex: Exchange) -> Caller:
         auth = ex.headers.get("authorization", "")
-        loopback = _is_loopback(ex.client)
+        loopback = _on_this_machine(ex)
         mode = self.node.config.api.keys
         if auth and (loopback or mode == "none") and mode != "all" and not KEY_RE.match(auth.partition(" ")[2].strip()):
             # Clients insist on some key ("sk-no-key", "ollama"): on loopback, where none is
@@ -638,13 +646,13 @@ class OpenAIApi:
                     401, "incorrect or revoked API key (the sysop makes keys with `rentahal-node keys create`)",
                     "invalid_request_error", "invalid_api_key",
                 )  # fmt: skip
-            return Caller(user.user_guid, user.key_id, ex.client)
+            return Caller(user.user_guid, user.key_id, ex.client, loopback)
         if mode == "all" or (mode == "remote" and not loopback):
             raise ApiError(
                 401, "an API key is required (Authorization: Bearer <key>; the sysop makes keys with "
                 "`rentahal-node keys create`)", "invalid_request_error", "invalid_api_key",
             )  # fmt: skip
-        return Caller(LOCAL_API_GUID, None, ex.client)
+        return Caller(LOCAL_API_GUID, None, ex.client, loopback)
 
     async def _json(self, ex: Exchange) -> dict[str, Any]:
         kind = ex.headers.get("content-type", "application/json").split(";", 1)[0].strip().lower()
@@ -661,7 +669,7 @@ class OpenAIApi:
 
     def _check_rate(self, caller: Caller) -> None:
         limits = self.node.config.limits
-        loopback = _is_loopback(caller.client)
+        loopback = caller.local
         if loopback and not limits.loopback:
             return
         key = ("key", caller.key_id) if caller.key_id else ("ip", client_network(caller.client))

@@ -288,6 +288,10 @@ def test_hostile_and_careless_clients_get_answers_and_the_node_stays_up(federati
         b"Host: 127.0.0.1", b"Host: evil.example:8765"
     )
     assert _raw(a, rebound)[0] == 403
+    # A reverse proxy on this machine passes its clients on: they are not local, so they need a key.
+    status, body = _raw(a, _post("/v1/chat/completions", chat, "Content-Type: application/json",
+                                 "X-Forwarded-For: 203.0.113.9"))  # fmt: skip
+    assert status == 401 and json.loads(body)["error"]["code"] == "invalid_api_key"
     # A form post without JSON's content type (no CORS preflight for it) is refused.
     assert _raw(a, _post("/v1/chat/completions", chat, "Content-Type: text/plain"))[0] == 415
     # A number too large for a float, and a multipart body of many tiny parts.
