@@ -32,6 +32,7 @@ from ..p2p.reachability import DialBack, Reachability
 from ..p2p.relay import RelayLimits, RelayService
 from ..p2p.wire import PROTOCOL_ID
 from ..realms import events as ev
+from ..realms.catalog import backend_payload
 from ..realms.events import Code, ExecutorFailure, FailureKind, QueryError, StorageFailure
 from ..realms.queue import Priority
 from ..realms.router import LOCAL, Query, RealmRouter, StreamEmit
@@ -397,7 +398,9 @@ class Node:
                 peer_id,
                 query_id=query.query_id,
                 realm=query.realm,
-                payload=query.payload,
+                # The model was chosen by routing (the peer's health record): peers of a version
+                # that does not know the field must not refuse the query for it.
+                payload=backend_payload(query.payload),
                 deadline_s=query.deadline_s,
                 emit=emit,
             )
