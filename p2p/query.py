@@ -436,7 +436,11 @@ class QueryClient:
         while True:
             now = trio.current_time()
             if not c.active:
-                if now - session.idle_since >= IDLE_CLOSE and session.peer_id not in self.keep:
+                if session.peer_id in self.keep:  # watched: held open while idle, however long
+                    with trio.move_on_after(IDLE_CLOSE):  # (and `keep` looked at again now and then)
+                        await session.changed.wait()
+                    continue
+                if now - session.idle_since >= IDLE_CLOSE:
                     scope.cancel()
                     return
                 with trio.move_on_at(session.idle_since + IDLE_CLOSE):

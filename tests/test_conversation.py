@@ -433,3 +433,34 @@ async def test_an_executor_past_the_request_deadline_answers_deadline_exceeded(
     f, took = await run_client(slow, body)
     assert (f.code, f.kind) == (Code.DEADLINE_EXCEEDED, FailureKind.REFUSED)
     assert "3000 ms" in f.message and 3.0 <= took < 3.1
+
+
+async def test_a_watched_idle_stream_sleeps_instead_of_spinning(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stream held open to a live executor (watch) with no query on it for longer than
+    IDLE_CLOSE once woke its timer at a deadline already past, forever: half a core per watched
+    peer, on every idle executor of a federation (found by py-spy during the hour-long soak)."""
+    from rentahal.p2p import query as query_module
+
+    _peer_ids(monkeypatch)
+    wakes = [0]
+    real = trio.move_on_at
+
+    def counting(deadline: float, *args: Any, **kw: Any) -> Any:
+        wakes[0] += 1
+        if wakes[0] > 1000:  # with the bug the clock never moves on: fail instead of hanging
+            raise AssertionError("the idle stream's timer spins")
+        return real(deadline, *args, **kw)
+
+    monkeypatch.setattr(query_module.trio, "move_on_at", counting)
+
+    async def body(client: QueryClient, host: MemoryHost) -> int:
+        async with trio.open_nursery() as n:
+            n.start_soon(client.watch, "QmExec")
+            await trio.sleep(20 * query_module.IDLE_CLOSE)  # twenty minutes without a query
+            assert host.opened == 1  # still held open
+            n.cancel_scope.cancel()
+        return wakes[0]
+
+    assert await run_client(echo, body) < 50
