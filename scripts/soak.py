@@ -163,6 +163,12 @@ def main() -> None:
             r = trio.run(soak, router, execs, a.minutes, a.kill_every)
         finally:
             fed.close()
+        if r["lost"]:  # the nodes' logs (every run of each) go with the loss, for its post-mortem
+            logs = Path(f"soak-logs-{time.strftime('%Y%m%d-%H%M%S')}")
+            logs.mkdir()
+            for node in (router, *execs):
+                (logs / f"{node.name}.log").write_text("\n".join(node.lines) + "\n")
+            print(f"node logs kept in {logs.resolve()}")
     text = report(r, a.minutes, a.kill_every)
     print(text)
     if r["lost"]:
