@@ -87,7 +87,7 @@ def test_shipped_file_documents_every_key() -> None:
         if re.match(r"\w+ = ", line):
             assert lines[i - 1].startswith("#"), f"no comment above {line!r}"
     expected = {
-        "node": {"name", "log_level"},
+        "node": {"name", "log_level", "log_format"},
         "p2p": {f.name for f in dataclasses.fields(P2PConfig)},
         "router": {f.name for f in dataclasses.fields(RouterConfig)},
         "ui": {f.name for f in dataclasses.fields(UIConfig)},

@@ -14,6 +14,7 @@ import pytest
 import trio
 from PIL import Image
 
+from rentahal.cli import _short as short
 from rentahal.scripts.federation import Federation, NodeProcess, connect
 
 ALL = "chat,vision,imagine,speech"
@@ -178,7 +179,7 @@ def test_private_realm_and_trusted_peers(federation: Federation) -> None:
     plan = d.cli_json("route", "chat")
     assert [x["executor"] for x in plan["candidates"]] == [c.peer_id]
     assert any(x["executor"] == b.peer_id and "not trusted" in x["reason"] for x in plan["excluded"])
-    assert f"answered by {c.peer_id}" in d.cli("query", "chat", "hi", "--max-tokens", "4").stderr
+    assert f"answered by {short(c.peer_id)}" in d.cli("query", "chat", "hi", "--max-tokens", "4").stderr
     assert "trusted for chat" in d.cli("peers").stdout
     # B serves chat to A alone. With C gone, E (not on B's list) is refused; A is answered by B.
     assert c.stop() == 0
@@ -188,4 +189,4 @@ def test_private_realm_and_trusted_peers(federation: Federation) -> None:
     assert b.peer(a.peer_id)["allowed"] == ["chat"]
     refused = e.cli("query", "chat", "hi", "--max-tokens", "4", check=False)
     assert refused.returncode == 1 and "private on this node" in refused.stderr, refused.stderr
-    assert f"answered by {b.peer_id}" in a.cli("query", "chat", "hi", "--max-tokens", "4").stderr
+    assert f"answered by {short(b.peer_id)}" in a.cli("query", "chat", "hi", "--max-tokens", "4").stderr
