@@ -186,9 +186,13 @@ def report(results: dict[str, list[Sample]], tokens: int, n: int, started: str, 
         rate = statistics.median(s[2] / s[0] for s in samples)
         lines.append(f"| {label} | {wall * 1000:.1f} | {first * 1000:.1f} | {rate:.0f} | ×{wall / base_wall:.2f} |")
     api_over = statistics.median(s[0] for s in results["api"]) - statistics.median(s[0] for s in results["ws"])
+    ws = [s[0] for s in results["ws"]]
+    spread = statistics.median(abs(w - statistics.median(ws)) for w in ws)
     lines += [
         "",
         f"The API path costs {api_over * 1000:+.1f} ms per request against the websocket to the same node "
+        f"(one request's wall time varies by ±{spread * 1000:.0f} ms here, the median absolute deviation "
+        "of (b): a difference smaller than that is noise) "
         "(HTTP head and body parsed by h11, one server-sent event per token batch, one connection per "
         "request as OpenAI clients make them). Both node paths store the query before routing it and "
         "the answer after; that, and the token events, is what separates (b) from (a).",
