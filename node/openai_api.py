@@ -35,7 +35,6 @@ import binascii
 import contextlib
 import email.parser
 import email.policy
-import ipaddress
 import json
 import logging
 import math
@@ -53,6 +52,7 @@ from ..models.speech import DEFAULT_SPEED, MAX_SPEED, MIN_SPEED
 from ..realms.catalog import CATALOG, MAX_MODEL_NAME
 from ..realms.events import Code, QueryError
 from .apikeys import KEY_RE
+from .config import _is_ip
 from .http import BadHead, Exchange
 from .limits import client_network
 
@@ -501,14 +501,6 @@ def _host_name(host_header: str) -> str:
     if h.startswith("["):
         return h[1:].split("]", 1)[0]
     return h.rsplit(":", 1)[0] if h.count(":") == 1 else h
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 def _finish_reason(stats: dict[str, Any]) -> str:
