@@ -54,11 +54,15 @@ class Metrics:
         self.refusals = counter("rentahal_rate_limited", "Submissions refused by a rate limit", "channel")
         self.api_errors = counter("rentahal_api_errors", "OpenAI API answers with an error", "status")
         ProcessCollector(registry=r)  # process_resident_memory_bytes, process_open_fds, CPU seconds
-        self.ended: dict[tuple[str, str, str], int] = {}  # (realm, outcome, executor kind) -> queries
 
     def asked(self, realm: str) -> dict[str, int]:
         """This node's users' queries of ``realm`` since start: routed here or to peers."""
-        mine = {k: n for k, n in self.ended.items() if k[0] == realm}
+        mine = {  # read back from the counter itself: (realm, outcome, executor kind) -> queries
+            (x.labels["realm"], x.labels["outcome"], x.labels["executor"]): int(x.value)
+            for family in self.queries.collect()
+            for x in family.samples
+            if x.name.endswith("_total") and x.labels["realm"] == realm
+        }
         return {
             "asked_done": sum(n for (_, o, _), n in mine.items() if o == "done"),
             "asked_failed": sum(n for (_, o, _), n in mine.items() if o == "failed"),
@@ -78,8 +82,6 @@ class Metrics:
     ) -> None:
         kind = executor_kind(executor)
         self.queries.labels(realm, outcome, kind).inc()
-        key = (realm, outcome, kind)
-        self.ended[key] = self.ended.get(key, 0) + 1
         if outcome != "done":
             return
         self.latency.labels(realm, kind).observe(max(seconds, 0.0))
