@@ -53,6 +53,7 @@ from ..realms.catalog import CATALOG, MAX_MODEL_NAME
 from ..realms.events import Code, QueryError
 from .apikeys import KEY_RE
 from .config import _is_ip
+from .control import is_loopback, origin_allowed
 from .http import BadHead, Exchange
 from .limits import client_network
 
@@ -486,13 +487,7 @@ PROXY_HEADERS = ("forwarded", "x-forwarded-for", "x-real-ip")
 def _on_this_machine(ex: Exchange) -> bool:
     """A client on loopback, and not one a reverse proxy on this machine passes on (which would
     make every client of the proxy look local: keyless and unlimited)."""
-    return _is_loopback(ex.client) and not any(h in ex.headers for h in PROXY_HEADERS)
-
-
-def _is_loopback(host: str) -> bool:
-    from .control import is_loopback
-
-    return is_loopback(host)
+    return is_loopback(ex.client) and not any(h in ex.headers for h in PROXY_HEADERS)
 
 
 def _host_name(host_header: str) -> str:
@@ -570,8 +565,6 @@ class OpenAIApi:
         or ``ui.allowed_origins``): another site the sysop visits cannot post queries through
         the sysop's browser. And a request by DNS name is refused unless it shows a key: a page
         of a name that resolves to this machine (DNS rebinding) is not this machine's client."""
-        from .control import origin_allowed
-
         if not origin_allowed(ex.headers.get("origin"), ex.headers.get("host"), self.node.config.ui.allowed_origins):
             raise ApiError(403, "this web page's origin may not use the API (ui.allowed_origins)", "permission_error")
         host = _host_name(ex.headers.get("host", ""))
