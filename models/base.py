@@ -7,20 +7,23 @@ nothing of peers, sockets or the federation. Streaming output goes through an
 natural backpressure). It fails with ``BadRequest`` (the payload is at fault)
 or ``ModelFailure`` (the model or the engine is).
 
-The checks at the end (`show_value`, `check_object`, `reject_unknown_keys`,
-`check_string`, `check_int_range`, ...) are the pieces every backend's payload
-parser builds on, so a given mistake reads the same in every realm.
+Each backend describes its payload as a msgspec Struct and reads it with
+`parse_payload` (realms/schema.py), so a given mistake reads the same in every
+realm.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Awaitable, Callable, Collection, Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from types import MappingProxyType
+from typing import TypeVar
 
 from ..realms.events import BadRequest, ModelFailure, Progress, Result, Token
+from ..realms.schema import check, no_lone_surrogates, show
 
 __all__ = ["BadRequest", "EventSink", "ModelFailure", "ModelLoadError", "Progress", "Result", "Token"]
 
+P = TypeVar("P")
 EventSink = Callable[[Token | Progress], Awaitable[None]]
 
 
@@ -30,75 +33,25 @@ class ModelLoadError(ModelFailure):
 
 
 # --------------------------------------------------------------------------
-# checks on hostile payloads, shared by every backend's payload parser
+# checks on hostile payloads: each realm's payload is a msgspec Struct (realms/schema.py)
 
 
-def show_value(value: object) -> str:
-    """A short repr of a hostile value for an error message."""
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def is_int(value: object) -> bool:
-    """An int and not a bool (True is an int to Python, not to a payload)."""
-    return isinstance(value, int) and not isinstance(value, bool)
+def parse_payload(payload: object, typ: type[P], caps: Mapping[str, tuple[int, int]] = MappingProxyType({})) -> P:
+    """``payload`` as the realm's payload struct ``typ``, or BadRequest naming the bad field in
+    the same words for every realm ("payload.steps: expected an integer in 1..50, got 0").
+    ``caps`` are this node's own bounds on integer fields ({"max_tokens": (1, 512)}), checked
+    first so the message names the range this node takes."""
+    if isinstance(payload, Mapping):
+        for name, (lo, hi) in caps.items():
+            v = payload.get(name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi):
+                raise BadRequest(f"payload.{name}: expected an integer in {lo}..{hi}, got {show(v)}")
+    no_lone_surrogates(payload, "payload", BadRequest)
+    return check(payload, typ, "payload", BadRequest)
 
 
 def require_positive_int(name: str, value: object) -> None:
     """Raise ValueError unless the setting `name` is an int >= 1 (a node's own
     configuration, not a payload: a programming or config error)."""
-    if not is_int(value) or value < 1:  # type: ignore[operator]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-def check_object(value: object, where: str = "payload") -> None:
-    """BadRequest("<where>: expected an object, ...") unless `value` is a Mapping."""
-    if not isinstance(value, Mapping):
-        raise BadRequest(f"{where}: expected an object, got {type(value).__name__}")
-
-
-def reject_unknown_keys(mapping: Mapping[object, object], allowed: Collection[object], where: str = "payload") -> None:
-    """BadRequest naming every key of `mapping` that is not in `allowed`."""
-    unknown = [k for k in mapping if k not in allowed]
-    if unknown:
-        names = ", ".join(sorted(show_value(k) for k in unknown))
-        raise BadRequest(f"{where}: unknown field(s) {names}")
-
-
-def check_text(field: str, value: str) -> None:
-    """BadRequest unless `value` encodes as UTF-8 (no lone surrogates)."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise BadRequest(f"{field}: not valid Unicode (contains a lone surrogate)") from None
-
-
-def check_string(field: str, value: object, max_chars: int) -> str:
-    """`value` as a string of 1..max_chars characters of valid Unicode, or
-    BadRequest naming `field`."""
-    if not isinstance(value, str):
-        raise BadRequest(f"{field}: expected a string, got {type(value).__name__}")
-    if not 1 <= len(value) <= max_chars:
-        raise BadRequest(f"{field}: expected 1..{max_chars} characters, got {len(value)}")
-    check_text(field, value)
-    return value
-
-
-def check_int_range(field: str, value: object, lo: int, hi: int) -> int:
-    """`value` as an integer (not a bool) in lo..hi, or BadRequest naming `field`."""
-    if not (is_int(value) and lo <= value <= hi):  # type: ignore[operator]
-        raise BadRequest(f"{field}: expected an integer {lo}..{hi}, got {show_value(value)}")
-    return value  # type: ignore[return-value]
-
-
-def check_number_range(field: str, value: object, lo: float, hi: float) -> float:
-    """`value` as a finite int or float (not a bool) in lo..hi, or BadRequest
-    naming `field`; the bounds are shown with format spec "g" (2.0 -> 2)."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or not lo <= value <= hi
-    ):
-        raise BadRequest(f"{field}: expected a number {lo:g}..{hi:g}, got {show_value(value)}")
-    return float(value)

@@ -41,11 +41,13 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
+import msgspec
 import numpy as np
 import outcome
 import trio
+from msgspec import Meta
 
 from .base import (
     BadRequest,
@@ -54,14 +56,8 @@ from .base import (
     ModelLoadError,
     Result,
     Token,
-    check_int_range,
-    check_number_range,
-    check_object,
-    check_string,
-    check_text,
-    reject_unknown_keys,
+    parse_payload,
     require_positive_int,
-    show_value,
 )
 from .smoke import SMOKE_TEST_MODEL_NAME
 
@@ -72,13 +68,46 @@ MAX_STOP_CHARS = 64
 MAX_SEED = 2**31 - 1
 ROLES = ("system", "user", "assistant")
 DEFAULT_TEMPERATURE = 0.7
-_ALLOWED_KEYS = frozenset({"prompt", "messages", "max_tokens", "temperature", "top_p", "seed", "ignore_eos", "stop"})
 DEFAULT_TOP_P = 0.95  # llama.cpp's own default
 _GGUF_MAGIC = b"GGUF"
 
 
 # --------------------------------------------------------------------------
 # payload validation
+
+
+class Message(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    role: Literal["system", "user", "assistant"]
+    content: Annotated[str, Meta(max_length=MAX_PROMPT_CHARS)]
+
+
+class ChatPayload(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """What a chat query may say (realms/schema.py checks it; the node's own cap on max_tokens
+    is applied after)."""
+
+    prompt: Annotated[str, Meta(min_length=1, max_length=MAX_PROMPT_CHARS)] | None = None
+    messages: Annotated[tuple[Message, ...], Meta(min_length=1, max_length=MAX_MESSAGES)] | None = None
+    max_tokens: Annotated[int, Meta(ge=1, le=1 << 30)] | None = None
+    temperature: Annotated[float, Meta(ge=0, le=2)] = DEFAULT_TEMPERATURE
+    top_p: Annotated[float, Meta(ge=0, le=1)] = DEFAULT_TOP_P
+    # JSON clients often send "seed": null for "no seed"; it means absent.
+    seed: Annotated[int, Meta(ge=0, le=MAX_SEED)] | None = None
+    ignore_eos: bool = False
+    stop: Annotated[
+        tuple[Annotated[str, Meta(min_length=1, max_length=MAX_STOP_CHARS)], ...], Meta(max_length=MAX_STOP_STRINGS)
+    ] = ()
+
+    def __post_init__(self) -> None:
+        if self.prompt is not None and self.messages is not None:
+            raise ValueError("prompt: give either 'prompt' or 'messages', not both")
+        if self.prompt is None and self.messages is None:
+            raise ValueError("prompt: required (or 'messages')")
+        if self.messages is not None:
+            total = sum(len(m.content) for m in self.messages)
+            if total > MAX_PROMPT_CHARS:
+                raise ValueError(f"messages: total content exceeds {MAX_PROMPT_CHARS} characters")
+            if total == 0:
+                raise ValueError("messages: all message contents are empty")
 
 
 @dataclass(frozen=True)
@@ -95,56 +124,20 @@ class ChatParams:
 def parse_chat_payload(payload: Mapping[str, object], *, max_tokens_cap: int) -> ChatParams:
     """Validate a chat request payload; raise BadRequest naming the bad field."""
     require_positive_int("max_tokens_cap", max_tokens_cap)
-    check_object(payload)
-    reject_unknown_keys(payload, _ALLOWED_KEYS)
-
-    has_prompt, has_messages = "prompt" in payload, "messages" in payload
-    if has_prompt and has_messages:
-        raise BadRequest("payload.prompt: give either 'prompt' or 'messages', not both")
-    if not has_prompt and not has_messages:
-        raise BadRequest("payload.prompt: required (or 'messages')")
-
-    messages: tuple[tuple[str, str], ...]
-    if has_prompt:
-        prompt = check_string("payload.prompt", payload["prompt"], MAX_PROMPT_CHARS)
-        messages = (("user", prompt),)
+    p = parse_payload(payload, ChatPayload, {"max_tokens": (1, max_tokens_cap)})
+    max_tokens = min(256, max_tokens_cap) if p.max_tokens is None else p.max_tokens
+    if p.messages is None:
+        messages: tuple[tuple[str, str], ...] = (("user", str(p.prompt)),)
     else:
-        messages = _parse_messages(payload["messages"])
-
-    cap = max_tokens_cap
-    max_tokens = check_int_range("payload.max_tokens", payload.get("max_tokens", min(256, cap)), 1, cap)
-    temperature = check_number_range("payload.temperature", payload.get("temperature", DEFAULT_TEMPERATURE), 0, 2)
-    top_p = check_number_range("payload.top_p", payload.get("top_p", DEFAULT_TOP_P), 0, 1)
-
-    # JSON clients often send "seed": null for "no seed"; treat it as absent.
-    seed = payload.get("seed")
-    if seed is not None:
-        check_int_range("payload.seed", seed, 0, MAX_SEED)
-
-    ignore_eos = payload.get("ignore_eos", False)
-    if not isinstance(ignore_eos, bool):
-        raise BadRequest(f"payload.ignore_eos: expected true or false, got {show_value(ignore_eos)}")
-
-    stop = payload.get("stop", ())
-    if not isinstance(stop, (list, tuple)):
-        raise BadRequest(f"payload.stop: expected a list of strings, got {type(stop).__name__}")
-    if len(stop) > MAX_STOP_STRINGS:
-        raise BadRequest(f"payload.stop: at most {MAX_STOP_STRINGS} strings, got {len(stop)}")
-    for i, s in enumerate(stop):
-        if not isinstance(s, str) or not 1 <= len(s) <= MAX_STOP_CHARS:
-            raise BadRequest(
-                f"payload.stop[{i}]: expected a string of 1..{MAX_STOP_CHARS} characters, got {show_value(s)}"
-            )
-        check_text(f"payload.stop[{i}]", s)
-
+        messages = tuple((m.role, m.content) for m in p.messages)
     return ChatParams(
         messages=messages,
-        max_tokens=int(max_tokens),
-        temperature=temperature,
-        top_p=top_p,
-        seed=seed,  # type: ignore[arg-type]
-        ignore_eos=ignore_eos,
-        stop=tuple(stop),
+        max_tokens=max_tokens,
+        temperature=p.temperature,
+        top_p=p.top_p,
+        seed=p.seed,
+        ignore_eos=p.ignore_eos,
+        stop=p.stop,
     )
 
 
@@ -156,32 +149,6 @@ def check_payload(payload: Mapping[str, object]) -> None:
 def canary(words: str, seed: int) -> dict[str, Any]:
     """A spot-check query (realms/spotcheck.py): greedy, short, reproducible."""
     return {"prompt": f"Continue: {words}", "max_tokens": 8, "temperature": 0.0, "seed": seed}
-
-
-def _parse_messages(raw: object) -> tuple[tuple[str, str], ...]:
-    if not isinstance(raw, (list, tuple)):
-        raise BadRequest(f"payload.messages: expected a list, got {type(raw).__name__}")
-    if not 1 <= len(raw) <= MAX_MESSAGES:
-        raise BadRequest(f"payload.messages: expected 1..{MAX_MESSAGES} messages, got {len(raw)}")
-    out: list[tuple[str, str]] = []
-    total = 0
-    for i, msg in enumerate(raw):
-        where = f"payload.messages[{i}]"
-        check_object(msg, where)
-        reject_unknown_keys(msg, ("role", "content"), where)  # type: ignore[arg-type]
-        role, content = msg.get("role"), msg.get("content")
-        if role not in ROLES:  # also rejects non-strings
-            raise BadRequest(f"{where}.role: expected one of {', '.join(ROLES)}; got {show_value(role)}")
-        if not isinstance(content, str):
-            raise BadRequest(f"{where}.content: expected a string, got {type(content).__name__}")
-        check_text(f"{where}.content", content)
-        total += len(content)
-        if total > MAX_PROMPT_CHARS:
-            raise BadRequest(f"payload.messages: total content exceeds {MAX_PROMPT_CHARS} characters")
-        out.append((str(role), content))
-    if total == 0:
-        raise BadRequest("payload.messages: all message contents are empty")
-    return tuple(out)
 
 
 # --------------------------------------------------------------------------

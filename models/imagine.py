@@ -60,9 +60,11 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+import msgspec
 import trio
+from msgspec import Meta
 
 from .base import (
     BadRequest,
@@ -71,15 +73,8 @@ from .base import (
     ModelLoadError,
     Progress,
     Result,
-    check_int_range,
-    check_number_range,
-    check_object,
-    check_string,
-    check_text,
-    is_int,
-    reject_unknown_keys,
+    parse_payload,
     require_positive_int,
-    show_value,
 )
 from .smoke import SMOKE_MARKER, SMOKE_TEST_MODEL_NAME
 
@@ -92,7 +87,6 @@ DEFAULT_SIDE = 512
 DEFAULT_STEPS = 20
 DEFAULT_GUIDANCE = 7.5
 MAX_GUIDANCE = 30.0
-_ALLOWED_KEYS = frozenset({"prompt", "negative_prompt", "seed", "steps", "width", "height", "guidance"})
 # What __call__ must accept for this backend to drive a pipeline.
 _NEEDED_ARGS = (
     "prompt",
@@ -108,6 +102,30 @@ _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 # --------------------------------------------------------------------------
 # payload validation
+
+
+Side = Annotated[
+    int,
+    Meta(
+        ge=MIN_SIDE,
+        le=MAX_SIDE,
+        multiple_of=SIDE_MULTIPLE,
+        description=f"a multiple of {SIDE_MULTIPLE} in {MIN_SIDE}..{MAX_SIDE}",
+    ),
+]
+
+
+class ImaginePayload(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """What an imagine query may say; the node's own max_steps and max_pixels apply after."""
+
+    prompt: Annotated[str, Meta(min_length=1, max_length=MAX_PROMPT_CHARS)]
+    # JSON clients often send null for "not given"; it means absent.
+    negative_prompt: Annotated[str, Meta(max_length=MAX_PROMPT_CHARS)] | None = None
+    seed: Annotated[int, Meta(ge=0, le=MAX_SEED)] | None = None
+    steps: Annotated[int, Meta(ge=1)] | None = None
+    width: Side | None = None
+    height: Side | None = None
+    guidance: Annotated[float, Meta(ge=0, le=MAX_GUIDANCE)] = DEFAULT_GUIDANCE
 
 
 @dataclass(frozen=True)
@@ -129,67 +147,30 @@ def default_side(max_pixels: int) -> int:
 
 def _check_limits(max_steps: object, max_pixels: object) -> None:
     require_positive_int("max_steps", max_steps)
-    if not is_int(max_pixels) or max_pixels < MIN_SIDE * MIN_SIDE:  # type: ignore[operator]
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < MIN_SIDE * MIN_SIDE:
         raise ValueError(f"max_pixels must be an integer >= {MIN_SIDE * MIN_SIDE}, got {max_pixels!r}")
 
 
 def parse_imagine_payload(payload: Mapping[str, object], *, max_steps: int, max_pixels: int) -> ImagineParams:
     """Validate an imagine request payload; raise BadRequest naming the bad field."""
     _check_limits(max_steps, max_pixels)
-    check_object(payload)
-    reject_unknown_keys(payload, _ALLOWED_KEYS)
-
-    if "prompt" not in payload:
-        raise BadRequest("payload.prompt: required")
-    prompt = check_string("payload.prompt", payload["prompt"], MAX_PROMPT_CHARS)
-
-    # JSON clients often send null for "not given"; treat it as absent.
-    negative = payload.get("negative_prompt")
-    if negative is not None:
-        if not isinstance(negative, str):
-            raise BadRequest(f"payload.negative_prompt: expected a string, got {type(negative).__name__}")
-        if len(negative) > MAX_PROMPT_CHARS:
-            raise BadRequest(
-                f"payload.negative_prompt: expected at most {MAX_PROMPT_CHARS} characters, got {len(negative)}"
-            )
-        check_text("payload.negative_prompt", negative)
-
-    seed = payload.get("seed")
-    if seed is not None:
-        check_int_range("payload.seed", seed, 0, MAX_SEED)
-
-    steps = check_int_range("payload.steps", payload.get("steps", min(DEFAULT_STEPS, max_steps)), 1, max_steps)
-
-    sides: dict[str, int] = {}
-    for field in ("width", "height"):
-        value = payload.get(field, default_side(max_pixels))
-        if not (
-            is_int(value)
-            and MIN_SIDE <= value <= MAX_SIDE  # type: ignore[operator]
-            and value % SIDE_MULTIPLE == 0  # type: ignore[operator]
-        ):
-            raise BadRequest(
-                f"payload.{field}: expected a multiple of {SIDE_MULTIPLE} in "
-                f"{MIN_SIDE}..{MAX_SIDE}, got {show_value(value)}"
-            )
-        sides[field] = value  # type: ignore[assignment]
-    width, height = sides["width"], sides["height"]
+    p = parse_payload(payload, ImaginePayload, {"steps": (1, max_steps)})
+    steps = min(DEFAULT_STEPS, max_steps) if p.steps is None else p.steps
+    width = default_side(max_pixels) if p.width is None else p.width
+    height = default_side(max_pixels) if p.height is None else p.height
     if width * height > max_pixels:
         raise BadRequest(
             f"payload.width, payload.height: {width}x{height} is {width * height} pixels;"
             f" this node allows at most {max_pixels}"
         )
-
-    guidance = check_number_range("payload.guidance", payload.get("guidance", DEFAULT_GUIDANCE), 0, MAX_GUIDANCE)
-
     return ImagineParams(
-        prompt=prompt,
-        negative_prompt=negative,  # type: ignore[arg-type]
-        seed=seed,  # type: ignore[arg-type]
-        steps=int(steps),  # type: ignore[arg-type]
+        prompt=p.prompt,
+        negative_prompt=p.negative_prompt,
+        seed=p.seed,
+        steps=steps,
         width=width,
         height=height,
-        guidance=guidance,
+        guidance=p.guidance,
     )
 
 

@@ -57,7 +57,6 @@ import atexit
 import io
 import logging
 import os
-import re
 import shutil
 import struct
 import threading
@@ -66,10 +65,12 @@ import wave
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+import msgspec
 import numpy as np
 import trio
+from msgspec import Meta
 
 from .base import (
     BadRequest,
@@ -78,11 +79,7 @@ from .base import (
     ModelLoadError,
     Progress,
     Result,
-    check_object,
-    check_string,
-    is_int,
-    reject_unknown_keys,
-    show_value,
+    parse_payload,
 )
 from .smoke import SMOKE_TEST_MODEL_NAME, is_tiny_whisper_hparams
 
@@ -95,10 +92,7 @@ TTS_TIMEOUT_S = 60.0
 MIN_SPEED, MAX_SPEED, DEFAULT_SPEED = 80, 450, 175
 DEFAULT_VOICE = "en"
 _MIN_SAMPLES = SAMPLE_RATE + SAMPLE_RATE // 20  # whisper.cpp skips input under 1 s
-_VOICE_RE = re.compile(r"[a-z0-9+-]{1,32}")
-_ALLOWED_KEYS = frozenset({"audio", "language", "text", "voice", "speed"})
-_AUDIO_ONLY = ("language",)
-_TEXT_ONLY = ("voice", "speed")
+VOICE_PATTERN = r"^[a-z0-9+-]{1,32}$"
 FORMAT_NAMES = {"wav": "WAV", "webm": "WebM", "ogg": "OGG", "mp3": "MP3", "flac": "FLAC"}
 
 # whisper.cpp's language codes (g_lang in src/whisper.cpp, ids 0..99).
@@ -212,6 +206,45 @@ LANGUAGES = frozenset(
 # payload validation
 
 
+class SpeechPayload(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """What a speech query may say: audio to transcribe, or text to speak. The node's own
+    max_audio_bytes and max_tts_chars apply after."""
+
+    audio: bytes | None = None
+    language: str | None = None
+    text: Annotated[str, Meta(min_length=1)] | None = None
+    voice: (
+        Annotated[
+            str, Meta(pattern=VOICE_PATTERN, description="an espeak-ng voice name ([a-z0-9+-], 1..32 characters)")
+        ]
+        | None
+    ) = None
+    speed: (
+        Annotated[
+            int, Meta(ge=MIN_SPEED, le=MAX_SPEED, description=f"an integer {MIN_SPEED}..{MAX_SPEED} (words per minute)")
+        ]
+        | None
+    ) = None
+
+    def __post_init__(self) -> None:
+        if self.audio is not None and self.text is not None:
+            raise ValueError("audio: give either 'audio' (to transcribe) or 'text' (to speak), not both")
+        if self.audio is None and self.text is None:
+            raise ValueError("audio: required (or 'text' to speak)")
+        for key, only in (("language", "audio"), ("voice", "text"), ("speed", "text")):
+            if getattr(self, key) is not None and getattr(self, only) is None:
+                raise ValueError(f"{key}: only allowed with '{only}'")
+        if self.audio is not None and not self.audio:
+            raise ValueError("audio: empty")
+        if self.language is not None and self.language != "auto" and self.language not in LANGUAGES:
+            raise ValueError(f'language: expected "auto" or a language code such as "en", got {self.language[:60]!r}')
+        if self.text is not None:
+            if "\x00" in self.text:
+                raise ValueError("text: contains a NUL character")
+            if not self.text.strip():
+                raise ValueError("text: nothing to speak (only whitespace)")
+
+
 @dataclass(frozen=True)
 class SpeechParams:
     """A validated request: `audio` (with its format and language) for
@@ -248,56 +281,22 @@ def detect_audio_format(data: bytes) -> str | None:
 
 def parse_speech_payload(payload: Mapping[str, object], *, max_audio_bytes: int, max_tts_chars: int) -> SpeechParams:
     """Validate a speech request payload; raise BadRequest naming the bad field."""
-    check_object(payload)
-    reject_unknown_keys(payload, _ALLOWED_KEYS)
-
-    has_audio, has_text = "audio" in payload, "text" in payload
-    if has_audio and has_text:
-        raise BadRequest("payload.audio: give either 'audio' (to transcribe) or 'text' (to speak), not both")
-    if not has_audio and not has_text:
-        raise BadRequest("payload.audio: required (or 'text' to speak)")
-
-    if has_audio:
-        for key in _TEXT_ONLY:
-            if key in payload:
-                raise BadRequest(f"payload.{key}: only allowed with 'text'")
-        audio = payload["audio"]
-        if not isinstance(audio, (bytes, bytearray, memoryview)):
-            raise BadRequest(f"payload.audio: expected bytes, got {type(audio).__name__}")
-        audio = bytes(audio)
-        if not audio:
-            raise BadRequest("payload.audio: empty")
-        if len(audio) > max_audio_bytes:
-            raise BadRequest(f"payload.audio: {len(audio)} bytes; at most {max_audio_bytes}")
-        fmt = detect_audio_format(audio)
+    p = parse_payload(payload, SpeechPayload)
+    if p.audio is not None:
+        if len(p.audio) > max_audio_bytes:
+            raise BadRequest(f"payload.audio: {len(p.audio)} bytes; at most {max_audio_bytes}")
+        fmt = detect_audio_format(p.audio)
         if fmt is None:
             raise BadRequest("payload.audio: unsupported format (expected WAV, WebM, OGG, MP3 or FLAC)")
-        language = payload.get("language", "auto")
-        if not isinstance(language, str) or (language != "auto" and language not in LANGUAGES):
-            raise BadRequest(
-                f'payload.language: expected "auto" or a language code such as "en", got {show_value(language)}'
-            )
-        return SpeechParams(audio=audio, audio_format=fmt, language=language)
-
-    for key in _AUDIO_ONLY:
-        if key in payload:
-            raise BadRequest(f"payload.{key}: only allowed with 'audio'")
-    text = check_string("payload.text", payload["text"], max_tts_chars)
-    if "\x00" in text:
-        raise BadRequest("payload.text: contains a NUL character")
-    if not text.strip():
-        raise BadRequest("payload.text: nothing to speak (only whitespace)")
-    voice = payload.get("voice", DEFAULT_VOICE)
-    if not isinstance(voice, str) or not _VOICE_RE.fullmatch(voice):
-        raise BadRequest(
-            f"payload.voice: expected an espeak-ng voice name ([a-z0-9+-], 1..32 characters), got {show_value(voice)}"
-        )
-    speed = payload.get("speed", DEFAULT_SPEED)
-    if not (is_int(speed) and MIN_SPEED <= speed <= MAX_SPEED):  # type: ignore[operator]
-        raise BadRequest(
-            f"payload.speed: expected an integer {MIN_SPEED}..{MAX_SPEED} (words per minute), got {show_value(speed)}"
-        )
-    return SpeechParams(text=text, voice=voice, speed=speed)
+        return SpeechParams(audio=p.audio, audio_format=fmt, language=p.language or "auto")
+    text = str(p.text)
+    if len(text) > max_tts_chars:
+        raise BadRequest(f"payload.text: expected 1..{max_tts_chars} characters, got {len(text)}")
+    return SpeechParams(
+        text=text,
+        voice=DEFAULT_VOICE if p.voice is None else p.voice,
+        speed=DEFAULT_SPEED if p.speed is None else p.speed,
+    )
 
 
 def check_payload(payload: Mapping[str, object]) -> None:

@@ -56,10 +56,12 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+import msgspec
 import numpy as np
 import trio
+from msgspec import Meta
 
 from .base import (
     BadRequest,
@@ -67,8 +69,7 @@ from .base import (
     ModelFailure,
     ModelLoadError,
     Result,
-    check_object,
-    reject_unknown_keys,
+    parse_payload,
     require_positive_int,
 )
 from .chat import (
@@ -88,7 +89,6 @@ MEDIA_MARKER = "<__media__>"  # mtmd_default_marker(); checked at load
 DEFAULT_MAX_IMAGE_BYTES = 20 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 4096 * 4096
 DEFAULT_RESIZE_TO = 672
-_ALLOWED_KEYS = frozenset({"prompt", "image", "max_tokens", "temperature", "seed"})
 _CHAT_KEYS = ("prompt", "max_tokens", "temperature", "seed")
 _IMAGE_KEY_PREFIX = "rentahal-image://"
 
@@ -314,6 +314,21 @@ def prepare_image(data: bytes, *, max_bytes: int, max_pixels: int, resize_to: in
 # payload validation
 
 
+class VisionPayload(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """What a vision query may say: one prompt about one image. prompt, max_tokens, temperature
+    and seed mean what they mean for chat (checked by chat's rules, then the node's caps)."""
+
+    prompt: Annotated[str, Meta(min_length=1, max_length=MAX_PROMPT_CHARS)]
+    image: bytes
+    max_tokens: Annotated[int, Meta(ge=1, le=1 << 30)] | None = None
+    temperature: Annotated[float, Meta(ge=0, le=2)] | None = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if MEDIA_MARKER in self.prompt:
+            raise ValueError(f"prompt: must not contain {MEDIA_MARKER}")
+
+
 @dataclass(frozen=True)
 class VisionParams:
     prompt: str
@@ -334,24 +349,16 @@ def parse_vision_payload(
     The image is checked (type by magic, byte size, header dimensions) but not
     decoded: `prepare_image` does that, off the event loop.
     """
-    check_object(payload)
-    reject_unknown_keys(payload, _ALLOWED_KEYS)
-    if "prompt" not in payload:
-        raise BadRequest("payload.prompt: required")
-    # prompt, max_tokens, temperature and seed mean what they mean for chat.
-    chat = parse_chat_payload({k: payload[k] for k in _CHAT_KEYS if k in payload}, max_tokens_cap=max_tokens_cap)
-    prompt = chat.messages[0][1]
-    if len(prompt) > MAX_PROMPT_CHARS:
-        raise BadRequest(f"payload.prompt: expected 1..{MAX_PROMPT_CHARS} characters, got {len(prompt)}")
-    if MEDIA_MARKER in prompt:
-        raise BadRequest(f"payload.prompt: must not contain {MEDIA_MARKER}")
-    if "image" not in payload:
-        raise BadRequest("payload.image: required")
-    image = payload["image"]
+    p = parse_payload(payload, VisionPayload)
+    chat = parse_chat_payload(
+        {k: getattr(p, k) for k in _CHAT_KEYS if getattr(p, k) is not None}, max_tokens_cap=max_tokens_cap
+    )
+    prompt = p.prompt
+    image = p.image
     fmt, w, h = _check_image(image, max_bytes=max_image_bytes, max_pixels=max_pixels)
     return VisionParams(
         prompt=prompt,
-        image=bytes(image),  # type: ignore[arg-type]
+        image=image,
         image_format=fmt,
         width=w,
         height=h,

@@ -1,27 +1,31 @@
-"""Node configuration: node.toml, validated once on load into frozen dataclasses.
+"""Node configuration: node.toml, validated once on load into frozen structs.
 
-This is the only module that reads TOML. Defaults live in the dataclass fields below (and are
-mirrored, with comments, in the shipped ``node.toml``). Every problem is reported as a
-:class:`ConfigError` whose ``str()`` is one line: ``<file or "command line">: <key>: <what>``.
+This is the only module that reads TOML. Each table is a msgspec struct below: its keys, their
+types and bounds, and their defaults (mirrored, with comments, in the shipped ``node.toml``),
+checked by realms/schema.py like every payload and control request. Every problem is reported
+as a :class:`ConfigError` whose ``str()`` is one line: ``<file or "command line">: <key>: <what>``.
 """
 
 from __future__ import annotations
 
 import difflib
 import ipaddress
-import math
 import operator
 import re
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Annotated, Any, TypeVar
+
+import msgspec
+from msgspec import Meta
 
 from ..p2p.wire import MAX_PAYLOAD
 from ..realms.catalog import CATALOG, REALMS
+from ..realms.schema import check, show
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 CMDLINE = "command line"
@@ -34,74 +38,36 @@ class ConfigError(Exception):
         super().__init__(" ".join(message.splitlines()))
 
 
-class _Bad(Exception):
-    """Raised by field checkers; turned into a ConfigError naming source and key."""
-
-
-def _show(value: object) -> str:
-    if isinstance(value, bool):
-        text = "true" if value else "false"
-    else:
-        text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+S = TypeVar("S", bound="Section")
 
 
 def _n(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else str(x)
 
 
-# --- field checkers --------------------------------------------------------------------------
-
-Check = Callable[[Any], Any]
+# --- field types (checked by msgspec through realms/schema.py) -------------------------------
 
 
-def _opt(default: Any, check: Check) -> Any:
-    return field(default=default, metadata={"check": check})
+def Num(lo: float, hi: float, *, lo_open: bool = False) -> Any:
+    """A finite number in lo..hi (or > lo, with lo_open); a TOML integer is taken too."""
+    return Annotated[float, Meta(gt=lo, le=hi) if lo_open else Meta(ge=lo, le=hi)]
 
 
-def _float(default: float, lo: float, hi: float, *, lo_open: bool = False) -> Any:
-    bounds = f"> {_n(lo)} and <= {_n(hi)}" if lo_open else f"in {_n(lo)}..{_n(hi)}"
-    want = f"expected a number {bounds}"
-
-    def check(v: Any) -> float:
-        if isinstance(v, bool) or not isinstance(v, int | float):
-            raise _Bad(f"{want}, got {_show(v)}")
-        try:
-            x = float(v)
-        except OverflowError:
-            raise _Bad(f"{want}, got {_show(v)}") from None
-        if not (math.isfinite(x) and (x > lo if lo_open else x >= lo) and x <= hi):
-            raise _Bad(f"{want}, got {_show(v)}")
-        return x
-
-    return _opt(default, check)
+def Int(lo: int, hi: int) -> Any:
+    """An integer in lo..hi (true and false are not integers)."""
+    return Annotated[int, Meta(ge=lo, le=hi)]
 
 
-def _int(default: int, lo: int, hi: int) -> Any:
-    def check(v: Any) -> int:
-        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-            raise _Bad(f"expected an integer in {lo}..{hi}, got {_show(v)}")
-        return v
-
-    return _opt(default, check)
+def Text(max_length: int, description: str) -> Any:
+    """A string of printable characters (checked in the section's __post_init__)."""
+    return Annotated[str, Meta(max_length=max_length, description=description)]
 
 
-def _bool(default: bool) -> Any:
-    def check(v: Any) -> bool:
-        if not isinstance(v, bool):
-            raise _Bad(f"expected true or false, got {_show(v)}")
-        return v
-
-    return _opt(default, check)
-
-
-def _str(default: str, ok: Callable[[str], bool] = lambda s: True, want: str = "a string") -> Any:
-    def check(v: Any) -> str:
-        if not isinstance(v, str) or not ok(v):
-            raise _Bad(f"expected {want}, got {_show(v)}")
-        return v
-
-    return _opt(default, check)
+def One(*values: str) -> Any:
+    """One of the strings ``values``."""
+    return Annotated[
+        str, Meta(pattern="^(" + "|".join(map(re.escape, values)) + ")$", description="one of " + "|".join(values))
+    ]
 
 
 def _is_ip(text: str) -> bool:
@@ -116,212 +82,202 @@ _MADDR = re.compile(r"/(?P<proto>ip4|ip6)/(?P<addr>[^/\s]+)/tcp/(?P<port>\d{1,5}
 _PEER_SUFFIX = re.compile(r"(?:/[^/\s]+)*/p2p/[1-9A-HJ-NP-Za-km-z]+")
 
 
-def _check_multiaddr(v: Any, need_peer: bool) -> str:
+def _check_multiaddr(v: str, need_peer: bool) -> str:
     shape = "/ip4|ip6/<address>/tcp/<port>" + ("/.../p2p/<peer id>" if need_peer else "")
-    m = _MADDR.fullmatch(v) if isinstance(v, str) else None
+    m = _MADDR.fullmatch(v)
     if m is None or not _is_ip(m["addr"]) or (m["proto"] == "ip6") != (":" in m["addr"]):
-        raise _Bad(f"expected a multiaddr {shape}, got {_show(v)}")
+        raise ValueError(f"expected a multiaddr {shape}, got {show(v)}")
     if int(m["port"]) > 65535:
-        raise _Bad(f"tcp port {m['port']} is out of range 0..65535 in {_show(v)}")
+        raise ValueError(f"tcp port {m['port']} is out of range 0..65535 in {show(v)}")
     if need_peer and not _PEER_SUFFIX.fullmatch(m["rest"]):
-        raise _Bad(f"expected a multiaddr ending in /p2p/<base58 peer id>, got {_show(v)}")
+        raise ValueError(f"expected a multiaddr ending in /p2p/<base58 peer id>, got {show(v)}")
     return v
 
 
 _DNS_MADDR = re.compile(r"/dns[46]?/(?P<name>[A-Za-z0-9.-]{1,253})/tcp/(?P<port>\d{1,5})")
 
 
-def _check_announce(v: Any) -> str:
+def _check_announce(v: str) -> str:
     """An address the operator knows this node is reachable at: an IP or a DNS name, no /p2p/."""
-    m = _DNS_MADDR.fullmatch(v) if isinstance(v, str) else None
+    m = _DNS_MADDR.fullmatch(v)
     if m is not None:
         if not 1 <= int(m["port"]) <= 65535:
-            raise _Bad(f"tcp port {m['port']} is out of range 1..65535 in {_show(v)}")
+            raise ValueError(f"tcp port {m['port']} is out of range 1..65535 in {show(v)}")
         return v
-    if isinstance(v, str) and "/p2p/" in v:
-        raise _Bad(f"an announce address names no peer (this node's /p2p/ is added), got {_show(v)}")
+    if "/p2p/" in v:
+        raise ValueError(f"an announce address names no peer (this node's /p2p/ is added), got {show(v)}")
     try:
         return _check_multiaddr(v, False)
-    except _Bad:
-        raise _Bad(f"expected /ip4|ip6/<address>/tcp/<port> or /dns4|dns6/<name>/tcp/<port>, got {_show(v)}") from None
+    except ValueError:
+        raise ValueError(
+            f"expected /ip4|ip6/<address>/tcp/<port> or /dns4|dns6/<name>/tcp/<port>, got {show(v)}"
+        ) from None
 
 
-def _multiaddrs(default: tuple[str, ...], *, need_peer: bool, announce: bool = False) -> Any:
-    def check(v: Any) -> tuple[str, ...]:
-        if not isinstance(v, list | tuple):
-            raise _Bad(f"expected a list of multiaddr strings, got {_show(v)}")
-        out = []
-        for i, item in enumerate(v):
-            try:
-                out.append(_check_announce(item) if announce else _check_multiaddr(item, need_peer))
-            except _Bad as e:
-                raise _Bad(f"item {i}: {e}") from None
-        return tuple(out)
-
-    return _opt(default, check)
+def _each(name: str, items: tuple[str, ...], check: Callable[[str], object]) -> None:
+    """``check`` every item of the list setting ``name``; the error names the item."""
+    for i, item in enumerate(items):
+        try:
+            check(item)
+        except ValueError as e:
+            raise ValueError(f"{name}: item {i}: {e}") from None
 
 
-_PEER_ID = re.compile(r"[1-9A-HJ-NP-Za-km-z]{32,128}")
+MultiAddrs = Annotated[tuple[str, ...], Meta(description="a list of multiaddr strings")]
+_PEER_ID = "^[1-9A-HJ-NP-Za-km-z]{32,128}$"
+PeerIds = Annotated[
+    tuple[Annotated[str, Meta(pattern=_PEER_ID, description="a base58 peer ID")], ...],
+    Meta(description="a list of peer IDs"),
+]
+# Web origins (scheme://host[:port], no path) allowed to drive the websocket.
+Origin = Annotated[
+    str,
+    Meta(pattern=r"^https?://[A-Za-z0-9.\-\[\]:]{1,260}$", description="an origin scheme://host[:port] with no path"),
+]
+Origins = Annotated[tuple[Origin, ...], Meta(description='a list of origins like "http://192.0.2.7:3000"')]
 
 
-def _peer_ids() -> Any:
-    """A list of base58 libp2p peer IDs (an empty list: nobody singled out)."""
-
-    def check(v: Any) -> tuple[str, ...]:
-        if not isinstance(v, list | tuple):
-            raise _Bad(f"expected a list of peer IDs, got {_show(v)}")
-        for i, item in enumerate(v):
-            if not (isinstance(item, str) and _PEER_ID.fullmatch(item)):
-                raise _Bad(f"item {i}: expected a base58 peer ID, got {_show(item)}")
-        return tuple(v)
-
-    return _opt((), check)
-
-
-_ORIGIN = re.compile(r"https?://[A-Za-z0-9.\-\[\]:]{1,260}")
-
-
-def _origins() -> Any:
-    """A list of web origins (scheme://host[:port], no path) allowed to drive the websocket."""
-
-    def check(v: Any) -> tuple[str, ...]:
-        if not isinstance(v, list | tuple):
-            raise _Bad(f'expected a list of origins like "http://192.0.2.7:3000", got {_show(v)}')
-        for i, item in enumerate(v):
-            if not (isinstance(item, str) and _ORIGIN.fullmatch(item)):
-                raise _Bad(f"item {i}: expected an origin scheme://host[:port] with no path, got {_show(item)}")
-        return tuple(x.lower() for x in v)
-
-    return _opt((), check)
+class Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """A node.toml table: its keys, their types and bounds (msgspec), and its defaults."""
 
 
 # --- the configuration objects ---------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class NodeSection:
-    name: str = _str("", lambda s: len(s) <= 64 and s.isprintable(), "<= 64 printable characters")
-    log_level: str = _str("info", lambda s: s in LOG_LEVELS, "one of " + "|".join(LOG_LEVELS))
+class NodeSection(Section):
+    name: Text(64, "<= 64 printable characters") = ""
+    log_level: One(*LOG_LEVELS) = "info"
     # "text" (one line per event) or "json" (one JSON object per line, for journald/Loki/ELK)
-    log_format: str = _str("text", lambda s: s in ("text", "json"), "'text' or 'json'")
+    log_format: One("text", "json") = "text"
+
+    def __post_init__(self) -> None:
+        if not self.name.isprintable():
+            raise ValueError(f"name: expected <= 64 printable characters, got {show(self.name)}")
 
 
-@dataclass(frozen=True)
-class P2PConfig:
-    listen: tuple[str, ...] = _multiaddrs(("/ip4/0.0.0.0/tcp/4001",), need_peer=False)
-    bootstrap: tuple[str, ...] = _multiaddrs((), need_peer=True)
-    announce: tuple[str, ...] = _multiaddrs((), need_peer=False, announce=True)
-    mdns: bool = _bool(True)
-    relay_service: str = _str("auto", lambda s: s in ("auto", "on", "off"), "one of auto|on|off")
-    relay_reservations: int = _int(32, 1, 10000)
-    relay_duration: float = _float(1800.0, 1.0, 86400.0)
-    relay_bytes: int = _int(128 * 1024 * 1024, 1024, 1 << 40)
-    relay_circuits: int = _int(4, 1, 1000)
-    health_interval: float = _float(1.0, 0.2, 60.0)
-    health_heartbeat: float = _float(5.0, 0.2, 600.0)
-    stale_after: float = _float(12.0, 0.0, 3600.0, lo_open=True)
-    gossip_per_second: float = _float(100.0, 1.0, 1e6)
-    introductions_per_minute: float = _float(60.0, 1.0, 1e6)
-    dht_refresh: float = _float(300.0, 5.0, 86400.0)
-    dial_timeout: float = _float(10.0, 0.0, 120.0, lo_open=True)
-    forget_after: float = _float(600.0, 10.0, 30 * 86400.0)
+class P2PConfig(Section):
+    listen: MultiAddrs = ("/ip4/0.0.0.0/tcp/4001",)
+    bootstrap: MultiAddrs = ()
+    announce: MultiAddrs = ()
+    mdns: bool = True
+    relay_service: One("auto", "on", "off") = "auto"
+    relay_reservations: Int(1, 10000) = 32
+    relay_duration: Num(1.0, 86400.0) = 1800.0
+    relay_bytes: Int(1024, 1 << 40) = 128 * 1024 * 1024
+    relay_circuits: Int(1, 1000) = 4
+    health_interval: Num(0.2, 60.0) = 1.0
+    health_heartbeat: Num(0.2, 600.0) = 5.0
+    stale_after: Num(0.0, 3600.0, lo_open=True) = 12.0
+    gossip_per_second: Num(1.0, 1e6) = 100.0
+    introductions_per_minute: Num(1.0, 1e6) = 60.0
+    dht_refresh: Num(5.0, 86400.0) = 300.0
+    dial_timeout: Num(0.0, 120.0, lo_open=True) = 10.0
+    forget_after: Num(10.0, 30 * 86400.0) = 600.0
+
+    def __post_init__(self) -> None:
+        _each("listen", self.listen, lambda v: _check_multiaddr(v, False))
+        _each("bootstrap", self.bootstrap, lambda v: _check_multiaddr(v, True))
+        _each("announce", self.announce, _check_announce)
 
 
-@dataclass(frozen=True)
-class RouterConfig:
-    query_deadline: float = _float(300.0, 1.0, 86400.0)
-    hang_timeout: float = _float(1.5, 1.0, 3600.0)
-    first_progress: float = _float(5.0, 0.5, 3600.0)
-    spot_check_every: float = _float(1800.0, 0.0, 86400.0)
-    max_attempts: int = _int(3, 1, 16)
-    local_queue_limit: int = _int(4, 0, 10000)
-    breaker_failures: int = _int(3, 1, 100)
-    breaker_backoff: float = _float(5.0, 0.1, 3600.0)
-    breaker_backoff_max: float = _float(300.0, 0.1, 86400.0)
-    score_half_life: float = _float(60.0, 1.0, 86400.0)
+class RouterConfig(Section):
+    query_deadline: Num(1.0, 86400.0) = 300.0
+    hang_timeout: Num(1.0, 3600.0) = 1.5
+    first_progress: Num(0.5, 3600.0) = 5.0
+    spot_check_every: Num(0.0, 86400.0) = 1800.0
+    max_attempts: Int(1, 16) = 3
+    local_queue_limit: Int(0, 10000) = 4
+    breaker_failures: Int(1, 100) = 3
+    breaker_backoff: Num(0.1, 3600.0) = 5.0
+    breaker_backoff_max: Num(0.1, 86400.0) = 300.0
+    score_half_life: Num(1.0, 86400.0) = 60.0
 
 
-@dataclass(frozen=True)
-class UIConfig:
-    host: str = _str("127.0.0.1", lambda s: s == "localhost" or _is_ip(s), "an IPv4/IPv6 address or 'localhost'")
-    port: int = _int(8765, 0, 65535)
+class UIConfig(Section):
+    host: Annotated[str, Meta(description="an IPv4/IPv6 address or 'localhost'")] = "127.0.0.1"
+    port: Int(0, 65535) = 8765
     # Pages other than the node's own that may open its websocket (the node's own page, opened
     # by IP address or as localhost, always may).
-    allowed_origins: tuple[str, ...] = _origins()
+    allowed_origins: Origins = ()
+
+    def __post_init__(self) -> None:
+        if not (self.host == "localhost" or _is_ip(self.host)):
+            raise ValueError(f"host: expected an IPv4/IPv6 address or 'localhost', got {show(self.host)}")
+        msgspec.structs.force_setattr(self, "allowed_origins", tuple(o.lower() for o in self.allowed_origins))
 
 
 API_KEY_MODES = ("remote", "all", "none")
 
 
-@dataclass(frozen=True)
-class ApiConfig:
+class ApiConfig(Section):
     """The OpenAI-compatible API and /metrics on the UI port."""
 
-    enabled: bool = _bool(True)
+    enabled: bool = True
     # Which clients must show an API key (`rentahal-node keys create`): "remote" (any client
     # not on loopback), "all", or "none" (only sensible on a trusted network).
-    keys: str = _str("remote", lambda s: s in API_KEY_MODES, "one of " + ", ".join(map(repr, API_KEY_MODES)))
+    keys: One(*API_KEY_MODES) = "remote"
     # /metrics: whether a client off loopback must show a key too (Prometheus sends one as a
     # bearer token: `authorization` in its scrape config).
-    metrics_need_key: bool = _bool(True)
+    metrics_need_key: bool = True
     # Largest request body (JSON, or a multipart upload for transcriptions), in bytes.
-    max_body_bytes: int = _int(12 * 1024 * 1024, 1024, 1 << 30)
+    max_body_bytes: Int(1024, 1 << 30) = 12 * 1024 * 1024
 
 
-@dataclass(frozen=True)
-class StorageConfig:
-    shards: int = _int(4, 1, 64)
+class StorageConfig(Section):
+    shards: Int(1, 64) = 4
     # No more than a query request frame carries: a payload a peer cannot be sent is refused.
-    max_payload_bytes: int = _int(MAX_PAYLOAD, 1024, MAX_PAYLOAD)
+    max_payload_bytes: Int(1024, MAX_PAYLOAD) = MAX_PAYLOAD
 
 
-@dataclass(frozen=True)
-class LimitsConfig:
-    queries_per_minute: float = _float(30.0, 0.0, 1e6)
-    burst: int = _int(10, 1, 100000)
-    loopback: bool = _bool(False)
-    max_active: int = _int(64, 1, 100000)
-    peer_queries_per_minute: float = _float(60000.0, 0.0, 1e6)
-    peer_burst: int = _int(1000, 1, 100000)
-    peer_streams: int = _int(8, 1, 1024)
-    peer_buffer_bytes: int = _int(16 * 1024 * 1024, 64 * 1024, 1 << 34)
-    buffer_bytes: int = _int(64 * 1024 * 1024, 64 * 1024, 1 << 36)
-    inbound_per_ip: int = _int(32, 1, 100000)
-    pending_per_ip: int = _int(16, 1, 100000)
-    inbound_total: int = _int(256, 1, 1000000)
-    handshake_timeout: float = _float(10.0, 0.0, 600.0, lo_open=True)
-    ws_buffer_bytes: int = _int(64 * 1024 * 1024, 64 * 1024, 1 << 36)
-    ws_chat_bytes: int = _int(1024 * 1024, 1024, 1 << 30)
-    ws_request_bytes: int = _int(64 * 1024, 1024, 1 << 30)
+class LimitsConfig(Section):
+    queries_per_minute: Num(0.0, 1e6) = 30.0
+    burst: Int(1, 100000) = 10
+    loopback: bool = False
+    max_active: Int(1, 100000) = 64
+    peer_queries_per_minute: Num(0.0, 1e6) = 60000.0
+    peer_burst: Int(1, 100000) = 1000
+    peer_streams: Int(1, 1024) = 8
+    peer_buffer_bytes: Int(64 * 1024, 1 << 34) = 16 * 1024 * 1024
+    buffer_bytes: Int(64 * 1024, 1 << 36) = 64 * 1024 * 1024
+    inbound_per_ip: Int(1, 100000) = 32
+    pending_per_ip: Int(1, 100000) = 16
+    inbound_total: Int(1, 1000000) = 256
+    handshake_timeout: Num(0.0, 600.0, lo_open=True) = 10.0
+    ws_buffer_bytes: Int(64 * 1024, 1 << 36) = 64 * 1024 * 1024
+    ws_chat_bytes: Int(1024, 1 << 30) = 1024 * 1024
+    ws_request_bytes: Int(1024, 1 << 30) = 64 * 1024
 
 
-@dataclass(frozen=True)
-class RealmConfig:
-    serve: bool = _bool(False)
-    model: str = _str("")
-    slots: int = _int(1, 1, 64)
-    queue_limit: int = _int(16, 1, 100000)
-    n_ctx: int = _int(2048, 16, 1048576)
-    n_gpu_layers: int = _int(-1, -1, 100000)
-    threads: int = _int(0, 0, 512)
-    max_tokens: int = _int(512, 1, 1048576)
-    mmproj: str = _str("")
-    max_steps: int = _int(50, 1, 1000)
-    max_pixels: int = _int(1024 * 1024, 4096, 64 * 1024 * 1024)
-    cost_per_query: float = _float(0.0, 0.0, 1e9)
-    cost_per_second: float = _float(0.0, 0.0, 1e9)
-    cost_per_token: float = _float(0.0, 0.0, 1e9)
+class RealmConfig(Section):
+    serve: bool = False
+    model: str = ""
+    slots: Int(1, 64) = 1
+    queue_limit: Int(1, 100000) = 16
+    n_ctx: Int(16, 1048576) = 2048
+    n_gpu_layers: Int(-1, 100000) = -1
+    threads: Int(0, 512) = 0
+    max_tokens: Int(1, 1048576) = 512
+    mmproj: str = ""
+    max_steps: Int(1, 1000) = 50
+    max_pixels: Int(4096, 64 * 1024 * 1024) = 1024 * 1024
+    cost_per_query: Num(0.0, 1e9) = 0.0
+    cost_per_second: Num(0.0, 1e9) = 0.0
+    cost_per_token: Num(0.0, 1e9) = 0.0
     # An external model server instead of a local model (realms/catalog.py says which realms):
     # its base URL, its API ("openai": any OpenAI-compatible server; "anthropic": the messages
     # API), the model to ask it for, and where its key is (an environment variable or a 0600
     # file: never node.toml).
-    url: str = _str("", lambda s: s == "" or s.startswith(("http://", "https://")), "an http:// or https:// URL")
-    api: str = _str("openai", lambda s: s in ("openai", "anthropic"), "'openai' or 'anthropic'")
-    remote_model: str = _str("", lambda s: len(s) <= 256 and s.isprintable(), "<= 256 printable characters")
-    key_env: str = _str("", lambda s: s == "" or s.replace("_", "a").isalnum(), "an environment variable name")
-    key_file: str = _str("")
-    allow: tuple[str, ...] = _peer_ids()  # serve this realm to these peers only (empty: to all)
-    trusted: tuple[str, ...] = _peer_ids()  # route this realm to these peers only (empty: any)
+    url: Annotated[str, Meta(pattern=r"^(|https?://.*)$", description="an http:// or https:// URL")] = ""
+    api: One("openai", "anthropic") = "openai"
+    remote_model: Text(256, "<= 256 printable characters") = ""
+    key_env: Annotated[str, Meta(pattern=r"^\w*$", description="an environment variable name")] = ""
+    key_file: str = ""
+    allow: PeerIds = ()  # serve this realm to these peers only (empty: to all)
+    trusted: PeerIds = ()  # route this realm to these peers only (empty: any)
+
+    def __post_init__(self) -> None:
+        if not self.remote_model.isprintable():
+            raise ValueError(f"remote_model: expected <= 256 printable characters, got {show(self.remote_model)}")
 
 
 def _default_realms() -> Mapping[str, RealmConfig]:
@@ -354,8 +310,13 @@ _SECTIONS: dict[str, type] = {
     "limits": LimitsConfig,
 }
 _LEAVES: dict[str, Any] = {  # every valid dotted key -> its built-in default
-    **{f"{s}.{f.name}": f.default for s, c in _SECTIONS.items() for f in fields(c)},
-    **{f"realms.{r}.{f.name}": f.default for r in REALMS for f in fields(RealmConfig) if f.name in CATALOG[r].settings},
+    **{f"{s}.{f.name}": f.default for s, c in _SECTIONS.items() for f in msgspec.structs.fields(c)},
+    **{
+        f"realms.{r}.{f.name}": f.default
+        for r in REALMS
+        for f in msgspec.structs.fields(RealmConfig)
+        if f.name in CATALOG[r].settings
+    },
 }
 _CROSS = (  # (key, relation, other key, wording)
     ("p2p.health_heartbeat", operator.ge, "p2p.health_interval", "at least"),
@@ -376,12 +337,13 @@ def _unknown(label: str, key: str, candidates: Iterable[str], what: str = "key")
     return ConfigError(f"{label}: unknown {what} '{key}'{hint}")
 
 
-def _section(cls: type, table: Any, prefix: str, label: str, base: Any) -> Any:
+def _section(cls: type[S], table: Any, prefix: str, label: str, base: S) -> S:
+    """``table`` (a TOML table or a one-key override) on top of ``base``: msgspec checks every
+    key of the merged section; unknown keys get a did-you-mean among all dotted keys."""
     if not isinstance(table, dict):
-        raise ConfigError(f"{label}: {prefix}: expected a table, got {_show(table)}")
-    spec = {f.name: f for f in fields(cls)}
-    values = {}
-    for key, raw in table.items():
+        raise ConfigError(f"{label}: {prefix}: expected a table, got {show(table)}")
+    spec = {f.name for f in msgspec.structs.fields(cls)}
+    for key in table:
         dotted = f"{prefix}.{key}"
         if key not in spec and key in ("key", "api_key", "token"):
             raise ConfigError(
@@ -391,11 +353,8 @@ def _section(cls: type, table: Any, prefix: str, label: str, base: Any) -> Any:
         if key not in spec:
             near = [k for k in _LEAVES if k.startswith(prefix + ".")]
             raise _unknown(label, dotted, near or _LEAVES)
-        try:
-            values[key] = spec[key].metadata["check"](raw)
-        except _Bad as e:
-            raise ConfigError(f"{label}: {dotted}: {e}") from None
-    return replace(base, **values)
+    merged = {**msgspec.structs.asdict(base), **table}
+    return check(merged, cls, prefix, lambda line: ConfigError(f"{label}: {line}"))
 
 
 def _own_settings(definition: Any, table: Any, label: str) -> None:
@@ -430,7 +389,7 @@ def _merge(data: Mapping[str, Any], label: str, base: Config) -> Config:
             parts[sec] = _section(_SECTIONS[sec], table, sec, label, getattr(base, sec))
         elif sec == "realms":
             if not isinstance(table, dict):
-                raise ConfigError(f"{label}: realms: expected a table, got {_show(table)}")
+                raise ConfigError(f"{label}: realms: expected a table, got {show(table)}")
             realms = dict(base.realms)
             for name, sub in table.items():
                 if name not in REALMS:
@@ -501,7 +460,7 @@ def parse_set_option(text: str) -> tuple[str, str]:
     """Split a CLI ``--set KEY=VALUE`` argument into (key, value text)."""
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
-        raise ConfigError(f"{CMDLINE}: --set {_show(text)}: expected KEY=VALUE")
+        raise ConfigError(f"{CMDLINE}: --set {show(text)}: expected KEY=VALUE")
     return key.strip(), value.strip()
 
 

@@ -15,16 +15,18 @@ import hmac
 import ipaddress
 import json
 import logging
-import re
 import uuid
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol
 from urllib.parse import urlsplit
 
+import msgspec
 import trio
+from msgspec import UNSET, Meta, UnsetType
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
 
 from ..realms.catalog import CATALOG
 from ..realms.events import Code, QueryError, UserError, dumps
+from ..realms.schema import check
 from .client import SYSOP_HEADER as _SYSOP_HEADER
 from .config import REALMS
 from .http import MessageRefused, serve_ui
@@ -433,10 +435,7 @@ class ControlSession:
     async def op_report(self, req: dict[str, Any], rid: Any) -> dict[str, Any]:
         """ "This answer is wrong": held against the peer that gave it, which is spot-checked."""
         row = await self.node.queries.owned(_query_id(req), self.guid, sysop=self.sysop)
-        reason = req.get("reason", "")
-        if not isinstance(reason, str) or len(reason) > 200:
-            raise Refused("bad_request", "reason must be a string of at most 200 characters")
-        return self.node.report_answer(row, reason)
+        return self.node.report_answer(row, req.get("reason", ""))
 
     async def op_cancel(self, req: dict[str, Any], rid: Any) -> dict[str, Any]:
         await self.node.sysop.cancel(_query_id(req), by_guid=self.guid, sysop=self.sysop)
@@ -451,8 +450,6 @@ class ControlSession:
             if user != self.guid and not self.sysop:
                 raise Refused("forbidden", "only the sysop may read another user's history")
         limit = req.get("limit", 50)
-        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 10000:
-            raise Refused("bad_request", "limit must be an integer 1..10000")
         rows = await self.node.queries.history(user, limit)
         return {"history": [self._flagged(_row(r)) for r in rows]}
 
@@ -468,10 +465,7 @@ class ControlSession:
         return {"users": await self.node.sysop.users()}
 
     async def op_ban(self, req: dict[str, Any], rid: Any) -> dict[str, Any]:
-        reason = req.get("reason", "")
-        if not isinstance(reason, str) or len(reason) > 500:
-            raise Refused("bad_request", "reason must be a string of at most 500 characters")
-        await self.node.sysop.ban(req["guid"], True, reason)
+        await self.node.sysop.ban(req["guid"], True, req.get("reason", ""))
         return {"guid": req["guid"], "banned": True}
 
     async def op_unban(self, req: dict[str, Any], rid: Any) -> dict[str, Any]:
@@ -479,14 +473,10 @@ class ControlSession:
         return {"guid": req["guid"], "banned": False}
 
     async def op_set_realm(self, req: dict[str, Any], rid: Any) -> dict[str, Any]:
-        if not isinstance(req["enabled"], bool):
-            raise Refused("bad_request", "enabled must be true or false")
         await self.node.sysop.set_realm_enabled(req["realm"], req["enabled"])
         return {"realm": req["realm"], "enabled": req["enabled"]}
 
     async def op_set_peer(self, req: dict[str, Any], rid: Any) -> dict[str, Any]:
-        if not isinstance(req["blocked"], bool) or not isinstance(req["peer_id"], str):
-            raise Refused("bad_request", "peer_id must be a string and blocked true or false")
         await self.node.sysop.set_peer_blocked(req["peer_id"], req["blocked"])
         return {"peer_id": req["peer_id"], "blocked": req["blocked"]}
 
@@ -504,6 +494,30 @@ class ControlSession:
             raise Refused("not_found", f"no live key {req['key_id']}")
         return {"key_id": req["key_id"], "revoked": True}
 
+
+# The JSON type of every request field (a bool is never taken for an integer), in
+# realms/schema.py's terms: msgspec checks each request against its op's struct below.
+INT_RANGE = (-(2**63), 2**63 - 1)  # what storage and the wire (msgpack) can hold
+Int64 = Annotated[int, Meta(ge=INT_RANGE[0], le=INT_RANGE[1], description="a 64-bit integer")]
+QueryId = Annotated[str, Meta(pattern="^[0-9a-f]{32}$", description="32 lowercase hex digits")]
+FIELDS: dict[str, Any] = {
+    "guid": str,
+    "nickname": str,
+    "sysop_token": str,
+    "realm": Literal[REALMS],  # type: ignore[valid-type]
+    "payload": dict[str, Any],
+    "stream": bool,
+    "query_id": QueryId,
+    "reason": Annotated[str, Meta(max_length=500)],
+    "user": str,
+    "limit": Annotated[int, Meta(ge=1, le=10000)],
+    "all": bool,
+    "enabled": bool,
+    "peer_id": str,
+    "blocked": bool,
+    "name": str,
+    "key_id": str,
+}
 
 # op -> (required fields, optional fields)
 OPS: dict[str, tuple[set[str], set[str]]] = {
@@ -534,27 +548,15 @@ OPS: dict[str, tuple[set[str], set[str]]] = {
 SYSOP_OPS = {"users", "ban", "unban", "set_realm", "set_peer", "audit", "keys_create", "keys_list", "keys_revoke"}
 
 
-# The JSON type of every request field (a bool is never taken for an integer).
-FIELD_TYPES: dict[str, type] = {
-    "guid": str,
-    "nickname": str,
-    "sysop_token": str,
-    "realm": str,
-    "payload": dict,
-    "stream": bool,
-    "query_id": str,
-    "reason": str,
-    "user": str,
-    "limit": int,
-    "all": bool,
-    "enabled": bool,
-    "peer_id": str,
-    "blocked": bool,
-    "name": str,
-    "key_id": str,
-}
-JSON_TYPE = {str: "a string", dict: "an object", bool: "true or false", int: "an integer"}
-INT_RANGE = (-(2**63), 2**63 - 1)  # what storage and the wire (msgpack) can hold
+def _request_struct(op: str, required: set[str], optional: set[str]) -> type[msgspec.Struct]:
+    """One op's request as a struct: an optional field may be absent, never null."""
+    spec: list[tuple[str, Any] | tuple[str, Any, Any]] = [("op", str), ("rid", Int64 | str | UnsetType, UNSET)]
+    spec += [(name, FIELDS[name]) for name in sorted(required)]
+    spec += [(name, FIELDS[name] | UnsetType, UNSET) for name in sorted(optional)]
+    return msgspec.defstruct(op, spec, forbid_unknown_fields=True, kw_only=True)
+
+
+REQUESTS: dict[str, type[msgspec.Struct]] = {op: _request_struct(op, *fields) for op, fields in OPS.items()}
 
 
 def _no_constant(name: str) -> Any:
@@ -587,32 +589,14 @@ def _check_request(req: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(op, str) or op not in OPS:
         shown = repr(op) if isinstance(op, (str, int, float, type(None))) else f"a JSON {type(op).__name__}"
         raise BadRequest(f"unknown op {shown[:80]}; expected one of {sorted(OPS)}")
-    required, optional = OPS[op]
-    extra = set(req) - required - optional - {"op", "rid"}
-    if extra:
-        raise BadRequest(f"{op}: unknown field(s) {sorted(extra)}")
-    missing = required - set(req)
-    if missing:
-        raise BadRequest(f"{op}: missing field(s) {sorted(missing)}")
-    for name, value in req.items():
-        want = FIELD_TYPES.get(name)
-        if want is not None and (not isinstance(value, want) or (want is int and isinstance(value, bool))):
-            raise BadRequest(f"{op}: {name} must be {JSON_TYPE[want]}")
-        if want is int and not INT_RANGE[0] <= value <= INT_RANGE[1]:
-            raise BadRequest(f"{op}: {name} is out of range")
-    if "realm" in req and req["realm"] not in REALMS:
-        raise BadRequest(f"{op}: realm must be one of {list(REALMS)}, got {req['realm']!r}")
+    check(req, REQUESTS[op], op, BadRequest)
     if "payload" in req:
-        if not isinstance(req["payload"], dict):
-            raise BadRequest(f"{op}: payload must be a JSON object")
         req["payload"] = decode_media(req["payload"])
     return req
 
 
 def _query_id(req: dict[str, Any]) -> str:
-    qid = req["query_id"]
-    if not isinstance(qid, str) or not re.fullmatch(r"[0-9a-f]{32}", qid):
-        raise Refused("bad_request", "query_id must be 32 lowercase hex digits")
+    qid: str = req["query_id"]  # checked by its op's struct (QueryId)
     return qid
 
 

@@ -150,7 +150,7 @@ class UserError(QueryError):
 
 
 class BadRequest(UserError):
-    """A payload field is invalid, e.g. "payload.max_tokens: expected an integer 1..512"."""
+    """A payload field is invalid, e.g. "payload.max_tokens: expected an integer in 1..512, got 0"."""
 
     def __init__(self, message: str) -> None:
         super().__init__(message, Code.BAD_REQUEST)

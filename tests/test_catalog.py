@@ -3,9 +3,9 @@ resolve, its settings exist, and nothing keeps a list of its own."""
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 
+import msgspec
 import pytest
 
 from rentahal.node import config, control
@@ -18,7 +18,7 @@ from rentahal.realms.events import BadRequest
 def test_every_entry_resolves_and_names_real_settings(name: str) -> None:
     spec = CATALOG[name]
     assert spec.name == name and spec.summary and spec.model_formats
-    assert spec.settings <= {f.name for f in dataclasses.fields(RealmConfig)}
+    assert spec.settings <= {f.name for f in msgspec.structs.fields(RealmConfig)}
     assert {"serve", "model", "slots", "queue_limit"} <= spec.settings
     assert inspect.iscoroutinefunction(spec.factory())
     with pytest.raises(BadRequest):  # an empty payload is no query of any realm

@@ -289,7 +289,7 @@ def test_bad_payload_names_the_field(payload: dict, field: str) -> None:
 
 
 def test_bad_payload_message_format() -> None:
-    expected = r"^payload\.max_tokens: expected an integer 1\.\.512, got -3$"
+    expected = r"^payload\.max_tokens: expected an integer in 1\.\.512, got -3$"
     with pytest.raises(BadRequest, match=expected):
         parse_chat_payload({"prompt": "a", "max_tokens": -3}, max_tokens_cap=512)
 
