@@ -198,10 +198,9 @@ def setup_logging(level: str, fmt: str = "text") -> None:
     logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
 
 
-SHUTDOWN_TIMEOUT = 20.0
-
-
 def _exit_stuck(log: logging.Logger) -> None:
+    from .node.limits import SHUTDOWN_TIMEOUT
+
     log.error("still stopping after %.0fs (a model backend is stuck); exiting now", SHUTDOWN_TIMEOUT)
     logging.shutdown()
     os._exit(1)
@@ -210,6 +209,7 @@ def _exit_stuck(log: logging.Logger) -> None:
 async def _run_node(config: Any, data_dir: Path) -> None:
     import trio
 
+    from .node import limits
     from .node.daemon import Node
     from .p2p.identity import load_or_create_identity
 
@@ -224,7 +224,7 @@ async def _run_node(config: Any, data_dir: Path) -> None:
                     log.info("received %s, stopping", signal.Signals(sig).name)
                     nursery.cancel_scope.cancel()
                     # A model stuck in native code cannot be interrupted: don't let it hang the stop.
-                    timer = threading.Timer(SHUTDOWN_TIMEOUT, _exit_stuck, args=(log,))
+                    timer = threading.Timer(limits.SHUTDOWN_TIMEOUT, _exit_stuck, args=(log,))
                     timer.daemon = True
                     timer.start()
 

@@ -49,6 +49,7 @@ import outcome
 import trio
 from msgspec import Meta
 
+from ..node.limits import MIN_TOKEN_EVENT_INTERVAL
 from .base import (
     BadRequest,
     EventSink,
@@ -286,9 +287,6 @@ def completion_stats(done: Completion, elapsed: float) -> dict[str, int | float 
 
 T = TypeVar("T")
 MAX_TOKEN_EVENT_CHARS = 8192  # a coalesced Token stays far below the wire's 64 KiB text cap
-# At most ~50 token events a second: a real model (20-100 tokens/s) is not slowed by this, and
-# a fast one does not pay the node's per-event work (JSON, websocket, libp2p frame) per token.
-MIN_TOKEN_EVENT_INTERVAL = 0.02
 
 
 class TokenPipe:

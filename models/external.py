@@ -25,12 +25,12 @@ from typing import Any
 
 import httpx
 
+from ..node.limits import EXTERNAL_CONNECT_TIMEOUT as CONNECT_TIMEOUT
+from ..node.limits import EXTERNAL_READ_TIMEOUT as READ_TIMEOUT
 from ..realms.events import BadRequest, Code, ExecutorFailure, FailureKind, ModelFailure, Result, Token
 from .base import EventSink, ModelLoadError
 from .chat import ChatParams, parse_chat_payload
 
-CONNECT_TIMEOUT = 10.0
-READ_TIMEOUT = 300.0  # between two pieces of a streamed answer (a slow server's first token)
 ANTHROPIC_VERSION = "2023-06-01"
 MAX_ERROR_CHARS = 300
 

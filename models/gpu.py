@@ -16,11 +16,11 @@ import signal
 import subprocess
 from dataclasses import dataclass
 
+from ..node.limits import FIT_RESERVE_MIB, NVIDIA_SMI_TIMEOUT
+
 MIB = 1024 * 1024
 ALL_LAYERS = 999  # llama.cpp: "every layer", whatever the model has
 FIT_FACTOR = 1.2  # weights plus KV cache, compute buffers and CUDA context, roughly
-FIT_RESERVE_MIB = 512
-NVIDIA_SMI_TIMEOUT = 5.0
 NVIDIA_SMI_QUERY = [
     "nvidia-smi",
     "--query-gpu=index,name,memory.total,memory.free",

@@ -72,6 +72,9 @@ import numpy as np
 import trio
 from msgspec import Meta
 
+from ..node.limits import AUDIO_CONVERT_TIMEOUT as CONVERT_TIMEOUT_S
+from ..node.limits import DEFAULT_MAX_AUDIO_BYTES
+from ..node.limits import TTS_TIMEOUT as TTS_TIMEOUT_S
 from .base import (
     BadRequest,
     EventSink,
@@ -86,9 +89,6 @@ from .smoke import SMOKE_TEST_MODEL_NAME, is_tiny_whisper_hparams
 log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16000  # whisper.cpp's WHISPER_SAMPLE_RATE
-DEFAULT_MAX_AUDIO_BYTES = 32 * 1024 * 1024
-CONVERT_TIMEOUT_S = 60.0
-TTS_TIMEOUT_S = 60.0
 MIN_SPEED, MAX_SPEED, DEFAULT_SPEED = 80, 450, 175
 DEFAULT_VOICE = "en"
 _MIN_SAMPLES = SAMPLE_RATE + SAMPLE_RATE // 20  # whisper.cpp skips input under 1 s

@@ -63,6 +63,8 @@ import numpy as np
 import trio
 from msgspec import Meta
 
+from ..node.limits import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_PIXELS
+from ..node.limits import IMAGE_HEADER_STEPS as _MAX_HEADER_STEPS
 from .base import (
     BadRequest,
     EventSink,
@@ -86,8 +88,6 @@ from .smoke import SMOKE_TEST_MODEL_NAME
 
 MAX_PROMPT_CHARS = 20_000
 MEDIA_MARKER = "<__media__>"  # mtmd_default_marker(); checked at load
-DEFAULT_MAX_IMAGE_BYTES = 20 * 1024 * 1024
-DEFAULT_MAX_PIXELS = 4096 * 4096
 DEFAULT_RESIZE_TO = 672
 _CHAT_KEYS = ("prompt", "max_tokens", "temperature", "seed")
 _IMAGE_KEY_PREFIX = "rentahal-image://"
@@ -96,7 +96,6 @@ _IMAGE_KEY_PREFIX = "rentahal-image://"
 # image headers (pure Python, bounded: safe to run on the event loop)
 
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-_MAX_HEADER_STEPS = 20_000  # JPEG segments / GIF blocks walked before giving up
 _JPEG_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
 
 

@@ -23,8 +23,8 @@ from typing import Any
 import trio
 
 from .datadir import RUN_FILE, SYSOP_TOKEN_FILE
+from .limits import CLI_CONNECT_TIMEOUT as CONNECT_TIMEOUT
 
-CONNECT_TIMEOUT = 5.0  # seconds a node has to accept a client and answer its hello
 SYSOP_HEADER = b"X-Rentahal-Sysop"
 
 

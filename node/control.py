@@ -24,21 +24,23 @@ import trio
 from msgspec import UNSET, Meta, UnsetType
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
 
+from ..p2p.ratelimit import client_network
 from ..realms.catalog import CATALOG
 from ..realms.events import Code, QueryError, UserError, dumps
 from ..realms.schema import check
 from .client import SYSOP_HEADER as _SYSOP_HEADER
 from .config import REALMS
 from .http import MessageRefused, serve_ui
-from .limits import client_network
+from .limits import WS_INFLIGHT_PER_CONNECTION as MAX_INFLIGHT_PER_CONNECTION
+from .limits import WS_MEDIA_SLACK as MEDIA_SLACK
 from .queries import Refused, check_guid
 
 if TYPE_CHECKING:
+    from ..p2p.ratelimit import RateLimiter
     from ..realms.router import RealmRouter
     from .apikeys import ApiKeys
     from .config import Config
     from .dashboard import Dashboards
-    from .limits import RateLimiter
     from .metrics import Metrics
     from .queries import QueryManager
     from .reports import Reports
@@ -66,9 +68,7 @@ class ControlAPI(Protocol):
 
 log = logging.getLogger("rentahal.control")
 
-MEDIA_SLACK = 64 * 1024  # a media request's JSON around its base64 payload
 SYSOP_HEADER = _SYSOP_HEADER.decode().lower()  # the sysop token in a request head: a reserved place
-MAX_INFLIGHT_PER_CONNECTION = 16
 
 
 class BadRequest(UserError):

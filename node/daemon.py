@@ -27,6 +27,7 @@ from ..p2p.maintenance import PeerMaintenance
 from ..p2p.mdns import LanDiscovery
 from ..p2p.peers import PeerState, PeerTable
 from ..p2p.query import IncomingQuery, QueryClient, QueryService
+from ..p2p.ratelimit import RateLimiter
 from ..p2p.reachability import PROTOCOL_ID as DIALBACK_ID
 from ..p2p.reachability import DialBack, Reachability
 from ..p2p.relay import RelayLimits, RelayService
@@ -43,7 +44,6 @@ from .control import serve_control
 from .dashboard import Dashboards
 from .datadir import RUN_FILE, SYSOP_TOKEN_FILE
 from .executor import LocalRealms, check_payload
-from .limits import RateLimiter
 from .metrics import Metrics
 from .peer_memory import PeerMemory
 from .queries import QueryManager, Refused

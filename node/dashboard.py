@@ -17,11 +17,10 @@ from typing import Any
 import trio
 
 from ..realms.events import dumps
+from .limits import DASHBOARD_INTERVAL as INTERVAL
+from .limits import DASHBOARD_SUBSCRIBERS as MAX_SUBSCRIBERS
 
 log = logging.getLogger("rentahal.dashboard")
-
-INTERVAL = 1.0  # seconds between snapshots
-MAX_SUBSCRIBERS = 4096
 
 
 class Dashboards:

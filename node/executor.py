@@ -29,11 +29,10 @@ from ..realms.events import BadRequest, Code, ExecutorFailure, FailureKind, Mode
 from ..realms.queue import PositionReport, RealmQueue, outcome_of
 from ..realms.router import Query, StreamEmit
 from .config import Config, RealmConfig
+from .limits import LOADING_RETRY_AFTER, WATCHDOG_GRACE
 
 log = logging.getLogger("rentahal.node")
-LOADING_RETRY_AFTER = 1.0  # seconds a peer asking while a model loads is told to wait
 
-WATCHDOG_GRACE = 5.0
 SMOKE_DIR = "smoke-test"
 EXTRAS = {"imagine": "image", "speech": "speech"}
 

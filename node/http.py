@@ -32,22 +32,18 @@ from trio_websocket import WebSocketConnection, WebSocketRequest
 from wsproto import ConnectionType, WSConnection
 
 from ..p2p.budget import ByteBudget
-from .limits import client_network
+from ..p2p.ratelimit import client_network
+from .limits import BODY_TIMEOUT, HEAD_TIMEOUT, MAX_HEAD, WRITE_TIMEOUT, WS_RECEIVE_BYTES
+from .limits import UI_CONNECTIONS as MAX_CONNECTIONS
+from .limits import UI_CONNECTIONS_PER_CLIENT as MAX_CONNECTIONS_PER_CLIENT
+from .limits import UI_PENDING_PER_CLIENT as MAX_PENDING_PER_CLIENT
+from .limits import UI_RESERVED_CONNECTIONS as RESERVED_CONNECTIONS
+from .limits import UI_RETRY_AFTER as RETRY_AFTER
+from .limits import WS_FREE_MESSAGE as FREE_MESSAGE
+from .limits import WS_MESSAGE_BUDGET as MESSAGE_BUDGET
 
 log = logging.getLogger("rentahal.http")
 
-MAX_HEAD = 16 * 1024  # bytes of request line + headers
-HEAD_TIMEOUT = 10.0  # seconds a client may take to send its request head
-BODY_TIMEOUT = 60.0  # seconds an API client may take to send its request body
-WRITE_TIMEOUT = 30.0  # seconds a streamed answer waits for a client that reads nothing
-MAX_CONNECTIONS = 512  # open UI connections in all (each holds a file descriptor)
-MAX_CONNECTIONS_PER_CLIENT = 64  # served at once per IPv4 address / IPv6 /64
-MAX_PENDING_PER_CLIENT = 128  # connections per client that have not sent their request yet
-RESERVED_CONNECTIONS = 16  # places only the sysop's CLI may take (see serve_ui)
-RETRY_AFTER = 5  # seconds, in a 503's Retry-After
-FREE_MESSAGE = 64 * 1024  # websocket messages below this need no room in the message budget
-MESSAGE_BUDGET = 64 * 1024 * 1024  # larger messages buffered at once, all clients together
-WS_RECEIVE_BYTES = 64 * 1024
 TYPES = {
     ".html": "text/html; charset=utf-8",
     ".js": "text/javascript; charset=utf-8",

@@ -49,18 +49,18 @@ from typing import TYPE_CHECKING, Any, Protocol
 import trio
 
 from ..models.speech import DEFAULT_SPEED, MAX_SPEED, MIN_SPEED
+from ..p2p.ratelimit import client_network
 from ..realms.catalog import CATALOG, MAX_MODEL_NAME
 from ..realms.events import Code, QueryError
 from .apikeys import KEY_RE
 from .config import _is_ip
 from .control import is_loopback, origin_allowed
 from .http import BadHead, Exchange
-from .limits import client_network
 
 if TYPE_CHECKING:
+    from ..p2p.ratelimit import RateLimiter
     from .apikeys import ApiKeys
     from .config import Config
-    from .limits import RateLimiter
     from .metrics import Metrics
     from .queries import QueryManager
     from .reports import Reports

@@ -12,15 +12,10 @@ import trio
 from ..p2p import addrs as addrlib
 from ..p2p.host import FederationHost
 from ..p2p.peers import PeerTable
+from .limits import MAX_REMEMBERED, REMEMBER_INTERVAL, REMEMBER_PEERS_FOR, REMEMBER_REFRESH, REMEMBERED_PEERS
 from .storage import Storage
 
 log = logging.getLogger("rentahal.node")
-
-REMEMBER_PEERS_FOR = 7 * 86400.0  # a restarted node redials peers seen within this long
-REMEMBERED_PEERS = 64
-REMEMBER_INTERVAL = 2.0
-REMEMBER_REFRESH = 300.0
-MAX_REMEMBERED = 5000  # peers whose last stored addresses are kept in memory
 
 
 class PeerMemory:

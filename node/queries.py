@@ -26,6 +26,8 @@ from ..realms import events as ev
 from ..realms.events import Code, QueryError, StorageFailure, StorageFull, UserError
 from ..realms.queue import Priority
 from ..realms.router import Query, RealmRouter
+from .limits import MAX_BANS_CACHED, SUBSCRIBER_TIMEOUT
+from .limits import QUERY_SUBSCRIBERS as MAX_SUBSCRIBERS
 from .storage import QueryEvent
 
 if TYPE_CHECKING:
@@ -33,10 +35,6 @@ if TYPE_CHECKING:
     from .storage import Storage
 
 log = logging.getLogger("rentahal.queries")
-
-SUBSCRIBER_TIMEOUT = 10.0  # a client that does not take an event within this stops listening
-MAX_SUBSCRIBERS = 8
-MAX_BANS_CACHED = 65536
 
 
 def _number(value: Any, default: float) -> float:

@@ -36,11 +36,11 @@ import trio
 from sqlite_utils import Database
 
 from ..realms.events import StorageFailure, StorageFull
+from .limits import DURATIONS_KEPT
+from .limits import SQLITE_BUSY_TIMEOUT as BUSY_TIMEOUT_S
 
 QUERY_STATUSES = ("queued", "routed", "running", "done", "failed", "cancelled")
 UNFINISHED = ("queued", "routed", "running")
-BUSY_TIMEOUT_S = 5.0
-DURATIONS_KEPT = 1000  # per realm, for p95
 NODE_FILE = "node.sqlite"
 _SHARD_FILE = re.compile(r"^shard-(\d+)-of-(\d+)\.sqlite(\.tmp)?(-wal|-shm|-journal)?$")
 

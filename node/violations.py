@@ -11,13 +11,11 @@ import trio
 from ..p2p.host import FederationHost
 from ..p2p.peers import PeerTable
 from ..realms.events import FailureKind
+from .limits import VIOLATION_BLOCK, VIOLATION_LIMIT, VIOLATION_WINDOW
+from .limits import VIOLATIONS_TRACKED as MAX_TRACKED
 
 log = logging.getLogger("rentahal.node")
 
-VIOLATION_WINDOW = 60.0
-VIOLATION_LIMIT = 20  # protocol violations in a window before a peer is blocked
-VIOLATION_BLOCK = 600.0  # seconds it stays blocked
-MAX_TRACKED = 5000  # peers whose recent violations are kept
 QUEUED_REPORTS = 64  # reports from where nothing may wait, before more are dropped
 
 

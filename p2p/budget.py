@@ -11,8 +11,7 @@ import ipaddress
 import time
 from collections.abc import Callable, Hashable
 
-FREE_BELOW = 64 * 1024  # frames smaller than this need no reservation
-LOG_EVERY = 60.0  # seconds between two log lines about the same refused key
+from ..node.limits import REFUSAL_LOG_EVERY as LOG_EVERY
 
 
 def network_key(ip: str) -> str:

@@ -26,6 +26,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..node.limits import DEFAULT_MAX_FRAME, MAX_DEADLINE_MS
 from ..realms import events as ev
 from ..realms.events import Code, ExecutorFailure, FailureKind
 from . import wire
@@ -106,7 +107,7 @@ def error_message(query_id: str, exc: ev.QueryError) -> wire.Error:
         query_id,
         code,
         exc.message[: wire.MAX_ERROR_MESSAGE],
-        None if retry is None else max(0, min(int(retry * 1000), wire.MAX_DEADLINE_MS)),
+        None if retry is None else max(0, min(int(retry * 1000), MAX_DEADLINE_MS)),
     )
 
 
@@ -125,7 +126,7 @@ class Requester:
     origin: str
     first_progress: float
     hang_timeout: float
-    max_frame: int = wire.DEFAULT_MAX_FRAME
+    max_frame: int = DEFAULT_MAX_FRAME
     active: dict[str, _Attempt] = field(default_factory=dict)
     _done: OrderedDict[str, None] = field(default_factory=OrderedDict)
     broken: str = ""
@@ -145,7 +146,7 @@ class Requester:
             query_id=query_id,
             realm=realm,
             payload=payload,
-            deadline_ms=max(1, min(int(deadline_s * 1000), wire.MAX_DEADLINE_MS)),
+            deadline_ms=max(1, min(int(deadline_s * 1000), MAX_DEADLINE_MS)),
             origin=self.origin,
         )
         try:

@@ -13,14 +13,12 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
+from ..node.limits import LOOKUP_MAX_DIALS as MAX_DIALS
+from ..node.limits import LOOKUP_TIMEOUT, PROVIDE_TIMEOUT
 from .host import FederationHost
 from .peers import PeerTable
 
 log = logging.getLogger("rentahal.p2p")
-
-PROVIDE_TIMEOUT = 30.0
-LOOKUP_TIMEOUT = 10.0
-MAX_DIALS = 8  # providers dialed per lookup (DHT answers are hints, and may be many)
 
 
 class RealmDiscovery:

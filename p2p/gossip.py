@@ -24,20 +24,18 @@ from typing import Any
 
 import trio
 
-from ..node.limits import RateLimiter
+from ..node.limits import GOSSIP_BYTES_PER_MESSAGE as BYTES_PER_MESSAGE
+from ..node.limits import GOSSIP_COOL_DOWN as COOL_DOWN
+from ..node.limits import GOSSIP_MAX_AUTHORS as MAX_AUTHORS
+from ..node.limits import GOSSIP_MAX_WARNINGS as MAX_WARNINGS
+from ..node.limits import GOSSIP_READ_CHUNK as READ_CHUNK
+from ..node.limits import MAX_RECORD_SKEW, SUBSCRIPTION_WAIT
 from .health import HEALTH_TOPIC, HealthRecord, sign_record, verify_record
 from .host import FederationHost
 from .identity import Identity
+from .ratelimit import RateLimiter
 
 log = logging.getLogger("rentahal.p2p")
-
-MAX_RECORD_SKEW = 120.0  # seconds between a record's timestamp and this clock
-MAX_AUTHORS = 5000
-MAX_WARNINGS = 1000
-BYTES_PER_MESSAGE = 4096  # a forwarder's byte budget: this many per message of its budget
-COOL_DOWN = 10.0  # seconds a forwarder that flooded its stream has its new streams reset
-READ_CHUNK = 65536
-SUBSCRIPTION_WAIT = 3.0  # seconds a new peer's subscription is waited for before publishing to it
 
 
 class RecordCheck:

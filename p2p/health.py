@@ -13,11 +13,11 @@ from dataclasses import dataclass
 
 import msgpack
 
+from ..node.limits import MAX_RECORD_BYTES
 from .identity import Identity, peer_id_from_public_key, verify_signature
 
 HEALTH_TOPIC = "rentahal/health/1"
 RECORD_VERSION = 1
-MAX_RECORD_BYTES = 16 * 1024
 MAX_REALMS = 16
 MAX_ADDRS = 16
 

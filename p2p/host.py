@@ -16,6 +16,9 @@ from typing import Any
 
 import trio
 
+from ..node.limits import DIAL_MAX_CIRCUITS as MAX_CIRCUITS
+from ..node.limits import DIAL_MAX_DIRECT as MAX_DIRECT
+from ..node.limits import HANDSHAKE_TIMEOUT
 from . import addrs as addrlib
 from .budget import ConnectionGate, network_key
 from .identity import Identity
@@ -23,9 +26,6 @@ from .identity import Identity
 log = logging.getLogger("rentahal.p2p")
 
 REALM_KEY_PREFIX = "/rentahal/realm/"
-MAX_DIRECT = 4  # direct addresses tried per dial (a record may claim 16)
-MAX_CIRCUITS = 2  # relay addresses tried per dial
-HANDSHAKE_TIMEOUT = 10.0  # seconds an inbound connection may take to finish Noise + Yamux
 
 
 def realm_multihash(realm: str) -> bytes:

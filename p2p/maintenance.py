@@ -15,25 +15,24 @@ from collections.abc import Callable, Sequence
 
 import trio
 
+from ..node.limits import (
+    BOOTSTRAP_REDIAL_MAX,
+    DEAD_AFTER_STALE,
+    MAX_PARALLEL_DIALS,
+    PING_INTERVAL,
+    PING_TIMEOUT,
+    PROBE_EVERY,
+    PROBE_TIMEOUT,
+    REDIAL_MAX,
+    REDIAL_MIN,
+    SWEEP_INTERVAL,
+    SWEEP_MAX_CONNECTIONS,
+)
 from . import addrs as addrlib
 from .host import DialError, FederationHost
 from .peers import PeerState, PeerTable
 
 log = logging.getLogger("rentahal.p2p")
-
-PING_INTERVAL = 30.0
-PING_TIMEOUT = 3.0
-PROBE_EVERY = 0.25  # how often quiet peers are looked for
-PROBE_TIMEOUT = 0.5  # a quiet peer that does not answer a ping within this is unresponsive
-DEAD_AFTER_STALE = 6.0  # seconds a connected peer may be stale before its connection is closed
-BOOTSTRAP_REDIAL_MAX = 5.0
-SWEEP_INTERVAL = 1.0
-REDIAL_MIN = 2.0
-REDIAL_MAX = 60.0
-MAX_PARALLEL_DIALS = 8
-# Beyond this many connections, peers are dialed when a query needs them, not in advance: a
-# federation of thousands must not turn into a full mesh.
-SWEEP_MAX_CONNECTIONS = 64
 
 
 class PeerMaintenance:

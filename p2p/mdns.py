@@ -19,12 +19,11 @@ from typing import Any
 
 import trio
 
+from ..node.limits import MDNS_DIALS_PER_MINUTE as MAX_DIALS_PER_MINUTE
 from . import addrs as addrlib
 from .host import FederationHost
 
 log = logging.getLogger("rentahal.p2p")
-
-MAX_DIALS_PER_MINUTE = 30
 
 
 class _NoPeerstore:

@@ -16,24 +16,28 @@ from typing import Any
 
 import trio
 
+from ..node.limits import (
+    ABANDON_POLL,
+    DEFAULT_MAX_FRAME,
+    FRAME_BUFFER_PER_PEER,
+    FRAME_BUFFER_TOTAL,
+    IDLE_CLOSE,
+    MAX_ACTIVE_PER_STREAM,
+    MAX_BUFFERED_EVENTS,
+    MAX_STREAMS_PER_PEER,
+    RESPONDER_QUEUE,
+    WRITE_BATCH,
+)
+from ..node.limits import FRAME_FREE_BELOW as FREE_BELOW
 from ..realms import events as ev
 from ..realms.events import Code, ExecutorFailure, FailureKind
 from . import conversation as conv
 from . import wire
-from .budget import FREE_BELOW, ByteBudget, Counter
+from .budget import ByteBudget, Counter
 
 log = logging.getLogger("rentahal.p2p.query")
 
 READ_CHUNK = 64 * 1024
-WRITE_BATCH = 256 * 1024  # frames queued together go out in one write, up to this many bytes
-RESPONDER_QUEUE = 64  # frames an executor's stream buffers before its queries wait
-MAX_ACTIVE_PER_STREAM = 64
-MAX_STREAMS_PER_PEER = 8  # query streams a peer may hold open here (an honest one uses one)
-FRAME_BUFFER_PER_PEER = 16 * 1024 * 1024  # bytes of unfinished frames buffered for one peer
-FRAME_BUFFER_TOTAL = 64 * 1024 * 1024  # ... and for all peers together
-MAX_BUFFERED_EVENTS = 4096  # per attempt, between the stream reader and the router
-IDLE_CLOSE = 60.0  # a requester closes its stream to a peer after this long without queries
-ABANDON_POLL = 0.1
 ABANDON_QUIET = 2 * conv.KEEPALIVE  # no frame for this long before an outside verdict counts
 
 Emit = Callable[[ev.StreamEvent], Awaitable[None]]
@@ -141,7 +145,7 @@ class QueryService:
         *,
         on_violation: AsyncViolationHook | None = None,
         refuse: Callable[[str], bool] | None = None,
-        max_frame: int = wire.DEFAULT_MAX_FRAME,
+        max_frame: int = DEFAULT_MAX_FRAME,
         max_active: int = MAX_ACTIVE_PER_STREAM,
         max_streams_per_peer: int = MAX_STREAMS_PER_PEER,
         frame_budget: ByteBudget | None = None,
@@ -333,7 +337,7 @@ class QueryClient:
         hang_timeout: float,
         verdict: Verdict | None = None,
         on_broken: ViolationHook | None = None,
-        max_frame: int = wire.DEFAULT_MAX_FRAME,
+        max_frame: int = DEFAULT_MAX_FRAME,
     ) -> None:
         self.host = host
         self.origin = origin

@@ -27,29 +27,27 @@ from dataclasses import dataclass, field
 import msgpack
 import trio
 
+from ..node.limits import DIAL_BACK_ANSWER_TTL as ANSWER_TTL
+from ..node.limits import DIAL_BACK_CONFIRMATIONS as CONFIRMATIONS
+from ..node.limits import DIAL_BACK_MAX_MESSAGE as MAX_MESSAGE
+from ..node.limits import DIAL_BACK_MAX_PORTS as MAX_PORTS
+from ..node.limits import DIAL_BACK_PER_PEER_INTERVAL as PER_PEER_INTERVAL
+from ..node.limits import DIAL_BACK_REASK_AFTER as REASK_AFTER
+from ..node.limits import DIAL_BACK_TICK as TICK
+from ..node.limits import DIAL_BACK_TIMEOUT
+from ..node.limits import DIAL_BACK_WITNESSES as WITNESSES
 from . import addrs as addrlib
 from .host import FederationHost
 
 log = logging.getLogger("rentahal.p2p")
 
 PROTOCOL_ID = "/rentahal/dialback/1.0.0"
-MAX_MESSAGE = 4096
-MAX_PORTS = 2
-DIAL_BACK_TIMEOUT = 3.0
-PER_PEER_INTERVAL = 10.0  # a peer may ask us at most this often
-TICK = 1.0  # how often new witnesses are looked for
-REASK_AFTER = 120.0  # a witness is asked again after this long
-WITNESSES = 3  # witnesses asked per tick at most
 
 
 class Reachability(str, enum.Enum):
     UNKNOWN = "unknown"
     PUBLIC = "public"
     PRIVATE = "private"
-
-
-ANSWER_TTL = 1800.0  # an answer older than this no longer counts
-CONFIRMATIONS = 2  # witnesses (distinct IPs) that must reach an address before it is advertised
 
 
 @dataclass

@@ -24,17 +24,12 @@ from typing import Any, ClassVar
 
 import trio
 
+from ..node.limits import DCUTR_DIALS_PER_MINUTE, RESERVATION_TTL, RESERVE_TIMEOUT, RETRY_RELAY_AFTER, TARGET_RELAYS
+from ..node.limits import RELAY_CHECK_INTERVAL as CHECK_INTERVAL
 from . import addrs as addrlib
 from .host import DialError, FederationHost
 
 log = logging.getLogger("rentahal.p2p")
-
-TARGET_RELAYS = 2
-RESERVE_TIMEOUT = 10.0
-RETRY_RELAY_AFTER = 10.0
-CHECK_INTERVAL = 1.0
-RESERVATION_TTL = 600  # seconds; the library renews 30 s before expiry
-DCUTR_DIALS_PER_MINUTE = 12
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import msgpack
 
+from ..node.limits import DEFAULT_MAX_FRAME, MAX_DEADLINE_MS, MAX_TOKEN_BYTES
 from ..realms.events import Code, RemoteProtocolError
 
 if TYPE_CHECKING:
@@ -21,13 +22,10 @@ if TYPE_CHECKING:
 
 PROTOCOL_ID = "/rentahal/query/2.0.0"
 PROTOCOL_VERSION = 2
-DEFAULT_MAX_FRAME = 8 * 1024 * 1024
 REQUEST_OVERHEAD = 4096  # a query request's bytes besides its payload (ids, realm, origin: < 1 KiB)
 MAX_PAYLOAD = DEFAULT_MAX_FRAME - REQUEST_OVERHEAD  # the largest payload a peer can be sent
 MAX_DEPTH = 8  # container levels in payload/output, the top-level map included
-MAX_TOKEN_BYTES = 64 * 1024  # UTF-8 bytes of Token.text
 MAX_ERROR_MESSAGE = 1000  # chars of Error.message
-MAX_DEADLINE_MS = 86_400_000
 _HEADER = 4
 _FRAME_LIMIT = 2**32 - 1  # what a 4-byte header can express
 _COUNT_MAX = 2**63 - 1  # counters/positions must fit a signed int64

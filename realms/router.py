@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 import trio
 
+from ..node.limits import BACKOFF_CAP, MAX_BACKPRESSURE_RETRIES, REVIVE_POLL, REVIVE_WAIT
 from ..p2p.peers import PeerTable
 from . import events as ev
 from .catalog import wanted_model
@@ -27,10 +28,6 @@ log = logging.getLogger("rentahal.router")
 LOCAL = "local"
 Emit = Callable[[ev.Event], Awaitable[None]]
 StreamEmit = Callable[[ev.StreamEvent], Awaitable[None]]
-MAX_BACKPRESSURE_RETRIES = 50  # busy/queue_full answers one query may wait out
-REVIVE_WAIT = 5.0  # seconds a query whose executors all vanished waits for one to come (back)
-REVIVE_POLL = 0.1  # how often the peer table is read meanwhile
-BACKOFF_CAP = 5.0  # seconds: the longest wait a doubled retry-after reaches
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,8 @@ from typing import Any
 
 import trio
 
+from ..node.limits import CANARY_DEADLINE, CAUGHT_BLOCK, FIRST_CHECK_DELAY
+from ..node.limits import SPOT_CHECKS_IN_FLIGHT as MAX_PARALLEL
 from ..p2p.peers import PeerState, PeerTable
 from . import events as ev
 from .catalog import CATALOG
@@ -38,11 +40,6 @@ from .router import Query
 
 log = logging.getLogger("rentahal.spotcheck")
 
-CAUGHT_BLOCK = 3600.0  # seconds a peer caught answering wrong stays out of routing
-FIRST_CHECK_DELAY = (2.0, 20.0)  # a new peer is checked this long (uniform) after it is live: spread,
-# so that a federation meeting a newcomer does not send it all its canaries at once
-MAX_PARALLEL = 2  # checks in flight at once
-CANARY_DEADLINE = 60.0
 _WORDS = [
     "river",
     "stone",

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from rentahal.node.control import is_loopback, rate_key
-from rentahal.node.limits import RateLimiter
+from rentahal.p2p.ratelimit import RateLimiter
 from rentahal.scripts.federation import Federation, connect
 
 
@@ -99,7 +99,7 @@ async def test_a_node_refuses_a_client_past_its_burst(federation: Federation) ->
 
 
 def test_remote_clients_are_counted_per_ipv4_address_or_ipv6_64() -> None:
-    from rentahal.node.limits import client_network
+    from rentahal.p2p.ratelimit import client_network
 
     assert client_network("192.0.2.7") == "192.0.2.7"
     assert client_network("::ffff:192.0.2.7") == "192.0.2.7"

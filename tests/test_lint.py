@@ -60,3 +60,26 @@ def test_mypy_strict_on_p2p_and_realms(tmp_path: Path) -> None:
         timeout=600,
     )
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_every_fixed_timeout_lives_in_node_limits() -> None:
+    """One place holds every fixed timeout, interval and budget with its default (node/limits.py;
+    what an operator may change is in node.toml): a module-level constant named like one, set
+    to a number anywhere else, fails here."""
+    import ast
+    import re
+
+    timeish = re.compile(r"TIMEOUT|INTERVAL|_AFTER$|_EVERY$|_WAIT$|_TTL$|GRACE|DEADLINE|_POLL$|BUDGET|_PER_[A-Z]+$")
+    found = []
+    for folder in ("node", "p2p", "realms", "models"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            if path == ROOT / "node" / "limits.py":
+                continue
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+            for stmt in tree.body:
+                targets = stmt.targets if isinstance(stmt, ast.Assign) else [getattr(stmt, "target", None)]
+                value = getattr(stmt, "value", None)
+                for t in targets:
+                    if isinstance(t, ast.Name) and timeish.search(t.id) and isinstance(value, ast.Constant | ast.BinOp):
+                        found.append(f"{path.relative_to(ROOT)}: {t.id}")
+    assert not found, "fixed limits outside node/limits.py: " + ", ".join(found)
