@@ -75,6 +75,7 @@ from .base import (
     require_positive_int,
 )
 from .chat import (
+    MAX_SEED,
     Completion,
     _one_line,
     completion_stats,
@@ -321,7 +322,7 @@ class VisionPayload(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     image: bytes
     max_tokens: Annotated[int, Meta(ge=1, le=1 << 30)] | None = None
     temperature: Annotated[float, Meta(ge=0, le=2)] | None = None
-    seed: int | None = None
+    seed: Annotated[int, Meta(ge=0, le=MAX_SEED)] | None = None
 
     def __post_init__(self) -> None:
         if MEDIA_MARKER in self.prompt:

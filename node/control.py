@@ -334,6 +334,12 @@ class ControlSession:
     async def op_realms(self, req: dict[str, Any], rid: Any) -> dict[str, Any]:
         return {"realms": self.node.reports.realms_report()}
 
+    async def op_catalog(self, req: dict[str, Any], rid: Any) -> dict[str, Any]:
+        """Every realm this node knows, with its payload's form (fields, bounds, this node's
+        caps): the web UI builds a form for any realm it has no panel of its own for."""
+        realms = self.node.config.realms
+        return {"realms": [spec.form(realms.get(name)) for name, spec in CATALOG.items()]}
+
     async def op_route(self, req: dict[str, Any], rid: Any) -> dict[str, Any]:
         return {"route": self.node.router.plan(req["realm"]).to_json()}
 
@@ -526,6 +532,7 @@ OPS: dict[str, tuple[set[str], set[str]]] = {
     "status": (set(), set()),
     "peers": (set(), set()),
     "realms": (set(), set()),
+    "catalog": (set(), set()),
     "route": ({"realm"}, set()),
     "stats": (set(), set()),
     "dashboard": (set(), set()),

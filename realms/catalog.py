@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from .schema import form as payload_form
+
 # Settings every realm has: whether and what to serve, its queue, its price, who may use it.
 COMMON_SETTINGS = frozenset({
     "serve", "model", "slots", "queue_limit", "threads", "cost_per_query", "cost_per_second", "allow", "trusted",
@@ -37,6 +39,7 @@ class RealmDef:
     settings: frozenset[str]  # the realms.<name>.* keys that apply to it
     backend: str  # "module:function": async factory(LocalRealms, RealmConfig) -> backend
     check_payload: str  # "module:function": raises BadRequest for a payload no executor would take
+    payload: str  # "module:Struct": what a payload may say (realms/schema.py; forms in the UI)
     model_formats: str  # what realms.<name>.model may name
     store_formats: tuple[str, ...]  # what `rentahal-node models add/pull` takes (models/registry.py)
     canary: str  # "module:function": (words, seed) -> a deterministic payload for spot-checks
@@ -47,6 +50,8 @@ class RealmDef:
     media_fields: tuple[str, ...] = ()  # payload fields the CLI fills from files (--image, --audio)
     media_replaces_text: bool = False  # a media file given, the text is not sent (speech: transcribe)
     defaults: Mapping[str, Any] = field(default_factory=dict)  # realm-specific setting defaults
+    # payload field -> the realms.<name>.* setting that caps it on this node (max_tokens, steps)
+    caps: Mapping[str, str] = field(default_factory=dict)
 
     def checker(self) -> Callable[[dict[str, Any]], None]:
         checker: Callable[[dict[str, Any]], None] = _resolve(self.check_payload)
@@ -55,6 +60,29 @@ class RealmDef:
     def canary_payload(self, words: str, seed: int) -> dict[str, Any]:
         payload: dict[str, Any] = _resolve(self.canary)(words, seed)
         return payload
+
+    def payload_type(self) -> type:
+        payload_type: type = _resolve(self.payload)
+        return payload_type
+
+    def form(self, settings: Any = None) -> dict[str, Any]:
+        """What a client needs to build this realm's form (the web UI does): its fields with
+        their bounds (realms/schema.py ``form``), capped by this node's ``settings`` (a
+        RealmConfig) where a setting caps a field."""
+        fields = payload_form(self.payload_type())
+        for f in fields:
+            setting = self.caps.get(f["name"])
+            if setting is not None and settings is not None:
+                f["max"] = getattr(settings, setting)
+                f["what"] = f"an integer in {f.get('min', 1)}..{f['max']}"
+        return {
+            "realm": self.name,
+            "summary": self.summary,
+            "text_field": self.text_field,
+            "media_fields": list(self.media_fields),
+            "media_replaces_text": self.media_replaces_text,
+            "fields": fields,
+        }
 
     def factory(self) -> Callable[..., Any]:
         factory: Callable[..., Any] = _resolve(self.backend)
@@ -73,7 +101,8 @@ CATALOG: Mapping[str, RealmDef] = MappingProxyType({
             "chat", "text generation with an LLM (llama.cpp, or an external OpenAI/Anthropic-API server)",
             COMMON_SETTINGS | LLAMA_SETTINGS | EXTERNAL_SETTINGS,
             backend="rentahal.node.executor:chat_backend",
-            check_payload="rentahal.models.chat:check_payload",
+            check_payload="rentahal.models.chat:check_payload", payload="rentahal.models.chat:ChatPayload",
+            caps={"max_tokens": "max_tokens"},
             model_formats="a GGUF file (a path, store:<name> or hf:<repo>/<file>)",
             store_formats=("gguf",), canary="rentahal.models.chat:canary",
         ),
@@ -81,7 +110,8 @@ CATALOG: Mapping[str, RealmDef] = MappingProxyType({
             "vision", "questions about an image (a LLaVA-style GGUF and its projector)",
             COMMON_SETTINGS | LLAMA_SETTINGS | {"mmproj"},
             backend="rentahal.node.executor:vision_backend",
-            check_payload="rentahal.models.vision:check_payload",
+            check_payload="rentahal.models.vision:check_payload", payload="rentahal.models.vision:VisionPayload",
+            caps={"max_tokens": "max_tokens"},
             model_formats="a GGUF file and its mmproj GGUF", media=True, media_fields=("image",),
             # A plain GGUF is accepted: its projector is then named by realms.vision.mmproj.
             store_formats=("gguf+mmproj", "gguf"), canary="rentahal.models.vision:canary",
@@ -90,7 +120,8 @@ CATALOG: Mapping[str, RealmDef] = MappingProxyType({
             "imagine", "text to image (diffusers, torch)",
             COMMON_SETTINGS | {"max_steps", "max_pixels"},
             backend="rentahal.node.executor:imagine_backend",
-            check_payload="rentahal.models.imagine:check_payload",
+            check_payload="rentahal.models.imagine:check_payload", payload="rentahal.models.imagine:ImaginePayload",
+            caps={"steps": "max_steps"},
             model_formats="a diffusers pipeline folder", extra="image", media=True,
             store_formats=("diffusers",), canary="rentahal.models.imagine:canary",
         ),
@@ -98,7 +129,7 @@ CATALOG: Mapping[str, RealmDef] = MappingProxyType({
             "speech", "speech to text (whisper.cpp) and text to speech (espeak-ng)",
             COMMON_SETTINGS,
             backend="rentahal.node.executor:speech_backend",
-            check_payload="rentahal.models.speech:check_payload",
+            check_payload="rentahal.models.speech:check_payload", payload="rentahal.models.speech:SpeechPayload",
             model_formats="a whisper.cpp ggml .bin file", extra="speech", media=True, text_field="text",
             media_fields=("audio",), media_replaces_text=True,
             store_formats=("ggml-whisper",), canary="rentahal.models.speech:canary",

@@ -111,6 +111,7 @@ def _plural(kind: str) -> str:
         ("an integer", "integers"),
         ("a number", "numbers"),
         ("a string", "strings"),
+        ("a non-empty string", "non-empty strings"),
         ("an object", "objects"),
     ):
         if kind.startswith(one):
@@ -191,6 +192,13 @@ def explain(exc: msgspec.ValidationError, raw: Any, typ: Any, where: str) -> str
         found, value = _value_at(raw, steps)
         got = f", got {show(value)}" if found else ""
         return f"{here or 'value'}: expected {describe(known)}{got}"
+    if msg.startswith("Invalid value") and steps and isinstance(steps[-1], str):
+        parent = _unwrap(_type_at(_info(typ), steps[:-1]))
+        members = getattr(parent, "types", ())
+        tags = [str(t.tag) for t in members if isinstance(t, mi.StructType) and t.tag_field == steps[-1]]
+        if tags:  # a tagged union: which kinds there are
+            found, value = _value_at(raw, steps)
+            return f"{here}: expected one of {'|'.join(tags)}, got {show(value)}"
     own = _OWN.match(msg)
     if own is not None:  # a struct's own check naming its field
         field = own["field"]
@@ -241,3 +249,38 @@ def no_lone_surrogates(value: Any, where: str, error: Callable[[str], Exception]
     elif isinstance(value, list | tuple) and depth < 16:
         for i, v in enumerate(value):
             no_lone_surrogates(v, f"{where}[{i}]", error, depth + 1)
+
+
+def form(typ: Any) -> list[dict[str, Any]]:
+    """The top-level fields of the struct ``typ`` for a client to build a form from: name, kind
+    (text, integer, number, boolean, bytes, choice, list, object), whether required, and what
+    bounds, default and wording apply. JSON-able, in the struct's field order."""
+    info = _info(typ)
+    out: list[dict[str, Any]] = []
+    for f in getattr(info, "fields", ()):
+        t = _unwrap(f.type)
+        field: dict[str, Any] = {"name": f.encode_name, "required": bool(f.required), "what": describe(f.type)}
+        if isinstance(t, mi.BoolType):
+            field["kind"] = "boolean"
+        elif isinstance(t, mi.IntType | mi.FloatType):
+            field["kind"] = "integer" if isinstance(t, mi.IntType) else "number"
+            lo = t.ge if t.ge is not None else t.gt
+            hi = t.le if t.le is not None else t.lt
+            field.update({k: v for k, v in (("min", lo), ("max", hi), ("step", t.multiple_of)) if v is not None})
+        elif isinstance(t, mi.StrType):
+            field["kind"] = "text"
+            if t.max_length is not None:
+                field["max_length"] = t.max_length
+        elif isinstance(t, mi.LiteralType):
+            field.update(kind="choice", choices=list(t.values))
+        elif isinstance(t, mi.BytesType | mi.ByteArrayType | mi.MemoryViewType):
+            field["kind"] = "bytes"
+        elif isinstance(t, mi.ListType | mi.VarTupleType):
+            field["kind"] = "list"
+        else:
+            field["kind"] = "object"
+        default = f.default
+        if isinstance(default, bool | int | float | str) and not f.required:
+            field["default"] = default
+        out.append(field)
+    return out

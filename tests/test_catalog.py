@@ -4,6 +4,7 @@ resolve, its settings exist, and nothing keeps a list of its own."""
 from __future__ import annotations
 
 import inspect
+import json
 
 import msgspec
 import pytest
@@ -34,3 +35,23 @@ def test_the_rest_of_the_node_reads_the_catalog() -> None:
     limits = control.message_limits(Config())
     for name, spec in CATALOG.items():
         assert (limits[name] > limits["chat"]) == spec.media, name
+
+
+@pytest.mark.parametrize("name", REALMS)
+def test_each_realm_describes_its_form(name: str) -> None:
+    """What the web UI builds a realm's panel from: its payload's fields with their bounds, and
+    this node's caps where a setting caps a field (chat's max_tokens, imagine's steps)."""
+    spec = CATALOG[name]
+    settings = msgspec.structs.replace(Config().realms[name], max_tokens=77, max_steps=9)
+    form = spec.form(settings)
+    json.dumps(form)  # it travels as JSON
+    fields = {f["name"]: f for f in form["fields"]}
+    assert spec.text_field in fields and set(spec.media_fields) <= set(fields)
+    assert all(fields[m]["kind"] == "bytes" for m in spec.media_fields)
+    for field, setting in spec.caps.items():
+        assert fields[field]["max"] == getattr(settings, setting)
+        assert fields[field]["what"].endswith(f"..{getattr(settings, setting)}")
+    assert all(
+        f["kind"] in {"text", "integer", "number", "boolean", "bytes", "choice", "list", "object"}
+        for f in fields.values()
+    )

@@ -179,6 +179,13 @@ async def test_tabs_show_one_section_at_a_time(pair: Pair, browser: Browser) -> 
         await page.click(f"[data-tab={tab}]")
         shown = await page.eval(f"{json.dumps(tabs)}.filter(t => !document.getElementById('tab-' + t).hidden)")
         assert shown == [tab]
+    # Vision has no panel in the page: it was built from the node's catalog, and the page's own
+    # panels take their bounds from it (this node caps chat's max_tokens at realms.chat.max_tokens).
+    assert await page.eval("document.getElementById('tab-vision').hasAttribute('data-generic')") is True
+    assert await page.eval("document.getElementById('tab-chat').hasAttribute('data-generic')") is False
+    assert await page.eval(
+        "[document.getElementById('chat-max-tokens').max, document.getElementById('vision-max-tokens').max]"
+    ) == ["512", "512"]
     await no_page_errors(page)
 
 

@@ -4,7 +4,8 @@
 
 const $ = (sel, root = document) => root.querySelector(sel);
 const $$ = (sel, root = document) => Array.from(root.querySelectorAll(sel));
-const TABS = ['chat', 'vision', 'imagine', 'speech', 'dashboard'];
+// The tabs in the page; a realm without a panel of its own gets one from the node's catalog.
+const TABS = ['chat', 'imagine', 'speech', 'dashboard'];
 
 // --- small helpers ---------------------------------------------------------------------------
 
@@ -97,6 +98,8 @@ async function hello(ws) {
     if (ws !== conn.ws) return;
     conn.ready = true;
     conn.backoff = 500;
+    await loadCatalog(); // the realms' forms first: "connected" means the page is ready
+    if (ws !== conn.ws) return;
     setConn('connected');
     $('#notice').hidden = true;
     $('#whoami').textContent = a.guid;
@@ -340,7 +343,6 @@ class Slot {
 
 const slots = {
   chat: new Slot('chat', [$('#chat-send')], $('#chat-cancel')),
-  vision: new Slot('vision', [$('#vision-send')], $('#vision-cancel')),
   imagine: new Slot('imagine', [$('#imagine-send')], $('#imagine-cancel')),
   speech: new Slot('speech', [$('#speech-send'), $('#tts-send'), $('#chat-speak')], $('#speech-cancel')),
 };
@@ -417,23 +419,6 @@ function sendChat() {
   optNumber(payload, 'max_tokens', $('#chat-max-tokens'));
   optNumber(payload, 'temperature', $('#chat-temperature'));
   slots.chat.run(payload, textView($('#chat-answer')));
-}
-
-function sendVision() {
-  const file = $('#vision-image').files[0];
-  if (!file) return slots.vision.q || slots.vision.say('choose an image first', true);
-  const prompt = $('#vision-prompt').value.trim() || 'Describe this image.';
-  const payload = toBase64(file).then((b64) => ({ prompt, image: { $bytes: b64 } }));
-  slots.vision.run(payload, textView($('#vision-answer')));
-}
-
-let previewUrl = null;
-function showPreview() {
-  const img = $('#vision-preview');
-  if (previewUrl) URL.revokeObjectURL(previewUrl);
-  const file = $('#vision-image').files[0];
-  previewUrl = file ? URL.createObjectURL(file) : null;
-  if (previewUrl) img.src = previewUrl; else img.removeAttribute('src');
 }
 
 function sendImagine() {
@@ -655,6 +640,152 @@ function renderPeers(peers) {
   $('#dash-no-peers').hidden = rows.length > 0;
 }
 
+// --- realms from the node's catalog ---------------------------------------------------------
+//
+// The node says what each realm's payload may hold (fields, bounds, this node's caps). A realm
+// with a panel of its own in the page gets its inputs' bounds from it; any other realm (vision,
+// or one added to the node's catalog later) gets a panel built here: its media as file inputs,
+// its text field, its number and true/false fields, and an answer shown by what comes back.
+
+const MEDIA_ACCEPT = { image: 'image/*', audio: 'audio/*' };
+const label = (name) => name.charAt(0).toUpperCase() + name.slice(1).replace(/_/g, ' ');
+
+function el(tag, attrs = {}, ...children) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (v === undefined || v === null) continue;
+    if (k === 'text') e.textContent = v; else e.setAttribute(k, String(v));
+  }
+  e.append(...children);
+  return e;
+}
+
+function boundInput(input, f) {
+  if (isNum(f.min)) input.min = String(f.min);
+  if (isNum(f.max)) input.max = String(f.max);
+  input.step = isNum(f.step) ? String(f.step) : (f.kind === 'integer' ? '1' : 'any');
+  if (f.default !== undefined) input.placeholder = String(f.default);
+  input.title = String(f.what || '');
+}
+
+// A realm whose panel is in the page: its number inputs (#<realm>-<field>) take the node's bounds.
+function boundPanel(def) {
+  for (const f of def.fields || []) {
+    const input = document.getElementById(`${def.realm}-${String(f.name).replace(/_/g, '-')}`);
+    if (input && input.type === 'number' && (f.kind === 'integer' || f.kind === 'number')) boundInput(input, f);
+  }
+}
+
+function genericView(realm) {
+  const answer = $(`#${realm}-answer`);
+  const media = $(`#${realm}-media`);
+  return {
+    answer,
+    reset() { answer.textContent = ''; media.replaceChildren(); },
+    token(text) { answer.append(text); },
+    render(out) {
+      if (typeof out.text === 'string') answer.textContent = out.text;
+      const image = dataUrl(out.image, 'image/png');
+      const audio = dataUrl(out.audio, 'audio/wav');
+      if (image) media.replaceChildren(el('img', { src: image, alt: `the ${realm} answer` }));
+      if (audio) media.replaceChildren(el('audio', { src: audio, controls: '' }));
+      if (typeof out.text !== 'string' && !image && !audio) answer.textContent = JSON.stringify(out);
+    },
+  };
+}
+
+function buildPanel(def) {
+  const realm = String(def.realm);
+  const fields = (def.fields || []).filter((f) => typeof f.name === 'string');
+  const id = (name) => `${realm}-${name.replace(/_/g, '-')}`;
+  const section = el('section', { id: `tab-${realm}`, class: 'tab', role: 'tabpanel', 'data-generic': '', hidden: '' });
+  section.append(el('p', { class: 'note', text: String(def.summary || '') }));
+  for (const name of def.media_fields || []) {
+    const input = el('input', { id: id(name), type: 'file', accept: MEDIA_ACCEPT[name] || '*/*' });
+    section.append(el('div', { class: 'row' }, el('label', { text: `${label(name)} ` }, input)));
+    if (name === 'image') {
+      const img = el('img', { id: `${realm}-preview`, class: 'preview', alt: 'the chosen image' });
+      let url = null;
+      input.addEventListener('change', () => {
+        if (url) URL.revokeObjectURL(url);
+        url = input.files[0] ? URL.createObjectURL(input.files[0]) : null;
+        if (url) img.src = url; else img.removeAttribute('src');
+      });
+      section.append(img);
+    }
+  }
+  const text = fields.find((f) => f.name === def.text_field);
+  if (text) {
+    const input = el('input', { id: id(text.name), type: 'text', maxlength: text.max_length, title: text.what });
+    section.append(el('label', { class: 'field', text: `${label(text.name)} ` }, input));
+  }
+  const row = el('div', { class: 'row' });
+  const options = fields.filter((f) => f !== text && ['integer', 'number', 'boolean'].includes(f.kind));
+  for (const f of options) {
+    const input = el('input', { id: id(f.name), type: f.kind === 'boolean' ? 'checkbox' : 'number' });
+    if (f.kind !== 'boolean') boundInput(input, f);
+    row.append(el('label', { text: `${label(f.name)} ` }, input));
+  }
+  const sendButton = el('button', { id: `${realm}-send`, type: 'button', class: 'primary', text: 'Send' });
+  const cancelButton = el('button', { id: `${realm}-cancel`, type: 'button', disabled: '', text: 'Cancel' });
+  row.append(sendButton, cancelButton);
+  section.append(row, el('p', { class: 'status', 'aria-live': 'polite' }),
+    el('div', { id: `${realm}-answer`, class: 'answer text', 'data-state': 'idle', 'aria-live': 'polite' }),
+    el('div', { id: `${realm}-media`, class: 'answer media' }));
+  $('main').insertBefore(section, $('#tab-dashboard'));
+
+  const slot = (slots[realm] = new Slot(realm, [sendButton], cancelButton));
+  const send = () => {
+    const payload = {};
+    const reads = [];
+    for (const name of def.media_fields || []) {
+      const file = $(`#${id(name)}`).files[0];
+      const f = fields.find((x) => x.name === name);
+      if (file) reads.push(toBase64(file).then((b64) => { payload[name] = { $bytes: b64 }; }));
+      else if (f && f.required) return slot.q || slot.say(`choose the ${label(name).toLowerCase()} first`, true);
+    }
+    if (text) {
+      const value = $(`#${id(text.name)}`).value;
+      if (value.trim()) payload[text.name] = value;
+      else if (text.required) return slot.q || slot.say(`type the ${label(text.name).toLowerCase()} first`, true);
+    }
+    for (const f of options) {
+      const input = $(`#${id(f.name)}`);
+      if (f.kind === 'boolean') { if (input.checked) payload[f.name] = true; } else optNumber(payload, f.name, input);
+    }
+    return slot.run(Promise.all(reads).then(() => payload), genericView(realm));
+  };
+  sendButton.addEventListener('click', send);
+  if (text) onEnter($(`#${id(text.name)}`), send);
+}
+
+function addTab(def, order) {
+  const realm = String(def.realm);
+  const button = el('button', { type: 'button', role: 'tab', 'data-tab': realm, 'aria-controls': `tab-${realm}`, text: label(realm) });
+  button.addEventListener('click', () => showTab(realm));
+  // In the catalog's order: before the first tab of a realm that comes after it, else before Dashboard.
+  const later = order.slice(order.indexOf(realm) + 1).find((r) => TABS.includes(r)) || 'dashboard';
+  $('nav.tabs').insertBefore(button, $(`nav.tabs [data-tab="${later}"]`));
+  TABS.splice(TABS.indexOf(later), 0, realm);
+}
+
+let catalogLoaded = false;
+async function loadCatalog() {
+  if (catalogLoaded) return;
+  let realms;
+  try { realms = (await request('catalog')).realms; } catch (_) { return; }
+  if (!Array.isArray(realms) || catalogLoaded) return;
+  catalogLoaded = true;
+  const order = realms.map((d) => String(d.realm));
+  for (const def of realms) {
+    if (!/^[a-z][a-z0-9_]*$/.test(String(def.realm))) continue;
+    if (document.getElementById(`tab-${def.realm}`)) { boundPanel(def); continue; }
+    buildPanel(def);
+    addTab(def, order);
+  }
+  if (location.hash.slice(1) === WANTED_TAB && TABS.includes(WANTED_TAB)) showTab(WANTED_TAB);
+}
+
 // --- history ---------------------------------------------------------------------------------
 
 async function loadHistory() {
@@ -684,15 +815,19 @@ async function loadHistory() {
 
 // --- tabs ------------------------------------------------------------------------------------
 
+// The tab the address asked for: a realm's tab built from the catalog is shown once it exists.
+const WANTED_TAB = location.hash.slice(1);
+
 function showTab(name) {
-  if (!TABS.includes(name)) name = 'chat';
+  const known = TABS.includes(name);
+  if (!known) name = 'chat';
   $$('[data-tab]').forEach((b) => {
     const on = b.dataset.tab === name;
     b.setAttribute('aria-selected', String(on));
     b.classList.toggle('active', on);
   });
   TABS.forEach((t) => { $(`#tab-${t}`).hidden = t !== name; });
-  if (location.hash !== `#${name}`) history.replaceState(null, '', `#${name}`);
+  if (known && location.hash !== `#${name}`) history.replaceState(null, '', `#${name}`);
 }
 
 // --- wiring ----------------------------------------------------------------------------------
@@ -710,9 +845,6 @@ onEnter($('#nickname'), saveNickname);
 $('#chat-send').addEventListener('click', sendChat);
 onEnter($('#chat-prompt'), sendChat);
 $('#chat-speak').addEventListener('click', speakChat);
-$('#vision-image').addEventListener('change', showPreview);
-$('#vision-send').addEventListener('click', sendVision);
-onEnter($('#vision-prompt'), sendVision);
 $('#imagine-send').addEventListener('click', sendImagine);
 onEnter($('#imagine-prompt'), sendImagine);
 $('#speech-record').addEventListener('click', toggleRecord);
