@@ -44,14 +44,17 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol
 
+import msgspec
 import trio
+from msgspec import Meta
 
 from ..models.speech import DEFAULT_SPEED, MAX_SPEED, MIN_SPEED
 from ..p2p.ratelimit import client_network
 from ..realms.catalog import CATALOG, MAX_MODEL_NAME
 from ..realms.events import Code, QueryError
+from ..realms.schema import check
 from .apikeys import KEY_RE
 from .config import _is_ip
 from .control import is_loopback, origin_allowed
@@ -136,94 +139,131 @@ def _bad(message: str, param: str | None = None) -> ApiError:
     return ApiError(400, message, "invalid_request_error", None, param)
 
 
-def _number(body: dict[str, Any], name: str, lo: float, hi: float) -> float | None:
-    v = body.get(name)
-    if v is None:
-        return None
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi or not math.isfinite(v):
-        raise _bad(f"{name}: expected a number {lo:g}..{hi:g}", name)
-    return float(v)
+def _refused(line: str) -> ApiError:
+    """realms/schema.py's one line about a request body as OpenAI's 400, ``param`` the field."""
+    field_path = line.partition(":")[0]
+    return _bad(line, field_path if field_path and " " not in field_path else None)
 
 
-def _int(body: dict[str, Any], name: str, lo: int, hi: int) -> int | None:
-    v = body.get(name)
-    if v is None:
-        return None
-    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-        raise _bad(f"{name}: expected an integer {lo}..{hi}", name)
-    return v
+# --- request bodies: msgspec structs, checked by realms/schema.py ------------------------------
+# Fields OpenAI defines that are not served here are ignored, as OpenAI-compatible servers do
+# (clients send many by default); a served field with a bad value is a 400 naming it.
+
+Int64 = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1, description="a 64-bit integer")]
+ModelName = Annotated[str, Meta(max_length=MAX_MODEL_NAME)]
+OneChoice = Annotated[int, Meta(ge=1, le=1, description="1 (one choice per request is served)")]
 
 
-def _media_model(body: dict[str, Any], openai_names: tuple[str, ...]) -> str | None:
+class StreamOptions(msgspec.Struct):
+    include_usage: bool = False
+
+
+class TextPart(msgspec.Struct, tag_field="type", tag="text"):
+    text: str
+
+
+class ImageURL(msgspec.Struct):
+    url: str
+
+
+class ImagePart(msgspec.Struct, tag_field="type", tag="image_url"):
+    image_url: ImageURL | str
+
+
+class Message(msgspec.Struct):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart | ImagePart] | None = None
+
+
+class Sampling(msgspec.Struct):
+    """What chat and legacy completions requests share."""
+
+    model: ModelName | None = None
+    n: OneChoice | None = None
+    max_tokens: Annotated[int, Meta(ge=1, le=1 << 20)] | None = None
+    max_completion_tokens: Annotated[int, Meta(ge=1, le=1 << 20)] | None = None
+    temperature: Annotated[float, Meta(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Meta(ge=0, le=1)] | None = None
+    seed: Int64 | None = None
+    stop: str | list[str] | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    ignore_eos: bool | None = None  # an extension llama.cpp's server and vLLM also take
+
+
+class ChatBody(Sampling, kw_only=True):
+    messages: Annotated[list[Message], Meta(min_length=1)]
+    tools: Any = None
+    functions: Any = None
+
+
+class CompletionBody(Sampling, kw_only=True):
+    prompt: (
+        Annotated[str, Meta(min_length=1)]
+        | Annotated[list[Annotated[str, Meta(min_length=1)]], Meta(min_length=1, max_length=1)]
+    )
+
+
+class ImageBody(msgspec.Struct):
+    prompt: Annotated[str, Meta(min_length=1)]
+    model: ModelName | None = None
+    n: OneChoice | None = None
+    size: str | None = None
+    seed: Annotated[int, Meta(ge=0, le=MAX_SEED)] | None = None
+    response_format: str | None = None
+
+
+class VoiceObject(msgspec.Struct):
+    id: str | None = None
+
+
+class SpeechBody(msgspec.Struct):
+    input: Annotated[str, Meta(min_length=1)]
+    model: ModelName | None = None
+    voice: str | VoiceObject | None = None
+    speed: Annotated[float, Meta(ge=0.25, le=4.0)] | None = None
+    response_format: str | None = None
+
+
+def _media_model(model: str | None, openai_names: tuple[str, ...]) -> str | None:
     """The model of an image or audio request: OpenAI's own names there ("tts-1", "whisper-1",
     "dall-e-3", "gpt-image-1", "gpt-4o-mini-tts"), which clients send by default, mean any."""
-    model = _model(body)
+    model = _model(model)
     return None if model is not None and model.lower().startswith(openai_names) else model
 
 
-def _model(body: dict[str, Any]) -> str | None:
-    model = body.get("model")
+def _model(model: str | None) -> str | None:
     if model is None:
         return None
-    if not isinstance(model, str) or len(model) > MAX_MODEL_NAME:
-        raise _bad(f"model: expected a model name of at most {MAX_MODEL_NAME} characters", "model")
     realm, sep, rest = model.partition(":")
     if sep and realm in CATALOG:  # "vision:<name>": how /v1/models names a model served in two realms
         model = rest
     return None if model.strip().lower() in ANY_MODEL else model
 
 
-def _one_choice(body: dict[str, Any]) -> None:
-    n = body.get("n")
-    if n is not None and n != 1:
-        raise _bad("n: only 1 choice per request is served", "n")
-
-
-def _stop(body: dict[str, Any]) -> list[str] | None:
-    stop = body.get("stop")
-    if stop is None:
-        return None
-    stops = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
-        raise _bad("stop: expected a string or a list of strings", "stop")
-    return stops
-
-
-def _sampling(body: dict[str, Any], payload: dict[str, Any], *, chat: bool) -> None:
+def _sampling(body: Sampling, payload: dict[str, Any], *, chat: bool) -> None:
     """max_tokens, temperature, seed (and for chat top_p, stop) into a chat or vision payload."""
-    max_tokens = _int(body, "max_completion_tokens", 1, 1 << 20) or _int(body, "max_tokens", 1, 1 << 20)
+    max_tokens = body.max_completion_tokens or body.max_tokens
     if max_tokens is not None:
         payload["max_tokens"] = max_tokens
-    temperature = _number(body, "temperature", 0, 2)
-    if temperature is not None:
-        payload["temperature"] = temperature
-    seed = _int(body, "seed", -(2**63), 2**63 - 1)
+    if body.temperature is not None:
+        payload["temperature"] = body.temperature
     # Fixed before the query is stored: a replacement executor after a failover answers alike.
+    seed = body.seed
     payload["seed"] = (seed % (MAX_SEED + 1)) if seed is not None else secrets.randbelow(MAX_SEED + 1)
     if chat:
-        ignore_eos = body.get("ignore_eos")  # an extension llama.cpp's server and vLLM also take
-        if ignore_eos is not None:
-            if not isinstance(ignore_eos, bool):
-                raise _bad("ignore_eos: expected true or false", "ignore_eos")
-            payload["ignore_eos"] = ignore_eos
-        top_p = _number(body, "top_p", 0, 1)
-        if top_p is not None:
-            payload["top_p"] = top_p
-        stops = _stop(body)
+        if body.ignore_eos is not None:
+            payload["ignore_eos"] = body.ignore_eos
+        if body.top_p is not None:
+            payload["top_p"] = body.top_p
+        stops = [body.stop] if isinstance(body.stop, str) else body.stop
         if stops:
             payload["stop"] = stops
 
 
-def _stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
-    stream = body.get("stream", False)
-    if stream is None:
-        stream = False
-    if not isinstance(stream, bool):
-        raise _bad("stream: expected true or false", "stream")
-    options = body.get("stream_options") or {}
-    if not isinstance(options, dict):
-        raise _bad("stream_options: expected an object", "stream_options")
-    return stream, bool(options.get("include_usage", False))
+def _stream_flags(body: Sampling) -> tuple[bool, bool]:
+    options = body.stream_options or StreamOptions()
+    return bool(body.stream), options.include_usage
 
 
 def data_url_bytes(url: str, where: str) -> bytes:
@@ -240,60 +280,38 @@ def data_url_bytes(url: str, where: str) -> bytes:
         raise _bad(f"{where}: invalid base64", where) from None
 
 
-def _message_parts(msg: dict[str, Any], i: int) -> tuple[str, list[bytes]]:
+def _message_parts(msg: Message, i: int) -> tuple[str, list[bytes]]:
     """A chat message's text and images."""
-    where = f"messages[{i}].content"
-    content = msg.get("content")
-    if content is None:
+    if msg.content is None:
         return "", []
-    if isinstance(content, str):
-        return content, []
-    if not isinstance(content, list):
-        raise _bad(f"{where}: expected a string or a list of parts", where)
+    if isinstance(msg.content, str):
+        return msg.content, []
     texts: list[str] = []
     images: list[bytes] = []
-    for j, part in enumerate(content):
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text" and isinstance(part.get("text"), str):
-            texts.append(part["text"])
-        elif kind == "image_url":
-            ref = part.get("image_url")
-            url = ref.get("url") if isinstance(ref, dict) else ref
-            if not isinstance(url, str):
-                raise _bad(f"{where}[{j}].image_url: expected {{'url': 'data:...'}}", where)
-            images.append(data_url_bytes(url, f"{where}[{j}].image_url"))
+    for j, part in enumerate(msg.content):
+        if isinstance(part, TextPart):
+            texts.append(part.text)
         else:
-            raise _bad(f"{where}[{j}]: expected a text or image_url part, got {str(kind)[:40]!r}", where)
+            url = part.image_url.url if isinstance(part.image_url, ImageURL) else part.image_url
+            images.append(data_url_bytes(url, f"messages[{i}].content[{j}].image_url"))
     return "\n".join(texts), images
 
 
-def chat_request(body: dict[str, Any]) -> Shaped:
+def chat_request(raw: dict[str, Any]) -> Shaped:
     """``POST /v1/chat/completions`` -> a chat payload, or a vision payload when a message
     carries an image (the vision realm answers one prompt about one image: the conversation's
     texts are joined into that prompt)."""
-    _one_choice(body)
-    if body.get("tools") or body.get("functions"):
+    body = check(raw, ChatBody, "", _refused)
+    if body.tools or body.functions:
         raise _bad("tools: function calling is not served by this federation", "tools")
     stream, include_usage = _stream_flags(body)
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise _bad("messages: expected a non-empty list of messages", "messages")
     shaped: list[dict[str, str]] = []
     images: list[bytes] = []
-    for i, msg in enumerate(messages):
-        if not isinstance(msg, dict):
-            raise _bad(f"messages[{i}]: expected an object", "messages")
-        role = msg.get("role")
-        role = "system" if role == "developer" else role
-        if role not in ("system", "user", "assistant"):
-            raise _bad(
-                f"messages[{i}].role: expected system, developer, user or assistant; got {str(role)[:40]!r}",
-                "messages",
-            )
+    for i, msg in enumerate(body.messages):
         text, imgs = _message_parts(msg, i)
         images += imgs
-        shaped.append({"role": role, "content": text})
-    model = _model(body)
+        shaped.append({"role": "system" if msg.role == "developer" else msg.role, "content": text})
+    model = _model(body.model)
     if images:
         if len(images) > 1:
             raise _bad("messages: at most one image per request (the vision realm answers about one)", "messages")
@@ -310,70 +328,57 @@ def chat_request(body: dict[str, Any]) -> Shaped:
     return Shaped(realm, payload, model, stream, include_usage)
 
 
-def completion_request(body: dict[str, Any]) -> Shaped:
+def completion_request(raw: dict[str, Any]) -> Shaped:
     """``POST /v1/completions``: the prompt is sent as one user message of the chat realm
     (llama.cpp's chat template applies: a chat model, not raw text continuation)."""
-    _one_choice(body)
+    body = check(raw, CompletionBody, "", _refused)
     stream, include_usage = _stream_flags(body)
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1:
-        prompt = prompt[0]
-    if not isinstance(prompt, str) or not prompt:
-        raise _bad("prompt: expected a non-empty string (one prompt per request)", "prompt")
+    prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
     payload: dict[str, Any] = {"prompt": prompt, "max_tokens": 16}  # OpenAI's default length
     _sampling(body, payload, chat=True)
-    model = _model(body)
+    model = _model(body.model)
     if model is not None:
         payload["model"] = model
     return Shaped("chat", payload, model, stream, include_usage)
 
 
-def image_request(body: dict[str, Any]) -> Shaped:
+def image_request(raw: dict[str, Any]) -> Shaped:
     """``POST /v1/images/generations`` -> an imagine payload (one image, ``b64_json``)."""
-    _one_choice(body)
-    prompt = body.get("prompt")
-    if not isinstance(prompt, str) or not prompt:
-        raise _bad("prompt: expected a non-empty string", "prompt")
-    fmt = body.get("response_format") or "b64_json"
-    if fmt != "b64_json":
+    body = check(raw, ImageBody, "", _refused)
+    if (body.response_format or "b64_json") != "b64_json":
         raise _bad("response_format: only b64_json is served (the node keeps no image URLs)", "response_format")
-    payload: dict[str, Any] = {"prompt": prompt}
-    size = body.get("size")
-    if size not in (None, "auto"):
+    payload: dict[str, Any] = {"prompt": body.prompt}
+    if body.size not in (None, "auto"):
         try:
-            w, _, h = str(size).partition("x")
+            w, _, h = str(body.size).partition("x")
             payload["width"], payload["height"] = int(w), int(h)
         except ValueError:
             raise _bad("size: expected WIDTHxHEIGHT, e.g. 512x512", "size") from None
-    seed = _int(body, "seed", 0, MAX_SEED)
-    if seed is not None:
-        payload["seed"] = seed
-    model = _media_model(body, ("dall-e", "gpt-image"))
+    if body.seed is not None:
+        payload["seed"] = body.seed
+    model = _media_model(body.model, ("dall-e", "gpt-image"))
     if model is not None:
         payload["model"] = model
     return Shaped("imagine", payload, model)
 
 
-def speech_request(body: dict[str, Any]) -> Shaped:
+def speech_request(raw: dict[str, Any]) -> Shaped:
     """``POST /v1/audio/speech`` -> a text-to-speech payload. OpenAI's voice names take the
     node's default voice; an espeak-ng voice name ("en", "de", ...) is used as it is. ``speed``
     (0.25..4) scales the default words per minute."""
-    text = body.get("input")
-    if not isinstance(text, str) or not text.strip():
+    body = check(raw, SpeechBody, "", _refused)
+    if not body.input.strip():
         raise _bad("input: expected the text to speak", "input")
-    payload: dict[str, Any] = {"text": text}
-    voice = body.get("voice")
-    if isinstance(voice, dict):  # a custom voice object: its id
-        voice = voice.get("id")
+    payload: dict[str, Any] = {"text": body.input}
+    voice = body.voice.id if isinstance(body.voice, VoiceObject) else body.voice  # a custom voice: its id
     if isinstance(voice, str) and voice not in OPENAI_VOICES:
         payload["voice"] = voice
-    speed = _number(body, "speed", 0.25, 4.0)
-    if speed is not None:
-        payload["speed"] = max(MIN_SPEED, min(MAX_SPEED, round(DEFAULT_SPEED * speed)))
-    fmt = body.get("response_format") or "wav"
+    if body.speed is not None:
+        payload["speed"] = max(MIN_SPEED, min(MAX_SPEED, round(DEFAULT_SPEED * body.speed)))
+    fmt = body.response_format or "wav"
     if fmt not in SPEECH_FORMATS:
         raise _bad(f"response_format: expected one of {', '.join(SPEECH_FORMATS)}", "response_format")
-    model = _media_model(body, ("tts-", "gpt-4o-mini-tts", "gpt-4o-tts"))
+    model = _media_model(body.model, ("tts-", "gpt-4o-mini-tts", "gpt-4o-tts"))
     if model is not None:
         payload["model"] = model
     return Shaped("speech", payload, model, extra={"format": fmt})
@@ -424,8 +429,10 @@ def transcription_request(form: dict[str, str | bytes]) -> Shaped:
     if fmt not in ("json", "text", "verbose_json"):
         raise _bad("response_format: expected json, text or verbose_json", "response_format")
     named = form.get("model")
+    if isinstance(named, str) and len(named) > MAX_MODEL_NAME:
+        raise _bad(f"model: expected a string of at most {MAX_MODEL_NAME} characters", "model")
     model = (
-        _media_model({"model": named}, ("whisper-", "gpt-4o-transcribe", "gpt-4o-mini-transcribe"))
+        _media_model(named, ("whisper-", "gpt-4o-transcribe", "gpt-4o-mini-transcribe"))
         if isinstance(named, str)
         else None
     )
