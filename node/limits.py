@@ -167,6 +167,7 @@ REFUSAL_LOG_EVERY = 60.0  # seconds between two log lines about the same refused
 MAX_BACKPRESSURE_RETRIES = 50  # busy/queue_full answers one query may wait out
 REVIVE_WAIT = 5.0  # seconds a query whose executors all vanished waits for one to come (back)
 REVIVE_POLL = 0.1  # how often the peer table is read meanwhile
+RETRY_VANISHED = 1.0  # an executor whose stream died under a query is tried again after this, or on a new connection
 BACKOFF_CAP = 5.0  # seconds: the longest wait a doubled retry-after reaches
 # realms/spotcheck.py
 CAUGHT_BLOCK = 3600.0  # seconds a peer caught answering wrong stays out of routing

@@ -828,6 +828,27 @@ async def test_a_restarted_executor_gets_the_query_it_dropped(autojump_clock: tr
     assert result.executor == P1 and result.attempt == 2 and remote.called == [P1, P1]
 
 
+async def test_a_half_closed_connection_does_not_eat_every_attempt(autojump_clock: trio.testing.MockClock) -> None:
+    """The hour-long soak lost 4 of 84,954 queries so: the only executor serving chat could not
+    open a stream (its connection half-closed), and it was tried three times in 60 ms, using up
+    max_attempts, while the other executor, just restarted, was 0.6 s from serving chat again."""
+    table = make_table()
+    announce(table, PEERS[0])
+    announce(table, PEERS[1], realm="vision")  # restarted, its model still loading
+    unreachable = fail(FailureKind.DEAD, Code.UNREACHABLE, "could not open a stream: failed to open a stream")
+    remote = FakeRemote({P1: unreachable, P2: answer("p2")})
+
+    async def serves_again() -> None:
+        await trio.sleep(0.6)
+        announce(table, PEERS[1])
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serves_again)
+        result = await make_router(table, FakeLocal(serves=False), remote).run(query(), Events())
+    assert result.executor == P2 and result.failovers == (P1,)
+    assert [who for who, _ in remote.calls] == [P1, P2]  # not P1, P1, P1 at once
+
+
 async def test_nobody_comes_back_the_query_fails_after_the_wait_and_says_who_was_out(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
