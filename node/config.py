@@ -25,7 +25,7 @@ from msgspec import Meta
 
 from ..p2p.wire import MAX_PAYLOAD
 from ..realms.catalog import CATALOG, REALMS
-from ..realms.schema import check, show
+from ..realms.schema import check, number, show
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 CMDLINE = "command line"
@@ -39,10 +39,6 @@ class ConfigError(Exception):
 
 
 S = TypeVar("S", bound="Section")
-
-
-def _n(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else str(x)
 
 
 # --- field types (checked by msgspec through realms/schema.py) -------------------------------
@@ -416,7 +412,7 @@ def _cross_check(cfg: Config, label_of: Callable[[str, str], str]) -> None:
         value, limit = _get(cfg, key), _get(cfg, other)
         if not rel(value, limit):
             raise ConfigError(
-                f"{label_of(key, other)}: {key}: must be {wording} {other} ({_n(limit)}), got {_n(value)}"
+                f"{label_of(key, other)}: {key}: must be {wording} {other} ({number(limit)}), got {number(value)}"
             )
 
 

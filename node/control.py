@@ -27,7 +27,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketReque
 from ..p2p.ratelimit import client_network
 from ..realms.catalog import CATALOG
 from ..realms.events import Code, QueryError, UserError, dumps
-from ..realms.schema import check
+from ..realms.schema import INT64_RANGE, Int64, check
 from .client import SYSOP_HEADER as _SYSOP_HEADER
 from .config import REALMS
 from .http import MessageRefused, serve_ui
@@ -503,8 +503,6 @@ class ControlSession:
 
 # The JSON type of every request field (a bool is never taken for an integer), in
 # realms/schema.py's terms: msgspec checks each request against its op's struct below.
-INT_RANGE = (-(2**63), 2**63 - 1)  # what storage and the wire (msgpack) can hold
-Int64 = Annotated[int, Meta(ge=INT_RANGE[0], le=INT_RANGE[1], description="a 64-bit integer")]
 QueryId = Annotated[str, Meta(pattern="^[0-9a-f]{32}$", description="32 lowercase hex digits")]
 FIELDS: dict[str, Any] = {
     "guid": str,
@@ -637,6 +635,6 @@ def decode_media(value: Any, path: str = "payload", depth: int = 0) -> Any:
         return {k: decode_media(v, f"{path}.{k}", depth + 1) for k, v in value.items()}
     if isinstance(value, list):
         return [decode_media(v, f"{path}[{i}]", depth + 1) for i, v in enumerate(value)]
-    if isinstance(value, int) and not isinstance(value, bool) and not INT_RANGE[0] <= value <= INT_RANGE[1]:
+    if isinstance(value, int) and not isinstance(value, bool) and not INT64_RANGE[0] <= value <= INT64_RANGE[1]:
         raise BadRequest(f"{path}: integer out of range (at most 64 bits)")
     return value

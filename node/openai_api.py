@@ -54,7 +54,7 @@ from ..models.speech import DEFAULT_SPEED, MAX_SPEED, MIN_SPEED
 from ..p2p.ratelimit import client_network
 from ..realms.catalog import CATALOG, MAX_MODEL_NAME
 from ..realms.events import Code, QueryError
-from ..realms.schema import check
+from ..realms.schema import Int64, check
 from .apikeys import KEY_RE
 from .config import _is_ip
 from .control import is_loopback, origin_allowed
@@ -149,7 +149,6 @@ def _refused(line: str) -> ApiError:
 # Fields OpenAI defines that are not served here are ignored, as OpenAI-compatible servers do
 # (clients send many by default); a served field with a bad value is a 400 naming it.
 
-Int64 = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1, description="a 64-bit integer")]
 ModelName = Annotated[str, Meta(max_length=MAX_MODEL_NAME)]
 OneChoice = Annotated[int, Meta(ge=1, le=1, description="1 (one choice per request is served)")]
 

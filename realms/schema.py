@@ -22,10 +22,11 @@ import difflib
 import functools
 import re
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 import msgspec.inspect as mi
+from msgspec import Meta
 
 T = TypeVar("T")
 
@@ -48,14 +49,20 @@ def show(value: object) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _n(x: float) -> str:
+def number(x: float) -> str:
+    """A bound or setting as people write it: 2 for 2.0, 0.5 as 0.5."""
     return str(int(x)) if float(x).is_integer() else str(x)
+
+
+# A JSON integer the node can store and send to a peer (msgpack, SQLite: signed 64 bits).
+INT64_RANGE = (-(2**63), 2**63 - 1)
+Int64 = Annotated[int, Meta(ge=INT64_RANGE[0], le=INT64_RANGE[1], description="a 64-bit integer")]
 
 
 def _bounds(t: Any) -> str:
     if t.ge is not None and t.le is not None:
-        return f" in {_n(t.ge)}..{_n(t.le)}"
-    parts = [f"{op} {_n(v)}" for op, v in ((">=", t.ge), (">", t.gt), ("<=", t.le), ("<", t.lt)) if v is not None]
+        return f" in {number(t.ge)}..{number(t.le)}"
+    parts = [f"{op} {number(v)}" for op, v in ((">=", t.ge), (">", t.gt), ("<=", t.le), ("<", t.lt)) if v is not None]
     return " " + " and ".join(parts) if parts else ""
 
 
