@@ -589,11 +589,16 @@ def _busy_response() -> bytes:
 
 
 async def _refuse_busy(stream: trio.SocketStream) -> None:
-    """503 to a connection refused before its request was read: sent within a second, then
-    closed (its request is never waited for)."""
+    """503 to a connection refused before its request was read: sent, then closed, all within a
+    second (its request is never waited for). What the client sent meanwhile is read and dropped
+    until it closes: a socket closed with unread bytes is reset, and the reset can overtake the
+    503, so the client would see a bare reset instead of the answer."""
     with trio.move_on_after(1.0):
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             await stream.send_all(_busy_response())
+            await stream.send_eof()
+            while await stream.receive_some(65536):
+                pass
     await trio.aclose_forcefully(stream)
 
 

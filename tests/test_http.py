@@ -190,6 +190,9 @@ async def test_connections_are_capped_per_client_with_an_answer_and_a_reserve(nu
         while chunk := await extra.receive_some(1000):
             got += chunk
     assert got.startswith(b"HTTP/1.1 503 ")
+    # One that sends its request meanwhile gets the 503 too, not a reset (its request unread).
+    for _ in range(5):
+        assert split(await raw(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"))[0].endswith("503 Service Unavailable")
     await idle[0].aclose()
     with trio.fail_after(10):  # a place is free again: the next request is served
         while True:

@@ -40,10 +40,20 @@ async def _cli_json(node: NodeProcess, *args: str) -> Any:
 
 
 def _reset_every_query(fh: FederationHost, opened: list[int]) -> None:
-    """Take every query stream and reset it, unanswered."""
+    """Take every query stream and reset it, unanswered, once a query arrives on it (a stream the
+    router merely holds open while idle stays open: a sybil that looks alive until it is used)."""
 
     async def handle(stream: Any) -> None:
         opened[0] += 1
+        decoder = wire.FrameDecoder()
+        try:
+            while not any(isinstance(m, wire.QueryRequest) for m in decoder.messages()):
+                data = await stream.read(65536)
+                if not data:
+                    return
+                decoder.feed(data)
+        except Exception:
+            pass
         try:
             await stream.reset()
         except Exception:
