@@ -8,10 +8,11 @@ check (``BudgetedPubsub``), and a forwarder may introduce only so many peers thi
 heard of. The topic validator runs inside the pubsub router, ahead of forwarding: a record that
 does not verify under its author's key, names another peer than the message's author, carries a
 timestamp far from this clock, or repeats a sequence number already seen from that author (a
-replay) is rejected, so this node never spreads it, and an invalid one counts against the
-forwarder. Each signature is checked once: pubsub's strict signing verifies the message's
-signature by its author, so the record inside is not verified a second time. Rejections are
-logged once per (author, reason), with a bound on the memory used.
+replay) is rejected, so this node never spreads it. A forged one (or one dated ahead of this
+clock) counts against the forwarder; an old or repeated one does not, since pubsub itself replays
+what it holds to a peer that (re)connects. Each signature is checked once: pubsub's strict
+signing verifies the message's signature by its author, so the record inside is not verified a
+second time. Rejections are logged once per (author, reason), with a bound on the memory used.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class RecordCheck:
         self._last_seq: OrderedDict[str, int] = OrderedDict()
         self._warned: set[tuple[str, str]] = set()
         self.rejected = 0
-        self.last_reason = ""  # why the last check failed ("" for a replay: no fault of anyone's)
+        self.last_reason = ""  # why the last check failed, if that is the forwarder's fault ("" if not)
 
     def check(self, author: str, data: bytes, *, author_signed: bool = False) -> HealthRecord | None:
         """The verified record, or None (and one log line per author and reason)."""
@@ -56,21 +57,32 @@ class RecordCheck:
             record = verify_record(data, author=author, author_signed=author_signed)
         except Exception as exc:  # HealthRecordError, or a bug: never let gossip kill the node
             return self._reject(author, str(exc))
-        skew = abs(record.timestamp - self.clock())
-        if skew > MAX_RECORD_SKEW:
-            return self._reject(author, f"timestamp {skew:.0f}s off this clock (replayed, or a clock far off)")
+        age = self.clock() - record.timestamp
+        if age > MAX_RECORD_SKEW:
+            # Old, but genuinely the author's: nobody's fault here. An honest forwarder relays a
+            # record it took while fresh, and pubsub replays its recent messages (and those it
+            # held for a peer still connecting) to a peer that (re)connects: a node restarting
+            # near a busy one is handed a burst of them. Counting those against the forwarder
+            # got restarted nodes to block their own bootstrap peer. (A flood of them is
+            # charged to the forwarder's gossip budget before any of this.)
+            return self._reject(
+                author, f"timestamp {age:.0f}s old (replayed late, or its clock is behind)", blame=False
+            )
+        if -age > MAX_RECORD_SKEW:
+            return self._reject(author, f"timestamp {-age:.0f}s ahead of this clock (forged, or a clock far off)")
         last = self._last_seq.get(author)
         if last is not None and record.seq <= last:
-            return self._reject(author, f"sequence {record.seq} not after {last} (replayed)", quiet=True)
+            return self._reject(author, f"sequence {record.seq} not after {last} (replayed)", quiet=True, blame=False)
         self._last_seq[author] = record.seq
         self._last_seq.move_to_end(author)
         while len(self._last_seq) > MAX_AUTHORS:
             self._last_seq.popitem(last=False)
         return record
 
-    def _reject(self, author: str, reason: str, *, quiet: bool = False) -> HealthRecord | None:
+    def _reject(self, author: str, reason: str, *, quiet: bool = False, blame: bool = True) -> HealthRecord | None:
+        """``quiet``: no log line; ``blame``: the forwarder is at fault (see ``last_reason``)."""
         self.rejected += 1
-        self.last_reason = "" if quiet else reason
+        self.last_reason = reason if blame else ""
         key = (author, reason.split(" ", 1)[0])
         if not quiet and key not in self._warned and len(self._warned) < MAX_WARNINGS:
             self._warned.add(key)

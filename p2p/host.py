@@ -473,6 +473,16 @@ async def open_federation_host(
         degree_low=4,
         degree_high=12,
         heartbeat_interval=int(max(1, health_topic_heartbeat)),
+        # py-libp2p 0.8.1's "adaptive gossip" rates a mesh below `degree` peers as poor health
+        # and then sets the heartbeat to 30-60 s (not 1 s): in any federation of under 7 nodes,
+        # after 30 s, meshes were repaired once a minute (relayed records stalled for tens of
+        # seconds after a reconnect) and the message cache held minutes of records, which pubsub
+        # replays to every peer that (re)connects (a restarted node got records 60-177 s old).
+        adaptive_gossip_enabled=False,
+        # Its spam protection drops relays past 10 messages a second per forwarder and topic, and
+        # lowers the forwarder's score: honest relays in a federation of a few dozen nodes. The
+        # node's own per-forwarder budget (limits.gossip_per_second) is charged before that.
+        spam_protection_enabled=False,
     )
     # Pubsub whose push_msg charges each message to its forwarder first (p2p/gossip.py).
     pubsub = budgeted_pubsub_class()(host, gossipsub, strict_signing=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from typing import Any
 
 import msgpack
@@ -286,6 +287,33 @@ async def test_forged_or_replayed_record_is_not_relayed_onward(node: NodeProcess
             nursery.cancel_scope.cancel()
         assert forged not in seen
         assert seen.count(genuine) == 1, "the replayed record was relayed"
+
+
+async def test_old_records_are_dropped_without_blaming_whoever_relayed_them(node: NodeProcess) -> None:
+    """Records minutes old, but genuinely signed, as pubsub hands a (re)connecting peer when it
+    replays what it held: dropped, one log line, and not a protocol violation of the peer they
+    came through (restarted nodes used to block their own bootstrap peer over them)."""
+    async with probe_host() as (fh, me):
+        await fh.dial(node.addr, timeout=15)
+        await fh.pubsub.subscribe(HEALTH_TOPIC)
+        mark = node.mark()
+        for seq in range(1, 41):  # twice the violations that block a peer
+            old = replace(_record(me, seq), timestamp=time.time() - 300)
+            await fh.pubsub.publish(HEALTH_TOPIC, sign_record(old, me))
+        seq = [100]
+
+        async def publish_fresh() -> None:
+            seq[0] += 1
+            await fh.pubsub.publish(HEALTH_TOPIC, sign_record(_record(me, seq[0]), me))
+
+        # A fresh record taken means the old ones before it on the same stream were handled.
+        peer = await eventually(
+            lambda: (p := node.peer(me.peer_id)) and p["state"] == "live" and p, every=publish_fresh
+        )
+        lines = node.lines[mark:]
+        assert not any("protocol violation by" in x for x in lines), "\n".join(lines)
+        assert not peer.get("blocked"), peer
+        assert any(f"ignored health record from {me.peer_id}: timestamp" in x and "s old" in x for x in lines), lines
 
 
 async def test_a_peer_sending_junk_streams_is_logged_once_then_disconnected_and_blocked(node: NodeProcess) -> None:
