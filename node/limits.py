@@ -138,6 +138,8 @@ GOSSIP_BYTES_PER_MESSAGE = 4096  # a forwarder's byte budget: this many per mess
 GOSSIP_COOL_DOWN = 10.0  # seconds a forwarder that flooded its stream has its new streams reset
 GOSSIP_READ_CHUNK = 65536  # read from a gossip stream at once
 SUBSCRIPTION_WAIT = 3.0  # seconds a new peer's subscription is waited for before publishing to it
+SENDER_RECORDS_KEPT = 4096  # (peer, signed peer record) pairs remembered as already verified
+SENDER_RECORD_RECHECK = 600.0  # seconds before the same peer record is verified (and stored) again
 # p2p/health.py
 MAX_RECORD_BYTES = 16 * 1024  # one signed health record
 

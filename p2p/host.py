@@ -469,9 +469,13 @@ async def open_federation_host(
     host = _build_libp2p_host(identity, book, gate, handshake_timeout)
     gossipsub = flood_publish_gossipsub_class()(  # see p2p/gossip.py
         [PROTOCOL_ID_V11],
-        degree=6,
-        degree_low=4,
-        degree_high=12,
+        # A node's own record goes to every subscribed peer it is connected to (flood publish),
+        # so the mesh carries only relays, each a duplicate for most receivers: 4 (3-6) mesh
+        # peers rather than the spec's 6 (4-12) cut an idle node of a 10-node federation from
+        # 4.8 % to 3.3 % of a core (bench_idle, BENCHMARKS.md), a relay still reaching everyone.
+        degree=4,
+        degree_low=3,
+        degree_high=6,
         heartbeat_interval=int(max(1, health_topic_heartbeat)),
         # py-libp2p 0.8.1's "adaptive gossip" rates a mesh below `degree` peers as poor health
         # and then sets the heartbeat to 30-60 s (not 1 s): in any federation of under 7 nodes,

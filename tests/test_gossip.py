@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from rentahal.p2p.gossip import MAX_AUTHORS, GossipBudget, RecordCheck
+from rentahal.p2p.gossip import MAX_AUTHORS, SENDER_RECORD_RECHECK, GossipBudget, RecordCheck, verified_once
 from rentahal.p2p.health import HealthRecord, sign_record
 from rentahal.p2p.identity import Identity
 
@@ -100,3 +100,41 @@ def test_a_forwarder_introduces_a_bounded_number_of_strangers() -> None:
     assert reports and "new peers" in reports[0][1]
     clock.now += 60.0
     assert sum(budget.introduce("relay", f"later{i}") for i in range(100)) == 12
+
+
+class _Rpc:
+    def __init__(self, record: bytes | None) -> None:
+        self.senderRecord = record
+
+    def HasField(self, name: str) -> bool:
+        return name == "senderRecord" and self.senderRecord is not None
+
+
+class _Peer:
+    def __init__(self, name: bytes) -> None:
+        self.name = name
+
+    def to_bytes(self) -> bytes:
+        return self.name
+
+
+def test_a_peer_record_is_verified_once_per_peer_and_bytes_and_a_bad_one_every_time() -> None:
+    clock = Clock()
+    checked: list[bytes] = []
+
+    def check(rpc: _Rpc, host: object, peer: _Peer) -> bool:
+        assert rpc.senderRecord is not None
+        checked.append(rpc.senderRecord)
+        return not rpc.senderRecord.startswith(b"bad")
+
+    once = verified_once(check, clock=clock)
+    alice, bob = _Peer(b"alice"), _Peer(b"bob")
+    assert all(once(_Rpc(b"good"), None, alice) for _ in range(5))
+    assert checked == [b"good"]
+    assert once(_Rpc(b"good"), None, bob)  # the same bytes from another peer: checked for it
+    assert once(_Rpc(b"good2"), None, alice)  # other bytes from the same peer: checked
+    assert not any(once(_Rpc(b"bad"), None, alice) for _ in range(3))  # refused, every time checked
+    assert checked == [b"good", b"good", b"good2", b"bad", b"bad", b"bad"]
+    assert once(_Rpc(None), None, alice)  # no record: nothing to check
+    clock.now += SENDER_RECORD_RECHECK
+    assert once(_Rpc(b"good"), None, alice) and checked[-1] == b"good"  # checked (and stored) again
