@@ -141,6 +141,8 @@ def report(r: dict[str, Any], minutes: float, kill_every: float) -> str:
             f"{s[-1][1]:.1f} / {statistics.median(tail):.1f} MB |",
             f"| A's open files: start / after 1 min / end / max | {s[0][2]} / {first_min[2]} / {s[-1][2]} / "
             f"{max(x[2] for x in s)} |",
+            f"| gossip: connections closed for want of a health record / peers blocked (all nodes' logs) | "
+            f"{r.get('closed_silent', '?')} / {r.get('blocked', '?')} |",
             "",
         ]
     )
@@ -161,6 +163,9 @@ def main() -> None:
             for x in execs:
                 router.wait_for(rf"peer {x.peer_id} is live", 60)
             r = trio.run(soak, router, execs, a.minutes, a.kill_every)
+            lines = [line for node in (router, *execs) for line in node.lines]
+            r["closed_silent"] = sum("no health record for" in line and "closing" in line for line in lines)
+            r["blocked"] = sum("blocked peer" in line for line in lines)
         finally:
             fed.close()
         if r["lost"]:  # the nodes' logs (every run of each) go with the loss, for its post-mortem
