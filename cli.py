@@ -505,8 +505,8 @@ def query(
         reply = _run_client(go, url)
     except KeyboardInterrupt:
         fail("interrupted", 130)
-    if reply["op"] == "error":
-        fail(f"{reply['code']}: {reply['message']}", 1)
+    if reply["op"] == "error":  # the request itself was wrong (exit 2), or nobody could answer it (1)
+        fail(f"{reply['code']}: {reply['message']}", 2 if reply["code"] == "bad_request" else 1)
     if reply["op"] == "detached":
         typer.echo(reply["query_id"])
         return

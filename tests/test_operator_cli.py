@@ -48,6 +48,11 @@ def test_peers_by_name_failure_reasons_audit_and_json_logs(federation: Federatio
     # A query nobody can answer: history says why.
     failed = a.cli("query", "imagine", "a cat", check=False)
     assert failed.returncode == 1
+    # A query that is itself wrong: exit 2, one line naming the field.
+    wrong = a.cli("query", "chat", "hello", "--max-tokens", "-3", check=False)
+    assert wrong.returncode == 2 and wrong.stderr.strip().splitlines() == [
+        "error: bad_request: payload.max_tokens: expected an integer in 1..1073741824, got -3"
+    ], wrong.stderr
     history = a.cli("history").stdout
     assert "failed" in history and "realm_not_served: no executor for realm 'imagine'" in history, history
 
