@@ -589,17 +589,12 @@ def _busy_response() -> bytes:
 
 
 async def _refuse_busy(stream: trio.SocketStream) -> None:
-    """503 to a connection refused before its request was read: sent, then closed, all within a
-    second (its request is never waited for). What the client sent meanwhile is read and dropped
-    until it closes: a socket closed with unread bytes is reset, and the reset can overtake the
-    503, so the client would see a bare reset instead of the answer."""
+    """503 to a connection refused before its request was read: answered and closed as any
+    answer is (:func:`_answer_and_close`: what the client sent is read and dropped, so the close
+    is no reset that could overtake the 503), but all within a second, and its request is never
+    waited for."""
     with trio.move_on_after(1.0):
-        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            await stream.send_all(_busy_response())
-            await stream.send_eof()
-            while await stream.receive_some(65536):
-                pass
-    await trio.aclose_forcefully(stream)
+        await _answer_and_close(stream, _busy_response())
 
 
 def _peer_address(stream: trio.SocketStream) -> str:
