@@ -162,8 +162,8 @@ class P2PConfig(Section):
     relay_bytes: Int(1024, 1 << 40) = 128 * 1024 * 1024
     relay_circuits: Int(1, 1000) = 4
     health_interval: Num(0.2, 60.0) = 1.0
-    health_heartbeat: Num(0.2, 600.0) = 5.0
-    stale_after: Num(0.0, 3600.0, lo_open=True) = 12.0
+    health_heartbeat: Num(0.2, 600.0) = 10.0
+    stale_after: Num(0.0, 3600.0, lo_open=True) = 25.0
     gossip_per_second: Num(1.0, 1e6) = 100.0
     introductions_per_minute: Num(1.0, 1e6) = 60.0
     dht_refresh: Num(5.0, 86400.0) = 300.0

@@ -8,7 +8,9 @@ does not add connected peers to its routing table by itself.
 
 from __future__ import annotations
 
+import functools
 import logging
+import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -16,9 +18,9 @@ from typing import Any
 
 import trio
 
+from ..node.limits import ADDRS_TTL, HANDSHAKE_TIMEOUT, INTERFACES_TTL, PEER_IDS_KEPT
 from ..node.limits import DIAL_MAX_CIRCUITS as MAX_CIRCUITS
 from ..node.limits import DIAL_MAX_DIRECT as MAX_DIRECT
-from ..node.limits import HANDSHAKE_TIMEOUT
 from . import addrs as addrlib
 from .budget import ConnectionGate, network_key
 from .identity import Identity
@@ -68,20 +70,39 @@ class ConnectionEvent:
     relayed: bool = False
 
 
+@functools.lru_cache(maxsize=PEER_IDS_KEPT)
+def libp2p_id(peer_id: str) -> Any:
+    """py-libp2p's ID for a base58 peer ID (decoding base58 is a big-integer loop in Python;
+    the node's timers ask for the same few IDs every second). ValueError if it does not parse."""
+    from libp2p.peer.id import ID
+
+    return ID.from_base58(peer_id)
+
+
 def _conn_facts(conn: Any) -> tuple[str, bool, bool]:
-    """(remote address, outbound, relayed) of a libp2p connection, as far as it tells."""
-    remote, outbound = "", False
+    """(remote address, outbound, relayed) of a libp2p connection, as far as it tells; kept on
+    the connection once known (they do not change, and the node's timers ask every second)."""
+    known: tuple[str, bool, bool] | None = getattr(conn, "_rentahal_facts", None)
+    if known is not None:
+        return known
+    facts = ("", False, False)
     try:
         outbound = str(getattr(conn, "direction", "")).lower().endswith("outbound")
         for a in conn.get_transport_addresses() or ():
             if "p2p-circuit" in str(a):
-                return str(a), outbound, True
-        ra = conn.muxed_conn.get_remote_address()
-        if ra:
-            remote = addrlib.tcp_addr(ra[0], ra[1])
+                facts = (str(a), outbound, True)
+                break
+        else:
+            ra = conn.muxed_conn.get_remote_address()
+            facts = (addrlib.tcp_addr(ra[0], ra[1]) if ra else "", outbound, False)
     except Exception:  # a connection torn down while we look at it
-        pass
-    return remote, outbound, False
+        return facts
+    if facts[0]:
+        try:
+            conn._rentahal_facts = facts
+        except AttributeError:  # a connection class with __slots__: worked out each time
+            pass
+    return facts
 
 
 class AddressBook:
@@ -93,15 +114,35 @@ class AddressBook:
 
     def __init__(self, announce: Sequence[str] = ()) -> None:
         self.announce = tuple(announce)
-        self.relayed: list[str] = []
-        self.confirmed: list[str] = []  # addresses peers dialed this node back on
+        self._relayed: list[str] = []
+        self._confirmed: list[str] = []
         self.host: Any = None
         self._ifaces: tuple[float, list[str]] = (-1e9, [])
+        # (when, advertised(), get_addrs()): kept ADDRS_TTL seconds, see get_addrs
+        self._kept: tuple[float, list[str], list[Any]] = (-1e9, [], [])
+
+    @property
+    def relayed(self) -> list[str]:
+        """The ``/p2p-circuit`` addresses of this node's relay reservations."""
+        return self._relayed
+
+    @relayed.setter
+    def relayed(self, addrs: list[str]) -> None:
+        self._relayed = list(addrs)
+        self._kept = (-1e9, [], [])
+
+    @property
+    def confirmed(self) -> list[str]:
+        """Addresses peers dialed this node back on."""
+        return self._confirmed
+
+    @confirmed.setter
+    def confirmed(self, addrs: list[str]) -> None:
+        self._confirmed = list(addrs)
+        self._kept = (-1e9, [], [])
 
     def interfaces(self) -> list[str]:
-        import time
-
-        if time.monotonic() - self._ifaces[0] > 5.0:
+        if time.monotonic() - self._ifaces[0] > INTERFACES_TTL:
             self._ifaces = (time.monotonic(), addrlib.interface_addresses())
         return self._ifaces[1]
 
@@ -109,29 +150,42 @@ class AddressBook:
         return [str(a) for a in self.host.get_transport_addrs()] if self.host is not None else []
 
     def advertised(self) -> list[str]:
-        return addrlib.advertisable(
-            self.listening(),
-            interfaces=self.interfaces(),
-            announce=self.announce,
-            observed=self.confirmed,
-            relayed=self.relayed,
-        )
+        return list(self._fresh()[1])
 
     def get_addrs(self) -> list[Any]:
         """Replaces the host's ``get_addrs`` (identify, DHT provider records, DCUtR read it).
         The library's own version strips everything after the first ``/p2p/`` of an address,
         which turns ``<relay>/p2p/<relay id>/p2p-circuit`` into the relay's address under this
         node's ID: a lie. Here each address just gets ``/p2p/<own id>`` appended."""
+        return list(self._fresh()[2])
+
+    def _fresh(self) -> tuple[float, list[str], list[Any]]:
+        """pubsub reads the addresses for every message it sends (to attach this node's signed
+        peer record), the node's timers every second: they are worked out again after
+        ADDRS_TTL seconds, or at once when a relay reservation or a dial-back changes them
+        (none, before the transports listen, is not kept)."""
         import multiaddr
 
-        own = self.host.get_id().to_base58()
+        now = time.monotonic()
+        if now - self._kept[0] < ADDRS_TTL:
+            return self._kept
+        advertised = addrlib.advertisable(
+            self.listening(),
+            interfaces=self.interfaces(),
+            announce=self.announce,
+            observed=self.confirmed,
+            relayed=self.relayed,
+        )
+        own = self.host.get_id().to_base58() if self.host is not None else ""
         out = []
-        for a in self.advertised():
+        for a in advertised:
             try:
                 out.append(multiaddr.Multiaddr(addrlib.with_peer(a, own)))
             except Exception:  # a /dns4/ name the multiaddr library rejects: skip it, keep the rest
                 continue
-        return out
+        fresh = (now if advertised else -1e9, advertised, out)
+        self._kept = fresh
+        return fresh
 
 
 class _Notifee:
@@ -205,10 +259,8 @@ class FederationHost:
     def connection(self, peer_id: str) -> tuple[str, bool, bool] | None:
         """(remote address, outbound, relayed) of the open connection to ``peer_id`` that new
         streams use: a direct one if there is any, else a relayed one."""
-        from libp2p.peer.id import ID
-
         try:
-            conns = self.host.get_network().get_connections(ID.from_base58(peer_id))
+            conns = self.host.get_network().get_connections(libp2p_id(peer_id))
         except Exception:
             return None
         facts = [_conn_facts(c) for c in conns if not getattr(c, "is_closed", False)]
@@ -219,10 +271,8 @@ class FederationHost:
         return {p.to_base58() for p in self.host.get_network().get_connections_map()}
 
     def is_connected(self, peer_id: str) -> bool:
-        from libp2p.peer.id import ID
-
         try:
-            pid = ID.from_base58(peer_id)
+            pid = libp2p_id(peer_id)
         except ValueError:  # a peer ID out of someone's claim that does not even parse
             return False
         return bool(self.host.get_network().get_connections(pid))
@@ -339,7 +389,35 @@ def _build_libp2p_host(
     host.get_addrs = book.get_addrs  # type: ignore[method-assign]  # see AddressBook.get_addrs
     _gate_inbound(host.get_network(), gate or ConnectionGate(), handshake_timeout)
     _no_auto_dialing(host.get_network())
+    _window_updates_at_half_window()
     return host
+
+
+def _window_updates_at_half_window() -> None:
+    """py-libp2p 0.8.1's yamux credits the sender back after every read, however small: each
+    gossip message, query frame or token event read sent a WINDOW_UPDATE frame back (a Noise
+    encryption and a socket write), a third of an idle node's writes in a 10-node federation
+    (py-spy). Here, as in go-yamux (``sendWindowUpdate``), the update goes out once the bytes
+    consumed since the last one reach half the stream's window; the window's auto-tuning is
+    kept. Reads return what is buffered, so a reader waiting for more than the credit left
+    never deadlocks: the sender always has at least half a window. Installed once per process."""
+    from libp2p.stream_muxer.yamux.yamux import YamuxStream
+
+    name = "_auto_tune_and_send_window_update"  # what YamuxStream.read calls after each read
+    if getattr(getattr(YamuxStream, name), "at_half_window", False):
+        return
+
+    async def update(self: Any, *, bytes_read: int = 0) -> None:
+        async with self.window_lock:
+            buffered = len(self.conn.stream_buffers.get(self.stream_id, b""))
+            if self.target_recv_window - (self.recv_window + buffered) < self.target_recv_window // 2:
+                return
+            delta = self._grow_to_delta(buffered) + self._apply_autotune_epoch(buffered)
+            self._pending_recv_release = 0
+        await self.send_window_update(delta, skip_lock=True)
+
+    update.at_half_window = True  # type: ignore[attr-defined]
+    setattr(YamuxStream, name, update)
 
 
 def _no_auto_dialing(swarm: Any) -> None:
@@ -470,12 +548,14 @@ async def open_federation_host(
     gossipsub = flood_publish_gossipsub_class()(  # see p2p/gossip.py
         [PROTOCOL_ID_V11],
         # A node's own record goes to every subscribed peer it is connected to (flood publish),
-        # so the mesh carries only relays, each a duplicate for most receivers: 4 (3-6) mesh
-        # peers rather than the spec's 6 (4-12) cut an idle node of a 10-node federation from
-        # 4.8 % to 3.3 % of a core (bench_idle, BENCHMARKS.md), a relay still reaching everyone.
-        degree=4,
-        degree_low=3,
-        degree_high=6,
+        # so the mesh carries only relays, each a duplicate for most receivers (an idle node of
+        # a 10-node federation wrote 3 relays for each record it took): 3 (2-4) mesh peers
+        # rather than the spec's 6 (4-12) cut that node from 4.8 % of a core (degree 6) to 3.3 %
+        # (degree 4) and, with the rest of BENCHMARKS.md's list, from 2.1 % to 1.9 %; a relay
+        # still reaches everyone (test_gossip_mesh).
+        degree=3,
+        degree_low=2,
+        degree_high=4,
         heartbeat_interval=int(max(1, health_topic_heartbeat)),
         # py-libp2p 0.8.1's "adaptive gossip" rates a mesh below `degree` peers as poor health
         # and then sets the heartbeat to 30-60 s (not 1 s): in any federation of under 7 nodes,

@@ -6,6 +6,7 @@ across restarts. ``cryptography`` signs and verifies; libp2p gets the same key a
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,11 +27,12 @@ class IdentityError(Exception):
 class Identity:
     private_key: Ed25519PrivateKey
 
-    @property
+    # Worked out once: gossip's validator compares every record's author with this node's ID.
+    @functools.cached_property
     def public_bytes(self) -> bytes:
         return self.private_key.public_key().public_bytes_raw()
 
-    @property
+    @functools.cached_property
     def peer_id(self) -> str:
         return peer_id_from_public_key(self.public_bytes)
 

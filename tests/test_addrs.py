@@ -266,3 +266,37 @@ def test_connection_age_counts_for_a_peer_that_just_reconnected() -> None:
     assert e is not None and e.connected_at == 100.0
     t.set_connected("P", True)  # another connection to the same peer: the first one's time stays
     assert e.connected_at == 100.0
+
+
+def test_advertised_addresses_are_kept_but_a_new_relay_or_dial_back_shows_at_once() -> None:
+    """pubsub reads the host's addresses for every message it sends: they are built once per
+    ADDRS_TTL, but a relay reservation or a confirmed address is advertised as soon as it is set."""
+    from rentahal.p2p.host import AddressBook
+
+    class Id:
+        def to_base58(self) -> str:
+            return "12D3KooWQYhTNQdmr3ArTeUHRYzFg94BKyTkoWBDWez9kSCVe2Xo"
+
+    class Host:
+        reads = 0
+
+        def get_id(self) -> Id:
+            return Id()
+
+        def get_transport_addrs(self) -> list[str]:
+            Host.reads += 1
+            return ["/ip4/192.0.2.7/tcp/4001"]
+
+    book = AddressBook()
+    book.host = Host()
+    first = [str(a) for a in book.get_addrs()]
+    assert first == [f"/ip4/192.0.2.7/tcp/4001/p2p/{Id().to_base58()}"]
+    for _ in range(50):
+        assert [str(a) for a in book.get_addrs()] == first
+    assert Host.reads == 1
+    relay = "/ip4/198.51.100.1/tcp/4001/p2p/12D3KooWJWoaqZhDaoEFshF7Rh1bpY9ohihFhzcW6d69Lr2NASuq/p2p-circuit"
+    book.relayed = [relay]
+    assert f"{relay}/p2p/{Id().to_base58()}" in [str(a) for a in book.get_addrs()]
+    book.confirmed = ["/ip4/203.0.113.9/tcp/4001"]
+    assert f"/ip4/203.0.113.9/tcp/4001/p2p/{Id().to_base58()}" in [str(a) for a in book.get_addrs()]
+    assert Host.reads == 3

@@ -60,8 +60,8 @@ def test_router_node_discovers_peers_and_routes_chat(federation: Federation) -> 
     for node in (b, c):
         p = peers[node.peer_id]
         assert p["state"] == "live" and p["realms"] == ["chat"]
-        # Records go out on change, on connect, and every p2p.health_heartbeat (5 s) besides.
-        assert p["record_age_s"] is not None and p["record_age_s"] < 6
+        # Records go out on change, on connect, and every p2p.health_heartbeat (10 s) besides.
+        assert p["record_age_s"] is not None and p["record_age_s"] < 11
         assert p["models"]["chat"] == "rentahal-smoke-test"
     # B is the smoke-test chat executor and says so.
     b_chat = next(r for r in b.cli_json("realms") if r["realm"] == "chat")
@@ -115,7 +115,7 @@ def test_frozen_executor_is_detected_and_comes_back(federation: Federation) -> N
         failover = next(m["event"] for m in rest if m.get("event", {}).get("type") == "failover")
         assert failover["kind"] == "hung"
 
-        a.wait_for(rf"peer {victim.peer_id} is stale", 15, after=mark)
+        a.wait_for(rf"peer {victim.peer_id} is stale", 40, after=mark)  # p2p.stale_after: 25 s
         assert a.peer(victim.peer_id)["state"] == "stale"
         plan = a.cli_json("route", "chat")
         assert [x["executor"] for x in plan["candidates"]] == [survivor.peer_id]

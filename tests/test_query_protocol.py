@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import trio
+import trio.testing
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from rentahal.p2p import wire
@@ -110,3 +111,53 @@ async def test_cancel_storm_keeps_the_connection() -> None:
 
 async def _ignore(event: ev.StreamEvent) -> None:
     pass
+
+
+async def test_a_reader_credits_the_sender_per_half_window_not_per_read(monkeypatch: Any) -> None:
+    """py-libp2p's yamux sent a WINDOW_UPDATE frame back after every read (a Noise-encrypted
+    write per gossip message or token event received); as in go-yamux, the credit now goes back
+    once half the window is consumed, and a transfer many windows long still completes intact."""
+    from libp2p.stream_muxer.yamux.yamux import DEFAULT_WINDOW_SIZE, YamuxStream
+
+    updates: list[tuple[object, int]] = []
+    send_update = YamuxStream.send_window_update
+
+    async def counted(self: Any, increment: int, skip_lock: bool = False) -> None:
+        updates.append((self, increment))
+        await send_update(self, increment, skip_lock)
+
+    monkeypatch.setattr(YamuxStream, "send_window_update", counted)
+    small, big = [bytes([i]) * 100 for i in range(200)], bytes(range(256)) * (3 * 4096)  # 3 MiB
+    received: list[bytes] = []
+    reader: list[object] = []
+    done = trio.Event()
+
+    async def handle(stream: Any) -> None:
+        reader.append(stream.muxed_stream)
+        got = 0
+        while got < 100 * len(small) + len(big):
+            data = await stream.read(65536)
+            got += len(data)
+            received.append(data)
+        done.set()
+
+    a_id, b_id = (Identity(Ed25519PrivateKey.generate()) for _ in range(2))
+    async with (
+        open_federation_host(a_id, ["/ip4/127.0.0.1/tcp/0"]) as a,
+        open_federation_host(b_id, ["/ip4/127.0.0.1/tcp/0"]) as b,
+    ):
+        b.set_stream_handler("/rentahal-test/window/1", handle)
+        await a.dial(b.addrs()[0], timeout=10)
+        stream = await a.host.new_stream(b.host.get_id(), ["/rentahal-test/window/1"])
+        with trio.fail_after(30):
+            for message in small:
+                await stream.write(message)
+                await trio.testing.wait_all_tasks_blocked()  # each one read on its own
+            small_updates = [n for s, n in updates if s is reader[0]]
+            for i in range(0, len(big), 16384):
+                await stream.write(big[i : i + 16384])
+            await done.wait()
+    assert small_updates == []  # 20 KB read in 200 reads: no credit needed yet (was 200 frames)
+    assert b"".join(received) == b"".join(small) + big
+    big_updates = [n for s, n in updates if s is reader[0]]
+    assert 0 < len(big_updates) <= (100 * len(small) + len(big)) // (DEFAULT_WINDOW_SIZE // 2) + 1
