@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from rentahal.p2p.gossip import MAX_AUTHORS, SENDER_RECORD_RECHECK, GossipBudget, RecordCheck, verified_once
@@ -138,3 +139,23 @@ def test_a_peer_record_is_verified_once_per_peer_and_bytes_and_a_bad_one_every_t
     assert once(_Rpc(None), None, alice)  # no record: nothing to check
     clock.now += SENDER_RECORD_RECHECK
     assert once(_Rpc(b"good"), None, alice) and checked[-1] == b"good"  # checked (and stored) again
+
+
+async def test_no_idontwant_work_for_a_router_that_speaks_gossipsub_1_1_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """IDONTWANT is GossipSub 1.2: a 1.1-only router (the node's) has no peer to send one to, so
+    it skips the library's per-message search for such peers; a 1.2 router still sends them."""
+    from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
+
+    from rentahal.p2p.gossip import flood_publish_gossipsub_class
+
+    searched: list[bytes] = []
+
+    async def search(self: object, msg_id: bytes, topic_ids: object) -> None:
+        searched.append(msg_id)
+
+    monkeypatch.setattr(GossipSub, "_emit_idontwant_for_message", search)
+    cls = flood_publish_gossipsub_class()
+    await cls([PROTOCOL_ID_V11], 3, 2, 4)._emit_idontwant_for_message(b"m1", ["t"])
+    assert searched == []
+    await cls([PROTOCOL_ID_V12, PROTOCOL_ID_V11], 3, 2, 4)._emit_idontwant_for_message(b"m2", ["t"])
+    assert searched == [b"m2"]
