@@ -8,7 +8,7 @@ from collections import deque
 
 import trio
 
-from ..p2p.host import FederationHost
+from ..p2p.host import FederationHost, libp2p_id
 from ..p2p.peers import PeerTable
 from ..realms.events import FailureKind
 from .limits import VIOLATION_BLOCK, VIOLATION_LIMIT, VIOLATION_WINDOW
@@ -60,10 +60,8 @@ class Violations:
                 "blocked peer %s for %gs: %d protocol violations in %gs",
                 peer_id, VIOLATION_BLOCK, len(times), VIOLATION_WINDOW,
             )  # fmt: skip
-            from libp2p.peer.id import ID
-
             with trio.move_on_after(2):
                 try:
-                    await self.fh.host.disconnect(ID.from_base58(peer_id))
+                    await self.fh.host.disconnect(libp2p_id(peer_id))
                 except Exception as exc:  # it may be gone already
                     log.debug("disconnecting %s: %s", peer_id, exc)

@@ -302,14 +302,13 @@ class FederationHost:
         relay addresses, all within ``timeout``. (``host.connect`` would try one TCP address of
         its own choosing from the peer store, whatever the order.)"""
         import multiaddr
-        from libp2p.peer.id import ID
 
         direct = [a for a in addrs if "/p2p-circuit" not in a][:MAX_DIRECT]
         circuits = [a for a in addrs if "/p2p-circuit" in a][:MAX_CIRCUITS] if self.circuit_dialer else []
         if not direct and not circuits:
             raise DialError(f"{peer_id}: no usable address")
         try:
-            pid = ID.from_base58(peer_id)
+            pid = libp2p_id(peer_id)
         except ValueError:
             raise DialError(f"{peer_id}: not a peer ID") from None
         swarm = self.host.get_network()
@@ -346,10 +345,8 @@ class FederationHost:
         raise DialError(f"{peer_id}: " + "; ".join(errors))
 
     async def add_dht_peer(self, peer_id: str) -> None:
-        from libp2p.peer.id import ID
-
         try:
-            await self.dht.add_peer(ID.from_base58(peer_id))
+            await self.dht.add_peer(libp2p_id(peer_id))
         except Exception as exc:  # the routing table check dials; a failure only means "not now"
             log.debug("dht add_peer %s failed: %s", peer_id, exc)
 

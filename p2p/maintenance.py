@@ -29,7 +29,7 @@ from ..node.limits import (
     SWEEP_MAX_CONNECTIONS,
 )
 from . import addrs as addrlib
-from .host import DialError, FederationHost
+from .host import DialError, FederationHost, libp2p_id
 from .peers import PeerState, PeerTable
 
 log = logging.getLogger("rentahal.p2p")
@@ -169,12 +169,10 @@ class PeerMaintenance:
         still counts as connected: close a connection that has carried no health record for
         long, so that whoever can dial (the side behind NAT, the bootstrap loop) dials afresh
         once the path is back."""
-        from libp2p.peer.id import ID
-
         log.info("peer %s: no health record for %.0fs; closing its connection", peer_id, age or 0.0)
         with trio.move_on_after(5):
             try:
-                await self.fh.host.disconnect(ID.from_base58(peer_id))
+                await self.fh.host.disconnect(libp2p_id(peer_id))
             except Exception as exc:
                 log.debug("closing the connection to %s failed: %s", peer_id, exc)
 
@@ -262,7 +260,6 @@ class PeerMaintenance:
         routing) if it does not answer within PROBE_TIMEOUT. One ping in flight per peer: a
         ping stuck on a dead connection holds up no other."""
         from libp2p.host.ping import PingService
-        from libp2p.peer.id import ID
 
         pinger = PingService(self.fh.host)
         in_flight: set[str] = set()
@@ -274,7 +271,7 @@ class PeerMaintenance:
                 with trio.move_on_after(timeout):
                     # The library rounds RTTs to whole milliseconds; time it ourselves.
                     t0 = trio.current_time()
-                    if await pinger.ping(ID.from_base58(pid)):
+                    if await pinger.ping(libp2p_id(pid)):
                         answered = True
                         self.table.record_rtt(pid, (trio.current_time() - t0) * 1000.0)
             except Exception:

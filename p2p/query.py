@@ -34,6 +34,7 @@ from ..realms.events import Code, ExecutorFailure, FailureKind
 from . import conversation as conv
 from . import wire
 from .budget import ByteBudget, Counter
+from .host import libp2p_id
 
 log = logging.getLogger("rentahal.p2p.query")
 
@@ -360,8 +361,6 @@ class QueryClient:
             await trio.sleep_forever()
 
     async def _session(self, peer_id: str) -> _Session:
-        from libp2p.peer.id import ID
-
         session = self.sessions.get(peer_id)
         if session is not None and not session.done:
             return session
@@ -372,7 +371,7 @@ class QueryClient:
                 return session
             try:
                 with trio.fail_after(self.dial_timeout):
-                    stream = await self.host.new_stream(ID.from_base58(peer_id), [wire.PROTOCOL_ID])
+                    stream = await self.host.new_stream(libp2p_id(peer_id), [wire.PROTOCOL_ID])
             except trio.TooSlowError:
                 raise ExecutorFailure(
                     f"could not open a stream within {self.dial_timeout:g}s", Code.BUSY, kind=FailureKind.HUNG

@@ -37,7 +37,7 @@ from ..node.limits import DIAL_BACK_TICK as TICK
 from ..node.limits import DIAL_BACK_TIMEOUT
 from ..node.limits import DIAL_BACK_WITNESSES as WITNESSES
 from . import addrs as addrlib
-from .host import FederationHost
+from .host import FederationHost, libp2p_id
 
 log = logging.getLogger("rentahal.p2p")
 
@@ -123,8 +123,6 @@ class DialBack:
 
     # --- serving: dial a requester back ----------------------------------------------------------
     async def handle_stream(self, stream: object) -> None:
-        from libp2p.peer.id import ID
-
         s = stream  # an INetStream
         try:
             peer_id = s.muxed_conn.peer_id.to_base58()  # type: ignore[attr-defined]
@@ -162,7 +160,7 @@ class DialBack:
             async with self._serving:
                 for port in ports:
                     addr = addrlib.tcp_addr(ip, port)
-                    if await self._dial_back(addr, ID.from_base58(peer_id)):
+                    if await self._dial_back(addr, libp2p_id(peer_id)):
                         ok = True
                         break
             await self._answer(s, {"ok": ok, "addr": addr if ok else "", "seen_ip": ip})
@@ -205,14 +203,12 @@ class DialBack:
         """(dialed back, the IP the peer saw this node at, the port it dialed) or None if it gave
         no usable answer. The address advertised later is built from these, never taken from
         the answer's own ``addr``; the port must be one asked for."""
-        from libp2p.peer.id import ID
-
         ports = _ports(self.fh.listen_addrs())
         if not ports:
             return None
         try:
             with trio.fail_after(DIAL_BACK_TIMEOUT):
-                stream = await self.fh.host.new_stream(ID.from_base58(peer_id), [PROTOCOL_ID])
+                stream = await self.fh.host.new_stream(libp2p_id(peer_id), [PROTOCOL_ID])
             try:
                 # No deadline around the write: a cancel inside a libp2p write breaks the
                 # whole connection (DESIGN.md, cancel safety). The message is tiny.

@@ -27,7 +27,7 @@ import trio
 from ..node.limits import DCUTR_DIALS_PER_MINUTE, RESERVATION_TTL, RESERVE_TIMEOUT, RETRY_RELAY_AFTER, TARGET_RELAYS
 from ..node.limits import RELAY_CHECK_INTERVAL as CHECK_INTERVAL
 from . import addrs as addrlib
-from .host import DialError, FederationHost
+from .host import DialError, FederationHost, libp2p_id
 
 log = logging.getLogger("rentahal.p2p")
 
@@ -167,10 +167,9 @@ class RelayService:
         """Reserve a slot on ``relay`` and keep it while the connection lasts. The library's one
         renewal task (shared by all reservations) lives in the service's nursery, not here, so
         it outlives the first relay to go."""
-        from libp2p.peer.id import ID
         from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_ID
 
-        rid = ID.from_base58(relay)
+        rid = libp2p_id(relay)
         circuit = f"{relay_addr}/p2p/{relay}/p2p-circuit"
         try:
             async with trio.open_nursery() as nursery:
