@@ -11,6 +11,7 @@ import logging
 import os
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -223,7 +224,7 @@ class Node:
                         known=lambda peer_id: self.table.get(peer_id) is not None,
                         budget=budget,
                     )
-                    self.maintenance.on_connect = lambda peer_id: nursery.start_soon(gossip.peer_connected, peer_id)
+                    self.maintenance.on_connect = partial(self._greet, nursery, gossip)
                     await nursery.start(gossip.run)
                     self.spot = SpotChecker(
                         self.table,
@@ -344,6 +345,12 @@ class Node:
             log.info("serving no realm: this node routes and asks only")
             return
         await self.realm_discovery.advertise(served)
+
+    def _greet(self, nursery: trio.Nursery, gossip: HealthGossip, peer_id: str) -> None:
+        """A peer connected: send it this node's record (not a peer this node has blocked, whose
+        connection is being closed)."""
+        if not self.table.is_blocked(peer_id):
+            nursery.start_soon(gossip.peer_connected, peer_id)
 
     async def _dial_quietly(self, peer_id: str) -> None:
         """Dial through the maintenance service (it picks the addresses from the peer table)."""

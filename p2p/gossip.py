@@ -17,6 +17,7 @@ second time. Rejections are logged once per (author, reason), with a bound on th
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import time
 from collections import OrderedDict
@@ -32,11 +33,14 @@ from ..node.limits import GOSSIP_MAX_WARNINGS as MAX_WARNINGS
 from ..node.limits import GOSSIP_READ_CHUNK as READ_CHUNK
 from ..node.limits import MAX_RECORD_SKEW, SENDER_RECORD_RECHECK, SENDER_RECORDS_KEPT, SUBSCRIPTION_WAIT
 from .health import HEALTH_TOPIC, HealthRecord, sign_record, verify_record
-from .host import FederationHost
+from .host import FederationHost, libp2p_id
 from .identity import Identity
 from .ratelimit import RateLimiter
 
 log = logging.getLogger("rentahal.p2p")
+
+# The peer whose pubsub stream the current task reads (trio gives each task its own context).
+_READING_FROM: contextvars.ContextVar[Any] = contextvars.ContextVar("rentahal_gossip_reading_from", default=None)
 
 
 class RecordCheck:
@@ -111,6 +115,7 @@ class GossipBudget:
         self.bytes_per_second = per_second * BYTES_PER_MESSAGE
         self._bytes: OrderedDict[object, tuple[float, float]] = OrderedDict()  # key -> (tokens, at)
         self._cooling: OrderedDict[object, float] = OrderedDict()  # key -> refused until
+        self._over: OrderedDict[object, tuple[float, int]] = OrderedDict()  # key -> (since, dropped)
         self.introductions = RateLimiter(introductions_per_minute, max(1, int(introductions_per_minute)), clock=clock)
         self.on_violation = on_violation
         self.clock = clock
@@ -120,10 +125,22 @@ class GossipBudget:
         self._reported: OrderedDict[object, float] = OrderedDict()  # forwarder -> last report
 
     def admit(self, forwarder: object) -> bool:
-        """One message from ``forwarder`` (a libp2p ID: hashing it is cheaper than naming it)."""
+        """One message from ``forwarder`` (a libp2p ID: hashing it is cheaper than naming it).
+        A forwarder that sends more than a burst's worth of messages past its budget within a
+        second is flooding: its stream is cut as for its byte budget (``cooling``), rather than
+        read and dropped message by message."""
         if self.messages.take(forwarder) == 0.0:
             return True
         self.dropped += 1
+        now = self.clock()
+        since, n = self._over.get(forwarder, (now, 0))
+        since, n = (since, n + 1) if now - since < 1.0 else (now, 1)
+        self._over[forwarder] = (since, n)
+        self._over.move_to_end(forwarder)
+        while len(self._over) > MAX_AUTHORS:
+            self._over.popitem(last=False)
+        if n > self.messages.burst:
+            self._cool(forwarder, now)
         self._report(forwarder, "more gossip messages than the per-forwarder budget")
         return False
 
@@ -140,13 +157,15 @@ class GossipBudget:
             self._bytes.popitem(last=False)
         if tokens >= 0:
             return True
+        self._cool(forwarder, now)
+        self._report(forwarder, f"more than {self.bytes_per_second:.0f} bytes a second of gossip")
+        return False
+
+    def _cool(self, forwarder: object, now: float) -> None:
         self._cooling[forwarder] = now + COOL_DOWN
         self._cooling.move_to_end(forwarder)
         while len(self._cooling) > MAX_AUTHORS:
             self._cooling.popitem(last=False)
-        self.dropped_streams += 1
-        self._report(forwarder, f"more than {self.bytes_per_second:.0f} bytes a second of gossip")
-        return False
 
     def cooling(self, forwarder: object) -> bool:
         """Whether ``forwarder`` flooded its stream a moment ago (its new streams are refused)."""
@@ -195,13 +214,15 @@ class _MeteredStream:
             data = await self._stream.read(READ_CHUNK)
             if not data:
                 return b""
-            if not self._budget.take_bytes(self._key, len(data)):
+            # Past its byte budget, or flooding past its message budget: the rest goes unread.
+            if not self._budget.take_bytes(self._key, len(data)) or self._budget.cooling(self._key):
+                self._budget.dropped_streams += 1
                 with trio.move_on_after(1):
                     try:
                         await self._stream.reset()
                     except Exception:
                         pass
-                raise StreamEOF("gossip byte budget exceeded: stream reset")
+                raise StreamEOF("gossip budget exceeded: stream reset")
             self._buf += data
         size = len(self._buf) if n is None or n < 0 else min(n, len(self._buf))
         out = bytes(self._buf[:size])
@@ -283,10 +304,13 @@ def verified_once(check: Callable[[Any, Any, Any], bool], *, clock: Callable[[],
 
 
 def budgeted_pubsub_class() -> type:
-    """py-libp2p's Pubsub with every peer's stream metered (``_MeteredStream``), ``push_msg``
-    charging each message to its forwarder (GossipBudget.admit) before the library decodes or
-    verifies it, and nothing taken from peers the node has blocked. Built on first use, so
-    importing this module does not import libp2p."""
+    """py-libp2p's Pubsub with every peer's stream metered (``_MeteredStream``), and each
+    message it reads charged to its forwarder (GossipBudget.admit), refused when the node has
+    blocked the forwarder, and dropped when pubsub has already seen it, all **before** the library
+    spawns a task for it. (Pubsub 0.8.1 spawns one task per message read, and finding the new
+    task's parent walks every task the service holds: under a flood, or with an idle
+    federation's relayed duplicates, that spawn was the largest cost of a message.) Built on
+    first use, so importing this module does not import libp2p."""
     from libp2p.pubsub.pubsub import Pubsub
 
     _verify_sender_records_once()
@@ -309,15 +333,24 @@ def budgeted_pubsub_class() -> type:
                             pass
                     return
                 stream = _MeteredStream(stream, self.budget, peer)
+            # This task reads this one peer's stream and nothing else: every message that the
+            # library's loop below hands to ``_is_subscribed_to_msg`` came from ``peer``.
+            _READING_FROM.set(peer)
             await super().continuously_read_stream(stream)
 
-        async def push_msg(self, msg_forwarder: Any, msg: Any) -> None:
-            if msg_forwarder != self.my_id:
-                if self.budget is not None and not self.budget.admit(msg_forwarder):
-                    return
-                if self.refuse is not None and self.refuse(msg_forwarder.to_base58()):
-                    return
-            await super().push_msg(msg_forwarder, msg)
+        def _is_subscribed_to_msg(self, msg: Any) -> bool:
+            """Called by the read loop for each message it read, just before it spawns the task
+            that handles it: False drops the message there."""
+            if not super()._is_subscribed_to_msg(msg):
+                return False
+            forwarder = _READING_FROM.get()
+            if forwarder is None or forwarder == self.my_id:
+                return True
+            if self.budget is not None and not self.budget.admit(forwarder):
+                return False
+            if self.refuse is not None and self.refuse(forwarder.to_base58()):
+                return False
+            return not self._is_msg_seen(msg)  # push_msg would drop it too, after a spawn
 
     return BudgetedPubsub
 
@@ -356,8 +389,11 @@ class HealthGossip:
     async def peer_connected(self, peer_id: str) -> None:
         """A peer connected: publish this node's record as soon as pubsub knows that the peer
         subscribes to the topic (a few round trips), so that it learns of this node at once."""
+        peer = libp2p_id(peer_id)
         with trio.move_on_after(SUBSCRIPTION_WAIT):
-            while not any(p.to_base58() == peer_id for p in self.fh.pubsub.peer_topics.get(HEALTH_TOPIC, ())):
+            while peer not in self.fh.pubsub.peer_topics.get(HEALTH_TOPIC, ()):
+                if not self.fh.is_connected(peer_id):
+                    return  # gone already, or closed by this node (a peer it has blocked)
                 await trio.sleep(0.02)
             self.changed()
 

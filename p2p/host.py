@@ -384,7 +384,9 @@ def _build_libp2p_host(
     host = new_host(key_pair=key_pair, sec_opt=noise_only, muxer_opt=create_yamux_muxer_option())
     book.host = host
     host.get_addrs = book.get_addrs  # type: ignore[method-assign]  # see AddressBook.get_addrs
-    _gate_inbound(host.get_network(), gate or ConnectionGate(), handshake_timeout)
+    gate = gate or ConnectionGate()
+    _gate_inbound(host.get_network(), gate, handshake_timeout)
+    _no_dials_to_refused_peers(host.get_network(), gate)
     _no_auto_dialing(host.get_network())
     _window_updates_at_half_window()
     return host
@@ -430,6 +432,51 @@ def _no_auto_dialing(swarm: Any) -> None:
     swarm.auto_connector.maybe_connect = maybe_connect
 
 
+def _no_dials_to_refused_peers(swarm: Any, gate: ConnectionGate) -> None:
+    """Inbound connections from a peer the node has blocked are closed after the handshake
+    (``_gate_inbound``); this node must not dial one either. py-libp2p's own dialers (the DHT's
+    lookups and refreshes, identify's peers) know nothing of the block: a flooder the node had
+    blocked and disconnected was dialed again by it within seconds and kept opening streams on
+    that connection. Every dial of the swarm, plain or as hole-punch responder, goes through
+    the two methods wrapped here."""
+    from libp2p.network.exceptions import SwarmException
+
+    for name in ("_dial_addr_single_attempt", "dial_addr_as_responder"):
+        dial = getattr(swarm, name)
+
+        async def dial_unless_refused(addr: Any, peer_id: Any, source: Any = None, _dial: Any = dial) -> Any:
+            if gate.refuse_peer(peer_id.to_base58()):
+                raise SwarmException(f"{peer_id}: blocked by this node")
+            return await _dial(addr, peer_id, source)
+
+        setattr(swarm, name, dial_unless_refused)
+
+
+def _refuse_after_security(upgrader: Any, gate: ConnectionGate) -> None:
+    """A peer the node has blocked is known by its ID once the Noise handshake ends: its
+    connection is closed there, before the muxer, the swarm's bookkeeping and every protocol's
+    greeting (pubsub's hello, identify) cost anything. (Closed after the upgrade instead, each
+    redial of a blocked flooder cost the node about as much as 15 of its streams.)"""
+    from libp2p.transport.exceptions import SecurityUpgradeFailure
+
+    secure = upgrader.upgrade_security
+
+    async def secure_unless_refused(raw_conn: Any, is_initiator: bool, peer_id: Any = None) -> Any:
+        conn = await secure(raw_conn, is_initiator, peer_id)
+        remote = conn.get_remote_peer()
+        if gate.refuse_peer(remote.to_base58()):
+            gate.refused += 1
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                try:
+                    await conn.close()
+                except Exception:
+                    pass
+            raise SecurityUpgradeFailure(f"{remote}: blocked by this node")
+        return conn
+
+    upgrader.upgrade_security = secure_unless_refused
+
+
 def _gate_inbound(swarm: Any, gate: ConnectionGate, handshake_timeout: float) -> None:
     """Admit inbound TCP connections by remote network before their handshake.
 
@@ -444,6 +491,7 @@ def _gate_inbound(swarm: Any, gate: ConnectionGate, handshake_timeout: float) ->
 
     swarm.connection_config.inbound_upgrade_timeout = handshake_timeout
     swarm.connection_gate_for_inbound = gate  # for tests and reports
+    _refuse_after_security(swarm.upgrader, gate)
 
     async def handle_inbound(read_write_closer: Any, maddr: Any) -> None:
         try:
@@ -565,7 +613,7 @@ async def open_federation_host(
         # node's own per-forwarder budget (limits.gossip_per_second) is charged before that.
         spam_protection_enabled=False,
     )
-    # Pubsub whose push_msg charges each message to its forwarder first (p2p/gossip.py).
+    # Pubsub that charges each message to its forwarder before handling it (p2p/gossip.py).
     pubsub = budgeted_pubsub_class()(host, gossipsub, strict_signing=True)
     dht = KadDHT(host, DHTMode.SERVER)
     send, receive = trio.open_memory_channel[ConnectionEvent](256)

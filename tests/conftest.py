@@ -1,7 +1,9 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
+import traceback
+from collections.abc import Generator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,3 +17,23 @@ def federation(tmp_path: Path) -> Iterator[Federation]:
         yield fed
     finally:
         fed.close()
+
+
+def _leaves(exc: BaseException) -> Iterator[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        for sub in exc.exceptions:
+            yield from _leaves(sub)
+    else:
+        yield exc
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, None]:
+    """A failure raised through nested trio nurseries (py-libp2p's services nest ten deep) is
+    printed as groups past Python's display depth, with the assertion itself cut off: the
+    report gets the innermost exceptions, with their own tracebacks, as a section of its own."""
+    outcome = yield
+    report = outcome.get_result()
+    if call.excinfo is not None and isinstance(call.excinfo.value, BaseExceptionGroup):
+        text = "\n".join("".join(traceback.format_exception(leaf)) for leaf in _leaves(call.excinfo.value))
+        report.sections.append(("innermost exceptions", text))

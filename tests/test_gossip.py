@@ -92,6 +92,23 @@ def test_a_flooding_forwarder_is_cut_to_its_budget_and_reported_once_a_second() 
     assert len(reports) == 2
 
 
+def test_a_forwarder_flooding_past_its_message_budget_has_its_stream_cut_and_a_slight_excess_does_not() -> None:
+    clock = Clock()
+    budget = GossipBudget(100.0, 60.0, clock=clock)
+    for forwarder in ("flooder", "eager"):
+        assert sum(budget.admit(forwarder) for _ in range(200)) == 200  # the burst
+    # The flooder: more than a burst's worth (200) past its budget within a second.
+    assert sum(budget.admit("flooder") for _ in range(201)) == 0
+    assert budget.cooling("flooder")  # its stream is reset at its next read, new ones refused
+    # The eager one: 150 a second for 10 s, 50 a second over its budget: dropped, never cut.
+    for _ in range(100):
+        clock.now += 0.1
+        for _ in range(15):
+            budget.admit("eager")
+        assert not budget.cooling("eager")
+    assert not budget.cooling("honest")
+
+
 def test_a_forwarder_introduces_a_bounded_number_of_strangers() -> None:
     clock = Clock()
     reports: list[tuple[str, str]] = []

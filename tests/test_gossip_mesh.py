@@ -11,6 +11,7 @@ records up to 177 s old (the hour-long soak) and blocked their own bootstrap pee
 
 from __future__ import annotations
 
+import contextlib
 import struct
 import time
 from contextlib import AsyncExitStack
@@ -68,3 +69,68 @@ async def test_a_peer_joining_a_running_federation_gets_current_messages_promptl
     assert max(ages) < 8.0, f"replayed messages {max(ages):.0f}s old: {sorted(ages)[-5:]}"
     # The hub grafts the new peer into its mesh at its next heartbeat (1 s), not a minute later.
     assert arrived_after < 8.0, f"the first relayed message came {arrived_after:.1f}s after joining"
+
+
+async def test_messages_over_budget_or_already_seen_are_dropped_before_a_task_is_spawned_for_them() -> None:
+    """py-libp2p's pubsub spawns a task per message read (and finding the new task's parent
+    walks every task the service holds). The node charges each message to its forwarder, and
+    drops it when it is over budget or already seen, before that spawn: a flood of valid records
+    from one peer spawns about the budget's burst of tasks, not one per record, and has its
+    stream cut once it is a burst past its budget; a record seen before, relayed by another
+    peer, spawns none."""
+    from libp2p.peer.id import ID
+
+    from rentahal.p2p.gossip import GossipBudget
+    from rentahal.p2p.health import HEALTH_TOPIC
+    from rentahal.scripts.bench_gossip_flood import flood_frames
+
+    class Counting(GossipBudget):
+        charged = 0
+
+        def admit(self, forwarder: object) -> bool:
+            self.charged += 1
+            return super().admit(forwarder)
+
+    me = Identity(Ed25519PrivateKey.generate())
+    async with AsyncExitStack() as stack:
+        node = await _host(stack)
+        flooder = await stack.enter_async_context(open_federation_host(me, ["/ip4/127.0.0.1/tcp/0"]))
+        relayer = await _host(stack)
+        per_second = 25.0  # a burst of 50 messages, and 2 x 25 x 4 KiB of bytes: more than the flood
+        node.pubsub.budget = budget = Counting(per_second, 60.0)
+        sub = await node.pubsub.subscribe(HEALTH_TOPIC)
+        spawned: list[str] = []
+        run_task = node.pubsub.manager.run_task
+
+        def counting(fn: object, *args: object, **kwargs: object) -> None:
+            spawned.append(getattr(fn, "__name__", ""))
+            run_task(fn, *args, **kwargs)
+
+        setattr(node.pubsub.manager, "run_task", counting)  # noqa: B010 - patches one instance
+        await flooder.dial(node.addrs()[0], timeout=15)
+        await relayer.dial(node.addrs()[0], timeout=15)
+        frames = flood_frames(me, flooder.host.get_public_key().serialize(), 300)
+        stream = await flooder.host.new_stream(ID.from_base58(node.peer_id), ["/meshsub/1.1.0"])
+        started = trio.current_time()
+        with contextlib.suppress(Exception):  # the node may reset the stream under the writer
+            await stream.write(b"".join(frames))
+        with trio.fail_after(15):  # until the node has read all or cut the stream
+            while budget.charged < 300 and budget.dropped_streams == 0:
+                await trio.sleep(0.01)
+        elapsed = trio.current_time() - started
+        pushed = spawned.count("push_msg")
+        assert pushed == budget.charged - budget.dropped, (pushed, budget.charged, budget.dropped)  # was 1 each
+        assert pushed <= 2 * per_second + per_second * elapsed + 1, (pushed, elapsed)
+        assert budget.dropped_streams == 1 and budget.cooling(ID.from_base58(me.peer_id))
+        # The first record reached the subscriber; relayed by another peer 20 times, it spawns nothing.
+        with trio.fail_after(10):
+            first = await sub.get()
+        again = [f for f in frames if first.data in f]
+        assert len(again) == 1
+        before, charged = spawned.count("push_msg"), budget.charged
+        relay = await relayer.host.new_stream(ID.from_base58(node.peer_id), ["/meshsub/1.1.0"])
+        await relay.write(again[0] * 20)
+        with trio.fail_after(15):
+            while budget.charged < charged + 20:
+                await trio.sleep(0.01)
+        assert spawned.count("push_msg") == before
