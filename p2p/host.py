@@ -452,6 +452,15 @@ def _no_dials_to_refused_peers(swarm: Any, gate: ConnectionGate) -> None:
         setattr(swarm, name, dial_unless_refused)
 
 
+async def _close_quietly(conn: Any) -> None:
+    """Close a connection being refused or torn down: shielded, at most a second, no error."""
+    with trio.CancelScope(shield=True), trio.move_on_after(1):
+        try:
+            await conn.close()
+        except Exception:
+            pass
+
+
 def _refuse_after_security(upgrader: Any, gate: ConnectionGate) -> None:
     """A peer the node has blocked is known by its ID once the Noise handshake ends: its
     connection is closed there, before the muxer, the swarm's bookkeeping and every protocol's
@@ -466,11 +475,7 @@ def _refuse_after_security(upgrader: Any, gate: ConnectionGate) -> None:
         remote = conn.get_remote_peer()
         if gate.refuse_peer(remote.to_base58()):
             gate.refused += 1
-            with trio.CancelScope(shield=True), trio.move_on_after(1):
-                try:
-                    await conn.close()
-                except Exception:
-                    pass
+            await _close_quietly(conn)
             raise SecurityUpgradeFailure(f"{remote}: blocked by this node")
         return conn
 
@@ -503,11 +508,7 @@ def _gate_inbound(swarm: Any, gate: ConnectionGate, handshake_timeout: float) ->
         if why is not None:
             if gate.should_log(key):
                 log.warning("refused inbound connections from %s: %s (said once a minute)", key, why)
-            with trio.CancelScope(shield=True), trio.move_on_after(1):
-                try:
-                    await read_write_closer.close()
-                except Exception:
-                    pass
+            await _close_quietly(read_write_closer)
             return
         upgraded = False
         raw_conn = None
@@ -519,11 +520,7 @@ def _gate_inbound(swarm: Any, gate: ConnectionGate, handshake_timeout: float) ->
             peer = getattr(muxed, "peer_id", None)
             if peer is not None and gate.refuse_peer(peer.to_base58()):
                 gate.refused += 1
-                with trio.CancelScope(shield=True), trio.move_on_after(1):
-                    try:
-                        await muxed.close()
-                    except Exception:
-                        pass
+                await _close_quietly(muxed)
                 return
             closed = getattr(muxed, "event_closed", None)
             if closed is not None:
@@ -533,11 +530,7 @@ def _gate_inbound(swarm: Any, gate: ConnectionGate, handshake_timeout: float) ->
                     await trio.sleep(1.0)
         except Exception as exc:  # a failed handshake, a refused or lost connection
             log.debug("inbound connection from %s ended: %s", key, exc)
-            with trio.CancelScope(shield=True), trio.move_on_after(1):
-                try:
-                    await (raw_conn or read_write_closer).close()
-                except Exception:
-                    pass
+            await _close_quietly(raw_conn or read_write_closer)
         finally:
             gate.closed(key, upgraded=upgraded)
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from rentahal.node.startup import leaves
 from rentahal.scripts.federation import Federation
 
 
@@ -19,14 +20,6 @@ def federation(tmp_path: Path) -> Iterator[Federation]:
         fed.close()
 
 
-def _leaves(exc: BaseException) -> Iterator[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        for sub in exc.exceptions:
-            yield from _leaves(sub)
-    else:
-        yield exc
-
-
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, None]:
     """A failure raised through nested trio nurseries (py-libp2p's services nest ten deep) is
@@ -35,5 +28,5 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     outcome = yield
     report = outcome.get_result()
     if call.excinfo is not None and isinstance(call.excinfo.value, BaseExceptionGroup):
-        text = "\n".join("".join(traceback.format_exception(leaf)) for leaf in _leaves(call.excinfo.value))
+        text = "\n".join("".join(traceback.format_exception(leaf)) for leaf in leaves(call.excinfo.value))
         report.sections.append(("innermost exceptions", text))
