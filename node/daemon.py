@@ -11,7 +11,6 @@ import logging
 import os
 import time
 from dataclasses import replace
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -224,7 +223,7 @@ class Node:
                         known=lambda peer_id: self.table.get(peer_id) is not None,
                         budget=budget,
                     )
-                    self.maintenance.on_connect = partial(self._greet, nursery, gossip)
+                    self.maintenance.on_connect = lambda peer_id: nursery.start_soon(gossip.peer_connected, peer_id)
                     await nursery.start(gossip.run)
                     self.spot = SpotChecker(
                         self.table,
@@ -345,12 +344,6 @@ class Node:
             log.info("serving no realm: this node routes and asks only")
             return
         await self.realm_discovery.advertise(served)
-
-    def _greet(self, nursery: trio.Nursery, gossip: HealthGossip, peer_id: str) -> None:
-        """A peer connected: send it this node's record (not a peer this node has blocked, whose
-        connection is being closed)."""
-        if not self.table.is_blocked(peer_id):
-            nursery.start_soon(gossip.peer_connected, peer_id)
 
     async def _dial_quietly(self, peer_id: str) -> None:
         """Dial through the maintenance service (it picks the addresses from the peer table)."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -386,6 +386,7 @@ def _build_libp2p_host(
     host.get_addrs = book.get_addrs  # type: ignore[method-assign]  # see AddressBook.get_addrs
     gate = gate or ConnectionGate()
     _gate_inbound(host.get_network(), gate, handshake_timeout)
+    _refuse_after_security(host.get_network(), gate)
     _no_dials_to_refused_peers(host.get_network(), gate)
     _no_auto_dialing(host.get_network())
     _window_updates_at_half_window()
@@ -433,8 +434,8 @@ def _no_auto_dialing(swarm: Any) -> None:
 
 
 def _no_dials_to_refused_peers(swarm: Any, gate: ConnectionGate) -> None:
-    """Inbound connections from a peer the node has blocked are closed after the handshake
-    (``_gate_inbound``); this node must not dial one either. py-libp2p's own dialers (the DHT's
+    """Connections from a peer the node has blocked are closed at the end of their Noise
+    handshake (``_refuse_after_security``); this node must not dial one either. py-libp2p's own dialers (the DHT's
     lookups and refreshes, identify's peers) know nothing of the block: a flooder the node had
     blocked and disconnected was dialed again by it within seconds and kept opening streams on
     that connection. Every dial of the swarm, plain or as hole-punch responder, goes through
@@ -452,22 +453,24 @@ def _no_dials_to_refused_peers(swarm: Any, gate: ConnectionGate) -> None:
         setattr(swarm, name, dial_unless_refused)
 
 
-async def _close_quietly(conn: Any) -> None:
-    """Close a connection being refused or torn down: shielded, at most a second, no error."""
+async def quietly(call: Callable[[], Awaitable[object]]) -> None:
+    """Best effort, for closing or resetting what is being refused or torn down (``conn.close``,
+    ``stream.reset``): shielded from cancellation, at most a second, no error."""
     with trio.CancelScope(shield=True), trio.move_on_after(1):
         try:
-            await conn.close()
+            await call()
         except Exception:
             pass
 
 
-def _refuse_after_security(upgrader: Any, gate: ConnectionGate) -> None:
+def _refuse_after_security(swarm: Any, gate: ConnectionGate) -> None:
     """A peer the node has blocked is known by its ID once the Noise handshake ends: its
     connection is closed there, before the muxer, the swarm's bookkeeping and every protocol's
     greeting (pubsub's hello, identify) cost anything. (Closed after the upgrade instead, each
     redial of a blocked flooder cost the node about as much as 15 of its streams.)"""
     from libp2p.transport.exceptions import SecurityUpgradeFailure
 
+    upgrader = swarm.upgrader
     secure = upgrader.upgrade_security
 
     async def secure_unless_refused(raw_conn: Any, is_initiator: bool, peer_id: Any = None) -> Any:
@@ -475,7 +478,7 @@ def _refuse_after_security(upgrader: Any, gate: ConnectionGate) -> None:
         remote = conn.get_remote_peer()
         if gate.refuse_peer(remote.to_base58()):
             gate.refused += 1
-            await _close_quietly(conn)
+            await quietly(conn.close)
             raise SecurityUpgradeFailure(f"{remote}: blocked by this node")
         return conn
 
@@ -496,7 +499,6 @@ def _gate_inbound(swarm: Any, gate: ConnectionGate, handshake_timeout: float) ->
 
     swarm.connection_config.inbound_upgrade_timeout = handshake_timeout
     swarm.connection_gate_for_inbound = gate  # for tests and reports
-    _refuse_after_security(swarm.upgrader, gate)
 
     async def handle_inbound(read_write_closer: Any, maddr: Any) -> None:
         try:
@@ -508,7 +510,7 @@ def _gate_inbound(swarm: Any, gate: ConnectionGate, handshake_timeout: float) ->
         if why is not None:
             if gate.should_log(key):
                 log.warning("refused inbound connections from %s: %s (said once a minute)", key, why)
-            await _close_quietly(read_write_closer)
+            await quietly(read_write_closer.close)
             return
         upgraded = False
         raw_conn = None
@@ -520,7 +522,7 @@ def _gate_inbound(swarm: Any, gate: ConnectionGate, handshake_timeout: float) ->
             peer = getattr(muxed, "peer_id", None)
             if peer is not None and gate.refuse_peer(peer.to_base58()):
                 gate.refused += 1
-                await _close_quietly(muxed)
+                await quietly(muxed.close)
                 return
             closed = getattr(muxed, "event_closed", None)
             if closed is not None:
@@ -530,7 +532,7 @@ def _gate_inbound(swarm: Any, gate: ConnectionGate, handshake_timeout: float) ->
                     await trio.sleep(1.0)
         except Exception as exc:  # a failed handshake, a refused or lost connection
             log.debug("inbound connection from %s ended: %s", key, exc)
-            await _close_quietly(raw_conn or read_write_closer)
+            await quietly((raw_conn or read_write_closer).close)
         finally:
             gate.closed(key, upgraded=upgraded)
 

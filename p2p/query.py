@@ -34,7 +34,7 @@ from ..realms.events import Code, ExecutorFailure, FailureKind
 from . import conversation as conv
 from . import wire
 from .budget import ByteBudget, Counter
-from .host import libp2p_id
+from .host import libp2p_id, quietly
 
 log = logging.getLogger("rentahal.p2p.query")
 
@@ -119,14 +119,6 @@ class FrameWriter:
             self._receive.close()
 
 
-async def _reset(stream: Any) -> None:
-    with trio.CancelScope(shield=True), trio.move_on_after(1):
-        try:
-            await stream.reset()
-        except Exception:
-            pass
-
-
 # --- the executor's side -----------------------------------------------------------------------
 @dataclass(frozen=True)
 class IncomingQuery:
@@ -165,10 +157,10 @@ class QueryService:
         only (libp2p runs handlers in the connection's task group)."""
         peer_id = stream.muxed_conn.peer_id.to_base58()
         if self.refuse is not None and self.refuse(peer_id):
-            await _reset(stream)
+            await quietly(stream.reset)
             return
         if not self.streams.take(peer_id):
-            await _reset(stream)
+            await quietly(stream.reset)
             await self._violation(peer_id, f"more than {self.streams.per_key} query streams open at once")
             return
         try:
@@ -182,10 +174,10 @@ class QueryService:
                         await stream.write(writer.encode(wire.error_for(exc)))
                     except Exception:
                         pass
-            await _reset(stream)
+            await quietly(stream.reset)
         except Exception as exc:  # stream errors arrive wrapped in an ExceptionGroup from trio
             log.debug("query stream from %s ended: %s", peer_id, type(exc).__name__)
-            await _reset(stream)
+            await quietly(stream.reset)
         finally:
             self.streams.give(peer_id)
 
@@ -226,7 +218,7 @@ class QueryService:
             raise failure
         if violation:
             await self._violation(peer_id, violation[0])
-            await _reset(stream)
+            await quietly(stream.reset)
         else:
             with trio.move_on_after(1):
                 try:
@@ -426,7 +418,7 @@ class QueryClient:
                 del self.sessions[session.peer_id]
                 self.keep.discard(session.peer_id)  # watched again once it is live again
             session.dispatch(session.conv.lost(reason))
-            await _reset(session.stream)
+            await quietly(session.stream.reset)
 
     @staticmethod
     async def _watch_writer(session: _Session, scope: trio.CancelScope) -> None:
