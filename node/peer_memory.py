@@ -12,7 +12,14 @@ import trio
 from ..p2p import addrs as addrlib
 from ..p2p.host import FederationHost
 from ..p2p.peers import PeerTable
-from .limits import MAX_REMEMBERED, REMEMBER_INTERVAL, REMEMBER_PEERS_FOR, REMEMBER_REFRESH, REMEMBERED_PEERS
+from .limits import (
+    MAX_REMEMBERED,
+    REMEMBER_INTERVAL,
+    REMEMBER_LOOK,
+    REMEMBER_PEERS_FOR,
+    REMEMBER_REFRESH,
+    REMEMBERED_PEERS,
+)
 from .storage import Storage
 
 log = logging.getLogger("rentahal.node")
@@ -45,27 +52,42 @@ class PeerMemory:
         return [a for a in dict.fromkeys(keep) if local or addrlib.scope(a) not in ("loopback", "link-local")][:8]
 
     async def remember(self) -> None:
-        """Persist connected peers' addresses when they change, so a restart can rejoin."""
-        saved: dict[str, tuple[list[str], float]] = {}
+        """Persist connected peers' addresses when they change, so a restart can rejoin. Looks
+        after each new connection (a new peer) and every REMEMBER_LOOK seconds (a known peer's
+        new addresses), never twice within REMEMBER_INTERVAL."""
+        # peer -> (addresses stored, when, what they were worked out from)
+        saved: dict[str, tuple[list[str], float, object]] = {}
         while True:
-            await trio.sleep(REMEMBER_INTERVAL)
-            new = 0
+            change = self.fh.next_connection_change()
+            new = unsettled = 0
             now = trio.current_time()
+            local = self.fh.local_only()
             for pid in self.fh.connected_peers():
-                addrs = self.addrs_to_remember(pid)
+                entry = self.table.get(pid)
                 last = saved.get(pid)
+                basis = (entry.addrs, entry.verified, self.fh.connection(pid), local) if entry else None
+                if last is not None and last[2] == basis and now - last[1] <= REMEMBER_REFRESH:
+                    continue  # nothing it is worked out from changed
+                addrs = self.addrs_to_remember(pid)
                 # Written when the addresses change, and every few minutes to keep last_seen fresh.
                 if addrs and (last is None or last[0] != addrs or now - last[1] > REMEMBER_REFRESH):
                     try:
                         await self.storage.note_peer(pid, addrs)
                         new += pid not in saved
-                        saved[pid] = (addrs, now)
+                        saved[pid] = (addrs, now, basis)
                     except Exception as exc:  # a storage hiccup costs the memory of one peer only
                         log.debug("could not remember peer %s: %s", pid, exc)
+                elif last is not None:
+                    saved[pid] = (last[0], last[1], basis)
+                else:
+                    unsettled += 1  # no address worth keeping yet (its record is still to come)
             if new:
                 log.info("remembered %d more peer(s) to rejoin through after a restart (%d in all)", new, len(saved))
             if len(saved) > MAX_REMEMBERED:
                 saved.clear()
+            with trio.move_on_after(REMEMBER_INTERVAL if unsettled else REMEMBER_LOOK):
+                await change.wait()
+            await trio.sleep_until(now + REMEMBER_INTERVAL)
 
     async def rejoin(self) -> None:
         """Dial the peers this node was connected to before it restarted."""

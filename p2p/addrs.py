@@ -10,11 +10,14 @@ next. Pure functions except :func:`interface_addresses`, which reads the kernel'
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from ..node.limits import ADDRS_PARSED_KEPT
 
 MAX_ADVERTISED = 16
 MAX_PRIVATE = 8
@@ -28,8 +31,10 @@ class Parsed:
     rest: str  # everything after /tcp/<port>, e.g. "/p2p/Qm..." or ""
 
 
+@functools.lru_cache(maxsize=ADDRS_PARSED_KEPT)
 def parse(addr: str) -> Parsed | None:
-    """``/ip4|ip6|dns|dns4|dns6/<host>/tcp/<port>[/...]`` or None for anything else."""
+    """``/ip4|ip6|dns|dns4|dns6/<host>/tcp/<port>[/...]`` or None for anything else (kept for
+    the last few thousand addresses: the node's timers ask about the same ones every second)."""
     parts = addr.split("/")
     if len(parts) < 5 or parts[0] != "" or parts[3] != "tcp":
         return None
@@ -48,6 +53,7 @@ def _ip(p: Parsed) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         return None
 
 
+@functools.lru_cache(maxsize=ADDRS_PARSED_KEPT)
 def scope(addr: str) -> str:
     """``unspecified``, ``loopback``, ``link-local``, ``private``, ``public``, ``dns``,
     ``relay`` (a ``/p2p-circuit`` address) or ``invalid``."""

@@ -189,12 +189,16 @@ class AddressBook:
 
 
 class _Notifee:
-    """Forwards connect/disconnect notifications into a bounded trio channel."""
+    """Forwards connect/disconnect notifications into a bounded trio channel, and sets
+    ``changed`` (a fresh event after each) for those that only need to know that something did."""
 
     def __init__(self, send: trio.MemorySendChannel[ConnectionEvent]) -> None:
         self.send = send
+        self.changed = trio.Event()
 
     def _put(self, conn: Any, connected: bool) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
         try:
             remote, outbound, relayed = _conn_facts(conn)
             self.send.send_nowait(
@@ -230,8 +234,10 @@ class FederationHost:
         dht: Any,
         events: trio.MemoryReceiveChannel[ConnectionEvent],
         book: AddressBook,
+        notifee: _Notifee | None = None,
     ) -> None:
         self.host = host
+        self._notifee = notifee
         self.pubsub = pubsub
         self.dht = dht
         self.connection_events = events
@@ -242,6 +248,11 @@ class FederationHost:
     @property
     def peer_id(self) -> str:
         return str(self.host.get_id().to_base58())
+
+    def next_connection_change(self) -> trio.Event:
+        """Set at the next connect or disconnect. Take it before looking at the connections,
+        then wait on it: no change is missed."""
+        return self._notifee.changed if self._notifee is not None else trio.Event()
 
     def addrs(self) -> list[str]:
         """The addresses this node advertises, with ``/p2p/<id>``: never an unspecified one,
@@ -266,6 +277,23 @@ class FederationHost:
         facts = [_conn_facts(c) for c in conns if not getattr(c, "is_closed", False)]
         facts.sort(key=lambda f: f[2])  # direct first
         return facts[0] if facts else None
+
+    def muxer_rtt(self, peer_id: str) -> float | None:
+        """The round trip in seconds that the muxer of the connection to ``peer_id`` measured
+        with its own pings (yamux does, every 30 s): 0.0 while it has none yet, None when there
+        is no connection or its muxer measures nothing."""
+        try:
+            conns = self.host.get_network().get_connections(libp2p_id(peer_id))
+        except Exception:
+            return None
+        for c in conns:
+            rtt = getattr(getattr(c, "muxed_conn", None), "rtt", None)
+            if callable(rtt) and not getattr(c, "is_closed", False):
+                try:
+                    return float(rtt())
+                except Exception:
+                    return None
+        return None
 
     def connected_peers(self) -> set[str]:
         return {p.to_base58() for p in self.host.get_network().get_connections_map()}
@@ -612,7 +640,8 @@ async def open_federation_host(
     pubsub = budgeted_pubsub_class()(host, gossipsub, strict_signing=True)
     dht = KadDHT(host, DHTMode.SERVER)
     send, receive = trio.open_memory_channel[ConnectionEvent](256)
-    host.get_network().register_notifee(_Notifee(send))
+    notifee = _Notifee(send)
+    host.get_network().register_notifee(notifee)
     try:
         maddrs = [multiaddr.Multiaddr(a) for a in listen]
     except Exception as exc:
@@ -620,4 +649,4 @@ async def open_federation_host(
     async with host.run(maddrs), background_trio_service(pubsub), background_trio_service(gossipsub):
         async with background_trio_service(dht):
             await pubsub.wait_until_ready()
-            yield FederationHost(host, pubsub, dht, receive, book)
+            yield FederationHost(host, pubsub, dht, receive, book, notifee)

@@ -29,12 +29,12 @@ import trio
 
 from ..node.limits import DIAL_BACK_ANSWER_TTL as ANSWER_TTL
 from ..node.limits import DIAL_BACK_CONFIRMATIONS as CONFIRMATIONS
+from ..node.limits import DIAL_BACK_LOOK_MAX, DIAL_BACK_TIMEOUT
 from ..node.limits import DIAL_BACK_MAX_MESSAGE as MAX_MESSAGE
 from ..node.limits import DIAL_BACK_MAX_PORTS as MAX_PORTS
 from ..node.limits import DIAL_BACK_PER_PEER_INTERVAL as PER_PEER_INTERVAL
 from ..node.limits import DIAL_BACK_REASK_AFTER as REASK_AFTER
 from ..node.limits import DIAL_BACK_TICK as TICK
-from ..node.limits import DIAL_BACK_TIMEOUT
 from ..node.limits import DIAL_BACK_WITNESSES as WITNESSES
 from . import addrs as addrlib
 from .host import FederationHost, libp2p_id
@@ -253,12 +253,15 @@ class DialBack:
 
     async def run(self) -> None:
         """Ask each new witness at once (a new direct connection from another IP), and every
-        witness again after ``REASK_AFTER``."""
+        witness again after ``REASK_AFTER``. Looks when a connection comes or goes, when a
+        witness is due again or an answer expires, never twice within ``TICK``."""
         asked: dict[str, float] = {}
         while True:
+            change = self.fh.next_connection_change()
             now = trio.current_time()
             self.verdict.expire(now)
-            due = [(pid, ip) for pid, ip in self.witnesses() if now - asked.get(ip, -1e9) > REASK_AFTER]
+            witnesses = self.witnesses()
+            due = [(pid, ip) for pid, ip in witnesses if now - asked.get(ip, -1e9) > REASK_AFTER]
             before = (self.state, tuple(self.verdict.public_addrs))
             for pid, ip in due[:WITNESSES]:
                 asked[ip] = now
@@ -274,4 +277,14 @@ class DialBack:
                 log.info("reachability: %s%s", after[0].value, f" at {', '.join(after[1])}" if after[1] else "")
                 self.changed.set()
                 self.changed = trio.Event()
-            await trio.sleep(TICK)
+            if len(due) > WITNESSES:
+                look_at = now + TICK
+            else:
+                look_at = min(
+                    [now + DIAL_BACK_LOOK_MAX]
+                    + [asked[ip] + REASK_AFTER for _, ip in witnesses if ip in asked]
+                    + [a[3] + ANSWER_TTL for a in self.verdict.answers.values()]
+                )
+            with trio.move_on_at(look_at):
+                await change.wait()
+            await trio.sleep_until(now + TICK)

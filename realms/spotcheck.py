@@ -190,7 +190,7 @@ class SpotChecker:
                 continue
             for status in e.record.realms:
                 key = (e.peer_id, status.name)
-                if key in self._running or canary(status.name, 0) is None:
+                if key in self._running or status.name not in CATALOG:  # a realm with no canary
                     continue
                 at = self._due.get(key)
                 if at is None:  # first seen: soon, at a moment the peer cannot predict
