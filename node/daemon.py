@@ -324,9 +324,11 @@ class Node:
                 await trio.sleep(WATCH_EXECUTORS)
 
     async def _flush_outcomes(self) -> None:
-        """Store the realm counters once a second (one transaction, however many queries)."""
+        """Store the realm counters a second after one is counted (one transaction, however
+        many queries); an idle node does not wake for them."""
         failing = False
         while True:
+            await self.storage.outcomes_counted()
             await trio.sleep(OUTCOME_FLUSH)
             try:
                 await self.storage.flush_outcomes()

@@ -400,6 +400,7 @@ class Storage:
         self.data_dir, self._node, self._shards, self._closed = data_dir, node, shards, False
         # realm -> [served_local, served_for_peers, failures, cancelled, ms, cost, [(ms, at)]]
         self._outcomes: dict[str, list[Any]] = {}
+        self._counted = trio.Event()  # set once there is an outcome to store
         # realm -> the last DURATIONS_KEPT durations, in arrival order and sorted: p95 without a sort
         self._windows: dict[str, DurationWindow] | None = None
 
@@ -744,12 +745,19 @@ class Storage:
             c[6].append((ms, time.time()))
             if self._windows is not None:
                 self._windows.setdefault(realm, DurationWindow()).add(ms)
+        self._counted.set()
+
+    async def outcomes_counted(self) -> None:
+        """Returns once there are counted outcomes to store (at once if there are)."""
+        while not self._outcomes:
+            await self._counted.wait()
 
     async def flush_outcomes(self) -> None:
         """Store the counted outcomes in one transaction; kept for the next try if it fails."""
         if not self._outcomes:
             return
         outcomes, self._outcomes = self._outcomes, {}
+        self._counted = trio.Event()
 
         def write(db: Database) -> None:
             for realm, (local, peers, failures, cancelled, ms, cost, durations) in outcomes.items():
@@ -784,6 +792,7 @@ class Storage:
                 for i in range(6):
                     mine[i] += c[i]
                 mine[6][:0] = c[6][-DURATIONS_KEPT:]
+            self._counted.set()
             raise
 
     async def stats(self) -> dict[str, Row]:

@@ -118,8 +118,8 @@ class AddressBook:
         self._confirmed: list[str] = []
         self.host: Any = None
         self._ifaces: tuple[float, list[str]] = (-1e9, [])
-        # (when, advertised(), get_addrs()): kept ADDRS_TTL seconds, see get_addrs
-        self._kept: tuple[float, list[str], list[Any]] = (-1e9, [], [])
+        # (when, advertised(), get_addrs(), strings()): kept ADDRS_TTL seconds, see get_addrs
+        self._kept: tuple[float, list[str], list[Any], list[str]] = (-1e9, [], [], [])
 
     @property
     def relayed(self) -> list[str]:
@@ -129,7 +129,7 @@ class AddressBook:
     @relayed.setter
     def relayed(self, addrs: list[str]) -> None:
         self._relayed = list(addrs)
-        self._kept = (-1e9, [], [])
+        self._kept = (-1e9, [], [], [])
 
     @property
     def confirmed(self) -> list[str]:
@@ -139,7 +139,7 @@ class AddressBook:
     @confirmed.setter
     def confirmed(self, addrs: list[str]) -> None:
         self._confirmed = list(addrs)
-        self._kept = (-1e9, [], [])
+        self._kept = (-1e9, [], [], [])
 
     def interfaces(self) -> list[str]:
         if time.monotonic() - self._ifaces[0] > INTERFACES_TTL:
@@ -159,7 +159,11 @@ class AddressBook:
         node's ID: a lie. Here each address just gets ``/p2p/<own id>`` appended."""
         return list(self._fresh()[2])
 
-    def _fresh(self) -> tuple[float, list[str], list[Any]]:
+    def strings(self) -> list[str]:
+        """:meth:`get_addrs` as text (what the health record and the run file carry)."""
+        return list(self._fresh()[3])
+
+    def _fresh(self) -> tuple[float, list[str], list[Any], list[str]]:
         """pubsub reads the addresses for every message it sends (to attach this node's signed
         peer record), the node's timers every second: they are worked out again after
         ADDRS_TTL seconds, or at once when a relay reservation or a dial-back changes them
@@ -183,7 +187,7 @@ class AddressBook:
                 out.append(multiaddr.Multiaddr(addrlib.with_peer(a, own)))
             except Exception:  # a /dns4/ name the multiaddr library rejects: skip it, keep the rest
                 continue
-        fresh = (now if advertised else -1e9, advertised, out)
+        fresh = (now if advertised else -1e9, advertised, out, [str(m) for m in out])
         self._kept = fresh
         return fresh
 
@@ -257,7 +261,7 @@ class FederationHost:
     def addrs(self) -> list[str]:
         """The addresses this node advertises, with ``/p2p/<id>``: never an unspecified one,
         loopback only when it has nothing else (see :class:`AddressBook`)."""
-        return [str(a) for a in self.host.get_addrs()]
+        return self.book.strings()
 
     def listen_addrs(self) -> list[str]:
         """What the transports are bound to (``0.0.0.0`` included), for the operator's log."""
