@@ -341,6 +341,11 @@ def budgeted_pubsub_class() -> type:
         def _is_subscribed_to_msg(self, msg: Any) -> bool:
             """Called by the read loop for each message it read, just before it spawns the task
             that handles it: False drops the message there."""
+            manager = getattr(self, "_manager", None)
+            if manager is not None and manager.is_cancelled:
+                # Pubsub is stopping: its task nursery may already be closed, and the library
+                # (which checks only is_running) would raise out of the connection's reader.
+                return False
             if not super()._is_subscribed_to_msg(msg):
                 return False
             forwarder = _READING_FROM.get()

@@ -134,3 +134,21 @@ async def test_messages_over_budget_or_already_seen_are_dropped_before_a_task_is
             while budget.charged < charged + 20:
                 await trio.sleep(0.01)
         assert spawned.count("push_msg") == before
+
+
+async def test_a_message_read_while_pubsub_stops_is_dropped_not_handed_to_a_closed_nursery() -> None:
+    """Seen in a full run: a connection's pubsub reader read a message just as the host shut
+    down; py-libp2p checks only that pubsub "is running" (true until it has finished) before it
+    spawns the message's task, the task nursery was already closed, and the RuntimeError went up
+    through the swarm. A message read once pubsub is being cancelled is dropped in the reader."""
+    from libp2p.pubsub.pb import rpc_pb2
+
+    async with AsyncExitStack() as stack:
+        fh = await _host(stack)
+        await fh.pubsub.subscribe(TOPIC)
+        msg = rpc_pb2.Message(data=b"x", seqno=b"\x00" * 8, topicIDs=[TOPIC])
+        msg.from_id = fh.host.get_id().to_bytes()
+        assert fh.pubsub._is_subscribed_to_msg(msg)
+        fh.pubsub.manager.cancel()
+        assert fh.pubsub.manager.is_running  # what the library looks at: still true
+        assert not fh.pubsub._is_subscribed_to_msg(msg)
