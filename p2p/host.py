@@ -271,14 +271,19 @@ class FederationHost:
         """True when everything this node advertises is loopback: it lives on this host alone."""
         return all(addrlib.scope(a) == "loopback" for a in self.book.advertised())
 
-    def connection(self, peer_id: str) -> tuple[str, bool, bool] | None:
-        """(remote address, outbound, relayed) of the open connection to ``peer_id`` that new
-        streams use: a direct one if there is any, else a relayed one."""
+    def _open_connections(self, peer_id: str) -> list[Any]:
+        """The libp2p connections to ``peer_id`` that are not closed (none for an ID that does
+        not even parse)."""
         try:
             conns = self.host.get_network().get_connections(libp2p_id(peer_id))
         except Exception:
-            return None
-        facts = [_conn_facts(c) for c in conns if not getattr(c, "is_closed", False)]
+            return []
+        return [c for c in conns if not getattr(c, "is_closed", False)]
+
+    def connection(self, peer_id: str) -> tuple[str, bool, bool] | None:
+        """(remote address, outbound, relayed) of the open connection to ``peer_id`` that new
+        streams use: a direct one if there is any, else a relayed one."""
+        facts = [_conn_facts(c) for c in self._open_connections(peer_id)]
         facts.sort(key=lambda f: f[2])  # direct first
         return facts[0] if facts else None
 
@@ -286,13 +291,9 @@ class FederationHost:
         """The round trip in seconds that the muxer of the connection to ``peer_id`` measured
         with its own pings (yamux does, every 30 s): 0.0 while it has none yet, None when there
         is no connection or its muxer measures nothing."""
-        try:
-            conns = self.host.get_network().get_connections(libp2p_id(peer_id))
-        except Exception:
-            return None
-        for c in conns:
+        for c in self._open_connections(peer_id):
             rtt = getattr(getattr(c, "muxed_conn", None), "rtt", None)
-            if callable(rtt) and not getattr(c, "is_closed", False):
+            if callable(rtt):
                 try:
                     return float(rtt())
                 except Exception:
